@@ -1,0 +1,21 @@
+.PHONY: setup demo test test-fast bench lint clean
+
+PY := .venv/bin/python
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m lakelens.cli demo --conf conf/local.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/embed.py
+
+lint: setup
+	$(PY) -m compileall -q lib jobs bench tests
+
+clean:
+	rm -rf build .pytest_cache

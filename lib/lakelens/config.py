@@ -1,0 +1,162 @@
+"""The whole config tree as dataclasses, loaded from YAML plus `section.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or a value outside its allowed set."""
+
+
+@dataclass
+class SparkConfig:
+    master: str = ""  # empty: spark-submit's --master, else local[*]
+    app_name: str = "lakelens"
+    jars_dir: str = ""  # empty: $LAKELENS_JARS_DIR, else build/jars of this checkout
+    packages: str = ""  # spark.jars.packages when no jars dir is found (clusters)
+    shuffle_partitions: int = 8
+    extra: dict = field(default_factory=dict)  # any other spark.* settings, passed as is
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lakelens-tiny"
+    pretrained: str = "none"  # open_clip tag | local checkpoint path | none (random init, seed 0)
+
+
+@dataclass
+class EmbedConfig:
+    images: str = ""
+    table: str = ""
+    format: str = "delta"
+    batch_size: int = 32
+    chunk_size: int = 2000
+    partitions: int = 0
+    path_glob: str = ""
+    max_file_bytes: int = 256 * 1024 * 1024
+    max_pixels: int = 89_478_485
+    decode_threads: int = 2
+    draft: bool = True
+
+
+@dataclass
+class Config:
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+
+# Allowed values and lower bounds, checked after every load; the key names the failing setting.
+CHOICES = {"embed.format": ("delta", "parquet")}
+MINIMUMS = {
+    "spark.shuffle_partitions": 1,
+    "embed.batch_size": 1,
+    "embed.chunk_size": 1,
+    "embed.partitions": 0,
+    "embed.max_file_bytes": 1,
+    "embed.max_pixels": 1,
+    "embed.decode_threads": 1,
+}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if typ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    raise TypeError(f"unsupported config type for {key}: {typ}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'; allowed: {', '.join(prefix + n for n in names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value if value is not None else {}, full + ".")
+        elif hints[key] is dict and isinstance(value, dict):
+            getattr(obj, key).update(_coerce(full, value, dict))
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def _validate(conf: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(conf, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key, low in MINIMUMS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(conf, section), name)
+        if value < low:
+            raise ConfigError(f"{key}: must be >= {low}, got {value}")
+
+
+def parse_override(text: str) -> dict:
+    """`embed.batch_size=16` -> {"embed": {"batch_size": 16}}; the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple = (), **sections: dict) -> Config:
+    """Defaults, then the YAML file, then `overrides` strings, then keyword sections (from CLI flags)."""
+    conf = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        _apply(conf, data)
+    for text in overrides:
+        _apply(conf, parse_override(text))
+    for section, values in sections.items():
+        _apply(conf, {section: {k: v for k, v in values.items() if v is not None}})
+    _validate(conf)
+    return conf
+
+
+def to_dict(conf: Config) -> dict:
+    return dataclasses.asdict(conf)

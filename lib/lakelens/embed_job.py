@@ -1,0 +1,130 @@
+"""The Spark embed job: list images, diff against the table, embed new/changed files in committed chunks, drop deleted."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from pyspark.sql import functions as F
+
+from .config import ConfigError
+from .embed import embed_files
+from .models import ModelSpec
+from .spark import Job
+from .tables import EmbeddingsTable, list_files, path_id_col, read_files
+
+
+@dataclass
+class EmbedStats:
+    embedded: int = 0
+    failed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    new: int = 0
+    changed: int = 0
+    chunks: int = 0
+    table_version: int | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (f"embedded={self.embedded} skipped_unchanged={self.unchanged} failed={self.failed} "
+                f"deleted={self.deleted} (new={self.new} changed={self.changed} chunks={self.chunks} "
+                f"table_version={self.table_version} seconds={self.seconds:.1f})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EmbedJob(Job):
+    """`EmbedJob(spark=None, conf=None).launch()` -> EmbedStats. A run killed part-way and started
+    again skips the chunks it already committed and ends with the same table."""
+
+    def __init__(self, spark=None, conf=None, on_chunk: Callable[[int, int], None] | None = None,
+                 log: Callable[[str], None] = print):
+        super().__init__(spark, conf)
+        self.on_chunk = on_chunk  # called after each committed chunk; tests crash the run here on purpose
+        self.log = log
+
+    def _check(self):
+        c = self.conf.embed
+        if not c.images:
+            raise ConfigError("embed.images: required (a folder, glob or URI of images; --images)")
+        if not c.table:
+            raise ConfigError("embed.table: required (where the embeddings table lives; --table)")
+        spec = ModelSpec.from_config(self.conf.model)
+        spec.validate()
+        return spec
+
+    def _partitions(self, files, n_files: int):
+        """Enough partitions to keep every core busy; Spark packs small files into few splits."""
+        c = self.conf.embed
+        target = min(n_files, c.partitions or 2 * self.spark.sparkContext.defaultParallelism)
+        return files.repartition(target) if files.rdd.getNumPartitions() < target else files
+
+    def _rows(self, files, spec: ModelSpec, n_files: int):
+        rows = embed_files(self._partitions(files, n_files), spec, self.conf.embed)
+        return rows.select(path_id_col().alias("id"), "*", F.lit(spec.key).alias("model"),
+                           F.current_timestamp().alias("embedded_at"))
+
+    def _oversize_rows(self, oversize, spec: ModelSpec):
+        return oversize.select(
+            path_id_col().alias("id"), "path", F.lit(None).cast("string").alias("content_sha256"), "size_bytes",
+            "modified", F.lit(None).cast("int").alias("width"), F.lit(None).cast("int").alias("height"),
+            F.lit(spec.key).alias("model"), F.lit(None).cast("array<float>").alias("embedding"),
+            F.lit("too large").alias("error"), F.current_timestamp().alias("embedded_at"))
+
+    def run(self) -> EmbedStats:
+        t0 = time.time()
+        c = self.conf.embed
+        spec = self._check()
+        spark = self.spark
+        # Arrow batches the size of a model batch: images are large rows, and memory is per batch.
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
+        table = EmbeddingsTable(spark, c.table, c.format)
+        listing = list_files(spark, c.images, c.path_glob).localCheckpoint()
+        table.check_ids(listing)
+        table.create_if_missing()
+        plan = table.plan(listing, spec.key, c.max_file_bytes)
+        stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed)
+        chunks = [plan.to_embed[i:i + c.chunk_size] for i in range(0, len(plan.to_embed), c.chunk_size)]
+        run_id = uuid.uuid4().hex[:8]
+        self.log(f"lakelens embed: {spec.key} over {c.images}: new={plan.new} changed={plan.changed} "
+                 f"unchanged={plan.unchanged} deleted={plan.deleted}; {len(plan.to_embed)} files to embed "
+                 f"in {len(chunks)} chunk(s) of <= {c.chunk_size}")
+        pending = []  # parquet: rows written together at the end
+
+        def commit(rows, note):
+            if c.format == "delta":
+                table.upsert(rows, note)
+            else:
+                pending.append(rows)
+
+        oversize = self._oversize_rows(plan.oversize, spec).localCheckpoint()
+        n_oversize = oversize.count()
+        if n_oversize:
+            commit(oversize, f"lakelens embed {run_id}: {n_oversize} oversize files")
+            stats.failed += n_oversize
+        for i, paths in enumerate(chunks):
+            rows = self._rows(read_files(spark, paths), spec, len(paths)).localCheckpoint(eager=True)
+            ok = rows.where(F.col("error").isNull()).count()
+            stats.embedded += ok
+            stats.failed += len(paths) - ok
+            commit(rows, f"lakelens embed {run_id}: chunk {i + 1}/{len(chunks)}")
+            stats.chunks += 1
+            self.log(f"  chunk {i + 1}/{len(chunks)} committed: {ok} embedded, {len(paths) - ok} failed")
+            if self.on_chunk:
+                self.on_chunk(i, len(chunks))
+        if c.format == "delta":
+            if plan.deleted:
+                table.delete_missing(listing, f"lakelens embed {run_id}: drop {plan.deleted} deleted files")
+        elif pending or plan.deleted or not table.exists():
+            new_rows = pending[0] if pending else None
+            for more in pending[1:]:
+                new_rows = new_rows.unionByName(more)
+            table.write_parquet_snapshot(listing, new_rows)
+        stats.table_version = table.version()
+        stats.seconds = time.time() - t0
+        self.log(f"lakelens embed done: {stats.summary()}")
+        return stats

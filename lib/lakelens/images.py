@@ -1,0 +1,110 @@
+"""Image bytes -> RGB PIL image: decode, EXIF orientation, mode conversion, size guards; errors as values."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL's own bomb guard is replaced by our explicit pixel limit, checked before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+WHITE = (255, 255, 255)
+
+
+@dataclass
+class Decoded:
+    image: Image.Image | None
+    width: int | None  # as displayed (after EXIF orientation), at full resolution
+    height: int | None
+    error: str | None
+
+
+def _fail(error: str, width: int | None = None, height: int | None = None) -> Decoded:
+    return Decoded(None, width, height, error)
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGB", rgba.size, WHITE)
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer or float greyscale -> 8-bit L, scaled by the mode's range."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    else:
+        # I;16* are 16-bit; "I" from a 16-bit PNG holds values up to 65535 too.
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        scaled = arr.astype(np.float64) * (255.0 / top)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparent pixels become white, CMYK and 16-bit are converted."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        return _flatten_alpha(img) if "transparency" in img.info else img.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _flatten_alpha(img)
+    if mode.startswith("I") or mode == "F":
+        return _to_8bit(img).convert("RGB")
+    return img.convert("RGB")
+
+
+def _classify(exc: BaseException) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, EOFError) or "truncated" in text or "broken data stream" in text or "premature end" in text:
+        return "truncated"
+    return "corrupt"
+
+
+def decode(data: bytes, target_size: int | None = None, max_pixels: int = 89_478_485,
+           draft: bool = True) -> Decoded:
+    """Decode one image file's bytes. With `target_size` and `draft`, a large JPEG is decoded at the
+    smallest power-of-two reduction that keeps both sides >= target_size (libjpeg DCT scaling)."""
+    if not data:
+        return _fail("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return _fail("not an image")
+    except Exception as e:  # a header so broken that PIL cannot even identify the size
+        return _fail(_classify(e))
+    try:
+        width, height = img.size
+        orientation = 1
+        try:
+            orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
+        except Exception:
+            pass  # an unreadable EXIF block does not make the pixels unusable
+        if orientation in _SWAPS_AXES:
+            width, height = height, width
+        if width <= 0 or height <= 0:
+            return _fail("corrupt")
+        if width * height > max_pixels:
+            return _fail("too large", width, height)
+        if getattr(img, "is_animated", False):
+            img.seek(0)
+        if draft and target_size and img.format == "JPEG":
+            img.draft(img.mode, (target_size, target_size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+        img = ImageOps.exif_transpose(img) if orientation != 1 else img
+        return Decoded(to_rgb(img), width, height, None)
+    except MemoryError:
+        return _fail("too large")
+    except Exception as e:
+        return _fail(_classify(e))

@@ -1,0 +1,143 @@
+"""Model registry: open_clip name + pretrained tag | local checkpoint | random init (seed 0), cached per process."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, ModelConfig
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM_INIT = "none"
+RANDOM_INIT_SEED = 0
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+class ModelLoadError(RuntimeError):
+    """The model's weights could not be loaded (missing file, no hub access, incompatible checkpoint)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _open_clip():
+    """open_clip with this project's small architectures registered (done once per process)."""
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return open_clip
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return (os.sep in pretrained or pretrained.startswith(".")
+            or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    pretrained: str = RANDOM_INIT
+
+    @classmethod
+    def from_config(cls, conf: ModelConfig) -> "ModelSpec":
+        pretrained = (conf.pretrained or RANDOM_INIT).strip()
+        if pretrained.lower() == RANDOM_INIT:
+            pretrained = RANDOM_INIT
+        elif _looks_like_path(pretrained):
+            pretrained = str(Path(pretrained).expanduser().resolve())
+        return cls(conf.name.strip(), pretrained)
+
+    @property
+    def key(self) -> str:
+        """The string stored in the table's `model` column and in index manifests."""
+        return f"{self.name}@{self.pretrained}"
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return _looks_like_path(self.pretrained)
+
+    def validate(self) -> None:
+        """Raise ConfigError for an unknown architecture or pretrained tag, before any worker starts."""
+        oc = _open_clip()
+        models = oc.list_models()
+        if self.name not in models and not self.name.startswith("hf-hub:"):
+            raise ConfigError(f"model.name: unknown open_clip architecture {self.name!r}; "
+                              f"known: {', '.join(models[:12])}, ... (open_clip.list_models())")
+        if self.pretrained == RANDOM_INIT or self.name.startswith("hf-hub:"):
+            return
+        if self.is_checkpoint:
+            if not Path(self.pretrained).is_file():
+                raise ModelLoadError(f"model.pretrained: checkpoint file not found: {self.pretrained}")
+            return
+        tags = oc.list_pretrained_tags_by_model(self.name)
+        if self.pretrained not in tags:
+            raise ConfigError(f"model.pretrained: {self.pretrained!r} is not a pretrained tag of {self.name}; "
+                              f"allowed: {', '.join(tags) or '(none)'}, a checkpoint path, or none")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any  # open_clip CLIP module in eval mode
+    preprocess: Callable  # PIL image -> CHW float tensor
+    tokenizer: Callable
+    image_size: int
+    dim: int
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _create(spec: ModelSpec):
+    import torch
+
+    oc = _open_clip()
+    if spec.pretrained == RANDOM_INIT:
+        # fork_rng keeps the caller's RNG state untouched; the seed makes every process build the same weights
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return oc.create_model_and_transforms(spec.name, pretrained=None)
+    try:
+        if not spec.is_checkpoint and not _hub_reachable():
+            # Fail in seconds instead of minutes of retries; weights already in the local cache still load.
+            from huggingface_hub import constants
+
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            constants.HF_HUB_OFFLINE = True
+        return oc.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
+    except Exception as e:
+        where = ("the checkpoint file" if spec.is_checkpoint
+                 else "the model hub (is this machine offline?)")
+        raise ModelLoadError(
+            f"could not load weights {spec.pretrained!r} for {spec.name} from {where}: "
+            f"{type(e).__name__}: {str(e)[:300]}. To run offline, download the open_clip checkpoint "
+            f"on a machine with access and pass its local path: --pretrained /path/to/open_clip_model.safetensors "
+            f"(config key model.pretrained).") from e
+
+
+@functools.lru_cache(maxsize=4)
+def load(spec: ModelSpec) -> LoadedModel:
+    """Build (once per process) the model for `spec`; Spark's reused Python workers keep it between tasks."""
+    spec.validate()
+    model, _, preprocess = _create(spec)
+    model.eval()
+    size = model.visual.image_size
+    image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        else int(model.visual.output_dim)
+    tokenizer = _open_clip().get_tokenizer(spec.name)
+    return LoadedModel(spec, model, preprocess, tokenizer, image_size, dim)

@@ -1,0 +1,222 @@
+"""Embeddings table: schema, stable ids, change detection (new / changed / deleted), Delta MERGE and Parquet writes."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
+
+FORMATS = ("delta", "parquet")
+
+# Columns the embedding UDF produces; the job adds id, model and embedded_at.
+UDF_SCHEMA = T.StructType([
+    T.StructField("path", T.StringType(), False),
+    T.StructField("content_sha256", T.StringType(), True),
+    T.StructField("size_bytes", T.LongType(), False),
+    T.StructField("modified", T.TimestampType(), True),
+    T.StructField("width", T.IntegerType(), True),
+    T.StructField("height", T.IntegerType(), True),
+    T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False), True),
+    T.StructField("error", T.StringType(), True),
+])
+
+SCHEMA = T.StructType([
+    T.StructField("id", T.LongType(), False),
+    T.StructField("path", T.StringType(), False),
+    T.StructField("content_sha256", T.StringType(), True),
+    T.StructField("size_bytes", T.LongType(), False),
+    T.StructField("modified", T.TimestampType(), True),
+    T.StructField("width", T.IntegerType(), True),
+    T.StructField("height", T.IntegerType(), True),
+    T.StructField("model", T.StringType(), False),
+    T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False), True),
+    T.StructField("error", T.StringType(), True),
+    T.StructField("embedded_at", T.TimestampType(), False),
+])
+COLUMNS = [f.name for f in SCHEMA.fields]
+
+
+class IdCollisionError(RuntimeError):
+    """Two different paths hash to the same 64-bit id; the run stops before writing either."""
+
+
+def path_id(path: str) -> int:
+    """Stable signed 64-bit id of a path: the first 8 bytes of sha256(path), big-endian."""
+    return int.from_bytes(hashlib.sha256(path.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def path_id_col(col: str = "path"):
+    """The same id as `path_id`, computed by Spark (conv to base -10 reads the hex as signed)."""
+    return F.conv(F.substring(F.sha2(F.col(col), 256), 1, 16), 16, -10).cast("long")
+
+
+def glob_escape(path: str) -> str:
+    """Escape Hadoop glob characters so a listed file path loads as exactly that file."""
+    out = []
+    for ch in path:
+        if ch in "\\*?[]{}":
+            out.append("\\")
+        out.append(ch)
+    return "".join(out)
+
+
+def list_files(spark: SparkSession, images: str, path_glob: str = "") -> DataFrame:
+    """(path, size_bytes, modified) of every file under a folder (recursive), a glob or a URI.
+    Spark's binaryFile source reads no file contents when `content` is not selected."""
+    reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+    if path_glob:
+        reader = reader.option("pathGlobFilter", path_glob)
+    return (reader.load(images)
+            .select("path", F.col("length").alias("size_bytes"), F.col("modificationTime").alias("modified")))
+
+
+def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
+    """binaryFile rows (path, modificationTime, length, content) for exactly these file paths."""
+    return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
+
+
+@dataclass
+class Plan:
+    to_embed: list  # paths of new and changed files, sorted
+    oversize: DataFrame  # listing rows of new/changed files above max_file_bytes: error rows, never read
+    deleted: int
+    unchanged: int
+    new: int
+    changed: int
+
+
+class EmbeddingsTable:
+    """One embeddings table at `location`, Delta (default) or Parquet."""
+
+    def __init__(self, spark: SparkSession, location: str, fmt: str = "delta"):
+        if fmt not in FORMATS:
+            raise ValueError(f"table format must be one of {FORMATS}, got {fmt!r}")
+        self.spark, self.location, self.format = spark, location, fmt
+
+    # --- reading -------------------------------------------------------------------------------
+    def _hadoop_path(self):
+        jvm = self.spark._jvm
+        path = jvm.org.apache.hadoop.fs.Path(self.location)
+        return path, path.getFileSystem(self.spark._jsc.hadoopConfiguration())
+
+    def exists(self) -> bool:
+        if self.format == "delta":
+            from delta.tables import DeltaTable
+
+            return DeltaTable.isDeltaTable(self.spark, self.location)
+        path, fs = self._hadoop_path()
+        return fs.exists(path)
+
+    def read(self, version: int | None = None) -> DataFrame:
+        reader = self.spark.read.format(self.format)
+        if version is not None:
+            reader = reader.option("versionAsOf", version)
+        return reader.load(self.location)
+
+    def version(self) -> int | None:
+        """The latest Delta version, or None for Parquet / a missing table."""
+        if self.format != "delta" or not self.exists():
+            return None
+        from delta.tables import DeltaTable
+
+        return DeltaTable.forPath(self.spark, self.location).history(1).collect()[0]["version"]
+
+    def create_if_missing(self) -> None:
+        if self.format != "delta" or self.exists():
+            return
+        from delta.tables import DeltaTable
+
+        (DeltaTable.createIfNotExists(self.spark).location(self.location).addColumns(SCHEMA)
+         .property("delta.enableChangeDataFeed", "true").execute())
+
+    # --- change detection ----------------------------------------------------------------------
+    def plan(self, listing: DataFrame, model_key: str, max_file_bytes: int) -> Plan:
+        """Classify listed files against the table: new, changed (size, mtime or model differ),
+        unchanged; rows of files no longer listed are deleted."""
+        existing = (self.read().select("path", F.col("size_bytes").alias("old_size"),
+                                       F.col("modified").alias("old_modified"), F.col("model").alias("old_model"))
+                    if self.exists() else None)
+        if existing is None:
+            classified = listing.withColumn("status", F.lit("new"))
+            deleted = 0
+        else:
+            joined = listing.join(existing, "path", "full_outer")
+            classified = joined.withColumn(
+                "status",
+                F.when(F.col("size_bytes").isNull(), "deleted")
+                .when(F.col("old_size").isNull(), "new")
+                .when((F.col("size_bytes") != F.col("old_size"))
+                      | ~F.col("modified").eqNullSafe(F.col("old_modified"))
+                      | (F.col("old_model") != F.lit(model_key)), "changed")
+                .otherwise("unchanged"))
+            deleted = None
+        classified = classified.select("path", "size_bytes", "modified", "status").localCheckpoint()
+        counts = {r["status"]: r["count"] for r in classified.groupBy("status").count().collect()}
+        todo = classified.where(F.col("status").isin("new", "changed"))
+        to_embed = sorted(r["path"] for r in todo.where(F.col("size_bytes") <= max_file_bytes)
+                          .select("path").collect())
+        oversize = todo.where(F.col("size_bytes") > max_file_bytes).drop("status")
+        return Plan(to_embed=to_embed, oversize=oversize,
+                    deleted=counts.get("deleted", 0) if deleted is None else deleted,
+                    unchanged=counts.get("unchanged", 0), new=counts.get("new", 0),
+                    changed=counts.get("changed", 0))
+
+    def check_ids(self, listing: DataFrame) -> None:
+        """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id."""
+        ids = listing.select("path").withColumn("id", path_id_col())
+        if self.exists():
+            ids = ids.unionByName(self.read().select("path", "id")).distinct()
+        clash = (ids.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths"))
+                 .where("n > 1").limit(3).collect())
+        if clash:
+            detail = "; ".join(f"id {r['id']}: {sorted(r['paths'])}" for r in clash)
+            raise IdCollisionError(f"64-bit path ids collide, nothing was written: {detail}")
+
+    # --- writing -------------------------------------------------------------------------------
+    def upsert(self, rows: DataFrame, note: str = "") -> None:
+        """Insert or replace rows by path in one Delta commit."""
+        from delta.tables import DeltaTable
+
+        self._set_commit_note(note)
+        (DeltaTable.forPath(self.spark, self.location).alias("t")
+         .merge(rows.select(COLUMNS).alias("s"), "t.path = s.path")
+         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+
+    def delete_missing(self, listing: DataFrame, note: str = "") -> None:
+        """Delete rows whose path is not in `listing`, in one Delta commit (MERGE ... NOT MATCHED BY SOURCE)."""
+        from delta.tables import DeltaTable
+
+        self._set_commit_note(note)
+        (DeltaTable.forPath(self.spark, self.location).alias("t")
+         .merge(listing.select("path").alias("s"), "t.path = s.path")
+         .whenNotMatchedBySourceDelete().execute())
+
+    def _set_commit_note(self, note: str) -> None:
+        self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", note or "lakelens")
+
+    def write_parquet_snapshot(self, listing: DataFrame, new_rows: DataFrame | None) -> None:
+        """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename."""
+        keep = None
+        if self.exists():
+            current = self.read().select(COLUMNS)
+            replaced = new_rows.select("path") if new_rows is not None else None
+            keep = current.join(listing.select("path"), "path", "left_semi")
+            if replaced is not None:
+                keep = keep.join(replaced, "path", "left_anti")
+        parts = [df for df in (keep, new_rows.select(COLUMNS) if new_rows is not None else None) if df is not None]
+        if not parts:
+            return
+        out = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+        jvm = self.spark._jvm
+        path, fs = self._hadoop_path()
+        tmp = jvm.org.apache.hadoop.fs.Path(f"{self.location.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
+        out.write.mode("error").parquet(tmp.toString())
+        old = jvm.org.apache.hadoop.fs.Path(f"{self.location.rstrip('/')}.old-{uuid.uuid4().hex[:8]}")
+        if fs.exists(path) and not fs.rename(path, old):
+            raise OSError(f"could not move {self.location} aside to {old.toString()}")
+        if not fs.rename(tmp, path):
+            raise OSError(f"could not move {tmp.toString()} into place at {self.location}")
+        if fs.exists(old):
+            fs.delete(old, True)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine: system tools (Java, Maven), the .venv with pinned Python
+# packages, and the Delta Lake jars. Re-running skips whatever is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need java || ! need mvn; then
+  echo "[setup] installing Java and Maven from Debian's packages"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.lakelens-requirements
+want=$(cat requirements.txt setup.py | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  # torch, torchvision and open_clip in one command, so pip cannot swap torch for another build
+  .venv/bin/pip install -q -r requirements.txt
+  .venv/bin/pip install -q --no-deps -e .
+  .venv/bin/python -c "import torch, torchvision, open_clip, pyspark, delta, faiss"
+  echo "$want" > "$stamp"
+fi
+
+if ! ls build/jars/delta-spark_*.jar >/dev/null 2>&1; then
+  echo "[setup] fetching the Delta Lake jars into build/jars"
+  mvn -B -q dependency:copy-dependencies -DoutputDirectory=build/jars
+fi
+echo "[setup] ready: .venv, build/jars"

@@ -1,0 +1,63 @@
+"""Shared fixtures: one Spark session (local[2], real Delta) per test run, and image factories."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from lakelens import config
+    from lakelens.spark import get_session
+
+    conf = config.load(ROOT / "conf" / "local.yaml")
+    session, owned = get_session(conf.spark)
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    if owned:
+        session.stop()
+
+
+@pytest.fixture
+def local_conf():
+    """Config for jobs run inside the shared session."""
+    from lakelens import config
+
+    def make(images, table, *overrides, **sections):
+        return config.load(ROOT / "conf" / "local.yaml",
+                           [f"embed.images={images}", f"embed.table={table}", *overrides], **sections)
+
+    return make
+
+
+def noise_image(seed: int, size=(80, 60), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def write_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start, start + n):
+        fmt = "PNG" if i % 3 == 0 else "JPEG"
+        p = folder / f"im{i:04d}.{'png' if fmt == 'PNG' else 'jpg'}"
+        p.write_bytes(encode(noise_image(seed * 10_000 + i, size=(60 + i % 7 * 5, 50 + i % 5 * 4)), fmt))
+        out.append(p)
+    return out
