@@ -13,7 +13,7 @@ from .config import ConfigError
 from .embed import embed_files
 from .models import ModelSpec
 from .spark import Job
-from .tables import EmbeddingsTable, list_files, path_id_col, read_files
+from .tables import SCHEMA, EmbeddingsTable, list_files, path_id_col, read_files
 
 
 @dataclass
@@ -68,12 +68,12 @@ class EmbedJob(Job):
         return rows.select(path_id_col().alias("id"), "*", F.lit(spec.key).alias("model"),
                            F.current_timestamp().alias("embedded_at"))
 
-    def _oversize_rows(self, oversize, spec: ModelSpec):
-        return oversize.select(
+    def _unread_rows(self, unread, spec: ModelSpec):
+        return unread.select(
             path_id_col().alias("id"), "path", F.lit(None).cast("string").alias("content_sha256"), "size_bytes",
             "modified", F.lit(None).cast("int").alias("width"), F.lit(None).cast("int").alias("height"),
-            F.lit(spec.key).alias("model"), F.lit(None).cast("array<float>").alias("embedding"),
-            F.lit("too large").alias("error"), F.current_timestamp().alias("embedded_at"))
+            F.lit(spec.key).alias("model"), F.lit(None).cast(SCHEMA["embedding"].dataType).alias("embedding"),
+            "error", F.current_timestamp().alias("embedded_at"))
 
     def run(self) -> EmbedStats:
         t0 = time.time()
@@ -83,7 +83,7 @@ class EmbedJob(Job):
         # Arrow batches the size of a model batch: images are large rows, and memory is per batch.
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
-        listing = list_files(spark, c.images, c.path_glob).localCheckpoint()
+        listing = list_files(spark, c.images, c.path_glob)
         table.check_ids(listing)
         table.create_if_missing()
         plan = table.plan(listing, spec.key, c.max_file_bytes)
@@ -101,11 +101,11 @@ class EmbedJob(Job):
             else:
                 pending.append(rows)
 
-        oversize = self._oversize_rows(plan.oversize, spec).localCheckpoint()
-        n_oversize = oversize.count()
-        if n_oversize:
-            commit(oversize, f"lakelens embed {run_id}: {n_oversize} oversize files")
-            stats.failed += n_oversize
+        unread = self._unread_rows(plan.unread, spec).localCheckpoint()
+        n_unread = unread.count()
+        if n_unread:  # empty and oversize files: error rows without reading a byte
+            commit(unread, f"lakelens embed {run_id}: {n_unread} empty or oversize files")
+            stats.failed += n_unread
         for i, paths in enumerate(chunks):
             rows = self._rows(read_files(spark, paths), spec, len(paths)).localCheckpoint(eager=True)
             ok = rows.where(F.col("error").isNull()).count()

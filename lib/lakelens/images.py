@@ -84,13 +84,6 @@ def decode(data: bytes, target_size: int | None = None, max_pixels: int = 89_478
         return _fail(_classify(e))
     try:
         width, height = img.size
-        orientation = 1
-        try:
-            orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
-        except Exception:
-            pass  # an unreadable EXIF block does not make the pixels unusable
-        if orientation in _SWAPS_AXES:
-            width, height = height, width
         if width <= 0 or height <= 0:
             return _fail("corrupt")
         if width * height > max_pixels:
@@ -102,6 +95,14 @@ def decode(data: bytes, target_size: int | None = None, max_pixels: int = 89_478
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
+        # read after load(): PNG keeps EXIF after the pixels, and getexif() would load (and fail) silently
+        orientation = 1
+        try:
+            orientation = int(img.getexif().get(ORIENTATION_TAG, 1))
+        except Exception:
+            pass  # an unreadable EXIF block does not make the pixels unusable
+        if orientation in _SWAPS_AXES:
+            width, height = height, width
         img = ImageOps.exif_transpose(img) if orientation != 1 else img
         return Decoded(to_rgb(img), width, height, None)
     except MemoryError:

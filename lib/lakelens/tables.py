@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from datetime import datetime
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession, functions as F, types as T
@@ -62,14 +63,36 @@ def glob_escape(path: str) -> str:
     return "".join(out)
 
 
+def _hadoop_status(spark: SparkSession, path: str):
+    jvm = spark._jvm
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(spark._jsc.hadoopConfiguration()).getFileStatus(p)
+
+
 def list_files(spark: SparkSession, images: str, path_glob: str = "") -> DataFrame:
-    """(path, size_bytes, modified) of every file under a folder (recursive), a glob or a URI.
-    Spark's binaryFile source reads no file contents when `content` is not selected."""
+    """(path, size_bytes, modified) of every file under a folder (recursive), a glob or a URI,
+    materialised. Spark's binaryFile source reads no contents when `content` is not selected, but its
+    scan drops zero-length files, so those are found by diffing the file index and listed here too."""
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
     if path_glob:
         reader = reader.option("pathGlobFilter", path_glob)
-    return (reader.load(images)
-            .select("path", F.col("length").alias("size_bytes"), F.col("modificationTime").alias("modified")))
+    files = reader.load(images)
+    listing = (files.select("path", F.col("length").alias("size_bytes"),
+                            F.col("modificationTime").alias("modified")).localCheckpoint())
+    indexed = files.inputFiles()
+    if len(indexed) > listing.count():
+        # the file index spells local paths file:///x, the scan file:/x
+        names = [p.replace("file:///", "file:/", 1) if p.startswith("file:///") else p for p in indexed]
+        missing = (spark.createDataFrame([(n,) for n in names], "path string")
+                   .join(listing, "path", "left_anti").collect())
+        empty = []
+        for row in missing:
+            st = _hadoop_status(spark, row["path"])
+            ms = int(st.getModificationTime())
+            empty.append((row["path"], int(st.getLen()),
+                          datetime.fromtimestamp(ms // 1000).replace(microsecond=ms % 1000 * 1000)))
+        listing = listing.unionByName(spark.createDataFrame(empty, listing.schema)).localCheckpoint()
+    return listing
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
@@ -80,7 +103,7 @@ def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
 @dataclass
 class Plan:
     to_embed: list  # paths of new and changed files, sorted
-    oversize: DataFrame  # listing rows of new/changed files above max_file_bytes: error rows, never read
+    unread: DataFrame  # new/changed files that are empty or above max_file_bytes: (path, size_bytes, modified, error)
     deleted: int
     unchanged: int
     new: int
@@ -140,7 +163,6 @@ class EmbeddingsTable:
                     if self.exists() else None)
         if existing is None:
             classified = listing.withColumn("status", F.lit("new"))
-            deleted = 0
         else:
             joined = listing.join(existing, "path", "full_outer")
             classified = joined.withColumn(
@@ -151,15 +173,16 @@ class EmbeddingsTable:
                       | ~F.col("modified").eqNullSafe(F.col("old_modified"))
                       | (F.col("old_model") != F.lit(model_key)), "changed")
                 .otherwise("unchanged"))
-            deleted = None
         classified = classified.select("path", "size_bytes", "modified", "status").localCheckpoint()
         counts = {r["status"]: r["count"] for r in classified.groupBy("status").count().collect()}
         todo = classified.where(F.col("status").isin("new", "changed"))
-        to_embed = sorted(r["path"] for r in todo.where(F.col("size_bytes") <= max_file_bytes)
-                          .select("path").collect())
-        oversize = todo.where(F.col("size_bytes") > max_file_bytes).drop("status")
-        return Plan(to_embed=to_embed, oversize=oversize,
-                    deleted=counts.get("deleted", 0) if deleted is None else deleted,
+        readable = (F.col("size_bytes") > 0) & (F.col("size_bytes") <= max_file_bytes)
+        to_embed = sorted(r["path"] for r in todo.where(readable).select("path").collect())
+        unread = todo.where(~readable).select(
+            "path", "size_bytes", "modified",
+            F.when(F.col("size_bytes") == 0, "empty file").otherwise("too large").alias("error"))
+        return Plan(to_embed=to_embed, unread=unread,
+                    deleted=counts.get("deleted", 0),
                     unchanged=counts.get("unchanged", 0), new=counts.get("new", 0),
                     changed=counts.get("changed", 0))
 

@@ -1,0 +1,215 @@
+"""The embed job on Spark local[2] with real Delta tables."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lakelens import models, tables
+from lakelens.cli import main
+from lakelens.embed_job import EmbedJob
+from lakelens.tables import IdCollisionError, path_id
+from conftest import ROOT, encode, noise_image, write_images
+
+
+def rows_by_path(spark, table, fmt="delta"):
+    return {r["path"]: r for r in spark.read.format(fmt).load(str(table)).collect()}
+
+
+def run(spark, conf, **kw):
+    return EmbedJob(spark=spark, conf=conf, log=lambda *_: None, **kw).launch()
+
+
+def delta_version(spark, table):
+    return tables.EmbeddingsTable(spark, str(table)).version()
+
+
+def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
+    write_images(tmp_path / "img", 6)
+    run(spark, local_conf(tmp_path / "img", tmp_path / "t"))
+    df = spark.read.format("delta").load(str(tmp_path / "t"))
+    assert [(f.name, f.dataType) for f in df.schema] == [(f.name, f.dataType) for f in tables.SCHEMA]
+    props = spark.sql(f"DESCRIBE DETAIL delta.`{tmp_path / 't'}`").collect()[0]["properties"]
+    assert props.get("delta.enableChangeDataFeed") == "true"
+    rows = df.collect()
+    assert len(rows) == 6
+    for r in rows:
+        assert r["id"] == path_id(r["path"]) and r["path"].startswith("file:")
+        assert r["model"] == "lakelens-tiny@none" and r["error"] is None
+        assert abs(np.linalg.norm(r["embedding"]) - 1) < 1e-5 and len(r["embedding"]) == 128
+        local = r["path"][len("file:"):]
+        assert r["size_bytes"] == os.path.getsize(local) and r["width"] == Image.open(local).width
+
+
+def test_parity_with_a_plain_open_clip_loop(spark, tmp_path, local_conf):
+    files = write_images(tmp_path / "img", 12)
+    run(spark, local_conf(tmp_path / "img", tmp_path / "t"))
+    got = rows_by_path(spark, tmp_path / "t")
+
+    oc = models._open_clip()  # open_clip with the shipped configs registered
+    torch.manual_seed(0)
+    model, _, preprocess = oc.create_model_and_transforms("lakelens-tiny", pretrained=None)
+    model.eval()
+    worst = 0.0
+    with torch.no_grad():
+        for f in files:
+            x = preprocess(Image.open(f).convert("RGB")).unsqueeze(0)
+            v = model.encode_image(x)
+            v = (v / v.norm(dim=-1, keepdim=True))[0].numpy()
+            worst = max(worst, float(np.abs(np.array(got[f"file:{f}"]["embedding"]) - v).max()))
+    assert worst < 1e-5
+
+
+def test_incremental_add_change_delete_and_idempotent_rerun(spark, tmp_path, local_conf):
+    img, table = tmp_path / "img", tmp_path / "t"
+    files = write_images(img, 8)
+    conf = local_conf(img, table)
+    first = run(spark, conf)
+    assert (first.embedded, first.new, first.failed) == (8, 8, 0)
+    v1, before = delta_version(spark, table), rows_by_path(spark, table)
+
+    again = run(spark, conf)
+    assert (again.embedded, again.unchanged, again.deleted) == (0, 8, 0)
+    assert delta_version(spark, table) == v1  # nothing to do, nothing committed
+    assert rows_by_path(spark, table) == before
+
+    write_images(img, 2, seed=5, start=100)
+    changed = files[1]
+    changed.write_bytes(encode(noise_image(999, (70, 40)), "JPEG"))
+    st = os.stat(changed)
+    os.utime(changed, (st.st_atime, st.st_mtime + 10))
+    for f in files[2:4]:
+        f.unlink()
+    third = run(spark, conf)
+    assert (third.new, third.changed, third.deleted, third.embedded, third.unchanged) == (2, 1, 2, 3, 5)
+    after = rows_by_path(spark, table)
+    assert len(after) == 8 and f"file:{files[2]}" not in after and f"file:{files[3]}" not in after
+    row = after[f"file:{changed}"]
+    assert (row["width"], row["height"]) == (70, 40)
+    assert row["embedding"] != before[f"file:{changed}"]["embedding"]
+    for f in (files[0], *files[4:]):  # untouched rows were not rewritten
+        assert after[f"file:{f}"]["embedded_at"] == before[f"file:{f}"]["embedded_at"]
+    df = spark.read.format("delta").load(str(table))
+    assert df.count() == df.select("path").distinct().count() == df.select("id").distinct().count()
+
+    changes = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", v1 + 1)
+               .load(str(table)).groupBy("_change_type").count().collect())
+    assert {r["_change_type"]: r["count"] for r in changes} == {
+        "insert": 2, "update_preimage": 1, "update_postimage": 1, "delete": 2}
+
+
+def _comparable(rows):
+    return {p: (r["content_sha256"], r["error"], tuple(r["embedding"] or ())) for p, r in rows.items()}
+
+
+def test_resume_after_a_crashed_run(spark, tmp_path, local_conf):
+    img = tmp_path / "img"
+    write_images(img, 10)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_second(i, n):
+        if i == 1:
+            raise Crash("killed on purpose")
+
+    conf = local_conf(img, tmp_path / "t", "embed.chunk_size=3")
+    with pytest.raises(Crash):
+        run(spark, conf, on_chunk=crash_after_second)
+    assert len(rows_by_path(spark, tmp_path / "t")) == 6  # two chunks of 3 were committed
+    resumed = run(spark, conf)
+    assert (resumed.embedded, resumed.unchanged, resumed.chunks) == (4, 6, 2)
+
+    run(spark, local_conf(img, tmp_path / "clean", "embed.chunk_size=3"))
+    assert _comparable(rows_by_path(spark, tmp_path / "t")) == _comparable(rows_by_path(spark, tmp_path / "clean"))
+
+
+def test_bad_images_become_rows_with_errors(spark, tmp_path, local_conf):
+    from test_images import _png_with_size
+
+    img = tmp_path / "img"
+    write_images(img, 2)
+    jpeg = encode(noise_image(7, (300, 200)), "JPEG")
+    png = encode(noise_image(8, (64, 64)), "PNG")
+    broken = bytearray(png)
+    broken[60:400] = b"\xff" * 340
+    bad = {
+        "empty.jpg": b"", "notes.txt": b"just text\n" * 20, "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "corrupt.png": bytes(broken), "bomb.png": _png_with_size(60_000, 60_000),
+        "huge.jpg": encode(noise_image(9, (400, 400)), "JPEG", quality=100),
+    }
+    for name, data in bad.items():
+        (img / name).write_bytes(data)
+    limit = len(bad["huge.jpg"]) - 1
+    stats = run(spark, local_conf(img, tmp_path / "t", f"embed.max_file_bytes={limit}"))
+    rows = {os.path.basename(p): r for p, r in rows_by_path(spark, tmp_path / "t").items()}
+    assert (stats.embedded, stats.failed) == (2, 6)
+    assert {n: rows[n]["error"] for n in bad} == {
+        "empty.jpg": "empty file", "notes.txt": "not an image", "truncated.jpg": "truncated",
+        "corrupt.png": "corrupt", "bomb.png": "too large", "huge.jpg": "too large"}
+    assert all(rows[n]["embedding"] is None for n in bad)
+    assert rows["bomb.png"]["width"] == 60_000 and rows["huge.jpg"]["content_sha256"] is None
+    again = run(spark, local_conf(img, tmp_path / "t", f"embed.max_file_bytes={limit}"))
+    assert (again.embedded, again.failed, again.unchanged) == (0, 0, 8)  # error rows are not retried
+
+
+def test_parquet_format_is_incremental_too(spark, tmp_path, local_conf):
+    img, table = tmp_path / "img", tmp_path / "t"
+    files = write_images(img, 5)
+    conf = local_conf(img, table, "embed.format=parquet")
+    assert run(spark, conf).embedded == 5
+    files[0].unlink()
+    write_images(img, 1, seed=3, start=50)
+    st = run(spark, conf)
+    assert (st.embedded, st.deleted, st.unchanged) == (1, 1, 4)
+    rows = rows_by_path(spark, table, "parquet")
+    assert len(rows) == 5 and f"file:{files[0]}" not in rows
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]  # swap left nothing behind
+
+
+def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
+    img, table = tmp_path / "img", tmp_path / "t"
+    write_images(img, 3)
+    conf = local_conf(img, table)
+    run(spark, conf)
+    newcomer = write_images(img, 1, seed=4, start=20)[0]
+    # forge a row elsewhere whose id equals the newcomer's id: what a 64-bit hash collision looks like
+    ghost = spark.read.format("delta").load(str(table)).limit(1).drop("id", "path").selectExpr(
+        f"{path_id('file:' + str(newcomer))} as id", "'file:/elsewhere/ghost.png' as path", "*")
+    ghost.select(tables.COLUMNS).write.format("delta").mode("append").save(str(table))
+    version = delta_version(spark, table)
+    with pytest.raises(IdCollisionError, match="ghost.png"):
+        run(spark, conf)
+    assert delta_version(spark, table) == version
+
+
+def test_spreads_files_over_every_core(spark, tmp_path, local_conf):
+    write_images(tmp_path / "img", 10)
+    job = EmbedJob(spark=spark, conf=local_conf(tmp_path / "img", tmp_path / "t"))
+    files = tables.read_files(spark, [f"file:{p}" for p in sorted((tmp_path / "img").iterdir())])
+    assert job._partitions(files, 10).rdd.getNumPartitions() >= spark.sparkContext.defaultParallelism
+
+
+def test_glob_characters_in_file_names(spark, tmp_path, local_conf):
+    img = tmp_path / "img"
+    img.mkdir()
+    for name in ("a[1].png", "b{x,y}.png", "c*?.png"):
+        (img / name).write_bytes(encode(noise_image(len(name)), "PNG"))
+    assert run(spark, local_conf(img, tmp_path / "t")).embedded == 3
+
+
+def test_cli_embed_json_and_bad_config(spark, tmp_path, capsys):
+    write_images(tmp_path / "img", 3)
+    args = ["embed", "--images", str(tmp_path / "img"), "--table", str(tmp_path / "t"),
+            "--conf", str(ROOT / "conf" / "local.yaml"), "--json"]
+    assert main(args) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["embedded"] == 3 and stats["failed"] == 0
+    assert main(args[:-1] + ["--set", "embed.chunk_size=0"]) == 2
+    assert "embed.chunk_size" in capsys.readouterr().err
+    assert main(["embed", "--table", str(tmp_path / "t")]) == 2
+    assert "embed.images" in capsys.readouterr().err

@@ -1,0 +1,29 @@
+import numpy as np
+
+from lakelens.embed import Embedder
+from lakelens.models import ModelSpec
+from conftest import encode, noise_image
+
+
+def test_embedder_returns_unit_vectors_and_errors_as_values():
+    emb = Embedder(ModelSpec("lakelens-tiny"), batch_size=4)
+    contents = [encode(noise_image(i), "PNG") for i in range(5)] + [b"", b"nope"]
+    out = emb(contents)
+    assert [r.error for r in out] == [None] * 5 + ["empty file", "not an image"]
+    vecs = np.stack([r.embedding for r in out[:5]])
+    assert vecs.shape == (5, 128) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+    assert out[0].width == 80 and out[0].height == 60
+    assert len({v.tobytes() for v in vecs}) == 5  # different images, different vectors
+
+
+def test_batch_size_and_threads_do_not_change_results():
+    contents = [encode(noise_image(i), "JPEG") for i in range(7)]
+    a = Embedder(ModelSpec("lakelens-tiny"), batch_size=1, decode_threads=1)(contents)
+    b = Embedder(ModelSpec("lakelens-tiny"), batch_size=3, decode_threads=4)(contents)
+    assert max(np.abs(x.embedding - y.embedding).max() for x, y in zip(a, b)) < 1e-5
+
+
+def test_text_embeddings_are_unit_vectors():
+    t = Embedder(ModelSpec("lakelens-tiny")).embed_texts(["a red circle", "a blue square"])
+    assert t.shape == (2, 128) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
