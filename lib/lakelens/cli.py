@@ -1,4 +1,4 @@
-"""`lakelens embed | demo`: the command line over the jobs and the library."""
+"""`lakelens embed | jars | demo`: the command line over the jobs and the library."""
 
 from __future__ import annotations
 
@@ -56,12 +56,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_jars(args) -> int:
+    from .spark import submit_jars_arg
+
+    print(" ".join(submit_jars_arg(args.jars_dir or "")))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lakelens", description="Natural-language image search over a data lake.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("embed", help="embed new and changed images into the embeddings table (Spark)")
     add_embed_args(p)
     p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("jars", help="print the spark-submit arguments that bring the Delta jars (--jars ...)")
+    p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
+    p.set_defaults(func=cmd_jars)
     p = sub.add_parser("demo", help="generate a captioned image set and run the pipeline on it, offline")
     p.add_argument("--out", default="build/demo", help="working folder (default build/demo)")
     p.add_argument("--images", type=int, default=600, help="how many images to generate")
@@ -72,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .spark import SparkSetupError
+
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
+    except (ConfigError, ModelLoadError, FileNotFoundError, SparkSetupError) as e:
         print(f"lakelens {args.command}: error: {e}", file=sys.stderr)
         return 2
 

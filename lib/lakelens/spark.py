@@ -67,7 +67,26 @@ def get_session(conf: SparkConfig | None = None) -> tuple[SparkSession, bool]:
     for key, value in settings.items():
         b = b.config(key, value)
     spark = b.getOrCreate()
+    _check_delta_on_classpath(spark)
     return spark, True
+
+
+def submit_jars_arg(jars_dir: str = "") -> list[str]:
+    """spark-submit arguments that put Delta on the driver's classpath: --jars or --packages."""
+    jars = find_jars(jars_dir)
+    return ["--jars", ",".join(jars)] if jars else ["--packages", DELTA_PACKAGE]
+
+
+def _check_delta_on_classpath(spark: SparkSession) -> None:
+    # Under spark-submit the driver JVM is already running: spark.jars set now reaches executors only.
+    if spark._jvm.org.apache.spark.util.Utils.classIsLoadable("io.delta.tables.DeltaTable"):
+        return
+    raise SparkSetupError("Delta Lake classes are not on the Spark driver's classpath. Pass them to spark-submit: "
+                       f"{' '.join(submit_jars_arg())} (printed by `lakelens jars`).")
+
+
+class SparkSetupError(RuntimeError):
+    """The Spark session cannot do what lakelens needs (Delta missing from the classpath)."""
 
 
 class Job:
