@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from pyspark.sql import functions as F
@@ -27,11 +28,13 @@ class EmbedStats:
     chunks: int = 0
     table_version: int | None = None
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds per phase: list, plan, embed, commit, delete
 
     def summary(self) -> str:
+        times = " ".join(f"{k}={v:.1f}s" for k, v in self.phases.items())
         return (f"embedded={self.embedded} skipped_unchanged={self.unchanged} failed={self.failed} "
                 f"deleted={self.deleted} (new={self.new} changed={self.changed} chunks={self.chunks} "
-                f"table_version={self.table_version} seconds={self.seconds:.1f})")
+                f"table_version={self.table_version} seconds={self.seconds:.1f}: {times})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,14 +83,25 @@ class EmbedJob(Job):
         c = self.conf.embed
         spec = self._check()
         spark = self.spark
+        phases: dict = {}
+
+        @contextmanager
+        def phase(name):
+            start = time.time()
+            yield
+            phases[name] = phases.get(name, 0.0) + time.time() - start
+
         # Arrow batches the size of a model batch: images are large rows, and memory is per batch.
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
-        listing = list_files(spark, c.images, c.path_glob)
-        table.check_ids(listing)
-        table.create_if_missing()
-        plan = table.plan(listing, spec.key, c.max_file_bytes)
-        stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed)
+        with phase("list"):
+            listing = list_files(spark, c.images, c.path_glob)
+        with phase("plan"):
+            table.check_ids(listing)
+            table.create_if_missing()
+            plan = table.plan(listing, spec.key, c.max_file_bytes)
+        stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,
+                           phases=phases)
         chunks = [plan.to_embed[i:i + c.chunk_size] for i in range(0, len(plan.to_embed), c.chunk_size)]
         run_id = uuid.uuid4().hex[:8]
         self.log(f"lakelens embed: {spec.key} over {c.images}: new={plan.new} changed={plan.changed} "
@@ -97,7 +111,8 @@ class EmbedJob(Job):
 
         def commit(rows, note):
             if c.format == "delta":
-                table.upsert(rows, note)
+                with phase("commit"):
+                    table.upsert(rows, note)
             else:
                 pending.append(rows)
 
@@ -107,8 +122,9 @@ class EmbedJob(Job):
             commit(unread, f"lakelens embed {run_id}: {n_unread} empty or oversize files")
             stats.failed += n_unread
         for i, paths in enumerate(chunks):
-            rows = self._rows(read_files(spark, paths), spec, len(paths)).localCheckpoint(eager=True)
-            ok = rows.where(F.col("error").isNull()).count()
+            with phase("embed"):
+                rows = self._rows(read_files(spark, paths), spec, len(paths)).localCheckpoint(eager=True)
+                ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok
             commit(rows, f"lakelens embed {run_id}: chunk {i + 1}/{len(chunks)}")
@@ -116,14 +132,15 @@ class EmbedJob(Job):
             self.log(f"  chunk {i + 1}/{len(chunks)} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
                 self.on_chunk(i, len(chunks))
-        if c.format == "delta":
-            if plan.deleted:
-                table.delete_missing(listing, f"lakelens embed {run_id}: drop {plan.deleted} deleted files")
-        elif pending or plan.deleted or not table.exists():
-            new_rows = pending[0] if pending else None
-            for more in pending[1:]:
-                new_rows = new_rows.unionByName(more)
-            table.write_parquet_snapshot(listing, new_rows)
+        with phase("delete" if c.format == "delta" else "commit"):
+            if c.format == "delta":
+                if plan.deleted:
+                    table.delete_missing(listing, f"lakelens embed {run_id}: drop {plan.deleted} deleted files")
+            elif pending or plan.deleted or not table.exists():
+                new_rows = pending[0] if pending else None
+                for more in pending[1:]:
+                    new_rows = new_rows.unionByName(more)
+                table.write_parquet_snapshot(listing, new_rows)
         stats.table_version = table.version()
         stats.seconds = time.time() - t0
         self.log(f"lakelens embed done: {stats.summary()}")

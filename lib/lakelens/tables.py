@@ -96,7 +96,14 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> DataFra
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
-    """binaryFile rows (path, modificationTime, length, content) for exactly these file paths."""
+    """binaryFile rows (path, modificationTime, length, content) for exactly these file paths.
+    Spark stats explicit paths with one task each beyond a threshold; local files are stat'ed on the
+    driver instead (microseconds each), remote ones by at most 2 x default parallelism tasks."""
+    key = "spark.sql.sources.parallelPartitionDiscovery"
+    if all(p.startswith("file:") for p in paths):
+        spark.conf.set(f"{key}.threshold", str(len(paths) + 1))
+    else:
+        spark.conf.set(f"{key}.parallelism", str(2 * spark.sparkContext.defaultParallelism))
     return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
 
 
