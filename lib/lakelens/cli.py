@@ -1,4 +1,4 @@
-"""`lakelens embed | jars | demo`: the command line over the jobs and the library."""
+"""`lakelens embed | index | search | jars | demo`: the command line over the jobs and the library."""
 
 from __future__ import annotations
 
@@ -56,6 +56,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    from .index_job import IndexJob
+
+    conf = config.load(
+        args.conf, args.set, spark={"master": args.master},
+        index={"table": args.table, "index": args.index, "shards": args.shards, "factory": args.factory,
+               "memory_budget": args.memory_budget, "version": args.version, "prune": args.prune,
+               "format": args.format, "force": True if args.force else None})
+    result = IndexJob(conf=conf).launch()
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search import QueryError, Searcher
+
+    searcher = Searcher.open(args.index)
+    kw = {"min_score": args.min_score, "path_prefix": args.prefix, "nprobe": args.nprobe,
+          "ef_search": args.ef_search}
+    if args.image:
+        results = searcher.search_image(args.image, args.k, **kw)
+    elif args.query is not None:
+        results = searcher.search_text(args.query, args.k, **kw)
+    else:
+        raise QueryError("give a query text or --image FILE")
+    notes = results.attrs.get("notes", [])
+    if args.json:
+        print(json.dumps({"index_version": searcher.version, "model": searcher.manifest["model"]["key"],
+                          "notes": notes, "results": results.to_dict("records")}))
+    else:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        if results.empty:
+            print("no results")
+        for r in results.itertuples():
+            print(f"{r.rank:>3}  {r.score:.4f}  {r.path}")
+    return 0
+
+
 def cmd_jars(args) -> int:
     from .spark import submit_jars_arg
 
@@ -69,6 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed new and changed images into the embeddings table (Spark)")
     add_embed_args(p)
     p.set_defaults(func=cmd_embed)
+    p = sub.add_parser("index", help="build sharded FAISS indexes from the embeddings table and publish them")
+    p.add_argument("--table", help="the embeddings table")
+    p.add_argument("--index", help="the index folder (CURRENT + vNNNN/ versions)")
+    p.add_argument("--shards", type=int, help="number of shards (default: one per 250k rows)")
+    p.add_argument("--factory", help="auto (default) or a FAISS index_factory string, e.g. IVF1024,Flat")
+    p.add_argument("--memory-budget", help="RAM the index may use at query time, e.g. 4G")
+    p.add_argument("--version", type=int, help="Delta version of the table (default: latest)")
+    p.add_argument("--format", choices=("delta", "parquet"), help="table format (default delta)")
+    p.add_argument("--prune", type=int, help="keep only the K newest versions afterwards")
+    p.add_argument("--force", action="store_true", help="build even if the table has not changed")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_index)
+    p = sub.add_parser("search", help="query an index by text or by image")
+    p.add_argument("query", nargs="?", help="query text")
+    p.add_argument("--index", required=True, help="the index folder")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument("--image", help="search by this image file instead of text")
+    p.add_argument("--min-score", type=float, help="drop results scoring below this")
+    p.add_argument("--prefix", help="only results whose path starts with this")
+    p.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the manifest's)")
+    p.add_argument("--ef-search", type=int, help="HNSW search depth (overrides the manifest's)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.set_defaults(func=cmd_search)
     p = sub.add_parser("jars", help="print the spark-submit arguments that bring the Delta jars (--jars ...)")
     p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
     p.set_defaults(func=cmd_jars)
@@ -82,11 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .index import IndexDirError
+    from .search import IndexMismatchError, QueryError
     from .spark import SparkSetupError
 
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, SparkSetupError) as e:
+    except (ConfigError, ModelLoadError, FileNotFoundError, SparkSetupError, IndexDirError, QueryError,
+            IndexMismatchError) as e:
         print(f"lakelens {args.command}: error: {e}", file=sys.stderr)
         return 2
 

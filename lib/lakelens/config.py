@@ -50,14 +50,31 @@ class EmbedConfig:
 
 
 @dataclass
+class IndexConfig:
+    table: str = ""
+    index: str = ""
+    format: str = "delta"
+    version: int = -1
+    shards: int = 0
+    factory: str = "auto"
+    memory_budget: str = "4G"
+    exact_max_rows: int = 50_000
+    hnsw_max_rows: int = 300_000
+    train_sample: int = 100_000
+    prune: int = 0
+    force: bool = False
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 # Allowed values and lower bounds, checked after every load; the key names the failing setting.
-CHOICES = {"embed.format": ("delta", "parquet")}
+CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet")}
 MINIMUMS = {
     "spark.shuffle_partitions": 1,
     "embed.batch_size": 1,
@@ -66,6 +83,12 @@ MINIMUMS = {
     "embed.max_file_bytes": 1,
     "embed.max_pixels": 1,
     "embed.decode_threads": 1,
+    "index.version": -1,
+    "index.shards": 0,
+    "index.exact_max_rows": 0,
+    "index.hnsw_max_rows": 0,
+    "index.train_sample": 1,
+    "index.prune": 0,
 }
 
 
@@ -112,6 +135,13 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 
 
 def _validate(conf: Config) -> None:
+    from .index import parse_size
+
+    try:
+        if parse_size(conf.index.memory_budget) <= 0:
+            raise ValueError("must be positive")
+    except ValueError as e:
+        raise ConfigError(f"index.memory_budget: {e}") from None
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(conf, section), name)

@@ -1,0 +1,246 @@
+"""Query driver: Searcher.open(index_dir) -> text / image / vector queries over all shards, merged exactly."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import index as ix
+from .models import ModelSpec
+
+MAX_K = 10_000
+RESULT_COLUMNS = ["rank", "score", "id", "path"]
+
+
+class QueryError(ValueError):
+    """The query itself is unusable: empty text, unreadable image, k out of range, wrong vector shape."""
+
+
+class IndexMismatchError(ValueError):
+    """The index was built with another model than the caller expects."""
+
+
+def _load_shard(path: Path, mmap: bool):
+    import faiss
+
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
+        except RuntimeError:
+            pass  # index types whose storage cannot be memory-mapped (HNSW graphs, PQ tables) load in RAM
+    return faiss.read_index(str(path)), False
+
+
+def _set_params(index, nprobe: int | None, ef_search: int | None) -> None:
+    import faiss
+
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
+    if nprobe is not None and isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = int(nprobe)
+    if ef_search is not None and isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = int(ef_search)
+
+
+@dataclass
+class _Loaded:
+    version: str
+    manifest: dict
+    shards: list
+    mmapped: list
+    ids: np.ndarray  # sorted ids, for id -> row lookups in meta
+    meta: pd.DataFrame  # id, path, width, height in the order of `ids`
+
+
+class Searcher:
+    """Searches the live version of an index folder. `reload()` switches to a newer published version;
+    a query running meanwhile finishes on the version it started with."""
+
+    def __init__(self, index_dir: str | Path, mmap: bool = True, threads: int | None = None,
+                 expect_model: ModelSpec | str | None = None):
+        self.index_dir = Path(index_dir)
+        self.mmap = mmap
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads or 4)
+        self._embedder = None
+        self._expect = expect_model.key if isinstance(expect_model, ModelSpec) else expect_model
+        self._state = self._load(ix.current_version(self.index_dir))
+
+    @classmethod
+    def open(cls, index_dir: str | Path, **kw) -> "Searcher":
+        return cls(index_dir, **kw)
+
+    # --- loading -------------------------------------------------------------------------------
+    def _load(self, version: str | None) -> _Loaded:
+        if not self.index_dir.is_dir():
+            raise ix.IndexDirError(f"index folder not found: {self.index_dir}")
+        if version is None:
+            raise ix.IndexDirError(f"no published index in {self.index_dir} (no {ix.CURRENT} file)")
+        manifest = ix.read_manifest(self.index_dir, version)
+        if self._expect and manifest["model"]["key"] != self._expect:
+            raise IndexMismatchError(f"index {self.index_dir} ({version}) was built with model "
+                                     f"{manifest['model']['key']}, not {self._expect}")
+        folder = self.index_dir / version
+        loaded = [_load_shard(folder / s["file"], self.mmap) for s in manifest["shards"]]
+        meta = pd.read_parquet(folder / ix.META).sort_values("id", kind="stable").reset_index(drop=True)
+        return _Loaded(version, manifest, [x[0] for x in loaded], [x[1] for x in loaded],
+                       meta["id"].to_numpy(np.int64), meta)
+
+    def reload(self) -> bool:
+        """Load the version CURRENT names now, if it differs from the loaded one. True if switched."""
+        latest = ix.current_version(self.index_dir)
+        if latest == self._state.version:
+            return False
+        state = self._load(latest)
+        with self._lock:
+            self._state = state
+        return True
+
+    # --- facts ---------------------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self._state.version
+
+    @property
+    def manifest(self) -> dict:
+        return self._state.manifest
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        m = self._state.manifest["model"]
+        return ModelSpec(m["name"], m["pretrained"])
+
+    def __len__(self) -> int:
+        return int(sum(s.ntotal for s in self._state.shards))
+
+    def path_of(self, id_: int) -> str | None:
+        st = self._state
+        i = np.searchsorted(st.ids, id_)
+        return str(st.meta["path"].iloc[i]) if i < len(st.ids) and st.ids[i] == id_ else None
+
+    # --- embedding queries ---------------------------------------------------------------------
+    @property
+    def embedder(self):
+        if self._embedder is None or self._embedder.loaded.spec != self.model_spec:
+            from .embed import Embedder
+
+            self._embedder = Embedder(self.model_spec, decode_threads=1)
+        return self._embedder
+
+    def embed_text(self, text: str) -> tuple[np.ndarray, list[str]]:
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError("empty query text")
+        notes = []
+        tokenizer = self.embedder.loaded.tokenizer
+        context = getattr(tokenizer, "context_length", None)
+        encode = getattr(tokenizer, "encode", None)
+        if context and encode is not None:
+            n_tokens = len(encode(text.strip())) + 2  # start and end tokens
+            if n_tokens > context:
+                notes.append(f"query truncated to the model's {context} tokens (it has {n_tokens})")
+        return self.embedder.embed_texts([text.strip()])[0], notes
+
+    def embed_image(self, image: str | Path | bytes) -> np.ndarray:
+        if isinstance(image, (str, Path)):
+            try:
+                data = Path(image).read_bytes()
+            except OSError as e:
+                raise QueryError(f"cannot read query image {image}: {e.strerror or e}") from None
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            data = bytes(image)
+        else:
+            raise QueryError(f"query image must be a path or bytes, not {type(image).__name__}")
+        result = self.embedder([data])[0]
+        if result.error:
+            raise QueryError(f"unusable query image: {result.error}")
+        return result.embedding
+
+    # --- search --------------------------------------------------------------------------------
+    def search_text(self, text: str, k: int = 10, **kw) -> pd.DataFrame:
+        vec, notes = self.embed_text(text)
+        out = self.search_vector(vec, k, **kw)
+        out.attrs["notes"] = notes
+        return out
+
+    def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
+        return self.search_vector(self.embed_image(image), k, **kw)
+
+    def search_id(self, id_: int, k: int = 10, **kw) -> pd.DataFrame:
+        """Images similar to an indexed image, by its id (its stored vector is the query)."""
+        for shard in self._state.shards:
+            vec = _reconstruct(shard, int(id_))
+            if vec is not None:
+                return self.search_vector(vec, k, **kw)
+        raise QueryError(f"id {id_} is not in index {self._state.version}")
+
+    def search_vector(self, vector, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
+                      nprobe: int | None = None, ef_search: int | None = None) -> pd.DataFrame:
+        return self.search_vectors(np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector, k,
+                                   min_score, path_prefix, nprobe, ef_search)[0]
+
+    def search_vectors(self, vectors, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
+                       nprobe: int | None = None, ef_search: int | None = None) -> list[pd.DataFrame]:
+        """A batch of query vectors -> one result frame each (rank, score, id, path)."""
+        st = self._state  # one consistent version for the whole call, even if reload() runs meanwhile
+        dim = st.manifest["dim"]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k > MAX_K:
+            raise QueryError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise QueryError(f"query vectors must have shape (n, {dim}), got {q.shape}")
+        if not np.isfinite(q).all():
+            raise QueryError("query vector has NaN or infinite values")
+        q = np.ascontiguousarray(q)
+        params = st.manifest.get("search_params", {})
+        fetch = min(len(self) or 1, k if not path_prefix else max(4 * k, 100))
+        while True:
+            scores, ids = self._search_shards(st, q, fetch, params.get("nprobe") if nprobe is None else nprobe,
+                                              params.get("efSearch") if ef_search is None else ef_search)
+            frames = [self._frame(st, s, i, k, min_score, path_prefix) for s, i in zip(scores, ids)]
+            short = path_prefix and any(len(f) < k for f in frames) and fetch < len(self)
+            if not short:
+                return frames
+            fetch = min(len(self), fetch * 4)
+
+    def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search):
+        def one(shard):
+            _set_params(shard, nprobe, ef_search)
+            return shard.search(q, min(k, max(1, shard.ntotal)))
+
+        parts = list(self._pool.map(one, st.shards)) if len(st.shards) > 1 else [one(st.shards[0])]
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        scores = np.where(ids < 0, -np.inf, scores)  # faiss pads missing results with id -1
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+    def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
+        keep = ids >= 0
+        if min_score is not None:
+            keep &= scores >= min_score
+        scores, ids = scores[keep], ids[keep]
+        rows = np.searchsorted(st.ids, ids)
+        paths = st.meta["path"].to_numpy()[np.minimum(rows, len(st.ids) - 1)] if len(st.ids) else np.array([])
+        df = pd.DataFrame({"score": scores.astype(float), "id": ids, "path": paths})
+        if path_prefix:
+            df = df[df["path"].str.startswith(path_prefix)]
+        df = df.head(k).reset_index(drop=True)
+        df.insert(0, "rank", np.arange(1, len(df) + 1))
+        return df[RESULT_COLUMNS]
+
+
+def _reconstruct(shard, id_: int) -> np.ndarray | None:
+    """The stored vector of `id_` in one shard (decoded, for compressed codes), or None if not held."""
+    import faiss
+
+    inner = faiss.downcast_index(shard)
+    if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
+        inner.make_direct_map(True)  # a hash map id -> list position, built once per loaded shard
+    try:
+        return inner.reconstruct(id_)
+    except RuntimeError:
+        return None
