@@ -61,3 +61,21 @@ def write_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[Pa
         p.write_bytes(encode(noise_image(seed * 10_000 + i, size=(60 + i % 7 * 5, 50 + i % 5 * 4)), fmt))
         out.append(p)
     return out
+
+
+def clustered(n: int, dim: int, clusters: int = 100, noise: float = 0.3, seed: int = 0) -> np.ndarray:
+    """Unit vectors drawn around random centres: the shape of real embedding sets, for ANN checks."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_topk(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int):
+    scores = queries @ vectors.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), ids[order]
+
+
+def recall_at(found_ids, true_ids) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found_ids, true_ids)]))

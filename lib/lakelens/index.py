@@ -41,6 +41,7 @@ class Choice:
     reason: str
     needs_training: bool
     search_params: dict = field(default_factory=dict)  # nprobe / efSearch defaults
+    rerank: int = 0  # compressed codes: fetch rerank x k candidates, re-score them exactly from disk
 
 
 def nlist_for(n: int) -> int:
@@ -64,13 +65,14 @@ def choose_factory(n: int, dim: int, memory_budget: int, exact_max_rows: int = 5
                       f"IVF-Flat with {nlist} lists", True, {"nprobe": max(8, nlist // 32)})
     if n * dim * 1.05 <= memory_budget:
         return Choice(f"IVF{nlist},SQ8", f"raw vectors exceed the budget, 8-bit codes "
-                      f"({n * dim / 2**20:.0f} MiB) fit: IVF-SQ8 with {nlist} lists", True,
-                      {"nprobe": max(8, nlist // 32)})
+                      f"({n * dim / 2**20:.0f} MiB) fit: IVF-SQ8 with {nlist} lists, re-ranked exactly "
+                      f"from memory-mapped vectors", True, {"nprobe": max(8, nlist // 32)}, rerank=4)
     m = next((m for m in (64, 48, 32, 24, 16, 8, 4) if dim % m == 0 and n * m * 1.05 <= memory_budget), None)
     if m is None:
         raise ValueError(f"{n} vectors cannot fit a {memory_budget} byte budget even as 4-byte PQ codes")
-    return Choice(f"IVF{nlist},PQ{m}", f"only {m}-byte codes fit the budget: IVF-PQ with {nlist} lists", True,
-                  {"nprobe": max(16, nlist // 16)})
+    return Choice(f"IVF{nlist},PQ{m}", f"only {m}-byte codes fit the budget: IVF-PQ with {nlist} lists, "
+                  f"re-ranked exactly from memory-mapped vectors", True, {"nprobe": max(16, nlist // 16)},
+                  rerank=10)
 
 
 def explicit_choice(factory: str) -> Choice:
@@ -100,10 +102,33 @@ def train(dim: int, choice: Choice, sample: np.ndarray) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str | Path) -> int:
-    """Add one shard's vectors (with their 64-bit ids) to a copy of the trained index and write it."""
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = Path(f"{path}.tmp-{uuid.uuid4().hex[:6]}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def rerank_files(shard_path: str | Path) -> tuple[Path, Path]:
+    """Raw vectors and their ids beside a shard, for exact re-ranking of compressed-code candidates."""
+    p = Path(shard_path)
+    stem = p.name[: -len(".faiss")] if p.name.endswith(".faiss") else p.name
+    return p.with_name(stem + ".vectors.npy"), p.with_name(stem + ".ids.npy")
+
+
+def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str | Path,
+                rerank: bool = False) -> int:
+    """Add one shard's vectors (with their 64-bit ids) to a copy of the trained index and write it;
+    with `rerank`, also the raw vectors sorted by id, which queries memory-map to re-score candidates."""
     import faiss
 
+    if (ids == -1).any():
+        raise IndexDirError("id -1 is FAISS's 'no result' marker and cannot be indexed")
+    if rerank:
+        order = np.argsort(ids, kind="stable")
+        vec_file, id_file = rerank_files(path)
+        _atomic_save_npy(vec_file, np.ascontiguousarray(vectors[order], dtype=np.float32))
+        _atomic_save_npy(id_file, np.ascontiguousarray(ids[order], dtype=np.int64))
     index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
         index = faiss.IndexIDMap2(index)  # Flat and HNSW keep ids beside the index
@@ -116,6 +141,45 @@ def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str 
 
 def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     return np.mod(ids, shards)  # the same as Spark's pmod(id, shards)
+
+
+def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, paths: list[str],
+                choice: Choice, shards: int = 1, model_key: str = "", train_sample: int = 100_000,
+                source: dict | None = None) -> str:
+    """Build and publish a version from in-memory arrays, without Spark: the same shard builder and
+    publish step the index job uses on executors (benchmarks, tests, notebooks)."""
+    import pandas as pd
+
+    ids = np.asarray(ids, dtype=np.int64)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    sample = vectors[rng.choice(len(vectors), min(train_sample, len(vectors)), replace=False)]
+    trained = train(vectors.shape[1], choice, sample)
+    staged = staging_dir(index_dir)
+    owner = shard_of(ids, shards)
+    counts = []
+    for s in range(shards):
+        mask = owner == s
+        counts.append(build_shard(trained, ids[mask], vectors[mask], staged / f"shard-{s:04d}.faiss",
+                                  rerank=bool(choice.rerank)))
+    pd.DataFrame({"id": ids, "path": list(paths)}).to_parquet(staged / META, index=False)
+    manifest = make_manifest(model_key, int(vectors.shape[1]), choice, counts,
+                             source or {"table": None, "format": None, "version": None, "fingerprint": None}, {})
+    return publish(index_dir, staged, manifest)
+
+
+def make_manifest(model_key: str, dim: int, choice: Choice, counts: list[int], source: dict, settings: dict,
+                  **extra) -> dict:
+    name, _, pretrained = model_key.partition("@")
+    return {
+        "model": {"name": name, "pretrained": pretrained, "key": model_key},
+        "dim": dim, "metric": "inner_product", "rows": int(sum(counts)),
+        "factory": choice.factory, "reason": choice.reason, "search_params": choice.search_params,
+        "rerank": choice.rerank,
+        "shards": [{"file": f"shard-{s:04d}.faiss", "count": int(c), "factory": choice.factory}
+                   for s, c in enumerate(counts)],
+        "source": source, "settings": settings, **extra,
+    }
 
 
 # --- versions -----------------------------------------------------------------------------------
@@ -196,7 +260,3 @@ def prune(index_dir: str | Path, keep: int) -> list[str]:
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     return doomed
-
-
-def manifest_dict(**kw) -> dict:
-    return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in kw.items()}

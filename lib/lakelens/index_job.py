@@ -43,7 +43,7 @@ def _fingerprint(table: EmbeddingsTable, df, version: int | None) -> str:
     return "parquet:" + hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
 
-def build_partition_fn(trained_bc, staged: str):
+def build_partition_fn(trained_bc, staged: str, rerank: bool):
     """applyInPandas function: all rows of one shard -> one FAISS file in the staging folder."""
 
     def build(pdf):
@@ -52,7 +52,8 @@ def build_partition_fn(trained_bc, staged: str):
         shard = int(pdf["shard"].iloc[0])
         vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
         name = f"shard-{shard:04d}.faiss"
-        count = ix.build_shard(trained_bc.value, pdf["id"].to_numpy(np.int64), vectors, Path(staged) / name)
+        count = ix.build_shard(trained_bc.value, pdf["id"].to_numpy(np.int64), vectors, Path(staged) / name,
+                               rerank)
         return pd.DataFrame({"shard": [shard], "count": [count], "file": [name]})
 
     return build
@@ -118,29 +119,21 @@ class IndexJob(Job):
         try:
             bc = spark.sparkContext.broadcast(trained)
             built = (good.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), "id", "embedding")
-                     .groupBy("shard").applyInPandas(build_partition_fn(bc, str(staged)),
+                     .groupBy("shard").applyInPandas(build_partition_fn(bc, str(staged), bool(choice.rerank)),
                                                      "shard int, count long, file string").collect())
             bc.unpersist()
             counts = {r["shard"]: r["count"] for r in built}
             for s in range(shards):  # a shard that got no rows still gets a (empty) file
                 if s not in counts:
                     counts[s] = ix.build_shard(trained, np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
-                                               staged / f"shard-{s:04d}.faiss")
+                                               staged / f"shard-{s:04d}.faiss", bool(choice.rerank))
             if sum(counts.values()) != n:
                 raise ix.IndexDirError(f"shards hold {sum(counts.values())} vectors, the table {n}")
             good.select("id", "path", "width", "height").toPandas().to_parquet(staged / ix.META, index=False)
-            name, pretrained = model_keys[0].split("@", 1)
-            manifest = {
-                "model": {"name": name, "pretrained": pretrained, "key": model_keys[0]},
-                "dim": dim, "metric": "inner_product", "rows": n,
-                "factory": choice.factory, "reason": choice.reason, "search_params": choice.search_params,
-                "shards": [{"file": f"shard-{s:04d}.faiss", "count": counts[s], "factory": choice.factory}
-                           for s in range(shards)],
-                "source": {"table": table.location, "format": c.format, "version": version,
-                           "fingerprint": fingerprint},
-                "settings": settings,
-                "build_seconds": round(time.time() - t0, 2),
-            }
+            manifest = ix.make_manifest(
+                model_keys[0], dim, choice, [counts[s] for s in range(shards)],
+                {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint},
+                settings, build_seconds=round(time.time() - t0, 2))
             published = ix.publish(c.index, staged, manifest)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)

@@ -52,6 +52,7 @@ class _Loaded:
     manifest: dict
     shards: list
     mmapped: list
+    rerank: list  # per shard: (vectors memmap sorted by id, ids sorted) when the codes are compressed
     ids: np.ndarray  # sorted ids, for id -> row lookups in meta
     meta: pd.DataFrame  # id, path, width, height in the order of `ids`
 
@@ -86,8 +87,15 @@ class Searcher:
                                      f"{manifest['model']['key']}, not {self._expect}")
         folder = self.index_dir / version
         loaded = [_load_shard(folder / s["file"], self.mmap) for s in manifest["shards"]]
+        rerank = []
+        for s in manifest["shards"]:
+            if manifest.get("rerank"):
+                vec_file, id_file = ix.rerank_files(folder / s["file"])
+                rerank.append((np.load(vec_file, mmap_mode="r"), np.load(id_file)))
+            else:
+                rerank.append(None)
         meta = pd.read_parquet(folder / ix.META).sort_values("id", kind="stable").reset_index(drop=True)
-        return _Loaded(version, manifest, [x[0] for x in loaded], [x[1] for x in loaded],
+        return _Loaded(version, manifest, [x[0] for x in loaded], [x[1] for x in loaded], rerank,
                        meta["id"].to_numpy(np.int64), meta)
 
     def reload(self) -> bool:
@@ -207,19 +215,27 @@ class Searcher:
             fetch = min(len(self), fetch * 4)
 
     def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search):
-        def one(shard):
-            _set_params(shard, nprobe, ef_search)
-            return shard.search(q, min(k, max(1, shard.ntotal)))
+        factor = int(st.manifest.get("rerank") or 0)
 
-        parts = list(self._pool.map(one, st.shards)) if len(st.shards) > 1 else [one(st.shards[0])]
+        def one(i):
+            shard = st.shards[i]
+            _set_params(shard, nprobe, ef_search)
+            kk = min(k * max(1, factor), max(1, shard.ntotal))
+            scores, ids = shard.search(q, kk)
+            if factor and st.rerank[i] is not None:
+                scores, ids = _rerank(q, ids, *st.rerank[i], k)
+            return scores, ids
+
+        n = len(st.shards)
+        parts = list(self._pool.map(one, range(n))) if n > 1 else [one(0)]
         scores = np.concatenate([p[0] for p in parts], axis=1)
         ids = np.concatenate([p[1] for p in parts], axis=1)
-        scores = np.where(ids < 0, -np.inf, scores)  # faiss pads missing results with id -1
+        scores = np.where(ids == -1, -np.inf, scores)  # faiss pads missing results with id -1 (ids are signed)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
     def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
-        keep = ids >= 0
+        keep = ids != -1
         if min_score is not None:
             keep &= scores >= min_score
         scores, ids = scores[keep], ids[keep]
@@ -233,13 +249,30 @@ class Searcher:
         return df[RESULT_COLUMNS]
 
 
+def _rerank(q: np.ndarray, cand: np.ndarray, vectors: np.ndarray, sorted_ids: np.ndarray, k: int):
+    """Exact inner products for the candidates of each query, read from the memory-mapped raw vectors."""
+    nq = len(q)
+    scores = np.full((nq, min(k, cand.shape[1])), -np.inf, dtype=np.float32)
+    ids = np.full(scores.shape, -1, dtype=np.int64)
+    for row in range(nq):
+        c = cand[row][cand[row] != -1]
+        if not len(c):
+            continue
+        pos = np.searchsorted(sorted_ids, c)
+        exact = np.asarray(vectors[np.sort(pos)], dtype=np.float32) @ q[row]
+        c = sorted_ids[np.sort(pos)]
+        top = np.argsort(-exact, kind="stable")[: scores.shape[1]]
+        scores[row, : len(top)], ids[row, : len(top)] = exact[top], c[top]
+    return scores, ids
+
+
 def _reconstruct(shard, id_: int) -> np.ndarray | None:
     """The stored vector of `id_` in one shard (decoded, for compressed codes), or None if not held."""
     import faiss
 
     inner = faiss.downcast_index(shard)
     if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
-        inner.make_direct_map(True)  # a hash map id -> list position, built once per loaded shard
+        inner.set_direct_map_type(faiss.DirectMap.Hashtable)  # id -> list position, built once per shard
     try:
         return inner.reconstruct(id_)
     except RuntimeError:

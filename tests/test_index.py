@@ -1,0 +1,143 @@
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from lakelens import index as ix
+from lakelens.search import IndexMismatchError, QueryError, Searcher
+from conftest import clustered, exact_topk, recall_at
+
+
+def random_ids(n, seed=0):
+    ids = np.random.default_rng(seed).integers(-2**62, 2**62, n, dtype=np.int64)
+    assert len(set(ids)) == n
+    return ids
+
+
+def build(tmp_path, vectors, choice, shards=1, ids=None, name="idx"):
+    ids = random_ids(len(vectors)) if ids is None else ids
+    paths = [f"file:/data/{'a' if i % 2 else 'b'}/img{i}.jpg" for i in range(len(vectors))]
+    ix.build_local(tmp_path / name, ids, vectors, paths, choice, shards=shards, model_key="lakelens-tiny@none")
+    return tmp_path / name, ids, paths
+
+
+def test_parse_size():
+    assert ix.parse_size("4G") == 4 * 2**30 and ix.parse_size("512m") == 512 * 2**20
+    assert ix.parse_size("1.5GiB") == int(1.5 * 2**30) and ix.parse_size(10) == 10
+    with pytest.raises(ValueError):
+        ix.parse_size("lots")
+
+
+def test_auto_ladder_follows_rows_and_budget():
+    d = 512
+    assert ix.choose_factory(10_000, d, 2**30).factory == "Flat"
+    assert ix.choose_factory(100_000, d, 2**30).factory == "HNSW32,Flat"
+    assert ix.choose_factory(1_000_000, d, 4 * 2**30).factory == "IVF4000,Flat"
+    sq = ix.choose_factory(1_000_000, d, 1 * 2**30)
+    assert sq.factory == "IVF4000,SQ8" and sq.rerank
+    pq = ix.choose_factory(1_000_000, d, 100 * 2**20)
+    assert pq.factory == "IVF4000,PQ64" and pq.rerank
+    with pytest.raises(ValueError, match="budget"):
+        ix.choose_factory(1_000_000, d, 2**20)
+
+
+def test_sharded_search_equals_unsharded_exact(tmp_path):
+    x = clustered(3000, 32, seed=1)
+    index_dir, ids, paths = build(tmp_path, x, ix.choose_factory(len(x), 32, 2**30), shards=4)
+    s = Searcher.open(index_dir)
+    assert len(s._state.shards) == 4 and len(s) == 3000
+    q = clustered(50, 32, seed=2)
+    got = s.search_vectors(q, k=10)
+    true_scores, true_ids = exact_topk(q, x, ids, 10)
+    for frame, ts, ti in zip(got, true_scores, true_ids):
+        assert list(frame["id"]) == list(ti)
+        assert np.allclose(frame["score"], ts, atol=1e-5) and list(frame["rank"]) == list(range(1, 11))
+    row = got[0].iloc[0]
+    assert row["path"] == paths[list(ids).index(row["id"])]
+
+
+@pytest.mark.parametrize("rows, budget, hnsw_max, expect", [
+    (20_000, 2**30, 50_000, "HNSW32,Flat"),
+    (20_000, 2**30, 0, "IVF512,Flat"),
+    (20_000, 2_000_000, 0, "IVF512,SQ8"),
+    (20_000, 700_000, 0, "IVF512,PQ32"),
+])
+def test_each_auto_choice_reaches_recall(tmp_path, rows, budget, hnsw_max, expect):
+    x = clustered(rows, 64, clusters=200, seed=3)
+    choice = ix.choose_factory(rows, 64, budget, exact_max_rows=1000, hnsw_max_rows=hnsw_max)
+    assert choice.factory == expect
+    index_dir, ids, _ = build(tmp_path, x, choice, shards=2)
+    manifest = json.loads((index_dir / ix.current_version(index_dir) / "manifest.json").read_text())
+    assert manifest["factory"] == expect and manifest["reason"] == choice.reason
+    q = clustered(200, 64, clusters=200, seed=4)
+    found = [f["id"].tolist() for f in Searcher.open(index_dir).search_vectors(q, k=10)]
+    assert recall_at(found, exact_topk(q, x, ids, 10)[1]) >= 0.95
+
+
+def test_search_options_and_bad_queries(tmp_path):
+    x = clustered(2000, 16, seed=5)
+    index_dir, ids, paths = build(tmp_path, x, ix.Choice("IVF32,Flat", "test", True, {"nprobe": 32}))
+    s = Searcher.open(index_dir)
+    q = x[0]
+    full = s.search_vector(q, k=20)
+    assert full.iloc[0]["id"] == ids[0] and abs(full.iloc[0]["score"] - 1) < 1e-5
+    assert (s.search_vector(q, k=20, min_score=float(full["score"].iloc[4]))["score"] >= full["score"].iloc[4]).all()
+    only_a = s.search_vector(q, k=20, path_prefix="file:/data/a/")
+    assert len(only_a) == 20 and only_a["path"].str.startswith("file:/data/a/").all()
+    assert s.search_vector(q, k=20, path_prefix="file:/nowhere/").empty
+    narrow = s.search_vectors(clustered(100, 16, seed=6), k=10, nprobe=1)
+    wide = s.search_vectors(clustered(100, 16, seed=6), k=10, nprobe=32)
+    truth = exact_topk(clustered(100, 16, seed=6), x, ids, 10)[1]
+    assert recall_at([f["id"] for f in narrow], truth) < recall_at([f["id"] for f in wide], truth) == 1.0
+    assert list(s.search_id(ids[5], k=1)["id"]) == [ids[5]]
+    assert len(s.search_vector(q, k=5000)) == 2000  # k beyond the index size returns everything
+    for bad_k in (0, -3, 10_001, 2.5, True):
+        with pytest.raises(QueryError, match="k must be"):
+            s.search_vector(q, k=bad_k)
+    with pytest.raises(QueryError, match="shape"):
+        s.search_vector(np.ones(15), k=3)
+    with pytest.raises(QueryError, match="NaN"):
+        s.search_vector(np.full(16, np.nan), k=3)
+    with pytest.raises(QueryError, match="not in index"):
+        s.search_id(12345, k=3)
+
+
+def test_missing_or_foreign_index(tmp_path):
+    with pytest.raises(ix.IndexDirError, match="not found"):
+        Searcher.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ix.IndexDirError, match="no published index"):
+        Searcher.open(tmp_path / "empty")
+    index_dir, _, _ = build(tmp_path, clustered(100, 8), ix.Choice("Flat", "test", False))
+    with pytest.raises(IndexMismatchError, match="lakelens-tiny@none"):
+        Searcher.open(index_dir, expect_model="ViT-B-32@laion2b_s34b_b79k")
+
+
+def test_publish_is_atomic_for_a_concurrent_reader_and_prune_keeps_the_live(tmp_path):
+    x = clustered(3000, 16, seed=7)
+    index_dir, ids, _ = build(tmp_path, x[:1000], ix.Choice("Flat", "v1", False), ids=np.arange(1000))
+    s = Searcher.open(index_dir)
+    errors, seen, stop = [], set(), threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                s.reload()
+                frame = s.search_vector(x[0], k=5)
+                seen.add((s.version, len(frame)))
+            except Exception as e:  # any error is a failure of atomic publishing
+                errors.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for n in (2000, 3000):
+        ix.build_local(index_dir, np.arange(n), x[:n], [f"p{i}" for i in range(n)], ix.Choice("Flat", "vN", False),
+                       shards=3)
+    stop.set()
+    t.join()
+    assert errors == [] and s.version == "v0003" and len(s) == 3000
+    assert {v for v, _ in seen} <= {"v0001", "v0002", "v0003"}
+    assert ix.prune(index_dir, 1) == ["v0001", "v0002"] and ix.versions(index_dir) == ["v0003"]
+    (index_dir / ix.CURRENT).write_text("v0003\n")
+    assert Searcher.open(index_dir).search_vector(x[2999], k=1)["id"].iloc[0] == 2999
