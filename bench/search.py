@@ -84,8 +84,8 @@ def main() -> int:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    x = clustered(args.rows, args.dim, clusters=1000, noise=0.4, seed=0)
-    q = clustered(args.queries, args.dim, clusters=1000, noise=0.4, seed=0 + 1)
+    x = clustered(args.rows, args.dim, clusters=1000, noise=0.4, seed=0, centres_seed=0)
+    q = clustered(args.queries, args.dim, clusters=1000, noise=0.4, seed=1, centres_seed=0)  # same mixture
     ids = np.arange(args.rows, dtype=np.int64) * 7919 - 10**12  # distinct, signed, not sequential
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -63,10 +63,13 @@ def write_images(folder: Path, n: int, seed: int = 0, start: int = 0) -> list[Pa
     return out
 
 
-def clustered(n: int, dim: int, clusters: int = 100, noise: float = 0.3, seed: int = 0) -> np.ndarray:
-    """Unit vectors drawn around random centres: the shape of real embedding sets, for ANN checks."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+def clustered(n: int, dim: int, clusters: int = 100, noise: float = 0.3, seed: int = 0,
+              centres_seed: int | None = None) -> np.ndarray:
+    """Unit vectors drawn around random centres: the shape of real embedding sets, for ANN checks.
+    Queries from the same mixture share `centres_seed` with the data and differ in `seed`."""
+    centres = np.random.default_rng(seed if centres_seed is None else centres_seed).normal(
+        size=(clusters, dim)).astype(np.float32)
+    rng = np.random.default_rng(seed + 7919)
     x = centres[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim)).astype(np.float32)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

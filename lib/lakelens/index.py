@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 CURRENT = "CURRENT"
+TUNING_QUERIES = 200
 MANIFEST = "manifest.json"
 META = "meta.parquet"
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -83,6 +84,12 @@ def explicit_choice(factory: str) -> Choice:
     return Choice(factory, "explicit factory string", not probe.is_trained, params)
 
 
+def training_rows(choice: Choice, n: int, train_sample: int) -> int:
+    """Sample size for training: the configured one, raised to 40 points per IVF list (k-means needs them)."""
+    m = re.search(r"IVF(\d+)", choice.factory)
+    return min(n, max(train_sample, 40 * int(m.group(1)) if m else 0))
+
+
 def new_index(dim: int, choice: Choice):
     import faiss
 
@@ -139,6 +146,41 @@ def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str 
     return int(index.ntotal)
 
 
+NPROBE_STEPS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def tune_nprobe(staged: Path, files: list[str], choice: Choice, queries: np.ndarray, query_ids: np.ndarray,
+                target: float = 0.97, k: int = 10) -> dict:
+    """The smallest nprobe whose recall@k reaches `target` against visiting every list, measured on
+    indexed vectors as queries (each query's own id left out of both lists), over the staged shards."""
+    import faiss
+
+    from .search import search_shards
+
+    m = re.search(r"IVF(\d+)", choice.factory)
+    if not m or not len(queries):
+        return dict(choice.search_params)
+    nlist = int(m.group(1))
+    shards = [faiss.read_index(str(staged / f)) for f in files]
+    rerank = [tuple(np.load(p) for p in rerank_files(staged / f)) if choice.rerank else None for f in files]
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def top(nprobe):
+        _, ids = search_shards(shards, rerank, q, k + 1, nprobe=nprobe, factor=choice.rerank)
+        return [[i for i in row if i != own and i != -1][:k] for row, own in zip(ids, query_ids)]
+
+    reference = top(nlist)
+    measured = {}
+    for nprobe in [p for p in NPROBE_STEPS if p < nlist] + [nlist]:
+        found = top(nprobe)
+        measured[nprobe] = float(np.mean([len(set(f) & set(r)) / max(1, len(r)) for f, r in zip(found, reference)]))
+        if measured[nprobe] >= target:
+            break
+    best = max(measured, key=lambda p: (measured[p] >= target, -p))
+    return {**choice.search_params, "nprobe": best, "tuned_recall": round(measured[best], 4),
+            "tuned_queries": int(len(q))}
+
+
 def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     return np.mod(ids, shards)  # the same as Spark's pmod(id, shards)
 
@@ -153,7 +195,12 @@ def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, pat
     ids = np.asarray(ids, dtype=np.int64)
     vectors = np.asarray(vectors, dtype=np.float32)
     rng = np.random.default_rng(0)
-    sample = vectors[rng.choice(len(vectors), min(train_sample, len(vectors)), replace=False)]
+    order = rng.permutation(len(vectors))
+    # tuning queries are rows the quantizer was not trained on, as real queries are
+    probe = order[:TUNING_QUERIES] if len(vectors) > 2 * TUNING_QUERIES else order[:0]
+    rest = order[len(probe):]
+    size = training_rows(choice, len(rest), train_sample)
+    sample = vectors[rest[:size]] if choice.needs_training else None
     trained = train(vectors.shape[1], choice, sample)
     staged = staging_dir(index_dir)
     owner = shard_of(ids, shards)
@@ -162,6 +209,9 @@ def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, pat
         mask = owner == s
         counts.append(build_shard(trained, ids[mask], vectors[mask], staged / f"shard-{s:04d}.faiss",
                                   rerank=bool(choice.rerank)))
+    choice = Choice(choice.factory, choice.reason, choice.needs_training,
+                    tune_nprobe(staged, [f"shard-{s:04d}.faiss" for s in range(shards)], choice,
+                                vectors[probe], ids[probe]), choice.rerank)
     pd.DataFrame({"id": ids, "path": list(paths)}).to_parquet(staged / META, index=False)
     manifest = make_manifest(model_key, int(vectors.shape[1]), choice, counts,
                              source or {"table": None, "format": None, "version": None, "fingerprint": None}, {})

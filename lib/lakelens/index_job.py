@@ -111,8 +111,9 @@ class IndexJob(Job):
 
         sample = None
         if choice.needs_training:
-            frac = min(1.0, 1.2 * c.train_sample / n)
-            sample = np.stack(good.sample(fraction=frac, seed=0).limit(c.train_sample)
+            size = ix.training_rows(choice, n, c.train_sample)
+            frac = min(1.0, 1.2 * size / n)
+            sample = np.stack(good.sample(fraction=frac, seed=0).limit(size)
                               .select("embedding").toPandas()["embedding"].to_numpy()).astype(np.float32)
         trained = ix.train(dim, choice, sample)
         staged = ix.staging_dir(c.index)
@@ -129,6 +130,13 @@ class IndexJob(Job):
                                                staged / f"shard-{s:04d}.faiss", bool(choice.rerank))
             if sum(counts.values()) != n:
                 raise ix.IndexDirError(f"shards hold {sum(counts.values())} vectors, the table {n}")
+            if choice.needs_training:  # IVF: the smallest nprobe that reaches the recall target
+                probe = (good.sample(fraction=min(1.0, 1.5 * ix.TUNING_QUERIES / n), seed=1)
+                         .limit(ix.TUNING_QUERIES).select("id", "embedding").toPandas())
+                choice.search_params = ix.tune_nprobe(
+                    staged, [f"shard-{s:04d}.faiss" for s in range(shards)], choice,
+                    np.stack(probe["embedding"].to_numpy()).astype(np.float32), probe["id"].to_numpy(np.int64))
+                self.log(f"lakelens index: tuned {choice.search_params}")
             good.select("id", "path", "width", "height").toPandas().to_parquet(staged / ix.META, index=False)
             manifest = ix.make_manifest(
                 model_keys[0], dim, choice, [counts[s] for s in range(shards)],

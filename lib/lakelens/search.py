@@ -36,14 +36,38 @@ def _load_shard(path: Path, mmap: bool):
     return faiss.read_index(str(path)), False
 
 
-def _set_params(index, nprobe: int | None, ef_search: int | None) -> None:
+def _search_params(index, nprobe: int | None, ef_search: int | None):
+    """Per-call FAISS search parameters: concurrent queries with different settings never interfere."""
     import faiss
 
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
     if nprobe is not None and isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = int(nprobe)
+        return faiss.SearchParametersIVF(nprobe=int(nprobe))
     if ef_search is not None and isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efSearch = int(ef_search)
+        return faiss.SearchParametersHNSW(efSearch=int(ef_search))
+    return None
+
+
+def search_shards(shards: list, rerank: list, q: np.ndarray, k: int, nprobe: int | None = None,
+                  ef_search: int | None = None, factor: int = 0, pool=None):
+    """Top-k over all shards, merged exactly by score: (scores, ids), each (len(q), k), id -1 padding."""
+
+    def one(i):
+        shard = shards[i]
+        kk = min(k * max(1, factor), max(1, shard.ntotal))
+        params = _search_params(shard, nprobe, ef_search)
+        scores, ids = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
+        if factor and rerank[i] is not None:
+            scores, ids = _rerank(q, ids, *rerank[i], k)
+        return scores, ids
+
+    parts = list(pool.map(one, range(len(shards)))) if pool is not None and len(shards) > 1 \
+        else [one(i) for i in range(len(shards))]
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    scores = np.where(ids == -1, -np.inf, scores)  # faiss pads missing results with id -1 (ids are signed)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 @dataclass
@@ -215,24 +239,8 @@ class Searcher:
             fetch = min(len(self), fetch * 4)
 
     def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search):
-        factor = int(st.manifest.get("rerank") or 0)
-
-        def one(i):
-            shard = st.shards[i]
-            _set_params(shard, nprobe, ef_search)
-            kk = min(k * max(1, factor), max(1, shard.ntotal))
-            scores, ids = shard.search(q, kk)
-            if factor and st.rerank[i] is not None:
-                scores, ids = _rerank(q, ids, *st.rerank[i], k)
-            return scores, ids
-
-        n = len(st.shards)
-        parts = list(self._pool.map(one, range(n))) if n > 1 else [one(0)]
-        scores = np.concatenate([p[0] for p in parts], axis=1)
-        ids = np.concatenate([p[1] for p in parts], axis=1)
-        scores = np.where(ids == -1, -np.inf, scores)  # faiss pads missing results with id -1 (ids are signed)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        return search_shards(st.shards, st.rerank, q, k, nprobe, ef_search,
+                             int(st.manifest.get("rerank") or 0), self._pool)
 
     def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
         keep = ids != -1
