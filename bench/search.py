@@ -52,7 +52,7 @@ def measure(name: str, choice: ix.Choice, ids, x, q, true_ids, work: Path, batch
     s = Searcher.open(index_dir)
     found = [f["id"].to_numpy() for f in s.search_vectors(q, k=10)]
     out = {
-        "factory": choice.factory, "reason": choice.reason, "search_params": choice.search_params,
+        "factory": choice.factory, "reason": choice.reason, "search_params": s.manifest["search_params"],
         "build_s": round(build_s, 1), "index_bytes": folder_bytes(index_dir / s.version),
         "recall@10": round(recall_at(found, true_ids), 4),
         "single_query": latencies(lambda v: s.search_vector(v, k=10), q, f"{name} single"),
