@@ -1,4 +1,4 @@
-"""`lakelens embed | index | search | jars | demo`: the command line over the jobs and the library."""
+"""`lakelens embed | index | search | eval | jars | demo`: the command line over the jobs and the library."""
 
 from __future__ import annotations
 
@@ -96,6 +96,20 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval_run import run_eval
+
+    try:
+        ks = tuple(sorted({int(k) for k in args.k.split(",")}))
+    except ValueError:
+        raise ConfigError(f"-k: expected comma-separated integers, got {args.k!r}") from None
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"-k: values must be >= 1, got {args.k!r}")
+    metrics = run_eval(args.index, args.captions, ks, args.out, args.plot)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def cmd_jars(args) -> int:
     from .spark import submit_jars_arg
 
@@ -133,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ef-search", type=int, help="HNSW search depth (overrides the manifest's)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")
+    p.add_argument("--index", required=True, help="the index folder")
+    p.add_argument("--captions", required=True, help="CSV or Parquet with path, caption[, label]")
+    p.add_argument("-k", default="1,5,10", help="comma-separated K values (default 1,5,10)")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--plot", help="write a PNG plot of recall against K here")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("jars", help="print the spark-submit arguments that bring the Delta jars (--jars ...)")
     p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
     p.set_defaults(func=cmd_jars)

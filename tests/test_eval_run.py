@@ -1,0 +1,36 @@
+import json
+
+import numpy as np
+import pandas as pd
+
+from lakelens import index as ix, synth
+from lakelens.cli import main
+from lakelens.embed import Embedder
+from lakelens.models import ModelSpec
+from lakelens.tables import path_id
+
+
+def test_eval_on_an_index_of_captioned_images(tmp_path, capsys):
+    captions_csv = synth.write_dataset(tmp_path / "img", 30, seed=5)
+    captions = pd.read_csv(captions_csv)
+    emb = Embedder(ModelSpec("lakelens-tiny"))
+    indexed = captions.iloc[:29]  # the last image is missing from the index, as if it failed to embed
+    vecs = np.stack([r.embedding for r in emb([open(p, "rb").read() for p in indexed["path"]])])
+    uris = [f"file:{p}" for p in indexed["path"]]
+    ix.build_local(tmp_path / "index", np.array([path_id(u) for u in uris]), vecs, uris,
+                   ix.Choice("Flat", "test", False), shards=2, model_key="lakelens-tiny@none")
+
+    out, plot = tmp_path / "m.json", tmp_path / "recall.png"
+    assert main(["eval", "--index", str(tmp_path / "index"), "--captions", str(captions_csv), "-k", "1,5,100",
+                 "--out", str(out), "--plot", str(plot)]) == 0
+    m = json.loads(out.read_text())
+    assert (m["queries"], m["images"], m["missing_images"]) == (30, 30, 1)
+    # K beyond the image count: every present image's caption finds it, the missing one never
+    assert m["t2i_recall@100"] == m["i2t_recall@100"] == 29 / 30
+    assert m["t2i_recall@1"] <= m["t2i_recall@5"] <= m["t2i_recall@100"]
+    assert m["t2i_top5_accuracy"] == m["t2i_recall@5"]
+    assert 0 <= m["t2i_precision@5"] <= 1 and m["ann_recall@100"] == 1.0  # Flat is exact
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(capsys.readouterr().out)["t2i_recall@100"] == m["t2i_recall@100"]
+    assert main(["eval", "--index", str(tmp_path / "index"), "--captions", str(captions_csv), "-k", "0"]) == 2
+    assert main(["eval", "--index", str(tmp_path / "index"), "--captions", str(tmp_path / "no.csv")]) == 2
