@@ -9,6 +9,16 @@ if ! need java || ! need mvn; then
   echo "[setup] installing Java and Maven from Debian's packages"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven
 fi
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  echo "[setup] installing Fashion-MNIST (Debian's dataset-fashion-mnist) for the second demo and its tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "[setup] installing Chromium and its driver from Debian's packages (the web page's browser tests)"
+  as_root=""; [ "$(id -u)" -eq 0 ] || as_root="sudo -n"  # non-interactive: fail rather than prompt
+  $as_root apt-get update -qq
+  $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

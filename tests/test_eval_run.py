@@ -34,3 +34,23 @@ def test_eval_on_an_index_of_captioned_images(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["t2i_recall@100"] == m["t2i_recall@100"]
     assert main(["eval", "--index", str(tmp_path / "index"), "--captions", str(captions_csv), "-k", "0"]) == 2
     assert main(["eval", "--index", str(tmp_path / "index"), "--captions", str(tmp_path / "no.csv")]) == 2
+
+
+def test_text_queries_say_when_they_are_truncated(tmp_path):
+    import pytest
+
+    from lakelens.search import QueryError, Searcher
+
+    emb = Embedder(ModelSpec("lakelens-tiny"))
+    vecs = emb.embed_texts(["a red circle", "a blue square", "a green star"])
+    ix.build_local(tmp_path / "index", np.arange(3), vecs, ["a", "b", "c"], ix.Choice("Flat", "test", False),
+                   model_key="lakelens-tiny@none")
+    s = Searcher.open(tmp_path / "index")
+    assert s.search_text("a red circle", k=1).attrs["notes"] == []
+    assert s.search_text("a red circle", k=1)["path"].tolist() == ["a"]  # the same text embeds the same
+    long = s.search_text("a red circle " * 40, k=2)
+    assert len(long) == 2 and "truncated to the model's 32 tokens" in long.attrs["notes"][0]
+    with pytest.raises(QueryError, match="empty"):
+        s.search_text(" \n\t", k=1)
+    with pytest.raises(QueryError, match="unusable"):
+        s.search_image(b"definitely not an image", k=1)

@@ -1,4 +1,4 @@
-"""`lakelens embed | index | search | eval | jars | demo`: the command line over the jobs and the library."""
+"""`lakelens embed | index | search | eval | finetune | serve | jars | demo`: the command line over the jobs and the library."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from . import config
 from .config import ConfigError
 from .models import ModelLoadError
+
+ENGINE_CHOICES = config.CHOICES["embed.engine"]
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -26,6 +28,8 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("delta", "parquet"), help="table format (default delta)")
     p.add_argument("--batch-size", type=int, help="images per model batch and per Arrow batch")
     p.add_argument("--chunk-size", type=int, help="files per committed chunk")
+    p.add_argument("--engine", choices=ENGINE_CHOICES,
+                   help="inference engine (default onnx; conf key embed.engine, see conf/default.yaml)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
     add_common(p)
 
@@ -36,7 +40,7 @@ def embed_conf(args) -> config.Config:
         spark={"master": args.master},
         model={"name": args.model, "pretrained": args.pretrained},
         embed={"images": args.images, "table": args.table, "format": args.format,
-               "batch_size": args.batch_size, "chunk_size": args.chunk_size},
+               "batch_size": args.batch_size, "chunk_size": args.chunk_size, "engine": args.engine},
     )
 
 
@@ -52,7 +56,8 @@ def cmd_embed(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.out, n_images=args.images, conf_path=args.conf, overrides=args.set, master=args.master)
+    run_demo(out=args.out, dataset=args.dataset, n_train=args.train, n_images=args.images, epochs=args.epochs,
+             conf_path=args.conf, overrides=args.set, master=args.master)
     return 0
 
 
@@ -73,7 +78,7 @@ def cmd_index(args) -> int:
 def cmd_search(args) -> int:
     from .search import QueryError, Searcher
 
-    searcher = Searcher.open(args.index)
+    searcher = Searcher.open(args.index, engine=args.engine)
     kw = {"min_score": args.min_score, "path_prefix": args.prefix, "nprobe": args.nprobe,
           "ef_search": args.ef_search}
     if args.image:
@@ -105,8 +110,43 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"-k: expected comma-separated integers, got {args.k!r}") from None
     if not ks or min(ks) < 1:
         raise ConfigError(f"-k: values must be >= 1, got {args.k!r}")
-    metrics = run_eval(args.index, args.captions, ks, args.out, args.plot)
+    conf = config.load(args.conf, args.set, spark={"master": args.master})
+    metrics = run_eval(args.index, args.captions, ks, args.out, args.plot, conf.spark)
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .eval_run import read_captions
+    from .finetune import finetune
+    from .models import ModelSpec
+
+    conf = config.load(
+        args.conf, args.set, spark={"master": args.master},
+        model={"name": args.model, "pretrained": args.pretrained},
+        finetune={"pairs": args.pairs, "out": args.out, "epochs": args.epochs, "batch_size": args.batch_size,
+                  "lr": args.lr, "val_fraction": args.val_fraction, "max_pairs": args.max_pairs})
+    for key in ("pairs", "out"):
+        if not getattr(conf.finetune, key):
+            raise ConfigError(f"finetune.{key}: required (--{key} or the config file)")
+    spec = ModelSpec.from_config(conf.model)
+    result = finetune(read_captions(conf.finetune.pairs, conf.spark), spec, conf.finetune, resume=not args.fresh)
+    print(f"fine-tuned weights: {result.final_checkpoint}\n"
+          f"use them with: --model {spec.name} --pretrained {result.final_checkpoint}")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .web.api import Limits
+    from .web.server import serve
+
+    if args.max_upload_mb <= 0 or args.threads < 1:
+        raise ConfigError(f"--max-upload-mb must be > 0 and --threads >= 1, "
+                          f"got {args.max_upload_mb}, {args.threads}")
+    serve(args.index, args.host, args.port, args.threads,
+          Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)))
     return 0
 
 
@@ -145,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="only results whose path starts with this")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the manifest's)")
     p.add_argument("--ef-search", type=int, help="HNSW search depth (overrides the manifest's)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, help="engine embedding the query (default onnx)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")
@@ -153,13 +194,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", default="1,5,10", help="comma-separated K values (default 1,5,10)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--plot", help="write a PNG plot of recall against K here")
+    add_common(p)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("finetune", help="fine-tune the model on image-caption pairs (contrastive CLIP loss)")
+    p.add_argument("--pairs", help="Delta table, Parquet or CSV with path, caption[, label][, split]")
+    p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or lakelens-tiny")
+    p.add_argument("--pretrained", help="starting weights: open_clip tag, checkpoint path, or none")
+    p.add_argument("--out", help="output folder: checkpoints/, final.pt, history.json, training.png")
+    p.add_argument("--epochs", type=int, help="epochs to train (default 5)")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 5e-4)")
+    p.add_argument("--val-fraction", type=float, help="pairs held out for evaluation (default 0.1)")
+    p.add_argument("--max-pairs", type=int, help="train on a seeded sample of this many pairs")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming from OUT/checkpoints")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_common(p)
+    p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("jars", help="print the spark-submit arguments that bring the Delta jars (--jars ...)")
     p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
     p.set_defaults(func=cmd_jars)
-    p = sub.add_parser("demo", help="generate a captioned image set and run the pipeline on it, offline")
+    p = sub.add_parser("serve", help="the search web page and JSON API over an index (reloads new versions)")
+    p.add_argument("--index", required=True, help="the index folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
+    p.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image upload (default 10)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("demo", help="offline end to end: captioned images, embed, index, eval, fine-tune, again")
+    p.add_argument("--dataset", default="shapes", choices=("shapes", "fashion-mnist"),
+                   help="generated captioned shapes (default) or Fashion-MNIST from Debian's package")
     p.add_argument("--out", default="build/demo", help="working folder (default build/demo)")
-    p.add_argument("--images", type=int, default=600, help="how many images to generate")
+    p.add_argument("--train", type=int, help="training pairs (default 3000 shapes, 12000 Fashion-MNIST)")
+    p.add_argument("--images", type=int, help="held-out images to index and evaluate (default 1000 / 2000)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default 5 shapes, 4 Fashion-MNIST)")
     add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -167,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .eval_run import PairsTableError
+    from .finetune import FinetuneError
     from .index import IndexDirError
     from .search import IndexMismatchError, QueryError
     from .spark import SparkSetupError
@@ -174,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ModelLoadError, FileNotFoundError, SparkSetupError, IndexDirError, QueryError,
-            IndexMismatchError) as e:
+            IndexMismatchError, PairsTableError, FinetuneError) as e:
         print(f"lakelens {args.command}: error: {e}", file=sys.stderr)
         return 2
 

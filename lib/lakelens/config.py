@@ -47,6 +47,9 @@ class EmbedConfig:
     max_pixels: int = 89_478_485
     decode_threads: int = 2
     draft: bool = True
+    engine: str = "onnx"  # torch | torch-bf16 | onnx | onnx-int8 (engines.py)
+    device: str = "auto"  # auto: the task's GPU if Spark assigned one, else cuda:0 if present, else cpu
+    onnx_cache: str = ""  # exported ONNX graphs; empty: $LAKELENS_CACHE_DIR/onnx or ~/.cache/lakelens/onnx
 
 
 @dataclass
@@ -66,15 +69,31 @@ class IndexConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    pairs: str = ""  # (path, caption[, label][, split]) table: Delta, Parquet or CSV
+    out: str = ""  # checkpoints/, final.pt, history.json and training.png go here
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    val_fraction: float = 0.1  # held out by a hash of the path unless the table has a `split` column
+    seed: int = 0
+    max_pairs: int = 0  # 0: all; else a seeded sample of this many pairs
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Allowed values and lower bounds, checked after every load; the key names the failing setting.
-CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet")}
+CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet"),
+           "embed.engine": ("torch", "torch-bf16", "onnx", "onnx-int8"), "embed.device": ("auto", "cpu", "cuda")}
 MINIMUMS = {
     "spark.shuffle_partitions": 1,
     "embed.batch_size": 1,
@@ -89,6 +108,13 @@ MINIMUMS = {
     "index.hnsw_max_rows": 0,
     "index.train_sample": 1,
     "index.prune": 0,
+    "finetune.epochs": 1,
+    "finetune.batch_size": 2,
+    "finetune.lr": 0.0,
+    "finetune.weight_decay": 0.0,
+    "finetune.warmup_steps": 0,
+    "finetune.val_fraction": 0.0,
+    "finetune.max_pairs": 0,
 }
 
 
@@ -103,6 +129,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 return int(value)
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return float(value)
     if typ is str:
         if value is None:
             return ""
@@ -152,6 +185,8 @@ def _validate(conf: Config) -> None:
         value = getattr(getattr(conf, section), name)
         if value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    if not conf.finetune.val_fraction < 1:
+        raise ConfigError(f"finetune.val_fraction: must be below 1, got {conf.finetune.val_fraction}")
 
 
 def parse_override(text: str) -> dict:

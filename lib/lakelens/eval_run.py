@@ -12,15 +12,35 @@ from . import evaluate as ev
 from .search import Searcher, _reconstruct
 
 
-def read_captions(path: str) -> pd.DataFrame:
-    """A CSV or Parquet file/folder with columns path, caption and optionally label."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"captions table not found: {path}")
-    df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
+class PairsTableError(ValueError):
+    """A captions / pairs table lacks a required column."""
+
+
+def _is_delta(path: str) -> bool:
+    return (Path(path) / "_delta_log").is_dir() or path.startswith(("s3", "gs:", "abfs", "hdfs:", "dbfs:"))
+
+
+def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
+    """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
+    optionally label and split."""
+    if _is_delta(path):
+        from .spark import get_session
+        from .tables import read_pairs
+
+        spark, owned = get_session(spark_conf)
+        try:
+            df = read_pairs(spark, path)
+        finally:
+            if owned:
+                spark.stop()
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"captions table not found: {path}")
+        df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
     missing = {"path", "caption"} - set(df.columns)
     if missing:
-        raise ValueError(f"captions table {path} lacks column(s) {', '.join(sorted(missing))}")
+        raise PairsTableError(f"captions table {path} lacks column(s) {', '.join(sorted(missing))}")
     return df
 
 
@@ -77,8 +97,8 @@ def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dic
 
 
 def run_eval(index_dir: str, captions_path: str, ks=(1, 5, 10), out: str | None = None,
-             plot: str | None = None) -> dict:
-    metrics = evaluate_index(index_dir, read_captions(captions_path), ks)
+             plot: str | None = None, spark_conf=None) -> dict:
+    metrics = evaluate_index(index_dir, read_captions(captions_path, spark_conf), ks)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(metrics, indent=2) + "\n")

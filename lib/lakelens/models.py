@@ -129,9 +129,25 @@ def _create(spec: ModelSpec):
             f"(config key model.pretrained).") from e
 
 
-@functools.lru_cache(maxsize=4)
+def _weights_stamp(spec: ModelSpec) -> tuple:
+    """Size and mtime of a checkpoint file, so a file rewritten in place (a new fine-tune into the same
+    folder) is loaded afresh instead of served stale from the cache."""
+    if not spec.is_checkpoint:
+        return ()
+    try:
+        st = os.stat(spec.pretrained)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return ()
+
+
 def load(spec: ModelSpec) -> LoadedModel:
     """Build (once per process) the model for `spec`; Spark's reused Python workers keep it between tasks."""
+    return _load(spec, _weights_stamp(spec))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(spec: ModelSpec, stamp: tuple) -> LoadedModel:
     spec.validate()
     model, _, preprocess = _create(spec)
     model.eval()
@@ -141,3 +157,6 @@ def load(spec: ModelSpec) -> LoadedModel:
         else int(model.visual.output_dim)
     tokenizer = _open_clip().get_tokenizer(spec.name)
     return LoadedModel(spec, model, preprocess, tokenizer, image_size, dim)
+
+
+load.cache_clear = _load.cache_clear  # type: ignore[attr-defined]  # callers that reset the model cache

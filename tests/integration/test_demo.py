@@ -1,14 +1,28 @@
-"""The README's main command, small: the demo runs end to end in the shared session."""
+"""The README's main command, small: both demos run end to end in the shared session."""
 
-from lakelens.demo import run_demo
+import json
+
+import pytest
+
 from conftest import ROOT
+from lakelens.demo import run_demo
 
 
-def test_demo_end_to_end(spark, tmp_path, capsys):
-    result = run_demo(out=str(tmp_path / "demo"), n_images=40, conf_path=str(ROOT / "conf" / "local.yaml"))
-    assert (result["run1"]["embedded"], result["run1"]["failed"]) == (40, 1)  # one corrupt file on purpose
-    assert result["run2"]["embedded"] == 0 and result["run2"]["unchanged"] == 41
-    assert (result["run3"]["new"], result["run3"]["changed"], result["run3"]["deleted"]) == (20, 1, 5)
-    assert result["index"]["built"] and result["index"]["rows"] == 40 + 20 - 5
-    out = capsys.readouterr().out
-    assert "image -> image" in out and "nothing to do" in out
+@pytest.mark.parametrize("dataset, head", [("shapes", "t2i_recall@10"), ("fashion-mnist", "t2i_precision@10")])
+def test_demo_end_to_end(spark, tmp_path, capsys, dataset, head):
+    out = tmp_path / "demo"
+    r = run_demo(out=str(out), dataset=dataset, n_train=120, n_images=40, epochs=1,
+                 conf_path=str(ROOT / "conf" / "local.yaml"))
+    assert (r["first_run"]["embedded"], r["first_run"]["failed"]) == (40, 1)  # one corrupt file on purpose
+    assert r["rerun"]["embedded"] == 0 and r["rerun"]["unchanged"] == 41
+    # New weights make every row stale: all re-embedded with the fine-tuned model, then re-indexed.
+    assert r["after_run"]["embedded"] == 40 and r["model_after"].endswith("/model/final.pt")
+    assert r["index_after"]["rows"] == 40 and r["index_after"]["version"] != r["index_before"]["version"]
+    assert r["metrics_after"]["model"] == r["model_after"] and r["metrics_before"]["queries"] == 40
+    assert r["headline"] == head and r["after"] == r["metrics_after"][head]
+    assert [h["epoch"] for h in r["finetune_history"]] == [0, 1]
+    for png in ("contact_sheet.png", "eval/recall.png", "model/training.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "eval" / "after.json").read_text()) == r["metrics_after"]
+    printed = capsys.readouterr().out
+    assert "image -> image" in printed and "text -> image" in printed and "random init" in printed

@@ -1,0 +1,173 @@
+"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/health, /thumb/<id>."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from ..search import QueryError
+from .live import LiveSearcher
+from .thumbs import ThumbCache, ThumbError, parse_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Limits:
+    default_k: int = 20
+    max_k: int = 1000  # a page or API client never needs more; keeps one request's work bounded
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_query_chars: int = 2000
+    max_prefix_chars: int = 4096
+    thumb_side: int = 256
+    thumb_cache: int = 2048
+
+
+# --- parameters (shared with the page's callbacks) ---------------------------------------------
+def parse_k(value, limits: Limits) -> int:
+    if value is None or value == "":
+        return limits.default_k
+    try:
+        k = int(str(value).strip())
+    except ValueError:
+        raise QueryError(f"k must be an integer between 1 and {limits.max_k}, got {value!r}") from None
+    if not 1 <= k <= limits.max_k:
+        raise QueryError(f"k must be an integer between 1 and {limits.max_k}, got {k}")
+    return k
+
+
+def parse_min_score(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        score = float(str(value).strip())
+    except ValueError:
+        raise QueryError(f"min_score must be a number between -1 and 1, got {value!r}") from None
+    if not math.isfinite(score) or not -1.0 <= score <= 1.0:  # cosine scores of unit vectors
+        raise QueryError(f"min_score must be a number between -1 and 1, got {value!r}")
+    return score
+
+
+def parse_prefix(value, limits: Limits) -> str | None:
+    if value is None or value == "":
+        return None
+    if len(value) > limits.max_prefix_chars:
+        raise QueryError(f"prefix is longer than {limits.max_prefix_chars} characters")
+    return value
+
+
+def parse_query(value, limits: Limits) -> str:
+    if value is None or not str(value).strip():
+        raise QueryError("empty query text (give q=...)")
+    if len(value) > limits.max_query_chars:
+        raise QueryError(f"query text is longer than {limits.max_query_chars} characters")
+    return value
+
+
+def search_options(args, limits: Limits) -> dict:
+    return {"k": parse_k(args.get("k"), limits), "min_score": parse_min_score(args.get("min_score")),
+            "path_prefix": parse_prefix(args.get("prefix"), limits)}
+
+
+def thumb_url(id_: int, version: str) -> str:
+    # the version in the URL lets browsers cache a thumbnail for as long as its version is live
+    return f"/thumb/{id_}?v={version}"
+
+
+def rows(results, version: str) -> list[dict]:
+    # ids are 64-bit: as JSON numbers JavaScript would round them, so they travel as decimal strings
+    return [{"rank": int(r.rank), "score": round(float(r.score), 6), "id": str(int(r.id)), "path": str(r.path),
+             "thumb": thumb_url(int(r.id), version)} for r in results.itertuples()]
+
+
+# --- routes ------------------------------------------------------------------------------------
+def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCache) -> None:
+    def error(status: int, reason: str):
+        return jsonify({"error": status, "reason": reason}), status
+
+    def answer(searcher, results, query: dict):
+        return jsonify({"index_version": searcher.version, "model": searcher.manifest["model"]["key"],
+                        "query": query, "notes": results.attrs.get("notes", []),
+                        "results": rows(results, searcher.version)})
+
+    @server.get("/api/health")
+    def health():
+        s = live.get()
+        m = s.manifest
+        return jsonify({"status": "ok", "index_version": s.version, "model": m["model"]["key"], "count": len(s),
+                        "dim": m["dim"], "factory": m["factory"], "shards": len(m["shards"]),
+                        "published_at": m.get("published_at"), "reload_error": live.last_error})
+
+    @server.get("/api/search")
+    def search_text():
+        opts = search_options(request.args, limits)
+        q = parse_query(request.args.get("q"), limits)
+        s = live.get()
+        return answer(s, s.search_text(q, **opts), {"text": q, **opts})
+
+    @server.post("/api/search/image")
+    def search_image():
+        opts = search_options(request.values, limits)
+        f = request.files.get("image")
+        if f is None:
+            raise QueryError("send the image as a multipart/form-data file field named 'image'")
+        data = f.stream.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            return error(413, f"image is larger than the {limits.max_upload_bytes} byte limit")
+        s = live.get()
+        return answer(s, s.search_image(data, **opts), {"image": f.filename or "", **opts})
+
+    @server.get("/api/similar/<id_text>")
+    def similar(id_text):
+        id_ = parse_id(id_text)
+        opts = search_options(request.args, limits)
+        s = live.get()
+        if s.path_of(id_) is None:
+            raise ThumbError(404, f"id {id_} is not in index {s.version}")
+        return answer(s, s.search_id(id_, **opts), {"id": str(id_), **opts})
+
+    @server.get("/thumb/<id_text>")
+    def thumb(id_text):
+        data = thumbs.get(live.get(), parse_id(id_text))
+        return data, 200, {"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600",
+                           "X-Content-Type-Options": "nosniff"}
+
+    @server.before_request
+    def outside_our_routes():
+        # Dash answers every unknown path with its page; under our prefixes such a path (an id with
+        # slashes or dots, /thumb//etc/passwd, an unknown endpoint) is a bad request instead
+        rule = request.url_rule.rule if request.url_rule is not None else ""
+        if request.path.startswith("/thumb/") and not rule.startswith("/thumb/"):
+            return error(400, "id must be a decimal 64-bit integer")
+        if request.path.startswith("/api/") and not rule.startswith("/api/"):
+            return error(404, f"no such API endpoint: {request.path}")
+        return None
+
+    @server.errorhandler(QueryError)
+    def query_error(e):
+        return error(400, str(e))
+
+    @server.errorhandler(ThumbError)
+    def thumb_error(e):
+        return error(e.status, e.reason)
+
+    @server.errorhandler(413)
+    def too_large(e):
+        return error(413, f"request body is larger than the {limits.max_upload_bytes} byte upload limit")
+
+    @server.errorhandler(HTTPException)
+    def http_error(e):
+        if request.path.startswith(("/api/", "/thumb/")):
+            return error(e.code or 500, e.description or e.name)
+        return e
+
+    @server.errorhandler(Exception)
+    def unexpected(e):
+        log.exception("request %s failed", request.path)
+        if request.path.startswith(("/api/", "/thumb/")):
+            return error(500, f"internal error: {type(e).__name__}")
+        return "internal error", 500

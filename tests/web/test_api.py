@@ -1,0 +1,203 @@
+"""The JSON API and thumbnails over HTTP against the real server (waitress, loopback) on an index of real images."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+import webindex
+
+LIMIT = 200_000  # a small upload limit, so over-limit uploads stay small
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    data = webindex.build(root)
+    secret = root / "secret.txt"  # a file outside the index that must never come back
+    secret.write_text("root:x:0:0:SECRET-CONTENT")
+    data.secret = secret
+    server = webindex.ThreadServer(data.index, max_upload_bytes=LIMIT)
+    data.base, data.server, data.port = server.base, server, server.server.effective_port
+    yield data
+    server.close()
+
+
+def get(site, path: str, **params):
+    return requests.get(site.base + path, params=params, timeout=60)
+
+
+def raw_get(site, path: str):
+    """The path exactly as given: requests (urllib3) would normalise ../ segments before sending."""
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, resp.getheader("Content-Type"), body
+
+
+def reason(resp, status: int) -> str:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["Content-Type"].startswith("application/json")
+    body = resp.json()
+    assert body["error"] == status and body["reason"]
+    return body["reason"]
+
+
+def test_health_reports_version_model_and_count(site):
+    h = get(site, "/api/health").json()
+    assert (h["status"], h["index_version"], h["model"], h["count"]) == ("ok", "v0001", webindex.MODEL_KEY, 43)
+    assert (h["dim"], h["factory"], h["shards"], h["reload_error"]) == (128, "Flat", 2, None)
+
+
+def test_text_search_rows_are_ranked_and_their_thumbnails_load(site):
+    body = get(site, "/api/search", q="a red circle", k=7).json()
+    assert (body["index_version"], body["model"], body["notes"]) == ("v0001", webindex.MODEL_KEY, [])
+    assert body["query"] == {"text": "a red circle", "k": 7, "min_score": None, "path_prefix": None}
+    rows = body["results"]
+    assert [r["rank"] for r in rows] == list(range(1, 8))
+    assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    by_id = {str(i): u for i, u in zip(site.ids, site.uris)}
+    assert all(by_id[r["id"]] == r["path"] for r in rows)  # ids travel as strings: 64-bit exact
+    for r in rows[:3]:
+        t = requests.get(site.base + r["thumb"], timeout=60)
+        assert t.status_code == 200 and t.headers["Content-Type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(t.content)).size == (96, 96)  # small images keep their size
+
+
+def test_filters_k_min_score_and_prefix(site):
+    img_dir = str(Path(site.paths[0]).parent)
+    prefix = f"file:{img_dir}/img00001"  # img000010 .. img000019
+    rows = get(site, "/api/search", q="a shape", k=50, prefix=prefix).json()["results"]
+    assert sorted(r["path"] for r in rows) == sorted(u for u in site.uris if u.startswith(prefix))
+    assert len(rows) == 10
+    all_rows = get(site, "/api/search", q="a shape", k=50).json()["results"]
+    assert all_rows[5]["score"] > all_rows[6]["score"]
+    cut = (all_rows[5]["score"] + all_rows[6]["score"]) / 2  # between two rows: rounding cannot matter
+    kept = get(site, "/api/search", q="a shape", k=50, min_score=cut).json()["results"]
+    assert [r["id"] for r in kept] == [r["id"] for r in all_rows[:6]]
+    assert get(site, "/api/search", q="a shape", k=5, min_score=0.99).json()["results"] == []
+
+
+def test_similar_puts_the_image_itself_first(site):
+    for i in (0, 17, 42):
+        rows = get(site, f"/api/similar/{int(site.ids[i])}", k=3).json()["results"]
+        assert rows[0]["id"] == str(int(site.ids[i])) and rows[0]["path"] == site.uris[i]
+        assert rows[0]["score"] == pytest.approx(1.0, abs=1e-5) and rows[1]["score"] < rows[0]["score"]
+
+
+def test_image_upload_finds_the_same_image_first(site):
+    with open(site.paths[9], "rb") as f:
+        r = requests.post(site.base + "/api/search/image", files={"image": ("q.jpg", f)}, data={"k": "4"},
+                          timeout=60)
+    body = r.json()
+    assert r.status_code == 200 and body["query"]["image"] == "q.jpg" and len(body["results"]) == 4
+    assert body["results"][0]["id"] == str(int(site.ids[9]))
+    assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    post = lambda **kw: requests.post(site.base + "/api/search/image", timeout=60, **kw)  # noqa: E731
+    assert "unusable query image: not an image" in reason(post(files={"image": ("x.png", b"not an image")}), 400)
+    assert "field named 'image'" in reason(post(files={"photo": ("x.png", b"x")}), 400)
+
+
+def test_uploads_over_the_limit_are_refused_with_413(site):
+    post = lambda data: requests.post(site.base + "/api/search/image",  # noqa: E731
+                                      files={"image": ("big.png", data)}, timeout=60)
+    assert "200000 byte limit" in reason(post(b"\0" * (LIMIT + 1)), 413)  # the API's own check of the file
+    assert "upload limit" in reason(post(b"\0" * (LIMIT * 10)), 413)  # the whole request (Flask's cap)
+    with open(site.paths[9], "rb") as f:
+        assert post(f.read()).status_code == 200  # the server still answers after refusing
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"q": "x", "k": "abc"}, "k must be an integer"), ({"q": "x", "k": "0"}, "between 1 and 1000"),
+    ({"q": "x", "k": "100000"}, "between 1 and 1000"), ({"q": "x", "k": "2.5"}, "k must be"),
+    ({"q": ""}, "empty query"), ({"q": "  \t"}, "empty query"), ({}, "empty query"),
+    ({"q": "x", "min_score": "abc"}, "min_score"), ({"q": "x", "min_score": "nan"}, "min_score"),
+    ({"q": "x", "min_score": "2"}, "min_score"), ({"q": "x" * 2001}, "longer than 2000"),
+])
+def test_malformed_parameters_are_400_with_a_reason(site, params, words):
+    assert words in reason(get(site, "/api/search", **params), 400)
+
+
+def test_unknown_and_malformed_ids(site):
+    unknown = next(i for i in range(1, 1000) if i not in set(site.ids.tolist()))
+    assert "not in index v0001" in reason(get(site, f"/api/similar/{unknown}"), 404)
+    assert "not in index v0001" in reason(get(site, f"/thumb/{unknown}"), 404)
+    for bad in ("abc", "1.5", "0x10", "99999999999999999999", "-"):
+        assert "64-bit integer" in reason(get(site, f"/thumb/{bad}"), 400)
+        assert "64-bit integer" in reason(get(site, f"/api/similar/{bad}"), 400)
+    assert "no such API endpoint" in reason(get(site, "/api/nothing"), 404)
+
+
+def test_nothing_outside_the_indexed_images_can_be_read(site):
+    secret, indexed = str(site.secret), site.paths[3]
+    for path in ["/thumb/../../etc/passwd", "/thumb/..%2f..%2fetc%2fpasswd", "/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+                 "/thumb//etc/passwd", "/thumb/%2Fetc%2Fpasswd", "/thumb/file:%2Fetc%2Fpasswd",
+                 f"/thumb/{secret}", f"/thumb/file:{secret}", f"/thumb/{indexed}", "/thumb/1/../2",
+                 "/api/similar/../../etc/passwd", f"/api/similar/{secret}", "/thumb/%00", "/thumb/1%0a"]:
+        status, ctype, body = raw_get(site, path)
+        assert status in (400, 404), (path, status)
+        assert ctype.startswith("application/json") and b'"reason"' in body, path
+        assert b"root:" not in body and b"SECRET" not in body and b"JFIF" not in body, path
+
+
+def test_thumbnails_are_resized_cached_and_served_for_plain_paths_too(site):
+    big_id, _ = site.by_name["big.png"]
+    thumbs = site.server.app.thumbs
+    hits_before = thumbs.hits
+    first = get(site, f"/thumb/{big_id}")
+    assert Image.open(io.BytesIO(first.content)).size == (256, 256)  # 600 px drawn, 256 px max side served
+    again = get(site, f"/thumb/{big_id}")
+    assert again.content == first.content and thumbs.hits == hits_before + 1
+    plain_id = int(site.ids[1])
+    assert not site.uris[1].startswith("file:")  # stored as a plain path by webindex.build
+    assert Image.open(io.BytesIO(get(site, f"/thumb/{plain_id}").content)).size == (96, 96)
+
+
+def test_names_with_markup_come_back_verbatim_as_json(site):
+    img_dir = str(Path(site.paths[0]).parent)
+    for name in webindex.HOSTILE:
+        r = get(site, "/api/search", q="x", prefix=f"file:{img_dir}/{name}")
+        assert r.headers["Content-Type"].startswith("application/json")
+        assert [row["path"] for row in r.json()["results"]] == [f"file:{img_dir}/{name}"]
+
+
+def test_a_newly_published_version_is_served_without_restart(tmp_path):
+    paths = webindex.make_images(tmp_path, n=12)
+    first = webindex.publish(tmp_path / "index", paths[:6])
+    server = webindex.ThreadServer(first.index)
+    try:
+        h = requests.get(server.base + "/api/health", timeout=60).json()
+        assert (h["index_version"], h["count"]) == ("v0001", 6)
+        new_id = int(webindex.publish(tmp_path / "index", paths).ids[10])
+        h = requests.get(server.base + "/api/health", timeout=60).json()
+        assert (h["index_version"], h["count"], h["reload_error"]) == ("v0002", len(paths), None)
+        assert requests.get(f"{server.base}/thumb/{new_id}", timeout=60).status_code == 200
+        rows = requests.get(f"{server.base}/api/similar/{new_id}", params={"k": 1}, timeout=60).json()
+        assert rows["index_version"] == "v0002" and rows["results"][0]["id"] == str(new_id)
+    finally:
+        server.close()
+
+
+def test_the_page_and_its_live_layout_are_served(site):
+    page = get(site, "/")
+    assert page.status_code == 200 and "<title>lakelens</title>" in page.text
+    layout = get(site, "/_dash-layout")
+    assert layout.status_code == 200
+    assert "index v0001 · 43 images · model lakelens-tiny@none" in json.dumps(layout.json(), ensure_ascii=False)
+
+
+def test_serve_command_refuses_a_missing_index_and_bad_settings(tmp_path, capsys):
+    from lakelens.cli import main
+
+    assert main(["serve", "--index", str(tmp_path / "none")]) == 2
+    assert "index folder not found" in capsys.readouterr().err
+    assert main(["serve", "--index", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads >= 1" in capsys.readouterr().err

@@ -1,0 +1,85 @@
+"""Thumbnail paths, ids and the LRU cache; the live searcher's reload rules."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lakelens import index as ix
+from lakelens.web.live import LiveSearcher
+from lakelens.web.thumbs import ThumbCache, ThumbError, local_file, parse_id
+
+
+def test_ids_are_decimal_signed_64_bit():
+    assert parse_id("0") == 0 and parse_id("-9223372036854775808") == -(2**63)
+    assert parse_id("9223372036854775807") == 2**63 - 1
+    for bad in ("", " 1", "1 ", "+1", "9223372036854775808", "1e3", "../1", "0b1", "١"):
+        with pytest.raises(ThumbError) as e:
+            parse_id(bad)
+        assert e.value.status == 400
+
+
+def test_local_file_reads_only_local_absolute_paths(tmp_path):
+    (tmp_path / "a b.png").write_bytes(b"x")
+    assert local_file(f"file:{tmp_path}/x.jpg") == tmp_path / "x.jpg"
+    assert local_file(f"file://{tmp_path}/x.jpg") == tmp_path / "x.jpg"
+    assert local_file(f"file://localhost{tmp_path}/x.jpg") == tmp_path / "x.jpg"
+    assert local_file(f"{tmp_path}/x.jpg") == tmp_path / "x.jpg"
+    assert local_file(f"file:{tmp_path}/a%20b.png") == tmp_path / "a b.png"  # Hadoop's encoding of a space
+    for uri in ("s3a://bucket/x.jpg", "hdfs://nn/x.jpg", "file://otherhost/x.jpg", "x.jpg", "../x.jpg"):
+        with pytest.raises(ThumbError) as e:
+            local_file(uri)
+        assert e.value.status == 404
+
+
+class FakeSearcher:
+    """Just the two facts the cache asks a searcher for."""
+
+    def __init__(self, version, paths):
+        self.version, self.paths = version, paths
+
+    def path_of(self, id_):
+        return self.paths.get(id_)
+
+
+def test_cache_is_keyed_by_version_and_evicts_the_least_recent(tmp_path):
+    for i, colour in enumerate(("red", "blue", "green")):
+        Image.new("RGB", (400, 300), colour).save(tmp_path / f"{i}.png")
+    cache = ThumbCache(max_entries=2, max_side=64)
+    s1 = FakeSearcher("v0001", {i: f"file:{tmp_path}/{i}.png" for i in range(3)})
+    assert Image.open(io.BytesIO(cache.get(s1, 0))).size == (64, 48)
+    cache.get(s1, 1), cache.get(s1, 0)  # 0 is now the most recent
+    cache.get(s1, 2)  # evicts 1
+    assert (cache.hits, cache.misses) == (1, 3)
+    cache.get(s1, 0)
+    cache.get(s1, 1)
+    assert (cache.hits, cache.misses) == (2, 4)
+    s2 = FakeSearcher("v0002", {0: f"file:{tmp_path}/2.png"})  # a new version: never the old entry
+    green = Image.open(io.BytesIO(cache.get(s2, 0))).getpixel((5, 5))
+    assert cache.misses == 5 and green[1] > 100 > green[0]  # v0002's image, not v0001's red one
+    with pytest.raises(ThumbError) as e:
+        cache.get(s2, 1)
+    assert e.value.status == 404
+    (tmp_path / "gone.png").write_bytes(b"not an image")
+    with pytest.raises(ThumbError, match="cannot be decoded"):
+        cache.get(FakeSearcher("v0003", {5: f"file:{tmp_path}/gone.png"}), 5)
+    with pytest.raises(ThumbError, match="gone"):
+        cache.get(FakeSearcher("v0003", {6: f"file:{tmp_path}/missing.png"}), 6)
+
+
+def test_live_searcher_follows_current_and_keeps_serving_after_a_broken_publish(tmp_path):
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(8, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    flat = ix.Choice("Flat", "test", False)
+    ix.build_local(tmp_path, np.arange(4), vecs[:4], [f"/p/{i}" for i in range(4)], flat, model_key="m@none")
+    live = LiveSearcher(tmp_path)
+    assert live.get().version == "v0001" and len(live.get()) == 4
+    ix.build_local(tmp_path, np.arange(8), vecs, [f"/p/{i}" for i in range(8)], flat, model_key="m@none")
+    assert live.get().version == "v0002" and len(live.get()) == 8 and live.last_error is None
+    (tmp_path / ix.CURRENT).write_text("v0009\n")  # names a version that does not exist
+    assert live.get().version == "v0002" and "v0009" in live.last_error
+    assert live.get().path_of(7) == "/p/7"
