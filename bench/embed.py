@@ -1,7 +1,9 @@
-"""Benchmark: images/s of the Spark embed job against a plain single-process open_clip loop, same images
-and model, in one run, for small JPEGs and 12-megapixel JPEGs. Writes bench/results/embed.json.
+"""Benchmark: the embed job per inference engine (whole command, Spark start included, and marginal
+per-image rate) against a plain single-process open_clip loop and `clip-retrieval inference`, same images
+and random-init weights, in one run, for 256-px and 12-megapixel JPEGs; plus the machine's matmul rate and
+the model's FLOPs per image. Writes bench/results/embed.json.
 
-    .venv/bin/python bench/embed.py [--model ViT-B-32] [--small 256] [--large 32] [--repeats 3]
+    .venv/bin/python bench/embed.py [--model ViT-B-32] [--small 500] [--large 32]
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import shutil
 import statistics
 import sys
@@ -73,94 +76,215 @@ def plain_loop(paths: list[Path], model_name: str, batch: int = 32) -> dict:
             "vectors": np.concatenate(out)}
 
 
-def spark_job(spark, folder: Path, table: Path, model_name: str, batch: int = 32) -> dict:
-    from lakelens import config
-    from lakelens.embed_job import EmbedJob
-
-    conf = config.load(ROOT / "conf" / "local.yaml", [f"embed.images={folder}", f"embed.table={table}",
-                                                      f"model.name={model_name}", f"embed.batch_size={batch}"])
-    t0 = time.perf_counter()
-    stats = EmbedJob(spark=spark, conf=conf, log=lambda *_: None).launch()
-    seconds = time.perf_counter() - t0
-    rows = {r["path"]: np.array(r["embedding"], dtype=np.float32)
-            for r in spark.read.format("delta").load(str(table)).select("path", "embedding").collect()}
-    return {"seconds": seconds, "images_per_s": stats.embedded / seconds, "embedded": stats.embedded,
-            "embed_phase_images_per_s": stats.embedded / stats.phases["embed"], "phases": stats.phases,
-            "rows": rows}
-
-
 def compare(plain_vectors: np.ndarray, paths: list[Path], rows: dict) -> dict:
     spark_vectors = np.stack([rows[f"file:{p}"] for p in paths])
     cos = (plain_vectors * spark_vectors).sum(1)
     return {"max_abs_diff": float(np.abs(plain_vectors - spark_vectors).max()), "min_cosine": float(cos.min())}
 
 
-def run_set(name: str, paths: list[Path], folder: Path, spark, model_name: str, repeats: int, work: Path) -> dict:
-    plain_runs, spark_runs = [], []
-    for r in range(repeats):
-        plain_runs.append(plain_loop(paths, model_name))
-        table = work / f"table-{name}-{r}"
-        spark_runs.append(spark_job(spark, folder, table, model_name))
-        shutil.rmtree(table, ignore_errors=True)
-        print(f"  {name} repeat {r + 1}: plain {plain_runs[-1]['images_per_s']:.2f} img/s, "
-              f"spark job {spark_runs[-1]['images_per_s']:.2f} img/s", flush=True)
-    plain_rate = statistics.median(x["images_per_s"] for x in plain_runs)
-    spark_rate = statistics.median(x["images_per_s"] for x in spark_runs)
-    return {
-        "images": len(paths),
-        "image_size": list(Image.open(paths[0]).size),
-        "mean_file_bytes": int(np.mean([p.stat().st_size for p in paths])),
-        "plain_loop_images_per_s": [round(x["images_per_s"], 3) for x in plain_runs],
-        "spark_job_images_per_s": [round(x["images_per_s"], 3) for x in spark_runs],
-        "spark_embed_phase_images_per_s": [round(x["embed_phase_images_per_s"], 3) for x in spark_runs],
-        "spark_phases_s": [{k: round(v, 2) for k, v in x["phases"].items()} for x in spark_runs],
-        "plain_loop_median": round(plain_rate, 3),
-        "spark_job_median": round(spark_rate, 3),
-        "spark_over_plain": round(spark_rate / plain_rate, 3),
-        "spark_embed_phase_over_plain": round(
-            statistics.median(x["embed_phase_images_per_s"] for x in spark_runs) / plain_rate, 3),
-        "parity": compare(plain_runs[-1]["vectors"], paths, spark_runs[-1]["rows"]),
-    }
+def compute_bounds(model_name: str) -> dict:
+    """Matmul rate of this machine (fp32 and bf16, all cores) and the image tower's FLOPs per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lakelens import engines, models
+
+    out = {}
+    n = 1024
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            a @ b
+            reps += 1
+        out[f"matmul_{name}_gflops"] = round(2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9, 1)
+    out["bf16_native"] = engines.bf16_supported()
+    loaded = models.load(models.ModelSpec(model_name))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        loaded.model.encode_image(torch.zeros(1, 3, loaded.image_size, loaded.image_size))
+    out["gflop_per_image"] = round(fc.get_total_flops() / 1e9, 2)
+    return out
+
+
+def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, bounds: dict) -> dict:
+    """Model-only images/s per engine (preprocessed batch of 32, all cores) and the fraction of the bound."""
+    from lakelens.embed import Embedder
+
+    out = {}
+    for name in engine_names:
+        emb = Embedder(spec, batch_size=32, engine=name, onnx_cache=str(cache))
+        tensors = [emb.loaded.preprocess(Image.open(p).convert("RGB")) for p in paths[:32]]
+        emb.embed_tensors(tensors[:4])
+        t0 = time.perf_counter()
+        emb.embed_tensors(tensors)
+        rate = 32 / (time.perf_counter() - t0)
+        key = "matmul_bf16_gflops" if emb.engine.precision == "bf16" else "matmul_fp32_gflops"
+        bound = bounds[key] / bounds["gflop_per_image"]
+        out[name] = {"precision": emb.engine.precision, "images_per_s": round(rate, 2),
+                     "fp32_bound_images_per_s" if key.endswith("fp32_gflops") else "bf16_bound_images_per_s":
+                         round(bound, 2), "fraction_of_bound": round(rate / bound, 3)}
+        print(f"  model only {name}: {rate:.2f} img/s ({emb.engine.precision})", flush=True)
+    return out
+
+
+def lakelens_command(folder: Path, table: Path, ckpt: Path, model_name: str, engine: str, cache: Path) -> dict:
+    """The whole `lakelens embed` command in a fresh process: Spark start, workers, model load, commits."""
+    cmd = [str(ROOT / ".venv" / "bin" / "lakelens"), "embed", "--images", str(folder), "--table", str(table),
+           "--model", model_name, "--pretrained", str(ckpt), "--engine", engine,
+           "--conf", str(ROOT / "conf" / "local.yaml"), "--set", f"embed.onnx_cache={cache}", "--json"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if res.returncode:
+        raise RuntimeError(f"lakelens embed failed: {res.stderr[-2000:]}")
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    return {"seconds": round(seconds, 2), "embedded": stats["embedded"], "phases": stats["phases"]}
+
+
+CLIPRET_VENV = ROOT / "bench" / ".venv-clipret"
+
+
+def ensure_clip_retrieval() -> Path:
+    """clip-retrieval from PyPI in its own venv; torch and friends come from lakelens' venv through a .pth
+    file (pip installs only what is missing or conflicting, into the bench venv)."""
+    py = CLIPRET_VENV / "bin" / "python"
+    if not (CLIPRET_VENV / "bin" / "clip-retrieval").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(CLIPRET_VENV)], check=True)
+        site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        main_site = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+        Path(site, "zz-lakelens-venv.pth").write_text(main_site + "\n")
+        subprocess.run([str(CLIPRET_VENV / "bin" / "pip"), "install", "-q", "clip-retrieval==2.45.0",
+                        "setuptools<81"], check=True)  # clip-anytorch imports pkg_resources
+    return CLIPRET_VENV / "bin" / "clip-retrieval"
+
+
+def clip_retrieval(folder: Path, out: Path, ckpt: Path, model_name: str, n: int) -> dict:
+    """`clip-retrieval inference` on the same files: open_clip:NAME/CHECKPOINT loads the same local weights."""
+    exe = ensure_clip_retrieval()
+    cmd = [str(exe), "inference", "--input_dataset", str(folder), "--output_folder", str(out),
+           "--clip_model", f"open_clip:{model_name}/{ckpt}", "--enable_text", "False",
+           "--batch_size", "32", "--num_prepro_workers", "2", "--use_jit", "False"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
+    if res.returncode:
+        return {"error": f"exit {res.returncode}: {res.stderr[-1500:]}", "command": " ".join(cmd)}
+    embs = sorted(out.glob("img_emb/*.npy"))
+    count = int(sum(np.load(e).shape[0] for e in embs))
+    return {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 3), "embeddings_written": count,
+            "command": " ".join(cmd)}
+
+
+def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: str, engine_names: list[str],
+            work: Path, cache: Path, with_clip_retrieval: bool) -> dict:
+    from lakelens import engines
+
+    half = folder.parent / f"{folder.name}-half"
+    half.mkdir(exist_ok=True)
+    for p in paths[: len(paths) // 2]:
+        os.link(p, half / p.name)
+    n, n_half = len(paths), len(paths) // 2
+    plain = plain_loop(paths, model_name)
+    print(f"  {name}: plain loop {plain['images_per_s']:.2f} img/s", flush=True)
+    out = {"images": n, "image_size": list(Image.open(paths[0]).size),
+           "mean_file_bytes": int(np.mean([p.stat().st_size for p in paths])),
+           "plain_loop_images_per_s": round(plain["images_per_s"], 3), "engines": {}}
+    for engine in engine_names:
+        full = lakelens_command(folder, work / f"t-{name}-{engine}", ckpt, model_name, engine, cache)
+        part = lakelens_command(half, work / f"t-{name}-{engine}-half", ckpt, model_name, engine, cache)
+        # None when noise swamps the difference (the half set took as long as the full one)
+        marginal = (n - n_half) / (full["seconds"] - part["seconds"]) if full["seconds"] > part["seconds"] else None
+        rows = read_table(work / f"t-{name}-{engine}")
+        parity = compare(plain["vectors"], paths, rows)
+        out["engines"][engine] = {
+            "whole_command_s": full["seconds"], "whole_command_images_per_s": round(n / full["seconds"], 3),
+            "half_set_command_s": part["seconds"], "marginal_images_per_s": round(marginal, 3) if marginal else None,
+            "whole_over_plain": round(n / full["seconds"] / plain["images_per_s"], 3),
+            "marginal_over_plain": round(marginal / plain["images_per_s"], 3) if marginal else None,
+            "phases_s": {k: round(v, 2) for k, v in full["phases"].items()}, "parity_vs_plain": parity}
+        print(f"  {name} {engine}: whole {n / full['seconds']:.2f} img/s ({full['seconds']:.1f} s), "
+              f"marginal {marginal or float('nan'):.2f} img/s, min cos {parity['min_cosine']:.6f}", flush=True)
+        shutil.rmtree(work / f"t-{name}-{engine}-half", ignore_errors=True)
+    if with_clip_retrieval:
+        cr = clip_retrieval(folder, work / f"cr-{name}", ckpt, model_name, n)
+        out["clip_retrieval"] = cr
+        print(f"  {name} clip-retrieval: {cr}", flush=True)
+        if "seconds" in cr:
+            best = min(out["engines"], key=lambda e: out["engines"][e]["whole_command_s"])
+            out["best_engine"] = best
+            out["best_whole_over_clip_retrieval_time"] = round(
+                out["engines"][best]["whole_command_s"] / cr["seconds"], 3)
+    return out
+
+
+_SPARK = {}
+
+
+def read_table(table: Path) -> dict:
+    if "s" not in _SPARK:
+        from lakelens import config
+        from lakelens.spark import get_session
+
+        _SPARK["s"] = get_session(config.load(ROOT / "conf" / "local.yaml").spark)[0]
+        _SPARK["s"].sparkContext.setLogLevel("ERROR")
+    return {r["path"]: np.array(r["embedding"], dtype=np.float32)
+            for r in _SPARK["s"].read.format("delta").load(str(table)).select("path", "embedding").collect()}
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--small", type=int, default=512, help="number of 256x256 JPEGs")
+    ap.add_argument("--small", type=int, default=500, help="number of 256x256 JPEGs")
     ap.add_argument("--large", type=int, default=32, help="number of 4000x3000 (12 MP) JPEGs")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engines", default="torch,onnx,onnx-int8",
+                    help="engines run as whole jobs (all four are measured model-only)")
+    ap.add_argument("--no-clip-retrieval", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "embed.json"))
     args = ap.parse_args()
 
-    from lakelens import config
-    from lakelens.spark import get_session
+    from lakelens import engines, models
 
+    engine_names = args.engines.split(",")
     work = Path(tempfile.mkdtemp(prefix="lakelens-bench-"))
+    results = {"what": "lakelens embed per engine (whole command in a fresh process incl. Spark start, and the "
+                       "marginal rate between a full and a half set) vs a plain single-process open_clip loop "
+                       "(PIL + preprocess + torch forward, batch 32, all cores) and clip-retrieval inference "
+                       f"(batch 32, 2 preprocessing workers), random-init {args.model} from one checkpoint file",
+               "loadavg_before": loadavg(),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "python": sys.version.split()[0], "torch": torch.__version__}, "model": args.model}
     try:
-        print(f"[bench] generating images in {work}", flush=True)
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(f"[bench] images and checkpoint in {work}", flush=True)
         small = make_images(work / "small", args.small, 256, 256)
         large = make_images(work / "large", args.large, 4000, 3000)
-        torch.set_num_threads(os.cpu_count() or 1)
+        ckpt = work / f"{args.model}-random-seed0.pt"
+        torch.save(models.load(models.ModelSpec(args.model)).model.state_dict(), ckpt)
+        cache = work / "onnx-cache"
+        results["compute"] = bounds = compute_bounds(args.model)
+        print(f"[bench] compute: {bounds}", flush=True)
         t0 = time.perf_counter()
-        spark, _ = get_session(config.load(ROOT / "conf" / "local.yaml").spark)
-        spark.sparkContext.setLogLevel("ERROR")
-        session_s = time.perf_counter() - t0
-        results = {
-            "what": "Spark embed job (local[2], whole job incl. listing, model load in workers, Delta commits) "
-                    "vs plain single-process open_clip loop (PIL + preprocess + forward, batch 32, "
-                    f"torch threads={torch.get_num_threads()}); random-init {args.model}; medians of "
-                    f"{args.repeats} runs; Spark session start measured apart",
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                        "torch": torch.__version__},
-            "model": args.model,
-            "spark_session_start_s": round(session_s, 2),
-        }
-        print("[bench] small images", flush=True)
-        results["small_256px"] = run_set("small", small, work / "small", spark, args.model, args.repeats, work)
+        spec = models.ModelSpec(args.model, str(ckpt))
+        engines.onnx_graphs(models.load(spec), True, cache)
+        results["onnx_export_and_int8_s"] = round(time.perf_counter() - t0, 1)
+        results["model_only"] = model_rates(spec, small, list(engines.ENGINES), cache, bounds)
+        print("[bench] 256-px JPEGs", flush=True)
+        results["small_256px"] = run_set("small", small, work / "small", ckpt, args.model, engine_names, work,
+                                         cache, not args.no_clip_retrieval)
         print("[bench] 12-megapixel JPEGs", flush=True)
-        results["large_12mp"] = run_set("large", large, work / "large", spark, args.model, args.repeats, work)
-        spark.stop()
+        results["large_12mp"] = run_set("large", large, work / "large", ckpt, args.model, engine_names, work,
+                                        cache, False)
+        results["loadavg_after"] = loadavg()
     finally:
+        if "s" in _SPARK:
+            _SPARK["s"].stop()
         shutil.rmtree(work, ignore_errors=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -27,3 +27,17 @@ def test_batch_size_and_threads_do_not_change_results():
 def test_text_embeddings_are_unit_vectors():
     t = Embedder(ModelSpec("lakelens-tiny")).embed_texts(["a red circle", "a blue square"])
     assert t.shape == (2, 128) and np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+
+
+def test_stream_overlaps_batches_and_keeps_order():
+    emb = Embedder(ModelSpec("lakelens-tiny"), batch_size=4, decode_threads=2)
+    batches = [[encode(noise_image(10 * b + i), "JPEG") for i in range(3)] + ([b""] if b == 1 else [])
+               for b in range(3)]
+    streamed = list(emb.stream((f"batch{b}", c) for b, c in enumerate(batches)))
+    assert [tag for tag, _ in streamed] == ["batch0", "batch1", "batch2"]
+    for (_, got), contents in zip(streamed, batches):
+        want = emb(contents)
+        assert [r.error for r in got] == [r.error for r in want]
+        assert all(r.embedding is None if w.embedding is None else np.array_equal(r.embedding, w.embedding)
+                   for r, w in zip(got, want))
+    assert streamed[1][1][3].error == "empty file"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import images, models
+from . import engines, images, models
 from .config import EmbedConfig
 from .models import ModelSpec
 
@@ -24,16 +25,20 @@ class ImageResult:
 
 
 class Embedder:
-    """Load the model once in __init__; embed a batch of encoded image files in __call__."""
+    """Load the model once in __init__; embed a batch of encoded image files in __call__, or a stream of
+    batches with stream(), which decodes the next batch on threads while the model runs on this one."""
 
     def __init__(self, spec: ModelSpec, batch_size: int = 32, decode_threads: int = 2, draft: bool = True,
-                 max_pixels: int = 89_478_485):
+                 max_pixels: int = 89_478_485, engine: str = engines.DEFAULT_ENGINE, device: str = "auto",
+                 threads: int | None = None, onnx_cache: str = ""):
+        self.engine = engines.get(spec, engine, device, threads, onnx_cache)
         self.loaded = models.load(spec)
         self.batch_size = batch_size
         self.draft = draft
         self.max_pixels = max_pixels
-        # PIL releases the GIL while decoding and resizing, so threads overlap the decode work
-        self._pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
+        # PIL releases the GIL while decoding and resizing, and so do torch and ONNX Runtime while
+        # they compute: decode threads overlap each other and the model.
+        self._pool = ThreadPoolExecutor(max(1, decode_threads))
 
     @property
     def dim(self) -> int:
@@ -49,11 +54,7 @@ class Embedder:
             decoded.error = "corrupt"
             return None, decoded
 
-    def _map(self, fn, items):
-        return list(self._pool.map(fn, items)) if self._pool else [fn(x) for x in items]
-
-    def __call__(self, contents: Sequence[bytes]) -> list[ImageResult]:
-        prepared = self._map(self._prepare, contents)
+    def _finish(self, prepared: list) -> list[ImageResult]:
         ok = [i for i, (tensor, _) in enumerate(prepared) if tensor is not None]
         vectors = self.embed_tensors([prepared[i][0] for i in ok])
         results = [ImageResult(None, d.width, d.height, d.error) for _, d in prepared]
@@ -61,50 +62,63 @@ class Embedder:
             results[i].embedding = vectors[row]
         return results
 
+    def __call__(self, contents: Sequence[bytes]) -> list[ImageResult]:
+        return self._finish(list(self._pool.map(self._prepare, contents)))
+
+    def stream(self, batches: Iterable[tuple[Any, Sequence[bytes]]]) -> Iterator[tuple[Any, list[ImageResult]]]:
+        """(tag, contents) batches -> (tag, results), in order. Batch i+1 is decoded while batch i is
+        embedded, so decoding leaves the critical path whenever a core is free for it."""
+        queue: deque = deque()
+        for tag, contents in batches:
+            queue.append((tag, [self._pool.submit(self._prepare, c) for c in contents]))
+            if len(queue) > 1:
+                done_tag, futures = queue.popleft()
+                yield done_tag, self._finish([f.result() for f in futures])
+        while queue:
+            done_tag, futures = queue.popleft()
+            yield done_tag, self._finish([f.result() for f in futures])
+
     def embed_tensors(self, tensors: list) -> np.ndarray:
         """Preprocessed CHW tensors -> (n, dim) float32 unit vectors, in batches of batch_size."""
         import torch
 
         out = np.zeros((len(tensors), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(tensors), self.batch_size):
-                batch = torch.stack(tensors[start:start + self.batch_size])
-                vec = self.loaded.model.encode_image(batch, normalize=True)
-                out[start:start + len(batch)] = vec.float().numpy()
+        for start in range(0, len(tensors), self.batch_size):
+            batch = torch.stack(tensors[start:start + self.batch_size])
+            out[start:start + len(batch)] = self.engine.encode_image(batch if self.engine.device != "cpu"
+                                                                     else batch.numpy())
         return out
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            tokens = self.loaded.tokenizer(list(texts))
-            return self.loaded.model.encode_text(tokens, normalize=True).float().numpy()
+        tokens = self.loaded.tokenizer(list(texts))
+        return np.asarray(self.engine.encode_text(tokens if self.engine.device != "cpu" else tokens.numpy()),
+                          dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=2)
-def cached_embedder(spec: ModelSpec, batch_size: int, decode_threads: int, draft: bool,
-                    max_pixels: int) -> Embedder:
+def cached_embedder(spec: ModelSpec, batch_size: int, decode_threads: int, draft: bool, max_pixels: int,
+                    engine: str = engines.DEFAULT_ENGINE, device: str = "auto", threads: int | None = None,
+                    onnx_cache: str = "") -> Embedder:
     """One Embedder per Python worker process and setting; lives in this importable module so that
     Spark's reused workers keep it between tasks instead of rebuilding the model."""
-    return Embedder(spec, batch_size, decode_threads, draft, max_pixels)
+    return Embedder(spec, batch_size, decode_threads, draft, max_pixels, engine, device, threads, onnx_cache)
 
 
 def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
     """The mapInPandas function: binaryFile batches (path, modificationTime, length, content) ->
-    rows of tables.UDF_SCHEMA. Torch uses as many threads as the task was given cores (spark.task.cpus)."""
-    batch_size, threads, draft, max_pixels = conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels
+    rows of tables.UDF_SCHEMA. The engine uses as many threads as the task was given cores (spark.task.cpus)."""
+    settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
+    onnx_cache = conf.onnx_cache
 
     def embed_batches(batches: Iterator) -> Iterator:
         import pandas as pd
         import torch
-        from pyspark import TaskContext
 
-        ctx = TaskContext.get()
-        torch.set_num_threads(max(1, ctx.cpus() if ctx is not None else 1))
-        embedder = cached_embedder(spec, batch_size, threads, draft, max_pixels)
-        for pdf in batches:
+        cpus = engines.task_cpus()
+        torch.set_num_threads(cpus)
+        embedder = cached_embedder(spec, *settings, threads=cpus, onnx_cache=onnx_cache)
+        for pdf, results in embedder.stream((pdf, pdf["content"].tolist()) for pdf in batches):
             contents = pdf["content"].tolist()
-            results = embedder(contents)
             yield pd.DataFrame({
                 "path": pdf["path"],
                 "content_sha256": [hashlib.sha256(c).hexdigest() for c in contents],

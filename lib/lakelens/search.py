@@ -86,8 +86,16 @@ class Searcher:
     a query running meanwhile finishes on the version it started with."""
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, threads: int | None = None,
-                 expect_model: ModelSpec | str | None = None):
+                 expect_model: ModelSpec | str | None = None, engine: str | None = None, onnx_cache: str = ""):
+        from .engines import DEFAULT_ENGINE, ENGINES
+
+        if engine is not None and engine not in ENGINES:
+            from .config import ConfigError
+
+            raise ConfigError(f"embed.engine: {engine!r} is not one of {', '.join(ENGINES)}")
         self.index_dir = Path(index_dir)
+        self.engine = engine or DEFAULT_ENGINE  # embeds the queries: torch | torch-bf16 | onnx | onnx-int8
+        self.onnx_cache = onnx_cache
         self.mmap = mmap
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads or 4)
@@ -160,7 +168,8 @@ class Searcher:
         if self._embedder is None or self._embedder.loaded.spec != self.model_spec:
             from .embed import Embedder
 
-            self._embedder = Embedder(self.model_spec, decode_threads=1)
+            self._embedder = Embedder(self.model_spec, decode_threads=1, engine=self.engine,
+                                      onnx_cache=self.onnx_cache)
         return self._embedder
 
     def embed_text(self, text: str) -> tuple[np.ndarray, list[str]]:

@@ -213,3 +213,16 @@ def test_cli_embed_json_and_bad_config(spark, tmp_path, capsys):
     assert "embed.chunk_size" in capsys.readouterr().err
     assert main(["embed", "--table", str(tmp_path / "t")]) == 2
     assert "embed.images" in capsys.readouterr().err
+
+
+def test_onnx_engine_writes_the_torch_engines_vectors(spark, tmp_path, local_conf):
+    write_images(tmp_path / "img", 10)
+    cache = f"embed.onnx_cache={tmp_path / 'onnx'}"
+    torch_run = run(spark, local_conf(tmp_path / "img", tmp_path / "t-torch", "embed.engine=torch"))
+    onnx_run = run(spark, local_conf(tmp_path / "img", tmp_path / "t-onnx", "embed.engine=onnx", cache))
+    assert torch_run.embedded == onnx_run.embedded == 10
+    a, b = rows_by_path(spark, tmp_path / "t-torch"), rows_by_path(spark, tmp_path / "t-onnx")
+    assert a.keys() == b.keys()
+    cos = [float(np.dot(a[p]["embedding"], b[p]["embedding"])) for p in a]
+    assert min(cos) >= 0.99999 and b[next(iter(b))]["model"] == "lakelens-tiny@none"
+    assert [p.name for p in (tmp_path / "onnx").iterdir()]  # the workers exported into the configured cache
