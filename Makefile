@@ -13,6 +13,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/embed.py
+	$(PY) bench/search.py
+	$(PY) bench/serve.py
+	$(PY) bench/finetune.py
+	$(PY) bench/engines_eval.py
 
 lint: setup
 	$(PY) -m compileall -q lib jobs bench tests

@@ -256,7 +256,8 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
     _atomic_save({"state_dict": model.state_dict(),
                   "lakelens": {"epoch": conf.epochs, "settings": settings, "model": spec.name}}, final)
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    plot_history(history, out / "training.png", f"fine-tuning {spec.name} from {Path(spec.pretrained).name}")
+    plot_history(history, out / "training.png", f"fine-tuning {spec.name} from "
+                  + ("random init" if spec.pretrained == models.RANDOM_INIT else Path(spec.pretrained).name))
     return FinetuneResult(str(out), str(final), f"{spec.name}@{final}", conf.epochs - start_epoch, start_epoch,
                           len(train.captions), len(val.captions), skipped_train + skipped_val, history)
 
