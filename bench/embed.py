@@ -89,19 +89,26 @@ def compute_bounds(model_name: str) -> dict:
     from lakelens import engines, models
 
     out = {}
-    n = 1024
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 512)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 2.0:
+        best, t0 = float("inf"), time.perf_counter()
+        while time.perf_counter() - t0 < 3.0:  # the best of many: the machine's rate, not its load
+            t = time.perf_counter()
             a @ b
-            reps += 1
-        out[f"matmul_{name}_gflops"] = round(2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9, 1)
+            best = min(best, time.perf_counter() - t)
+        out[f"matmul_{name}_gflops"] = round(2 * n ** 3 / best / 1e9, 1)
     out["bf16_native"] = engines.bf16_supported()
     loaded = models.load(models.ModelSpec(model_name))
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        loaded.model.encode_image(torch.zeros(1, 3, loaded.image_size, loaded.image_size))
+    # nn.MultiheadAttention's fused inference path is invisible to FlopCounterMode (it would miss the
+    # attention projections, a third of a ViT's FLOPs); the unfused path computes the same thing.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            loaded.model.encode_image(torch.zeros(1, 3, loaded.image_size, loaded.image_size))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     out["gflop_per_image"] = round(fc.get_total_flops() / 1e9, 2)
     return out
 
