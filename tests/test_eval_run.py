@@ -54,3 +54,17 @@ def test_text_queries_say_when_they_are_truncated(tmp_path):
         s.search_text(" \n\t", k=1)
     with pytest.raises(QueryError, match="unusable"):
         s.search_image(b"definitely not an image", k=1)
+
+
+def test_captions_tables_are_told_apart_by_content_not_by_name(tmp_path, monkeypatch):
+    from lakelens.eval_run import _is_delta, read_captions
+
+    # a relative CSV path whose name starts like a cloud scheme is still a CSV
+    monkeypatch.chdir(tmp_path)
+    local = tmp_path / "s3_captions.csv"
+    local.write_text("path,caption\n/x.jpg,a red circle\n")
+    assert read_captions("s3_captions.csv")["caption"].tolist() == ["a red circle"]
+    (tmp_path / "table" / "_delta_log").mkdir(parents=True)
+    assert _is_delta(str(tmp_path / "table")) and _is_delta(f"file:{tmp_path / 'table'}")
+    assert _is_delta("s3a://bucket/pairs") and not _is_delta("s3a://bucket/pairs.csv")
+    assert not _is_delta(str(local)) and not _is_delta(str(tmp_path))

@@ -17,7 +17,11 @@ class PairsTableError(ValueError):
 
 
 def _is_delta(path: str) -> bool:
-    return (Path(path) / "_delta_log").is_dir() or path.startswith(("s3", "gs:", "abfs", "hdfs:", "dbfs:"))
+    """A local folder with a _delta_log, or a remote URI (s3a://, abfss://, ...) that names no CSV or
+    Parquet file: only Spark reads those."""
+    if "://" in path and not path.startswith("file:"):
+        return not path.lower().endswith((".csv", ".parquet"))
+    return (Path(path.removeprefix("file:")) / "_delta_log").is_dir()
 
 
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
