@@ -24,6 +24,18 @@ class ImageResult:
     error: str | None
 
 
+def prepare(loaded: models.LoadedModel, data: bytes, max_pixels: int = 89_478_485, draft: bool = True):
+    """One image file's bytes -> (preprocessed CHW tensor, Decoded), or (None, Decoded with its error)."""
+    decoded = images.decode(data, loaded.image_size, max_pixels, draft)
+    if decoded.error:
+        return None, decoded
+    try:
+        return loaded.preprocess(decoded.image), decoded
+    except Exception:
+        decoded.error = "corrupt"
+        return None, decoded
+
+
 class Embedder:
     """Load the model once in __init__; embed a batch of encoded image files in __call__, or a stream of
     batches with stream(), which decodes the next batch on threads while the model runs on this one."""
@@ -45,14 +57,7 @@ class Embedder:
         return self.loaded.dim
 
     def _prepare(self, data: bytes):
-        decoded = images.decode(data, self.loaded.image_size, self.max_pixels, self.draft)
-        if decoded.error:
-            return None, decoded
-        try:
-            return self.loaded.preprocess(decoded.image), decoded
-        except Exception:
-            decoded.error = "corrupt"
-            return None, decoded
+        return prepare(self.loaded, data, self.max_pixels, self.draft)
 
     def _finish(self, prepared: list) -> list[ImageResult]:
         ok = [i for i, (tensor, _) in enumerate(prepared) if tensor is not None]
@@ -85,14 +90,12 @@ class Embedder:
         out = np.zeros((len(tensors), self.dim), dtype=np.float32)
         for start in range(0, len(tensors), self.batch_size):
             batch = torch.stack(tensors[start:start + self.batch_size])
-            out[start:start + len(batch)] = self.engine.encode_image(batch if self.engine.device != "cpu"
-                                                                     else batch.numpy())
+            out[start:start + len(batch)] = self.engine.encode_image(batch)
         return out
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         tokens = self.loaded.tokenizer(list(texts))
-        return np.asarray(self.engine.encode_text(tokens if self.engine.device != "cpu" else tokens.numpy()),
-                          dtype=np.float32)
+        return np.asarray(self.engine.encode_text(tokens), dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=2)
@@ -117,8 +120,12 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
         cpus = engines.task_cpus()
         torch.set_num_threads(cpus)
         embedder = cached_embedder(spec, *settings, threads=cpus, onnx_cache=onnx_cache)
-        for pdf, results in embedder.stream((pdf, pdf["content"].tolist()) for pdf in batches):
-            contents = pdf["content"].tolist()
+        def tagged():  # each batch's bytes listed once: embedded, then hashed
+            for pdf in batches:
+                contents = pdf["content"].tolist()
+                yield (pdf, contents), contents
+
+        for (pdf, contents), results in embedder.stream(tagged()):
             yield pd.DataFrame({
                 "path": pdf["path"],
                 "content_sha256": [hashlib.sha256(c).hexdigest() for c in contents],

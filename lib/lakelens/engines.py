@@ -125,9 +125,9 @@ def default_cache_dir() -> Path:
 def weights_fingerprint(spec: ModelSpec) -> dict:
     """What identifies the weights: the spec, plus size and mtime of a local checkpoint file."""
     out = {"spec": spec.key}
-    if spec.is_checkpoint and Path(spec.pretrained).is_file():
-        st = os.stat(spec.pretrained)
-        out.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    stamp = models.weights_stamp(spec)  # the same stamp that keys models.load's cache
+    if stamp:
+        out.update(size=stamp[0], mtime_ns=stamp[1])
     return out
 
 
@@ -146,23 +146,17 @@ def _towers(model):
     import torch
     import torch.nn.functional as F
 
-    class Image(torch.nn.Module):
-        def __init__(self):
+    class Tower(torch.nn.Module):
+        """One encoder of the model (encode_image or encode_text) with its output normalised."""
+
+        def __init__(self, encode: str):
             super().__init__()
-            self.m = model
+            self.m, self.encode = model, encode
 
-        def forward(self, image):
-            return F.normalize(self.m.encode_image(image), dim=-1)
+        def forward(self, x):
+            return F.normalize(getattr(self.m, self.encode)(x), dim=-1)
 
-    class Text(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = model
-
-        def forward(self, tokens):
-            return F.normalize(self.m.encode_text(tokens), dim=-1)
-
-    return Image().eval(), Text().eval()
+    return Tower("encode_image").eval(), Tower("encode_text").eval()
 
 
 def _export_fp32(loaded: models.LoadedModel, folder: Path) -> None:
@@ -264,6 +258,11 @@ class OnnxEngine:
         return self._text.run(None, {"tokens": np.asarray(tokens, dtype=np.int64)})[0]
 
 
+def check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"embed.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+
+
 # --- choice and per-process cache ----------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def load(spec: ModelSpec, engine: str = DEFAULT_ENGINE, device: str = "cpu", threads: int = 1,
@@ -272,8 +271,7 @@ def load(spec: ModelSpec, engine: str = DEFAULT_ENGINE, device: str = "cpu", thr
     `device` is a resolved device (choose_device); on a GPU every engine runs torch with fp16 autocast."""
     import torch
 
-    if engine not in ENGINES:
-        raise ConfigError(f"embed.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+    check_engine(engine)
     loaded = models.load(spec)
     if device != "cpu":
         return TorchEngine(loaded, device, torch.float16, name=f"{engine} (cuda fp16)")
@@ -296,10 +294,4 @@ def get(spec: ModelSpec, engine: str = DEFAULT_ENGINE, device: str = "auto", thr
 
     resolved = choose_device(torch.cuda.is_available(), task_gpu_addresses(), device)
     fp = json.dumps(weights_fingerprint(spec), sort_keys=True)
-    if _seen_weights.setdefault(spec, fp) != fp:
-        models.load.cache_clear()  # the checkpoint file changed under this process: reload the weights
-        _seen_weights[spec] = fp
     return load(spec, engine, resolved, threads or task_cpus(), str(cache_dir or ""), fp)
-
-
-_seen_weights: dict = {}

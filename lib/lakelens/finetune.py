@@ -19,6 +19,7 @@ import pandas as pd
 from . import evaluate as ev
 from . import images, models
 from .config import FinetuneConfig
+from .embed import prepare
 from .models import ModelSpec
 
 CHECKPOINTS = "checkpoints"
@@ -58,13 +59,13 @@ def load_images(paths: list[str], loaded: models.LoadedModel, progress: bool = T
     tensors, errors = [], []
     for p in tqdm(paths, desc="loading images", unit="img", disable=not progress, mininterval=2):
         try:
-            decoded = images.decode(Path(_local(p)).read_bytes(), loaded.image_size)
+            tensor, decoded = prepare(loaded, Path(_local(p)).read_bytes())
         except OSError as e:
-            decoded = images.Decoded(None, None, None, f"unreadable: {type(e).__name__}")
-        if decoded.error:
+            tensor, decoded = None, images.Decoded(None, None, None, f"unreadable: {type(e).__name__}")
+        if tensor is None:
             errors.append(decoded.error)
             continue
-        tensors.append(loaded.preprocess(decoded.image).half())
+        tensors.append(tensor.half())
         errors.append(None)
     stacked = torch.stack(tensors) if tensors else torch.zeros((0, 3, loaded.image_size, loaded.image_size))
     return stacked, errors

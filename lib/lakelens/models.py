@@ -129,7 +129,7 @@ def _create(spec: ModelSpec):
             f"(config key model.pretrained).") from e
 
 
-def _weights_stamp(spec: ModelSpec) -> tuple:
+def weights_stamp(spec: ModelSpec) -> tuple:
     """Size and mtime of a checkpoint file, so a file rewritten in place (a new fine-tune into the same
     folder) is loaded afresh instead of served stale from the cache."""
     if not spec.is_checkpoint:
@@ -143,7 +143,7 @@ def _weights_stamp(spec: ModelSpec) -> tuple:
 
 def load(spec: ModelSpec) -> LoadedModel:
     """Build (once per process) the model for `spec`; Spark's reused Python workers keep it between tasks."""
-    return _load(spec, _weights_stamp(spec))
+    return _load(spec, weights_stamp(spec))
 
 
 @functools.lru_cache(maxsize=4)
@@ -159,4 +159,6 @@ def _load(spec: ModelSpec, stamp: tuple) -> LoadedModel:
     return LoadedModel(spec, model, preprocess, tokenizer, image_size, dim)
 
 
-load.cache_clear = _load.cache_clear  # type: ignore[attr-defined]  # callers that reset the model cache
+def clear_cache() -> None:
+    """Drop every loaded model of this process (tests that stand in for a fresh worker)."""
+    _load.cache_clear()

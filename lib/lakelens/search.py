@@ -87,12 +87,10 @@ class Searcher:
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, threads: int | None = None,
                  expect_model: ModelSpec | str | None = None, engine: str | None = None, onnx_cache: str = ""):
-        from .engines import DEFAULT_ENGINE, ENGINES
+        from .engines import DEFAULT_ENGINE, check_engine
 
-        if engine is not None and engine not in ENGINES:
-            from .config import ConfigError
-
-            raise ConfigError(f"embed.engine: {engine!r} is not one of {', '.join(ENGINES)}")
+        if engine is not None:
+            check_engine(engine)  # at open, not at the first text query
         self.index_dir = Path(index_dir)
         self.engine = engine or DEFAULT_ENGINE  # embeds the queries: torch | torch-bf16 | onnx | onnx-int8
         self.onnx_cache = onnx_cache
