@@ -3,7 +3,12 @@ per-image rate) against a plain single-process open_clip loop and `clip-retrieva
 and random-init weights, in one run, for 256-px and 12-megapixel JPEGs; plus the machine's matmul rate and
 the model's FLOPs per image. Writes bench/results/embed.json.
 
-    .venv/bin/python bench/embed.py [--model ViT-B-32] [--small 500] [--large 32]
+The marginal rate comes from one run over a larger set in several chunks: files of chunks 2.. over their
+embed + commit seconds (EmbedStats.chunk_seconds), so Spark's and the workers' start-up are left out and
+every per-chunk cost (scan, Arrow, UDF, Delta MERGE) is in.
+
+    .venv/bin/python bench/embed.py [--model ViT-B-32] [--small 500] [--marginal 1000 --chunk 250]
+                                    [--large 96 --large-chunk 32]
 """
 
 from __future__ import annotations
@@ -134,18 +139,28 @@ def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, b
     return out
 
 
-def lakelens_command(folder: Path, table: Path, ckpt: Path, model_name: str, engine: str, cache: Path) -> dict:
+def lakelens_command(folder: Path, table: Path, ckpt: Path, model_name: str, engine: str, cache: Path,
+                     chunk_size: int | None = None) -> dict:
     """The whole `lakelens embed` command in a fresh process: Spark start, workers, model load, commits."""
     cmd = [str(ROOT / ".venv" / "bin" / "lakelens"), "embed", "--images", str(folder), "--table", str(table),
            "--model", model_name, "--pretrained", str(ckpt), "--engine", engine,
            "--conf", str(ROOT / "conf" / "local.yaml"), "--set", f"embed.onnx_cache={cache}", "--json"]
+    if chunk_size:
+        cmd += ["--chunk-size", str(chunk_size)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if res.returncode:
         raise RuntimeError(f"lakelens embed failed: {res.stderr[-2000:]}")
     stats = json.loads(res.stdout.strip().splitlines()[-1])
-    return {"seconds": round(seconds, 2), "embedded": stats["embedded"], "phases": stats["phases"]}
+    return {"seconds": round(seconds, 2), "embedded": stats["embedded"], "phases": stats["phases"],
+            "chunk_seconds": stats["chunk_seconds"]}
+
+
+def marginal_rate(chunk_seconds: list) -> float:
+    """Images per second over chunks 2..: embed + commit, without the first chunk's worker start."""
+    later = chunk_seconds[1:]
+    return sum(n for n, *_ in later) / sum(e + c for _, e, c in later)
 
 
 CLIPRET_VENV = ROOT / "bench" / ".venv-clipret"
@@ -186,35 +201,36 @@ def clip_retrieval(folder: Path, out: Path, ckpt: Path, model_name: str, n: int)
 
 
 def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: str, engine_names: list[str],
-            work: Path, cache: Path, with_clip_retrieval: bool) -> dict:
-    from lakelens import engines
-
-    half = folder.parent / f"{folder.name}-half"
-    half.mkdir(exist_ok=True)
-    for p in paths[: len(paths) // 2]:
-        os.link(p, half / p.name)
-    n, n_half = len(paths), len(paths) // 2
+            work: Path, cache: Path, with_clip_retrieval: bool, big: Path, chunk: int) -> dict:
+    """`paths` (in `folder`) for whole commands and parity; `big` (a superset, in chunks of `chunk`) for the
+    marginal rate."""
+    n = len(paths)
+    n_big = len(list(big.iterdir()))
     plain = plain_loop(paths, model_name)
     print(f"  {name}: plain loop {plain['images_per_s']:.2f} img/s", flush=True)
     out = {"images": n, "image_size": list(Image.open(paths[0]).size),
            "mean_file_bytes": int(np.mean([p.stat().st_size for p in paths])),
-           "plain_loop_images_per_s": round(plain["images_per_s"], 3), "engines": {}}
+           "plain_loop_images_per_s": round(plain["images_per_s"], 3),
+           "marginal_run": {"images": n_big, "chunk_size": chunk}, "engines": {}}
     for engine in engine_names:
         full = lakelens_command(folder, work / f"t-{name}-{engine}", ckpt, model_name, engine, cache)
-        part = lakelens_command(half, work / f"t-{name}-{engine}-half", ckpt, model_name, engine, cache)
-        # None when noise swamps the difference (the half set took as long as the full one)
-        marginal = (n - n_half) / (full["seconds"] - part["seconds"]) if full["seconds"] > part["seconds"] else None
         rows = read_table(work / f"t-{name}-{engine}")
         parity = compare(plain["vectors"], paths, rows)
+        shutil.rmtree(work / f"t-{name}-{engine}", ignore_errors=True)
+        many = lakelens_command(big, work / f"t-{name}-{engine}-big", ckpt, model_name, engine, cache, chunk)
+        shutil.rmtree(work / f"t-{name}-{engine}-big", ignore_errors=True)
+        marginal = marginal_rate(many["chunk_seconds"])
         out["engines"][engine] = {
             "whole_command_s": full["seconds"], "whole_command_images_per_s": round(n / full["seconds"], 3),
-            "half_set_command_s": part["seconds"], "marginal_images_per_s": round(marginal, 3) if marginal else None,
             "whole_over_plain": round(n / full["seconds"] / plain["images_per_s"], 3),
-            "marginal_over_plain": round(marginal / plain["images_per_s"], 3) if marginal else None,
-            "phases_s": {k: round(v, 2) for k, v in full["phases"].items()}, "parity_vs_plain": parity}
+            "phases_s": {k: round(v, 2) for k, v in full["phases"].items()},
+            "marginal_images_per_s": round(marginal, 3),
+            "marginal_over_plain": round(marginal / plain["images_per_s"], 3),
+            "marginal_run_whole_command_s": many["seconds"], "marginal_run_chunk_seconds": many["chunk_seconds"],
+            "parity_vs_plain": parity}
         print(f"  {name} {engine}: whole {n / full['seconds']:.2f} img/s ({full['seconds']:.1f} s), "
-              f"marginal {marginal or float('nan'):.2f} img/s, min cos {parity['min_cosine']:.6f}", flush=True)
-        shutil.rmtree(work / f"t-{name}-{engine}-half", ignore_errors=True)
+              f"marginal {marginal:.2f} img/s ({marginal / plain['images_per_s']:.2f}x plain), "
+              f"min cos {parity['min_cosine']:.6f}", flush=True)
     if with_clip_retrieval:
         cr = clip_retrieval(folder, work / f"cr-{name}", ckpt, model_name, n)
         out["clip_retrieval"] = cr
@@ -225,6 +241,13 @@ def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: 
             out["best_whole_over_clip_retrieval_time"] = round(
                 out["engines"][best]["whole_command_s"] / cr["seconds"], 3)
     return out
+
+
+def linked_subset(paths: list[Path], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        os.link(p, folder / p.name)
+    return folder
 
 
 _SPARK = {}
@@ -248,8 +271,11 @@ def loadavg() -> list[float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--small", type=int, default=500, help="number of 256x256 JPEGs")
-    ap.add_argument("--large", type=int, default=32, help="number of 4000x3000 (12 MP) JPEGs")
+    ap.add_argument("--small", type=int, default=500, help="256x256 JPEGs in the whole-command set")
+    ap.add_argument("--marginal", type=int, default=1000, help="256x256 JPEGs in the marginal-rate run")
+    ap.add_argument("--chunk", type=int, default=250, help="chunk size of the marginal-rate run")
+    ap.add_argument("--large", type=int, default=96, help="4000x3000 (12 MP) JPEGs (whole command: a third)")
+    ap.add_argument("--large-chunk", type=int, default=32)
     ap.add_argument("--engines", default="torch,onnx,onnx-int8",
                     help="engines run as whole jobs (all four are measured model-only)")
     ap.add_argument("--no-clip-retrieval", action="store_true")
@@ -261,7 +287,7 @@ def main() -> int:
     engine_names = args.engines.split(",")
     work = Path(tempfile.mkdtemp(prefix="lakelens-bench-"))
     results = {"what": "lakelens embed per engine (whole command in a fresh process incl. Spark start, and the "
-                       "marginal rate between a full and a half set) vs a plain single-process open_clip loop "
+                       "marginal rate over chunks 2.. of a larger run) vs a plain single-process open_clip loop "
                        "(PIL + preprocess + torch forward, batch 32, all cores) and clip-retrieval inference "
                        f"(batch 32, 2 preprocessing workers), random-init {args.model} from one checkpoint file",
                "loadavg_before": loadavg(),
@@ -270,8 +296,11 @@ def main() -> int:
     try:
         torch.set_num_threads(os.cpu_count() or 1)
         print(f"[bench] images and checkpoint in {work}", flush=True)
-        small = make_images(work / "small", args.small, 256, 256)
-        large = make_images(work / "large", args.large, 4000, 3000)
+        small_all = make_images(work / "small-all", max(args.small, args.marginal), 256, 256)
+        results["conf"] = (ROOT / "conf" / "local.yaml").read_text()
+        small = small_all[:args.small]
+        large_all = make_images(work / "large-all", args.large, 4000, 3000)
+        large = large_all[:max(1, args.large // 3)]
         ckpt = work / f"{args.model}-random-seed0.pt"
         torch.save(models.load(models.ModelSpec(args.model)).model.state_dict(), ckpt)
         cache = work / "onnx-cache"
@@ -279,15 +308,18 @@ def main() -> int:
         print(f"[bench] compute: {bounds}", flush=True)
         t0 = time.perf_counter()
         spec = models.ModelSpec(args.model, str(ckpt))
-        engines.onnx_graphs(models.load(spec), True, cache)
+        engines.onnx_graphs(spec, True, cache)
         results["onnx_export_and_int8_s"] = round(time.perf_counter() - t0, 1)
+        results["int8_check"] = json.loads((engines.onnx_graphs(spec, True, cache) / "meta.json").read_text())
         results["model_only"] = model_rates(spec, small, list(engines.ENGINES), cache, bounds)
         print("[bench] 256-px JPEGs", flush=True)
-        results["small_256px"] = run_set("small", small, work / "small", ckpt, args.model, engine_names, work,
-                                         cache, not args.no_clip_retrieval)
+        results["small_256px"] = run_set(
+            "small", small, linked_subset(small, work / "small"), ckpt, args.model, engine_names, work, cache,
+            not args.no_clip_retrieval, linked_subset(small_all[:args.marginal], work / "small-big"), args.chunk)
         print("[bench] 12-megapixel JPEGs", flush=True)
-        results["large_12mp"] = run_set("large", large, work / "large", ckpt, args.model, engine_names, work,
-                                        cache, False)
+        results["large_12mp"] = run_set(
+            "large", large, linked_subset(large, work / "large"), ckpt, args.model, engine_names, work, cache,
+            False, work / "large-all", args.large_chunk)
         results["loadavg_after"] = loadavg()
     finally:
         if "s" in _SPARK:

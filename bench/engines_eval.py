@@ -38,8 +38,8 @@ def main() -> int:
     runs = {"torch": engines.TorchEngine(loaded),
             # forced: this CPU has no native bf16, where the torch-bf16 engine would run fp32 instead
             "bf16-autocast": engines.TorchEngine(loaded, dtype=torch.bfloat16, name="torch-bf16"),
-            "onnx": engines.OnnxEngine(loaded, quantized=False, threads=2, cache_dir=str(demo / "onnx-cache")),
-            "onnx-int8": engines.OnnxEngine(loaded, quantized=True, threads=2, cache_dir=str(demo / "onnx-cache"))}
+            "onnx": engines.OnnxEngine(spec, quantized=False, threads=2, cache_dir=str(demo / "onnx-cache")),
+            "onnx-int8": engines.OnnxEngine(spec, quantized=True, threads=2, cache_dir=str(demo / "onnx-cache"))}
     out = {"demo": str(demo), "model": spec.key, "images": len(captions), "engines": {}}
     ref = None
     for name, eng in runs.items():

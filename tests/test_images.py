@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lakelens.images import decode, to_rgb
+from lakelens.images import Transform, decode, to_rgb
 from conftest import encode, noise_image
 
 RED = (255, 0, 0)
@@ -118,3 +118,29 @@ def test_large_jpeg_decoded_at_reduced_scale():
     assert full.image.size == (2000, 1500)
     # 1/4 is the strongest DCT reduction that keeps both sides >= 224 (1/8 would give 250 x 188)
     assert small.image.size == (500, 375)
+
+
+@pytest.mark.parametrize("name", ["lakelens-tiny", "ViT-B-32"])
+def test_transform_equals_open_clips_preprocess_bit_for_bit(name):
+    from lakelens import models
+
+    loaded = models.load(models.ModelSpec(name))
+    transform = Transform.from_cfg(loaded.model.visual.preprocess_cfg)
+    assert transform is not None and transform.size == loaded.image_size
+    rng = np.random.default_rng(0)
+    sizes = [(64, 64), (65, 64), (300, 200), (200, 301), (1, 50), (224, 224), (225, 224), (63, 63), (10, 7),
+             (1000, 750)]
+    for w, h in sizes:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want, got = loaded.preprocess(img).numpy(), transform(img)
+        assert got.dtype == np.float32 and got.shape == want.shape == (3, transform.size, transform.size)
+        assert np.array_equal(got, want), (w, h)
+
+
+def test_transform_covers_squash_and_declines_what_it_does_not_cover():
+    base = {"size": (32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    squash = Transform.from_cfg({**base, "resize_mode": "squash"})
+    x = squash(Image.new("RGB", (100, 20), (255, 0, 0)))
+    assert x.shape == (3, 32, 32) and np.allclose(x[0], 2.0) and np.allclose(x[1], -2.0)
+    assert Transform.from_cfg({**base, "resize_mode": "longest"}) is None
+    assert Transform.from_cfg({**base, "size": (32, 48)}) is None

@@ -63,3 +63,10 @@ def test_local_checkpoint_loads_the_same_weights(tmp_path):
     x = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         assert np.allclose(ref.model.encode_image(x).numpy(), loaded.model.encode_image(x).numpy(), atol=1e-6)
+
+
+def test_architecture_names_are_read_as_open_clip_reads_them():
+    """validate() checks names from the config files without importing open_clip; the list must be
+    open_clip's own (its configs plus the shipped lakelens-tiny)."""
+    assert models.known_architectures() == sorted(models._open_clip().list_models())
+    assert "lakelens-tiny" in models.known_architectures() and "ViT-B-32" in models.known_architectures()

@@ -29,7 +29,7 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per model batch and per Arrow batch")
     p.add_argument("--chunk-size", type=int, help="files per committed chunk")
     p.add_argument("--engine", choices=ENGINE_CHOICES,
-                   help="inference engine (default onnx; conf key embed.engine, see conf/default.yaml)")
+                   help="inference engine (default onnx-int8; conf key embed.engine, see conf/default.yaml)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
     add_common(p)
 
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="only results whose path starts with this")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the manifest's)")
     p.add_argument("--ef-search", type=int, help="HNSW search depth (overrides the manifest's)")
-    p.add_argument("--engine", choices=ENGINE_CHOICES, help="engine embedding the query (default onnx)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, help="engine embedding the query (default onnx-int8: image queries in int8, text in fp32)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")

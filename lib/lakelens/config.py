@@ -47,7 +47,7 @@ class EmbedConfig:
     max_pixels: int = 89_478_485
     decode_threads: int = 2
     draft: bool = True
-    engine: str = "onnx"  # torch | torch-bf16 | onnx | onnx-int8 (engines.py)
+    engine: str = "onnx-int8"  # onnx-int8 | onnx | torch | torch-bf16 (engines.py)
     device: str = "auto"  # auto: the task's GPU if Spark assigned one, else cuda:0 if present, else cpu
     onnx_cache: str = ""  # exported ONNX graphs; empty: $LAKELENS_CACHE_DIR/onnx or ~/.cache/lakelens/onnx
 

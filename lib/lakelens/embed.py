@@ -24,13 +24,14 @@ class ImageResult:
     error: str | None
 
 
-def prepare(loaded: models.LoadedModel, data: bytes, max_pixels: int = 89_478_485, draft: bool = True):
-    """One image file's bytes -> (preprocessed CHW tensor, Decoded), or (None, Decoded with its error)."""
-    decoded = images.decode(data, loaded.image_size, max_pixels, draft)
+def prepare(transform, image_size: int, data: bytes, max_pixels: int = 89_478_485, draft: bool = True):
+    """One image file's bytes -> (transform(RGB image), Decoded), or (None, Decoded with its error).
+    `transform` is images.Transform (numpy) or open_clip's preprocess (torch tensors, for training)."""
+    decoded = images.decode(data, image_size, max_pixels, draft)
     if decoded.error:
         return None, decoded
     try:
-        return loaded.preprocess(decoded.image), decoded
+        return transform(decoded.image), decoded
     except Exception:
         decoded.error = "corrupt"
         return None, decoded
@@ -43,9 +44,15 @@ class Embedder:
     def __init__(self, spec: ModelSpec, batch_size: int = 32, decode_threads: int = 2, draft: bool = True,
                  max_pixels: int = 89_478_485, engine: str = engines.DEFAULT_ENGINE, device: str = "auto",
                  threads: int | None = None, onnx_cache: str = ""):
+        self.spec = spec
         self.engine = engines.get(spec, engine, device, threads, onnx_cache)
-        self.loaded = models.load(spec)
+        # numpy preprocessing, identical to open_clip's; its torchvision transform only where this one
+        # does not cover the model's settings
+        self.transform = self.engine.transform or (lambda img: self.loaded.preprocess(img).numpy())
         self.batch_size = batch_size
+        # CPU engines run as fast on 8 images as on 32 (one thread per task), so the model waits for only
+        # 8 decodes; a GPU wants whole batches
+        self.step = batch_size if self.engine.device != "cpu" else min(batch_size, 8)
         self.draft = draft
         self.max_pixels = max_pixels
         # PIL releases the GIL while decoding and resizing, and so do torch and ONNX Runtime while
@@ -54,21 +61,33 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.loaded.dim
+        return self.engine.dim
+
+    @property
+    def loaded(self) -> models.LoadedModel:
+        """The open_clip model and tokenizer, loaded on first use (text queries): image embedding with
+        an ONNX engine never needs them."""
+        return models.load(self.spec)
 
     def _prepare(self, data: bytes):
-        return prepare(self.loaded, data, self.max_pixels, self.draft)
+        return prepare(self.transform, self.engine.image_size, data, self.max_pixels, self.draft)
 
-    def _finish(self, prepared: list) -> list[ImageResult]:
-        ok = [i for i, (tensor, _) in enumerate(prepared) if tensor is not None]
-        vectors = self.embed_tensors([prepared[i][0] for i in ok])
-        results = [ImageResult(None, d.width, d.height, d.error) for _, d in prepared]
-        for row, i in enumerate(ok):
-            results[i].embedding = vectors[row]
+    def _finish(self, futures: list) -> list[ImageResult]:
+        """Embed one batch as its images come out of the decode threads, `step` at a time: the model
+        starts on the first images while the rest are still decoding."""
+        results: list[ImageResult] = []
+        for start in range(0, len(futures), self.step):
+            prepared = [f.result() for f in futures[start:start + self.step]]
+            ok = [i for i, (x, _) in enumerate(prepared) if x is not None]
+            vectors = self.embed_tensors([prepared[i][0] for i in ok]) if ok else None
+            part = [ImageResult(None, d.width, d.height, d.error) for _, d in prepared]
+            for row, i in enumerate(ok):
+                part[i].embedding = vectors[row]
+            results.extend(part)
         return results
 
     def __call__(self, contents: Sequence[bytes]) -> list[ImageResult]:
-        return self._finish(list(self._pool.map(self._prepare, contents)))
+        return self._finish([self._pool.submit(self._prepare, c) for c in contents])
 
     def stream(self, batches: Iterable[tuple[Any, Sequence[bytes]]]) -> Iterator[tuple[Any, list[ImageResult]]]:
         """(tag, contents) batches -> (tag, results), in order. Batch i+1 is decoded while batch i is
@@ -78,18 +97,16 @@ class Embedder:
             queue.append((tag, [self._pool.submit(self._prepare, c) for c in contents]))
             if len(queue) > 1:
                 done_tag, futures = queue.popleft()
-                yield done_tag, self._finish([f.result() for f in futures])
+                yield done_tag, self._finish(futures)
         while queue:
             done_tag, futures = queue.popleft()
-            yield done_tag, self._finish([f.result() for f in futures])
+            yield done_tag, self._finish(futures)
 
     def embed_tensors(self, tensors: list) -> np.ndarray:
-        """Preprocessed CHW tensors -> (n, dim) float32 unit vectors, in batches of batch_size."""
-        import torch
-
+        """Preprocessed CHW arrays (numpy, or torch tensors) -> (n, dim) float32 unit vectors, in batches."""
         out = np.zeros((len(tensors), self.dim), dtype=np.float32)
         for start in range(0, len(tensors), self.batch_size):
-            batch = torch.stack(tensors[start:start + self.batch_size])
+            batch = np.stack([np.asarray(t, dtype=np.float32) for t in tensors[start:start + self.batch_size]])
             out[start:start + len(batch)] = self.engine.encode_image(batch)
         return out
 
@@ -115,11 +132,8 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
 
     def embed_batches(batches: Iterator) -> Iterator:
         import pandas as pd
-        import torch
 
-        cpus = engines.task_cpus()
-        torch.set_num_threads(cpus)
-        embedder = cached_embedder(spec, *settings, threads=cpus, onnx_cache=onnx_cache)
+        embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache)
         def tagged():  # each batch's bytes listed once: embedded, then hashed
             for pdf in batches:
                 contents = pdf["content"].tolist()

@@ -14,7 +14,7 @@ from .config import ConfigError
 from .embed import embed_files
 from .models import ModelSpec
 from .spark import Job
-from .tables import SCHEMA, EmbeddingsTable, list_files, path_id_col, read_files
+from .tables import SCHEMA, EmbeddingsTable, check_new_ids, file_splits, list_files, path_id_col, read_files
 
 
 @dataclass
@@ -29,6 +29,7 @@ class EmbedStats:
     table_version: int | None = None
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # seconds per phase: list, plan, embed, commit, delete
+    chunk_seconds: list = field(default_factory=list)  # per chunk: [files, seconds to embed, seconds to commit]
 
     def summary(self) -> str:
         times = " ".join(f"{k}={v:.1f}s" for k, v in self.phases.items())
@@ -60,14 +61,12 @@ class EmbedJob(Job):
         spec.validate()
         return spec
 
-    def _partitions(self, files, n_files: int):
-        """Enough partitions to keep every core busy; Spark packs small files into few splits."""
-        c = self.conf.embed
-        target = min(n_files, c.partitions or 2 * self.spark.sparkContext.defaultParallelism)
-        return files.repartition(target) if files.rdd.getNumPartitions() < target else files
+    def partitions(self, n_files: int) -> int:
+        """Splits per chunk: embed.partitions, else two per core, so every core stays busy."""
+        return max(1, min(n_files, self.conf.embed.partitions or 2 * self.spark.sparkContext.defaultParallelism))
 
-    def _rows(self, files, spec: ModelSpec, n_files: int):
-        rows = embed_files(self._partitions(files, n_files), spec, self.conf.embed)
+    def _rows(self, files, spec: ModelSpec):
+        rows = embed_files(files, spec, self.conf.embed)
         return rows.select(path_id_col().alias("id"), "*", F.lit(spec.key).alias("model"),
                            F.current_timestamp().alias("embedded_at"))
 
@@ -95,11 +94,15 @@ class EmbedJob(Job):
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
         with phase("list"):
-            listing = list_files(spark, c.images, c.path_glob)
+            listing, listed = list_files(spark, c.images, c.path_glob)
         with phase("plan"):
-            table.check_ids(listing)
-            table.create_if_missing()
-            plan = table.plan(listing, spec.key, c.max_file_bytes)
+            if table.exists():
+                table.check_ids(listing)  # listed paths against each other and the rows kept
+                plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
+            else:  # every listed file is new and comes back in the plan: check their ids right here
+                plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
+                check_new_ids([*plan.to_embed, *(u[0] for u in plan.unread)])
+                table.create_if_missing()
         stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,
                            phases=phases)
         chunks = [plan.to_embed[i:i + c.chunk_size] for i in range(0, len(plan.to_embed), c.chunk_size)]
@@ -116,19 +119,22 @@ class EmbedJob(Job):
             else:
                 pending.append(rows)
 
-        unread = self._unread_rows(plan.unread, spec).localCheckpoint()
-        n_unread = unread.count()
-        if n_unread:  # empty and oversize files: error rows without reading a byte
-            commit(unread, f"lakelens embed {run_id}: {n_unread} empty or oversize files")
-            stats.failed += n_unread
+        if plan.unread:  # empty and oversize files: error rows without reading a byte
+            unread = spark.createDataFrame(plan.unread, "path string, size_bytes long, modified timestamp, error string")
+            commit(self._unread_rows(unread, spec), f"lakelens embed {run_id}: {len(plan.unread)} empty or oversize files")
+            stats.failed += len(plan.unread)
         for i, paths in enumerate(chunks):
+            before = dict(phases)
             with phase("embed"):
-                rows = self._rows(read_files(spark, paths), spec, len(paths)).localCheckpoint(eager=True)
+                with file_splits(spark, len(paths), self.partitions(len(paths))):  # the scan is planned by the action
+                    rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok
             commit(rows, f"lakelens embed {run_id}: chunk {i + 1}/{len(chunks)}")
             stats.chunks += 1
+            stats.chunk_seconds.append([len(paths)] + [round(phases.get(k, 0.0) - before.get(k, 0.0), 3)
+                                                       for k in ("embed", "commit")])
             self.log(f"  chunk {i + 1}/{len(chunks)} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
                 self.on_chunk(i, len(chunks))

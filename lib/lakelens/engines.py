@@ -3,33 +3,45 @@
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from . import models
-from .config import CHOICES, ConfigError
+from .config import CHOICES, ConfigError, EmbedConfig
+from .images import Transform
 from .models import ModelSpec
 
 ENGINES: tuple = CHOICES["embed.engine"]
 DEVICES: tuple = CHOICES["embed.device"]
-# The fastest engine whose parity test holds at cosine >= 0.99999 against torch (BENCHMARKS.md).
-DEFAULT_ENGINE = "onnx"
+# embed.engine's default: the fastest engine whose parity tests pass (per-image cosine >= 0.999 against
+# torch fp32, and the demo's Recall@10 within one point): BENCHMARKS.md.
+DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
-EXPORT_FORMAT = 1  # bump when the exported graphs change, so old caches are not reused
-# int8: weight-only 8-bit MatMul (MatMulNBits, symmetric blocks of 32) whose activations ONNX Runtime
-# quantises per block of 32 values too (accuracy_level 4: int8 dot products). quantize_dynamic's one
-# scale per activation tensor lost too much (cosine 0.986 against fp32 on ViT-B-32, BENCHMARKS.md).
-INT8_OPTIONS = {"bits": 8, "block_size": 32, "is_symmetric": True, "accuracy_level": 4}
+EXPORT_FORMAT = 2  # bump when the exported graphs change, so old caches are not reused
+# int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products (weights int8 per output
+# channel, activations uint8 per tensor, quantised on the fly). reduce_range keeps weights in 7 bits:
+# without VNNI, x86 multiplies uint8 x int8 pairs with VPMADDUBSW, whose 16-bit sums saturate with
+# full-range weights (per-image cosine 0.984 against fp32 on ViT-B-32, instead of 0.9997). The patch
+# convolution stays fp32 (ConvInteger is slower than the fp32 Conv it replaces), and so does the whole
+# text tower: one query at a time gains little from int8 and its cosine fell below 0.999.
+INT8_OPTIONS = {"per_channel": True, "reduce_range": True, "op_types": ["MatMul", "Gemm"]}
+# An int8 graph is used only if its vectors keep this cosine to the fp32 graph's on probe images
+# (checked once, when it is exported); else the engine warns and runs the fp32 graph.
+INT8_MIN_COSINE = 0.999
 EXPORTS: Counter = Counter()  # (cache folder, variant) -> exports done by this process; tests read it
 
 log = logging.getLogger(__name__)
@@ -69,6 +81,17 @@ def task_gpu_addresses() -> list[str]:
     return list(gpu.addresses) if gpu is not None else []
 
 
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch on a Linux machine that has no GPU device node
+    (ONNX workers then never load torch)."""
+    if sys.platform == "linux" and not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+                                        or os.path.exists("/dev/dxg")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def task_cpus() -> int:
     """Cores given to the running Spark task (spark.task.cpus), else every core of the machine."""
     try:
@@ -94,16 +117,21 @@ def bf16_supported() -> bool:
 class TorchEngine:
     """The open_clip model itself; autocast to bf16 (CPU) or fp16 (GPU) when `dtype` is given."""
 
-    def __init__(self, loaded: models.LoadedModel, device: str = "cpu", dtype=None, name: str = "torch"):
+    def __init__(self, loaded: models.LoadedModel, device: str = "cpu", dtype=None, name: str = "torch",
+                 threads: int | None = None):
         import torch
 
-        self.name, self.device, self.dtype = name, device, dtype
+        self.name, self.device, self.dtype, self.threads = name, device, dtype, threads
         self.model = loaded.model if device == "cpu" else loaded.model.to(device)
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        self.image_size, self.dim = loaded.image_size, loaded.dim
+        self.transform = Transform.from_cfg(getattr(loaded.model.visual, "preprocess_cfg", None) or {})
 
     def _run(self, fn, x) -> np.ndarray:
         import torch
 
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # the task's cores; Spark runs other tasks beside it
         x = torch.as_tensor(x).to(self.device)
         with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=self.dtype,
                                                     enabled=self.dtype is not None):
@@ -132,11 +160,9 @@ def weights_fingerprint(spec: ModelSpec) -> dict:
 
 
 def cache_key(spec: ModelSpec) -> str:
-    import open_clip
-    import torch
-
-    facts = {**weights_fingerprint(spec), "torch": torch.__version__, "open_clip": open_clip.__version__,
-             "opset": ONNX_OPSET, "format": EXPORT_FORMAT}
+    # release numbers from the installed metadata: a cached graph is found without importing torch
+    facts = {**weights_fingerprint(spec), "torch": metadata.version("torch"),
+             "open_clip": metadata.version("open_clip_torch"), "opset": ONNX_OPSET, "format": EXPORT_FORMAT}
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)[:40]
     return f"{safe}-{digest}"
@@ -180,14 +206,43 @@ def _export_fp32(loaded: models.LoadedModel, folder: Path) -> None:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _export_int8(fp32: Path, folder: Path) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
+    """Preprocessed probe images for the int8 check: rendered shapes on plain, striped and dotted
+    backgrounds, and smooth colour fields with grain (photo-like statistics)."""
+    from PIL import Image
 
-    for name in ("image.onnx", "text.onnx"):
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / name)), **INT8_OPTIONS)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(folder / name), False)
+    from . import synth
+
+    pictures = [synth.render(sample, 160, seed=i) for i, sample in enumerate(synth.samples(n // 2, seed=7))]
+    rng = np.random.default_rng(7)
+    for _ in range(n - len(pictures)):
+        field = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((300, 240), Image.BICUBIC)
+        grain = rng.normal(0, 8, (240, 300, 3))
+        pictures.append(Image.fromarray(np.clip(np.asarray(field) + grain, 0, 255).astype(np.uint8)))
+    return np.stack([np.asarray(loaded.preprocess(p), dtype=np.float32) for p in pictures])
+
+
+def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path) -> dict:
+    """Quantise the image tower; return the probe check's result for meta.json."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    opts = INT8_OPTIONS
+    # the quantiser writes a shape-inferred copy beside its input: give it a private input, so workers
+    # quantising at once do not delete each other's copies (and fp32/ stays as published)
+    source = folder / "fp32-image.onnx"
+    try:
+        os.link(fp32 / "image.onnx", source)
+    except OSError:
+        shutil.copyfile(fp32 / "image.onnx", source)
+    quantize_dynamic(str(source), str(folder / "image.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+                     op_types_to_quantize=opts["op_types"])
+    source.unlink()
+    x = probe_images(loaded)
+    ref = _session(fp32 / "image.onnx", 0).run(None, {"image": x})[0]
+    got = _session(folder / "image.onnx", 0).run(None, {"image": x})[0]
+    cosine = float((ref * got).sum(1).min())
+    return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE}
 
 
 def _publish(root: Path, variant: str, build, meta: dict) -> Path:
@@ -201,7 +256,7 @@ def _publish(root: Path, variant: str, build, meta: dict) -> Path:
     tmp.mkdir()
     try:
         with _EXPORT_LOCK:  # torch.onnx.export keeps global state: one export at a time per process
-            build(tmp)
+            meta = {**meta, **(build(tmp) or {})}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks it complete
         EXPORTS[(str(root), variant)] += 1
         try:
@@ -215,46 +270,77 @@ def _publish(root: Path, variant: str, build, meta: dict) -> Path:
     return final
 
 
-def onnx_graphs(loaded: models.LoadedModel, quantized: bool = False, cache_dir: str | Path | None = None) -> Path:
-    """The folder holding image.onnx and text.onnx for this model, exported (and quantised) once."""
-    spec = loaded.spec
+def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path | None = None) -> Path:
+    """The folder of this model's graphs: fp32/ (image.onnx, text.onnx) or int8/ (image.onnx), each with
+    its meta.json. Found on disk without loading the model; exported (and quantised) once otherwise."""
     root = Path(cache_dir or default_cache_dir()) / cache_key(spec)
-    meta = {**weights_fingerprint(spec), "image_size": loaded.image_size, "dim": loaded.dim, "opset": ONNX_OPSET}
+    variant = "int8" if quantized else "fp32"
+    if (root / variant / "meta.json").is_file():  # int8/ is only ever made after fp32/
+        return root / variant
+    loaded = models.load(spec)
+    cfg = getattr(loaded.model.visual, "preprocess_cfg", None) or {}
+    transform = Transform.from_cfg(cfg)
+    meta = {**weights_fingerprint(spec), "image_size": loaded.image_size, "dim": loaded.dim, "opset": ONNX_OPSET,
+            "transform": transform.to_dict() if transform else None}
     fp32 = _publish(root, "fp32", lambda tmp: _export_fp32(loaded, tmp), {**meta, "precision": "fp32"})
     if not quantized:
         return fp32
-    return _publish(root, "int8", lambda tmp: _export_int8(fp32, tmp), {**meta, "precision": "int8", **INT8_OPTIONS})
+    return _publish(root, "int8", lambda tmp: _export_int8(loaded, fp32, tmp),
+                    {**meta, "precision": "int8", **INT8_OPTIONS})
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # the task's cores; Spark runs other tasks beside it
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle ORT threads would spin on cores the decode threads need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 class OnnxEngine:
-    """ONNX Runtime sessions over the exported towers; the text session is opened on first use."""
+    """ONNX Runtime sessions over the exported towers; the text session is opened on first use. Built
+    from the on-disk cache alone when the graphs are there: no torch, no open_clip, no torch model."""
 
-    def __init__(self, loaded: models.LoadedModel, quantized: bool = False, threads: int = 1,
+    def __init__(self, spec: ModelSpec, quantized: bool = False, threads: int = 1,
                  cache_dir: str | Path | None = None):
-        self.name = "onnx-int8" if quantized else "onnx"
-        self.precision, self.device, self.threads = ("int8" if quantized else "fp32"), "cpu", threads
-        self.folder = onnx_graphs(loaded, quantized, cache_dir)
-        self._image = self._session("image.onnx")
+        self.name, self.device, self.threads = ("onnx-int8" if quantized else "onnx"), "cpu", threads
+        self.text_folder = self.folder = onnx_graphs(spec, False, cache_dir)
+        meta = json.loads((self.folder / "meta.json").read_text())
+        if quantized:
+            int8 = onnx_graphs(spec, True, cache_dir)
+            check = json.loads((int8 / "meta.json").read_text())
+            if check["accepted"]:
+                self.folder = int8
+            else:
+                log.warning("embed.engine onnx-int8: the int8 graph of %s kept a cosine of only %.4f to fp32 on "
+                            "probe images (needs %s); running the fp32 graph instead", spec.key,
+                            check["probe_min_cosine"], INT8_MIN_COSINE)
+        self.precision = json.loads((self.folder / "meta.json").read_text())["precision"]
+        self.image_size, self.dim = int(meta["image_size"]), int(meta["dim"])
+        self.transform = Transform(**meta["transform"]) if meta.get("transform") else None
+        # int8 activation scales are computed per call over the whole input, so int8 runs one image per
+        # call (an image's vector must not depend on its batch mates), with `threads` calls at a time on
+        # one thread each: as fast as a batch on one thread, faster than a batch on several.
+        self._per_image = self.precision == "int8"
+        self._image = _session(self.folder / "image.onnx", 1 if self._per_image else threads)
+        self._pool = ThreadPoolExecutor(threads) if self._per_image and threads > 1 else None
         self._text = None
-
-    def _session(self, name: str):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads  # the task's cores; Spark runs other tasks beside it
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle ORT threads would spin on cores the decode threads need.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(self.folder / name), opts, providers=["CPUExecutionProvider"])
 
     def encode_image(self, images) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
-        return self._image.run(None, {"image": x})[0]
+        if not self._per_image:
+            return self._image.run(None, {"image": x})[0]
+        one = lambda i: self._image.run(None, {"image": x[i:i + 1]})[0]  # noqa: E731
+        rows = list(self._pool.map(one, range(len(x)))) if self._pool else [one(i) for i in range(len(x))]
+        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
 
     def encode_text(self, tokens) -> np.ndarray:
         if self._text is None:
-            self._text = self._session("text.onnx")
+            self._text = _session(self.text_folder / "text.onnx", self.threads)
         return self._text.run(None, {"tokens": np.asarray(tokens, dtype=np.int64)})[0]
 
 
@@ -269,29 +355,26 @@ def load(spec: ModelSpec, engine: str = DEFAULT_ENGINE, device: str = "cpu", thr
          cache_dir: str = "", fingerprint: str = ""):
     """One engine per process and setting: Spark's reused Python workers keep it between tasks.
     `device` is a resolved device (choose_device); on a GPU every engine runs torch with fp16 autocast."""
+    check_engine(engine)
+    if device == "cpu" and engine.startswith("onnx"):
+        return OnnxEngine(spec, quantized=engine == "onnx-int8", threads=max(1, threads), cache_dir=cache_dir or None)
     import torch
 
-    check_engine(engine)
     loaded = models.load(spec)
     if device != "cpu":
         return TorchEngine(loaded, device, torch.float16, name=f"{engine} (cuda fp16)")
-    if engine == "torch":
-        return TorchEngine(loaded)
     if engine == "torch-bf16":
         if bf16_supported():
-            return TorchEngine(loaded, dtype=torch.bfloat16, name=engine)
+            return TorchEngine(loaded, dtype=torch.bfloat16, name=engine, threads=threads)
         log.warning("embed.engine torch-bf16: this CPU has no native bf16 kernels (emulated bf16 is far "
                     "slower than fp32); running fp32 instead")
-        return TorchEngine(loaded, name=engine)
-    return OnnxEngine(loaded, quantized=engine == "onnx-int8", threads=max(1, threads), cache_dir=cache_dir or None)
+    return TorchEngine(loaded, name=engine, threads=threads)
 
 
 def get(spec: ModelSpec, engine: str = DEFAULT_ENGINE, device: str = "auto", threads: int | None = None,
         cache_dir: str = ""):
     """Resolve device and threads (from the Spark task, if any) and return the cached engine. A changed
     checkpoint file gives a new cache entry, so a long-lived worker does not keep serving stale graphs."""
-    import torch
-
-    resolved = choose_device(torch.cuda.is_available(), task_gpu_addresses(), device)
+    resolved = choose_device(cuda_available(), task_gpu_addresses(), device)
     fp = json.dumps(weights_fingerprint(spec), sort_keys=True)
     return load(spec, engine, resolved, threads or task_cpus(), str(cache_dir or ""), fp)

@@ -59,7 +59,7 @@ def load_images(paths: list[str], loaded: models.LoadedModel, progress: bool = T
     tensors, errors = [], []
     for p in tqdm(paths, desc="loading images", unit="img", disable=not progress, mininterval=2):
         try:
-            tensor, decoded = prepare(loaded, Path(_local(p)).read_bytes())
+            tensor, decoded = prepare(loaded.preprocess, loaded.image_size, Path(_local(p)).read_bytes())
         except OSError as e:
             tensor, decoded = None, images.Decoded(None, None, None, f"unreadable: {type(e).__name__}")
         if tensor is None:

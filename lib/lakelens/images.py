@@ -1,10 +1,10 @@
-"""Image bytes -> RGB PIL image: decode, EXIF orientation, mode conversion, size guards; errors as values."""
+"""Image bytes -> RGB PIL image (decode, EXIF orientation, mode conversion, size guards; errors as values) -> model input."""
 
 from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -109,3 +109,58 @@ def decode(data: bytes, target_size: int | None = None, max_pixels: int = 89_478
         return _fail("too large")
     except Exception as e:
         return _fail(_classify(e))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """open_clip's inference preprocessing (resize, centre crop, scale to [0, 1], normalise) in PIL and
+    numpy: the same float32 values as its torchvision Compose, bit for bit, without importing torch, so
+    a worker running an ONNX engine never loads torch at all."""
+
+    size: int
+    mean: tuple
+    std: tuple
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "Transform | None":
+        """From an open_clip model's `visual.preprocess_cfg`; None where this class does not cover it
+        (non-square sizes, resize_mode 'longest'): callers then use open_clip's own transform."""
+        size = cfg.get("size", 224)
+        if isinstance(size, (tuple, list)):
+            if len(set(size)) != 1:
+                return None
+            size = size[0]
+        if cfg.get("mode", "RGB") != "RGB" or cfg.get("resize_mode", "shortest") not in ("shortest", "squash"):
+            return None
+        mean, std = cfg.get("mean"), cfg.get("std")
+        mean = tuple(mean) if isinstance(mean, (tuple, list)) else (mean,) * 3
+        std = tuple(std) if isinstance(std, (tuple, list)) else (std,) * 3
+        return cls(int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                   cfg.get("interpolation") or "bicubic", cfg.get("resize_mode") or "shortest")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB image -> (3, size, size) float32."""
+        s = self.size
+        resample = Image.BILINEAR if self.interpolation == "bilinear" else Image.BICUBIC
+        w, h = img.size
+        if self.resize_mode == "squash":
+            new_w, new_h = s, s
+        else:  # the shorter side to `size`, as torchvision's Resize(int) computes it
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = s, int(s * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        if (new_w, new_h) != (s, s):  # centre crop; both sides are >= size here, so nothing to pad
+            top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+            img = img.crop((left, top, left + s, top + s))
+        x = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8).astype(np.float32)
+        x /= np.float32(255)
+        x -= np.asarray(self.mean, dtype=np.float32)
+        x /= np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))

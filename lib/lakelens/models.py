@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,21 @@ def _open_clip():
 
     open_clip.add_model_config(MODEL_CONFIG_DIR)
     return open_clip
+
+
+@functools.lru_cache(maxsize=None)
+def known_architectures() -> list[str]:
+    """open_clip.list_models() plus this project's configs, read from the config files as open_clip reads
+    them (a model needs embed_dim, vision_cfg and text_cfg), without importing open_clip."""
+    package = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in (package.submodule_search_locations or [])] + [MODEL_CONFIG_DIR]
+    names = set()
+    for folder in folders:
+        for f in folder.glob("*.json"):
+            cfg = json.loads(f.read_text())
+            if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                names.add(f.stem)
+    return sorted(names)
 
 
 def _looks_like_path(pretrained: str) -> bool:
@@ -58,9 +75,10 @@ class ModelSpec:
         return _looks_like_path(self.pretrained)
 
     def validate(self) -> None:
-        """Raise ConfigError for an unknown architecture or pretrained tag, before any worker starts."""
-        oc = _open_clip()
-        models = oc.list_models()
+        """Raise ConfigError for an unknown architecture or pretrained tag, before any worker starts.
+        Names and checkpoint paths are checked without importing open_clip (and torch); pretrained tags
+        need open_clip's registry."""
+        models = known_architectures()
         if self.name not in models and not self.name.startswith("hf-hub:"):
             raise ConfigError(f"model.name: unknown open_clip architecture {self.name!r}; "
                               f"known: {', '.join(models[:12])}, ... (open_clip.list_models())")
@@ -70,7 +88,7 @@ class ModelSpec:
             if not Path(self.pretrained).is_file():
                 raise ModelLoadError(f"model.pretrained: checkpoint file not found: {self.pretrained}")
             return
-        tags = oc.list_pretrained_tags_by_model(self.name)
+        tags = _open_clip().list_pretrained_tags_by_model(self.name)
         if self.pretrained not in tags:
             raise ConfigError(f"model.pretrained: {self.pretrained!r} is not a pretrained tag of {self.name}; "
                               f"allowed: {', '.join(tags) or '(none)'}, a checkpoint path, or none")

@@ -163,7 +163,7 @@ class Searcher:
     # --- embedding queries ---------------------------------------------------------------------
     @property
     def embedder(self):
-        if self._embedder is None or self._embedder.loaded.spec != self.model_spec:
+        if self._embedder is None or self._embedder.spec != self.model_spec:
             from .embed import Embedder
 
             self._embedder = Embedder(self.model_spec, decode_threads=1, engine=self.engine,

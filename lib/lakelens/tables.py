@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections import Counter, defaultdict
+from contextlib import contextmanager
 from datetime import datetime
 from dataclasses import dataclass
 
@@ -79,10 +81,11 @@ def _hadoop_status(spark: SparkSession, path: str):
     return p.getFileSystem(spark._jsc.hadoopConfiguration()).getFileStatus(p)
 
 
-def list_files(spark: SparkSession, images: str, path_glob: str = "") -> DataFrame:
+def list_files(spark: SparkSession, images: str, path_glob: str = "") -> tuple[DataFrame, int]:
     """(path, size_bytes, modified) of every file under a folder (recursive), a glob or a URI,
-    materialised. Spark's binaryFile source reads no contents when `content` is not selected, but its
-    scan drops zero-length files, so those are found by diffing the file index and listed here too."""
+    materialised, and their count. Spark's binaryFile source reads no contents when `content` is not
+    selected, but its scan drops zero-length files, so those are found by diffing the file index and
+    listed here too."""
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
     if path_glob:
         reader = reader.option("pathGlobFilter", path_glob)
@@ -90,7 +93,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> DataFra
     listing = (files.select("path", F.col("length").alias("size_bytes"),
                             F.col("modificationTime").alias("modified")).localCheckpoint())
     indexed = files.inputFiles()
-    if len(indexed) > listing.count():
+    if len(indexed) > listing.count():  # the same count once the zero-length files are added
         # the file index spells local paths file:///x, the scan file:/x
         names = [p.replace("file:///", "file:/", 1) if p.startswith("file:///") else p for p in indexed]
         missing = (spark.createDataFrame([(n,) for n in names], "path string")
@@ -102,7 +105,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> DataFra
             empty.append((row["path"], int(st.getLen()),
                           datetime.fromtimestamp(ms // 1000).replace(microsecond=ms % 1000 * 1000)))
         listing = listing.unionByName(spark.createDataFrame(empty, listing.schema)).localCheckpoint()
-    return listing
+    return listing, len(indexed)
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
@@ -117,14 +120,53 @@ def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
     return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
 
 
+@contextmanager
+def file_splits(spark: SparkSession, files: int, partitions: int):
+    """Inside this block a scan of `files` files packs them into `partitions` splits of ceil(files /
+    partitions) files each (the last holds the rest), so files reach every core without a shuffle of
+    their contents. Spark packs a split until (file sizes + open cost per file) would pass
+    maxPartitionBytes; an open cost of 1 TiB makes that a count of files (an image costs about the same
+    to embed whatever its size in bytes). The scan is planned when an action runs, so the action
+    belongs inside too; the session's settings come back after."""
+    per_split = -(-max(1, files) // max(1, partitions))
+    settings = {"spark.sql.files.openCostInBytes": str(1 << 40),
+                "spark.sql.files.maxPartitionBytes": str(per_split << 40),
+                "spark.sql.files.minPartitionNum": "1"}  # so that maxPartitionBytes alone sets the split size
+    before = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+
+
 @dataclass
 class Plan:
     to_embed: list  # paths of new and changed files, sorted
-    unread: DataFrame  # new/changed files that are empty or above max_file_bytes: (path, size_bytes, modified, error)
+    unread: list  # (path, size_bytes, modified, error) of new/changed files that are empty or above max_file_bytes
     deleted: int
     unchanged: int
     new: int
     changed: int
+
+
+def check_new_ids(paths) -> None:
+    """Raise IdCollisionError if two of these paths share an id (a new table: nothing else to compare)."""
+    by_id: dict = defaultdict(set)
+    for p in paths:
+        by_id[path_id(p)].add(p)
+    _raise_collisions([(i, ps) for i, ps in by_id.items() if len(ps) > 1])
+
+
+def _raise_collisions(clashes: list) -> None:
+    if clashes:
+        detail = "; ".join(f"id {i}: {sorted(ps)}" for i, ps in clashes[:3])
+        raise IdCollisionError(f"64-bit path ids collide, nothing was written: {detail}")
 
 
 class EmbeddingsTable:
@@ -172,36 +214,35 @@ class EmbeddingsTable:
          .property("delta.enableChangeDataFeed", "true").execute())
 
     # --- change detection ----------------------------------------------------------------------
-    def plan(self, listing: DataFrame, model_key: str, max_file_bytes: int) -> Plan:
-        """Classify listed files against the table: new, changed (size, mtime or model differ),
-        unchanged; rows of files no longer listed are deleted."""
-        existing = (self.read().select("path", F.col("size_bytes").alias("old_size"),
-                                       F.col("modified").alias("old_modified"), F.col("model").alias("old_model"))
-                    if self.exists() else None)
-        if existing is None:
-            classified = listing.withColumn("status", F.lit("new"))
+    def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int) -> Plan:
+        """Classify the `listed` files of `listing` against the table: new, changed (size, mtime or model
+        differ), unchanged; rows of files no longer listed are deleted. One Spark job: every row that is
+        not unchanged comes back to the driver (the paths to embed are needed there anyway)."""
+        if not self.exists():
+            todo = [(r["path"], r["size_bytes"], r["modified"], "new") for r in listing.collect()]
         else:
-            joined = listing.join(existing, "path", "full_outer")
-            classified = joined.withColumn(
-                "status",
-                F.when(F.col("size_bytes").isNull(), "deleted")
-                .when(F.col("old_size").isNull(), "new")
-                .when((F.col("size_bytes") != F.col("old_size"))
-                      | ~F.col("modified").eqNullSafe(F.col("old_modified"))
-                      | (F.col("old_model") != F.lit(model_key)), "changed")
-                .otherwise("unchanged"))
-        classified = classified.select("path", "size_bytes", "modified", "status").localCheckpoint()
-        counts = {r["status"]: r["count"] for r in classified.groupBy("status").count().collect()}
-        todo = classified.where(F.col("status").isin("new", "changed"))
-        readable = (F.col("size_bytes") > 0) & (F.col("size_bytes") <= max_file_bytes)
-        to_embed = sorted(r["path"] for r in todo.where(readable).select("path").collect())
-        unread = todo.where(~readable).select(
-            "path", "size_bytes", "modified",
-            F.when(F.col("size_bytes") == 0, "empty file").otherwise("too large").alias("error"))
-        return Plan(to_embed=to_embed, unread=unread,
-                    deleted=counts.get("deleted", 0),
-                    unchanged=counts.get("unchanged", 0), new=counts.get("new", 0),
-                    changed=counts.get("changed", 0))
+            existing = self.read().select("path", F.col("size_bytes").alias("old_size"),
+                                          F.col("modified").alias("old_modified"), F.col("model").alias("old_model"))
+            status = (F.when(F.col("size_bytes").isNull(), "deleted")
+                      .when(F.col("old_size").isNull(), "new")
+                      .when((F.col("size_bytes") != F.col("old_size"))
+                            | ~F.col("modified").eqNullSafe(F.col("old_modified"))
+                            | (F.col("old_model") != F.lit(model_key)), "changed")
+                      .otherwise("unchanged"))
+            todo = [tuple(r) for r in listing.join(existing, "path", "full_outer")
+                    .select("path", "size_bytes", "modified", status.alias("status"))
+                    .where(F.col("status") != "unchanged").collect()]
+        counts = Counter(status for *_, status in todo)
+        to_embed, unread = [], []
+        for path, size, modified, status in todo:
+            if status in ("new", "changed"):
+                if 0 < size <= max_file_bytes:
+                    to_embed.append(path)
+                else:
+                    unread.append((path, size, modified, "empty file" if size == 0 else "too large"))
+        return Plan(to_embed=sorted(to_embed), unread=unread, deleted=counts["deleted"],
+                    unchanged=listed - counts["new"] - counts["changed"], new=counts["new"],
+                    changed=counts["changed"])
 
     def check_ids(self, listing: DataFrame) -> None:
         """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id."""
@@ -210,9 +251,7 @@ class EmbeddingsTable:
             ids = ids.unionByName(self.read().select("path", "id")).distinct()
         clash = (ids.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths"))
                  .where("n > 1").limit(3).collect())
-        if clash:
-            detail = "; ".join(f"id {r['id']}: {sorted(r['paths'])}" for r in clash)
-            raise IdCollisionError(f"64-bit path ids collide, nothing was written: {detail}")
+        _raise_collisions([(r["id"], r["paths"]) for r in clash])
 
     # --- writing -------------------------------------------------------------------------------
     def upsert(self, rows: DataFrame, note: str = "") -> None:

@@ -45,9 +45,12 @@ def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
         assert r["size_bytes"] == os.path.getsize(local) and r["width"] == Image.open(local).width
 
 
-def test_parity_with_a_plain_open_clip_loop(spark, tmp_path, local_conf):
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_parity_with_a_plain_open_clip_loop(spark, tmp_path, local_conf, engine):
+    """The job's plumbing (files, decoding, preprocessing, rows) against open_clip itself; the fp32
+    engines hold the 1e-5 bar, the default int8 engine its own (test_engines_write_the_torch_engines_vectors)."""
     files = write_images(tmp_path / "img", 12)
-    run(spark, local_conf(tmp_path / "img", tmp_path / "t"))
+    run(spark, local_conf(tmp_path / "img", tmp_path / "t", f"embed.engine={engine}"))
     got = rows_by_path(spark, tmp_path / "t")
 
     oc = models._open_clip()  # open_clip with the shipped configs registered
@@ -187,11 +190,23 @@ def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_con
     assert delta_version(spark, table) == version
 
 
-def test_spreads_files_over_every_core(spark, tmp_path, local_conf):
+def test_spreads_files_over_every_core_without_a_shuffle(spark, tmp_path, local_conf):
     write_images(tmp_path / "img", 10)
+    paths = [f"file:{p}" for p in sorted((tmp_path / "img").iterdir())]
     job = EmbedJob(spark=spark, conf=local_conf(tmp_path / "img", tmp_path / "t"))
-    files = tables.read_files(spark, [f"file:{p}" for p in sorted((tmp_path / "img").iterdir())])
-    assert job._partitions(files, 10).rdd.getNumPartitions() >= spark.sparkContext.defaultParallelism
+    assert job.partitions(10) == 2 * spark.sparkContext.defaultParallelism and job.partitions(3) == 3
+    default_splits = tables.read_files(spark, paths).rdd.getNumPartitions()
+    for want in (2, 4, 10):
+        with tables.file_splits(spark, 10, want):
+            files = tables.read_files(spark, paths)
+            rdd = files.rdd
+            assert rdd.getNumPartitions() == want  # 2 x 5, 4 = 3+3+3+1, 10 x 1
+            assert "Exchange" not in files._jdf.queryExecution().executedPlan().toString()
+            sizes = [len(p) for p in rdd.glom().collect()]
+            per = -(-10 // want)  # PNGs and JPEGs of unequal bytes, packed by count: the last split has the rest
+            assert sorted(sizes, reverse=True) == [per] * (len(sizes) - 1) + [10 - per * (len(sizes) - 1)]
+    assert spark.conf.get("spark.sql.files.minPartitionNum", None) is None  # the session's settings are back
+    assert tables.read_files(spark, paths).rdd.getNumPartitions() == default_splits
 
 
 def test_glob_characters_in_file_names(spark, tmp_path, local_conf):
@@ -215,14 +230,30 @@ def test_cli_embed_json_and_bad_config(spark, tmp_path, capsys):
     assert "embed.images" in capsys.readouterr().err
 
 
-def test_onnx_engine_writes_the_torch_engines_vectors(spark, tmp_path, local_conf):
+def test_engines_write_the_torch_engines_vectors(spark, tmp_path, local_conf):
     write_images(tmp_path / "img", 10)
     cache = f"embed.onnx_cache={tmp_path / 'onnx'}"
-    torch_run = run(spark, local_conf(tmp_path / "img", tmp_path / "t-torch", "embed.engine=torch"))
-    onnx_run = run(spark, local_conf(tmp_path / "img", tmp_path / "t-onnx", "embed.engine=onnx", cache))
-    assert torch_run.embedded == onnx_run.embedded == 10
-    a, b = rows_by_path(spark, tmp_path / "t-torch"), rows_by_path(spark, tmp_path / "t-onnx")
-    assert a.keys() == b.keys()
-    cos = [float(np.dot(a[p]["embedding"], b[p]["embedding"])) for p in a]
-    assert min(cos) >= 0.99999 and b[next(iter(b))]["model"] == "lakelens-tiny@none"
+    runs = {engine: run(spark, local_conf(tmp_path / "img", tmp_path / f"t-{engine}", f"embed.engine={engine}", cache))
+            for engine in ("torch", "onnx")}
+    runs["onnx-int8"] = run(spark, local_conf(tmp_path / "img", tmp_path / "t-default", cache))  # the default
+    assert [r.embedded for r in runs.values()] == [10, 10, 10]
+    ref = rows_by_path(spark, tmp_path / "t-torch")
+    for engine, table, bar in (("onnx", "t-onnx", 0.99999), ("onnx-int8", "t-default", 0.999)):
+        got = rows_by_path(spark, tmp_path / table)
+        assert got.keys() == ref.keys() and {r["model"] for r in got.values()} == {"lakelens-tiny@none"}
+        cos = [float(np.dot(ref[p]["embedding"], got[p]["embedding"])) for p in ref]
+        assert min(cos) >= bar, engine
+        if engine == "onnx-int8":  # really int8 (no silent fp32 fallback): close, not equal
+            assert max(cos) < 0.9999999
     assert [p.name for p in (tmp_path / "onnx").iterdir()]  # the workers exported into the configured cache
+
+
+def test_id_collision_among_new_files_is_detected_before_the_table_exists(spark, tmp_path, local_conf, monkeypatch):
+    """A new table's ids are checked on the driver from the plan (no Spark job): with a weak hash
+    standing in for sha256, two listed files collide and the table is never created."""
+    img, table = tmp_path / "img", tmp_path / "t"
+    write_images(img, 3)
+    monkeypatch.setattr(tables, "path_id", lambda p: len(p))  # every name has the same length here
+    with pytest.raises(IdCollisionError, match=r"im0000\.png.*im0001\.jpg"):
+        run(spark, local_conf(img, table))
+    assert not table.exists()
