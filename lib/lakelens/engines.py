@@ -310,16 +310,16 @@ class OnnxEngine:
         self.name, self.device, self.threads = ("onnx-int8" if quantized else "onnx"), "cpu", threads
         self.text_folder = self.folder = onnx_graphs(spec, False, cache_dir)
         meta = json.loads((self.folder / "meta.json").read_text())
+        self.precision = meta["precision"]
         if quantized:
             int8 = onnx_graphs(spec, True, cache_dir)
             check = json.loads((int8 / "meta.json").read_text())
             if check["accepted"]:
-                self.folder = int8
+                self.folder, self.precision = int8, check["precision"]
             else:
                 log.warning("embed.engine onnx-int8: the int8 graph of %s kept a cosine of only %.4f to fp32 on "
                             "probe images (needs %s); running the fp32 graph instead", spec.key,
                             check["probe_min_cosine"], INT8_MIN_COSINE)
-        self.precision = json.loads((self.folder / "meta.json").read_text())["precision"]
         self.image_size, self.dim = int(meta["image_size"]), int(meta["dim"])
         self.transform = Transform(**meta["transform"]) if meta.get("transform") else None
         # int8 activation scales are computed per call over the whole input, so int8 runs one image per
