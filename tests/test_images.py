@@ -125,7 +125,7 @@ def test_transform_equals_open_clips_preprocess_bit_for_bit(name):
     from lakelens import models
 
     loaded = models.load(models.ModelSpec(name))
-    transform = Transform.from_cfg(loaded.model.visual.preprocess_cfg)
+    transform = loaded.transform  # Transform.from_cfg of the model's preprocess_cfg
     assert transform is not None and transform.size == loaded.image_size
     rng = np.random.default_rng(0)
     sizes = [(64, 64), (65, 64), (300, 200), (200, 301), (1, 50), (224, 224), (225, 224), (63, 63), (10, 7),

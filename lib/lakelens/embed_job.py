@@ -96,11 +96,11 @@ class EmbedJob(Job):
         with phase("list"):
             listing, listed = list_files(spark, c.images, c.path_glob)
         with phase("plan"):
-            if table.exists():
+            exists = table.exists()
+            if exists:
                 table.check_ids(listing)  # listed paths against each other and the rows kept
-                plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
-            else:  # every listed file is new and comes back in the plan: check their ids right here
-                plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
+            plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
+            if not exists:  # every listed file is new and comes back in the plan: check their ids right here
                 check_new_ids([*plan.to_embed, *(u[0] for u in plan.unread)])
                 table.create_if_missing()
         stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,

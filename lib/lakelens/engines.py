@@ -125,7 +125,7 @@ class TorchEngine:
         self.model = loaded.model if device == "cpu" else loaded.model.to(device)
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         self.image_size, self.dim = loaded.image_size, loaded.dim
-        self.transform = Transform.from_cfg(getattr(loaded.model.visual, "preprocess_cfg", None) or {})
+        self.transform = loaded.transform
 
     def _run(self, fn, x) -> np.ndarray:
         import torch
@@ -278,8 +278,7 @@ def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path 
     if (root / variant / "meta.json").is_file():  # int8/ is only ever made after fp32/
         return root / variant
     loaded = models.load(spec)
-    cfg = getattr(loaded.model.visual, "preprocess_cfg", None) or {}
-    transform = Transform.from_cfg(cfg)
+    transform = loaded.transform
     meta = {**weights_fingerprint(spec), "image_size": loaded.image_size, "dim": loaded.dim, "opset": ONNX_OPSET,
             "transform": transform.to_dict() if transform else None}
     fp32 = _publish(root, "fp32", lambda tmp: _export_fp32(loaded, tmp), {**meta, "precision": "fp32"})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import ConfigError, ModelConfig
+from .images import Transform
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_INIT = "none"
@@ -102,6 +103,12 @@ class LoadedModel:
     tokenizer: Callable
     image_size: int
     dim: int
+
+    @property
+    def transform(self) -> Transform | None:
+        """The model's preprocessing as images.Transform (numpy, no torch), or None where it does not
+        cover the model's settings."""
+        return Transform.from_cfg(getattr(self.model.visual, "preprocess_cfg", None) or {})
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -245,10 +245,10 @@ class EmbeddingsTable:
                     changed=counts["changed"])
 
     def check_ids(self, listing: DataFrame) -> None:
-        """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id."""
-        ids = listing.select("path").withColumn("id", path_id_col())
-        if self.exists():
-            ids = ids.unionByName(self.read().select("path", "id")).distinct()
+        """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id (an
+        existing table; for a new one, check_new_ids on the driver)."""
+        ids = (listing.select("path").withColumn("id", path_id_col())
+               .unionByName(self.read().select("path", "id")).distinct())
         clash = (ids.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths"))
                  .where("n > 1").limit(3).collect())
         _raise_collisions([(r["id"], r["paths"]) for r in clash])
