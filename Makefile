@@ -19,7 +19,7 @@ bench: setup
 	$(PY) bench/engines_eval.py
 
 lint: setup
-	$(PY) -m compileall -q lib jobs bench tests
+	.venv/bin/ruff check lib jobs bench tests
 
 clean:
 	rm -rf build .pytest_cache

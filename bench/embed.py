@@ -22,9 +22,8 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import shutil
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,7 @@ def make_images(folder: Path, n: int, w: int, h: int, quality: int = 90) -> list
 
 def plain_loop(paths: list[Path], model_name: str, batch: int = 32) -> dict:
     """The baseline: PIL open + open_clip preprocess + torch forward, one process, batch 32."""
-    from lakelens import models
+    from lakelens.models import registry as models
 
     oc = models._open_clip()
     t0 = time.perf_counter()
@@ -97,7 +96,8 @@ def compute_bounds(model_name: str) -> dict:
     """Matmul rate of this machine (fp32 and bf16, all cores) and the image tower's FLOPs per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lakelens import engines, models
+    from lakelens.models import engines
+    from lakelens.models import registry as models
 
     out = {}
     for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 512)):
@@ -126,7 +126,7 @@ def compute_bounds(model_name: str) -> dict:
 
 def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, bounds: dict) -> dict:
     """Model-only images/s per engine (preprocessed batch of 32, all cores) and the fraction of the bound."""
-    from lakelens.embed import Embedder
+    from lakelens import Embedder
 
     out = {}
     for name in engine_names:
@@ -300,7 +300,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(RESULTS / "embed.json"))
     args = ap.parse_args()
 
-    from lakelens import engines, models
+    from lakelens.models import engines
+    from lakelens.models import registry as models
 
     engine_names = args.engines.split(",")
     work = Path(tempfile.mkdtemp(prefix="lakelens-bench-"))

@@ -20,7 +20,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from lakelens import engines, evaluate as ev, images, models  # noqa: E402
+from lakelens.ingest import images  # noqa: E402
+from lakelens.models import engines  # noqa: E402
+from lakelens.models import registry as models  # noqa: E402
+from lakelens.train import metrics as ev  # noqa: E402
 
 
 def main() -> int:

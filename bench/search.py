@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import clustered, exact_topk, recall_at  # noqa: E402  (the same generator the tests use)
 
+from lakelens import Searcher  # noqa: E402
 from lakelens import index as ix  # noqa: E402
-from lakelens.search import Searcher  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -68,7 +68,7 @@ def measure(name: str, choice: ix.Choice, ids, x, q, true_ids, work: Path, batch
         sweep.append({"nprobe": nprobe, "recall@10": round(recall_at(found, true_ids), 4), **lat})
     if sweep:
         out["nprobe_sweep"] = sweep
-    del s
+    s = None  # drop the index (and its memory maps) before deleting its files
     shutil.rmtree(index_dir, ignore_errors=True)
     return out
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import clustered  # noqa: E402  (the same generator the tests use)
 
-from lakelens import index as ix, synth  # noqa: E402
-from lakelens.search import Searcher  # noqa: E402
+from lakelens import Searcher  # noqa: E402
+from lakelens import index as ix  # noqa: E402
+from lakelens.train import synth  # noqa: E402
 
 MODEL_KEY = "lakelens-tiny@none"  # random-init tiny CLIP: real text embedding per query, 128-d
 

@@ -1,8 +1,8 @@
 import pytest
+from conftest import ROOT
 
 from lakelens import config
 from lakelens.config import ConfigError
-from conftest import ROOT
 
 
 def test_defaults_and_shipped_files_load():

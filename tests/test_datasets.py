@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lakelens import datasets
+from lakelens import DataError
+from lakelens.train import datasets
 
 
 def test_reads_the_real_fashion_mnist_files():
@@ -35,7 +36,7 @@ def test_bad_idx_files_are_refused(tmp_path):
 
 def test_missing_dataset_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("LAKELENS_FASHION_MNIST", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
         datasets.fashion_mnist("test")
 
 
@@ -50,4 +51,4 @@ def test_writes_a_balanced_captioned_sample(tmp_path):
     assert datasets.LABELS[labels[idx]] == first["label"]
     assert np.array_equal(np.asarray(Image.open(first["path"])), images[idx])  # lossless PNG of the original
     varied = pd.read_csv(datasets.write_fashion_mnist(tmp_path / "tr", "train", 60, seed=3, varied_captions=True))
-    assert varied["caption"].nunique() > 10 and all(l in c for l, c in zip(varied["label"], varied["caption"]))
+    assert varied["caption"].nunique() > 10 and all(lab in c for lab, c in zip(varied["label"], varied["caption"]))

@@ -1,8 +1,7 @@
 import numpy as np
-
-from lakelens.embed import Embedder
-from lakelens.models import ModelSpec
 from conftest import encode, noise_image
+
+from lakelens import Embedder, ModelSpec
 
 
 def test_embedder_returns_unit_vectors_and_errors_as_values():

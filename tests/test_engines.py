@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from lakelens import config, engines, models
-from lakelens.config import ConfigError
-from lakelens.embed import Embedder
-from lakelens.models import ModelSpec
 from conftest import encode, noise_image
+
+from lakelens import Embedder, ModelSpec, config
+from lakelens.config import ConfigError
+from lakelens.models import engines
+from lakelens.models import registry as models
 
 TINY = ModelSpec("lakelens-tiny")
 TEXTS = ["a red circle", "a blue square on a wooden table", "x", "a photo of a dog running on the beach"]
@@ -86,8 +86,8 @@ def test_onnx_worker_never_imports_torch(tmp_path):
     import sys
 
     engines.onnx_graphs(TINY, True, tmp_path)  # the export (here, in the test process) needs torch
-    code = ("import sys, io, numpy as np; from PIL import Image; from lakelens.embed import Embedder; "
-            "from lakelens.models import ModelSpec; buf = io.BytesIO(); "
+    code = ("import sys, io, numpy as np; from PIL import Image; from lakelens import Embedder; "
+            "from lakelens import ModelSpec; buf = io.BytesIO(); "
             "Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buf, 'PNG'); "
             "r = Embedder(ModelSpec('lakelens-tiny'), engine=sys.argv[2], onnx_cache=sys.argv[1])([buf.getvalue()])[0]; "
             "print(r.embedding.shape, r.error, 'torch' in sys.modules, 'open_clip' in sys.modules)")
@@ -102,7 +102,7 @@ def test_bf16_autocast_stays_close_to_fp32(contents, reference):
     # Forced here: on CPUs without native bf16 the torch-bf16 engine runs fp32 (emulated bf16 is slow).
     loaded = models.load(TINY)
     eng = engines.TorchEngine(loaded, dtype=torch.bfloat16, name="torch-bf16")
-    from lakelens.images import decode
+    from lakelens.ingest.images import decode
 
     batch = torch.stack([loaded.preprocess(decode(c).image) for c in contents])
     images, texts = eng.encode_image(batch), eng.encode_text(loaded.tokenizer(TEXTS))
@@ -159,7 +159,7 @@ def test_concurrent_exports_leave_one_complete_graph(tmp_path):
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
-    code = ("import sys; from lakelens import engines, models; "
+    code = ("import sys; from lakelens.models import engines, registry as models; "
             "print(engines.onnx_graphs(models.ModelSpec('lakelens-tiny'), True, sys.argv[1]))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -3,11 +3,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from lakelens import index as ix, synth
+from lakelens import Embedder, ModelSpec, path_id
+from lakelens import index as ix
 from lakelens.cli import main
-from lakelens.embed import Embedder
-from lakelens.models import ModelSpec
-from lakelens.tables import path_id
+from lakelens.train import synth
 
 
 def test_eval_on_an_index_of_captioned_images(tmp_path, capsys):
@@ -39,7 +38,7 @@ def test_eval_on_an_index_of_captioned_images(tmp_path, capsys):
 def test_text_queries_say_when_they_are_truncated(tmp_path):
     import pytest
 
-    from lakelens.search import QueryError, Searcher
+    from lakelens import QueryError, Searcher
 
     emb = Embedder(ModelSpec("lakelens-tiny"))
     vecs = emb.embed_texts(["a red circle", "a blue square", "a green star"])
@@ -57,7 +56,7 @@ def test_text_queries_say_when_they_are_truncated(tmp_path):
 
 
 def test_captions_tables_are_told_apart_by_content_not_by_name(tmp_path, monkeypatch):
-    from lakelens.eval_run import _is_delta, read_captions
+    from lakelens.train.eval_run import _is_delta, read_captions
 
     # a relative CSV path whose name starts like a cloud scheme is still a CSV
     monkeypatch.chdir(tmp_path)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lakelens.evaluate import ann_recall, best_ranks, plot_recall, precision_at_k, ranks_of_targets, recall_at_k
+from lakelens.train.metrics import ann_recall, best_ranks, plot_recall, precision_at_k, ranks_of_targets, recall_at_k
 
 SCORES = np.array([[0.9, 0.1, 0.5],
                    [0.2, 0.2, 0.8],

@@ -9,12 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from lakelens import synth
+from lakelens import Embedder, ModelSpec
 from lakelens.cli import main
 from lakelens.config import FinetuneConfig
-from lakelens.embed import Embedder
-from lakelens.finetune import FinetuneError, finetune, split_pairs
-from lakelens.models import ModelSpec
+from lakelens.train import synth
+from lakelens.train.finetune import FinetuneError, finetune, split_pairs
 
 TINY = ModelSpec("lakelens-tiny")
 

@@ -4,10 +4,10 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import encode, noise_image
 from PIL import Image
 
-from lakelens.images import Transform, decode, to_rgb
-from conftest import encode, noise_image
+from lakelens.ingest.images import Transform, decode, to_rgb
 
 RED = (255, 0, 0)
 
@@ -122,7 +122,7 @@ def test_large_jpeg_decoded_at_reduced_scale():
 
 @pytest.mark.parametrize("name", ["lakelens-tiny", "ViT-B-32"])
 def test_transform_equals_open_clips_preprocess_bit_for_bit(name):
-    from lakelens import models
+    from lakelens.models import registry as models
 
     loaded = models.load(models.ModelSpec(name))
     transform = loaded.transform  # Transform.from_cfg of the model's preprocess_cfg

@@ -3,10 +3,11 @@ import threading
 
 import numpy as np
 import pytest
-
-from lakelens import index as ix
-from lakelens.search import IndexMismatchError, QueryError, Searcher
 from conftest import clustered, exact_topk, recall_at
+
+from lakelens import IndexMismatchError, QueryError, Searcher
+from lakelens import index as ix
+from lakelens.config import parse_size
 
 
 def random_ids(n, seed=0):
@@ -23,10 +24,10 @@ def build(tmp_path, vectors, choice, shards=1, ids=None, name="idx"):
 
 
 def test_parse_size():
-    assert ix.parse_size("4G") == 4 * 2**30 and ix.parse_size("512m") == 512 * 2**20
-    assert ix.parse_size("1.5GiB") == int(1.5 * 2**30) and ix.parse_size(10) == 10
+    assert parse_size("4G") == 4 * 2**30 and parse_size("512m") == 512 * 2**20
+    assert parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size(10) == 10
     with pytest.raises(ValueError):
-        ix.parse_size("lots")
+        parse_size("lots")
 
 
 def test_auto_ladder_follows_rows_and_budget():

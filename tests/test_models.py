@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from lakelens import models
+from lakelens import ModelLoadError, ModelSpec
 from lakelens.config import ConfigError, ModelConfig
-from lakelens.models import ModelLoadError, ModelSpec
+from lakelens.models import registry as models
 
 
 def test_random_init_is_seeded_and_independent_of_caller_rng():

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from lakelens import index as ix, synth
-from lakelens.tables import path_id
+from lakelens import index as ix
+from lakelens import path_id
+from lakelens.train import synth
 
 # file names with markup in them: the page must show them as text and never run or insert them
 # ("/" cannot be in a file name, so the closing tag is split across a folder and a file name)
@@ -23,8 +24,7 @@ _embedder = None
 def embedder():
     global _embedder
     if _embedder is None:
-        from lakelens.embed import Embedder
-        from lakelens.models import ModelSpec
+        from lakelens import Embedder, ModelSpec
 
         _embedder = Embedder(ModelSpec("lakelens-tiny"))
     return _embedder

@@ -6,9 +6,8 @@ import argparse
 import json
 import sys
 
-from . import config
-from .config import ConfigError
-from .models import ModelLoadError
+from lakelens import config
+from lakelens.errors import ConfigError, LakelensError, QueryError
 
 ENGINE_CHOICES = config.CHOICES["embed.engine"]
 
@@ -45,7 +44,7 @@ def embed_conf(args) -> config.Config:
 
 
 def cmd_embed(args) -> int:
-    from .embed_job import EmbedJob
+    from lakelens.ingest.embed_job import EmbedJob
 
     stats = EmbedJob(conf=embed_conf(args)).launch()
     if args.json:
@@ -54,7 +53,7 @@ def cmd_embed(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from lakelens.demo import run_demo
 
     run_demo(out=args.out, dataset=args.dataset, n_train=args.train, n_images=args.images, epochs=args.epochs,
              conf_path=args.conf, overrides=args.set, master=args.master)
@@ -62,7 +61,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_index(args) -> int:
-    from .index_job import IndexJob
+    from lakelens.index.job import IndexJob
 
     conf = config.load(
         args.conf, args.set, spark={"master": args.master},
@@ -76,7 +75,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search import QueryError, Searcher
+    from lakelens.search import Searcher
 
     searcher = Searcher.open(args.index, engine=args.engine)
     kw = {"min_score": args.min_score, "path_prefix": args.prefix, "nprobe": args.nprobe,
@@ -102,7 +101,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval_run import run_eval
+    from lakelens.train.eval_run import run_eval
 
     try:
         ks = tuple(sorted({int(k) for k in args.k.split(",")}))
@@ -117,9 +116,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .eval_run import read_captions
-    from .finetune import finetune
-    from .models import ModelSpec
+    from lakelens.models.registry import ModelSpec
+    from lakelens.train.eval_run import read_captions
+    from lakelens.train.finetune import finetune
 
     conf = config.load(
         args.conf, args.set, spark={"master": args.master},
@@ -139,8 +138,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .web.api import Limits
-    from .web.server import serve
+    from lakelens.web.api import Limits
+    from lakelens.web.server import serve
 
     if args.max_upload_mb <= 0 or args.threads < 1:
         raise ConfigError(f"--max-upload-mb must be > 0 and --threads >= 1, "
@@ -151,7 +150,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_jars(args) -> int:
-    from .spark import submit_jars_arg
+    from lakelens.spark import submit_jars_arg
 
     print(" ".join(submit_jars_arg(args.jars_dir or "")))
     return 0
@@ -185,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="only results whose path starts with this")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the manifest's)")
     p.add_argument("--ef-search", type=int, help="HNSW search depth (overrides the manifest's)")
-    p.add_argument("--engine", choices=ENGINE_CHOICES, help="engine embedding the query (default onnx-int8: image queries in int8, text in fp32)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES,
+                   help="engine embedding the query (default onnx-int8: image queries in int8, text in fp32)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")
@@ -234,16 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .eval_run import PairsTableError
-    from .finetune import FinetuneError
-    from .index import IndexDirError
-    from .search import IndexMismatchError, QueryError
-    from .spark import SparkSetupError
-
     try:
         return args.func(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, SparkSetupError, IndexDirError, QueryError,
-            IndexMismatchError, PairsTableError, FinetuneError) as e:
+    except LakelensError as e:  # expected failures: one line, no traceback; anything else is a bug
         print(f"lakelens {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,11 +11,22 @@ from typing import Any
 
 import yaml
 
+from lakelens.errors import ConfigError
+
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type, or a value outside its allowed set."""
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+def parse_size(text: str | int) -> int:
+    """'4G', '512M', '1.5g', 1024 -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 4G)")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
 
 
 @dataclass
@@ -50,6 +61,8 @@ class EmbedConfig:
     engine: str = "onnx-int8"  # onnx-int8 | onnx | torch | torch-bf16 (engines.py)
     device: str = "auto"  # auto: the task's GPU if Spark assigned one, else cuda:0 if present, else cpu
     onnx_cache: str = ""  # exported ONNX graphs; empty: $LAKELENS_CACHE_DIR/onnx or ~/.cache/lakelens/onnx
+    lock_wait: float = 0.0  # seconds to wait for another run on the same table; 0: exit at once
+    commit_retries: int = 5  # a chunk's Delta commit is retried this often after a concurrent-write conflict
 
 
 @dataclass
@@ -66,6 +79,7 @@ class IndexConfig:
     train_sample: int = 100_000
     prune: int = 0
     force: bool = False
+    lock_wait: float = 0.0  # seconds to wait for another build in the same index folder; 0: exit at once
 
 
 @dataclass
@@ -115,6 +129,9 @@ MINIMUMS = {
     "finetune.warmup_steps": 0,
     "finetune.val_fraction": 0.0,
     "finetune.max_pairs": 0,
+    "embed.lock_wait": 0.0,
+    "embed.commit_retries": 0,
+    "index.lock_wait": 0.0,
 }
 
 
@@ -168,8 +185,6 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
 
 
 def _validate(conf: Config) -> None:
-    from .index import parse_size
-
     try:
         if parse_size(conf.index.memory_budget) <= 0:
             raise ValueError("must be positive")

@@ -9,7 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-from . import config, synth
+from lakelens import config
+from lakelens.ingest.paths import to_local
+from lakelens.train import synth
 
 DATASETS = ("shapes", "fashion-mnist")
 # Per data set: the metric the demo reports, and the example text queries it shows.
@@ -27,7 +29,7 @@ def _write_data(dataset: str, train_dir: Path, images: Path, n_train: int, n_ima
         train = synth.write_dataset(train_dir, n_train, seed=1)
         held_out = synth.write_dataset(images, n_images, seed=2)
     else:
-        from .datasets import write_fashion_mnist
+        from lakelens.train.datasets import write_fashion_mnist
 
         train = write_fashion_mnist(train_dir, "train", n_train, seed=1, varied_captions=True)
         held_out = write_fashion_mnist(images, "test", n_images, seed=2)
@@ -56,7 +58,7 @@ def contact_sheet(rows: list[tuple[str, object]], path: Path, thumb: int = 96, t
         draw.multiline_text((8, y), "\n".join(lines), fill="black")
         for j, r in enumerate(results.itertuples()):
             x = text_width + j * (thumb + 8)
-            with Image.open(str(r.path).removeprefix("file:")) as img:
+            with Image.open(to_local(str(r.path))) as img:
                 sheet.paste(img.convert("RGB").resize((thumb, thumb)), (x, y))
             draw.text((x, y + thumb + 4), f"#{r.rank} {r.score:.3f}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,9 +67,9 @@ def contact_sheet(rows: list[tuple[str, object]], path: Path, thumb: int = 96, t
 
 
 def _embed_index_eval(spark, conf, captions: Path, eval_dir: Path, tag: str) -> dict:
-    from .embed_job import EmbedJob
-    from .eval_run import run_eval
-    from .index_job import IndexJob
+    from lakelens.index.job import IndexJob
+    from lakelens.ingest.embed_job import EmbedJob
+    from lakelens.train.eval_run import run_eval
 
     embedded = EmbedJob(spark=spark, conf=conf).launch()
     built = IndexJob(spark=spark, conf=conf).launch()
@@ -78,13 +80,13 @@ def _embed_index_eval(spark, conf, captions: Path, eval_dir: Path, tag: str) -> 
 def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | None = None,
              n_images: int | None = None, epochs: int | None = None, conf_path: str | None = None,
              overrides=(), master: str | None = None) -> dict:
-    from . import evaluate as ev
-    from .embed_job import EmbedJob
-    from .finetune import finetune
-    from .eval_run import read_captions
-    from .models import ModelSpec
-    from .search import Searcher
-    from .spark import get_session
+    from lakelens.ingest.embed_job import EmbedJob
+    from lakelens.models.registry import ModelSpec
+    from lakelens.search import Searcher
+    from lakelens.spark import get_session
+    from lakelens.train import metrics as ev
+    from lakelens.train.eval_run import read_captions
+    from lakelens.train.finetune import finetune
 
     if dataset not in DATASETS:
         raise config.ConfigError(f"--dataset: {dataset!r} is not one of {', '.join(DATASETS)}")

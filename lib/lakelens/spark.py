@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from .config import Config, SparkConfig
+from lakelens.config import Config, SparkConfig
+from lakelens.errors import ConfigError, SparkSetupError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def find_jars(jars_dir: str = "") -> list[str]:
             if any("delta-spark" in os.path.basename(j) for j in jars):
                 return jars
             if folder == jars_dir:
-                raise FileNotFoundError(f"spark.jars_dir: no delta-spark jar in {jars_dir}")
+                raise ConfigError(f"spark.jars_dir: no delta-spark jar in {jars_dir}")
     return []
 
 
@@ -83,10 +84,6 @@ def _check_delta_on_classpath(spark: SparkSession) -> None:
         return
     raise SparkSetupError("Delta Lake classes are not on the Spark driver's classpath. Pass them to spark-submit: "
                        f"{' '.join(submit_jars_arg())} (printed by `lakelens jars`).")
-
-
-class SparkSetupError(RuntimeError):
-    """The Spark session cannot do what lakelens needs (Delta missing from the classpath)."""
 
 
 class Job:

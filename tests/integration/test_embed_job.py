@@ -2,18 +2,17 @@
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, encode, noise_image, write_images
 from PIL import Image
 
-from lakelens import models, tables
+from lakelens import EmbedJob, IdCollisionError, path_id
 from lakelens.cli import main
-from lakelens.embed_job import EmbedJob
-from lakelens.tables import IdCollisionError, path_id
-from conftest import ROOT, encode, noise_image, write_images
+from lakelens.ingest import table as tables
+from lakelens.models import registry as models
 
 
 def rows_by_path(spark, table, fmt="delta"):

@@ -6,13 +6,11 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import ROOT, write_images
 
+from lakelens import EmbedJob, IndexJob, Searcher
 from lakelens import index as ix
 from lakelens.cli import main
-from lakelens.embed_job import EmbedJob
-from lakelens.index_job import IndexJob
-from lakelens.search import Searcher
-from conftest import ROOT, write_images
 
 
 def quiet(*_):

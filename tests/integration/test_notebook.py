@@ -3,12 +3,11 @@
 import os
 
 import nbformat
+from conftest import ROOT
 from nbclient import NotebookClient
 
-from lakelens import synth
-from lakelens.embed_job import EmbedJob
-from lakelens.index_job import IndexJob
-from conftest import ROOT
+from lakelens import EmbedJob, IndexJob
+from lakelens.train import synth
 
 
 def test_query_notebook_runs(spark, tmp_path, local_conf):

@@ -4,10 +4,9 @@ import json
 
 import pandas as pd
 
-from lakelens import synth
+from lakelens import EmbedJob, IndexJob
 from lakelens.cli import main
-from lakelens.embed_job import EmbedJob
-from lakelens.index_job import IndexJob
+from lakelens.train import synth
 
 
 def quiet(*_):

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyspark
 import pytest
-
-from lakelens.embed_job import EmbedJob
-from lakelens.spark import submit_jars_arg
 from conftest import ROOT, write_images
+
+from lakelens import EmbedJob
+from lakelens.spark import submit_jars_arg
 
 SPARK_HOME = Path(pyspark.__file__).parent
 

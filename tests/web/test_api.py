@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image
-
 import webindex
+from PIL import Image
 
 LIMIT = 200_000  # a small upload limit, so over-limit uploads stay small
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..search import QueryError
-from .live import LiveSearcher
-from .thumbs import ThumbCache, ThumbError, parse_id
+from lakelens.search import QueryError
+from lakelens.web.live import LiveSearcher
+from lakelens.web.thumbs import ThumbCache, ThumbError, parse_id
 
 log = logging.getLogger(__name__)
 

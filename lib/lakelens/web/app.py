@@ -10,9 +10,9 @@ import logging
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
-from ..search import QueryError
-from .api import Limits, parse_k, parse_min_score, parse_prefix, parse_query, thumb_url
-from .live import LiveSearcher
+from lakelens.search import QueryError
+from lakelens.web.api import Limits, parse_k, parse_min_score, parse_prefix, parse_query, thumb_url
+from lakelens.web.live import LiveSearcher
 
 log = logging.getLogger(__name__)
 

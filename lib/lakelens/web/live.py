@@ -7,8 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-from .. import index as ix
-from ..search import Searcher
+from lakelens import index as ix
+from lakelens.search import Searcher
 
 log = logging.getLogger(__name__)
 

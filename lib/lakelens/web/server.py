@@ -8,17 +8,17 @@ from pathlib import Path
 
 from flask import Flask
 
-from . import api
-from .api import Limits
-from .live import LiveSearcher
-from .thumbs import ThumbCache
+from lakelens.web import api
+from lakelens.web.api import Limits
+from lakelens.web.live import LiveSearcher
+from lakelens.web.thumbs import ThumbCache
 
 log = logging.getLogger(__name__)
 
 
 def create_app(index_dir: str | Path, limits: Limits | None = None, live: LiveSearcher | None = None):
     """The Dash app (page + callbacks) with the JSON API on its Flask server: `app.server` is the WSGI app."""
-    from .app import build_page
+    from lakelens.web.app import build_page
 
     limits = limits or Limits()
     live = live or LiveSearcher(index_dir)

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..images import decode
+from lakelens.ingest.images import decode
 
 ID_RE = re.compile(r"^-?[0-9]{1,20}$")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -9,27 +9,26 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from . import evaluate as ev
-from . import images, models
-from .config import FinetuneConfig
-from .embed import prepare
-from .models import ModelSpec
+from lakelens.config import FinetuneConfig
+from lakelens.errors import DataError, FinetuneError
+from lakelens.ingest import images
+from lakelens.ingest.embedder import prepare
+from lakelens.ingest.paths import to_local, to_stored
+from lakelens.models import registry as models
+from lakelens.models.registry import ModelSpec
+from lakelens.train import metrics as ev
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final.pt"
 # Settings that must match for a resumed run to continue the same training.
 _RESUME_KEYS = ("model", "pretrained", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "data")
-
-
-class FinetuneError(ValueError):
-    """The pairs cannot be trained on (no usable images, empty split) or a checkpoint does not match."""
 
 
 def split_pairs(pairs: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -46,10 +45,6 @@ def split_pairs(pairs: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame,
     return pairs[~held_out], pairs[held_out]
 
 
-def _local(path: str) -> str:
-    return path[5:] if path.startswith("file:") else path
-
-
 def load_images(paths: list[str], loaded: models.LoadedModel, progress: bool = True):
     """Decode and preprocess every image once (float16 keeps a few thousand small images in memory);
     returns the stacked tensor and, per path, an error or None."""
@@ -59,8 +54,8 @@ def load_images(paths: list[str], loaded: models.LoadedModel, progress: bool = T
     tensors, errors = [], []
     for p in tqdm(paths, desc="loading images", unit="img", disable=not progress, mininterval=2):
         try:
-            tensor, decoded = prepare(loaded.preprocess, loaded.image_size, Path(_local(p)).read_bytes())
-        except OSError as e:
+            tensor, decoded = prepare(loaded.preprocess, loaded.image_size, to_local(to_stored(p)).read_bytes())
+        except (OSError, DataError) as e:
             tensor, decoded = None, images.Decoded(None, None, None, f"unreadable: {type(e).__name__}")
         if tensor is None:
             errors.append(decoded.error)
@@ -83,7 +78,7 @@ class Split:
 class FinetuneResult:
     out: str
     final_checkpoint: str
-    spec_key: str  # what to pass as model.pretrained: name@OUT/final.pt
+    spec_key: str  # the model key of the result: name@OUT/final.pt#digest of its bytes
     epochs_run: int
     resumed_from: int  # epoch of the checkpoint it resumed from; 0: a fresh start
     train_pairs: int
@@ -259,7 +254,7 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     plot_history(history, out / "training.png", f"fine-tuning {spec.name} from "
                   + ("random init" if spec.pretrained == models.RANDOM_INIT else Path(spec.pretrained).name))
-    return FinetuneResult(str(out), str(final), f"{spec.name}@{final}", conf.epochs - start_epoch, start_epoch,
+    return FinetuneResult(str(out), str(final), ModelSpec(spec.name, str(final)).with_digest().key, conf.epochs - start_epoch, start_epoch,
                           len(train.captions), len(val.captions), skipped_train + skipped_val, history)
 
 

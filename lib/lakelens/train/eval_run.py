@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import evaluate as ev
-from .search import Searcher, _reconstruct
+from lakelens.errors import DataError
+from lakelens.index.shards import reconstruct
+from lakelens.ingest.paths import to_local, to_stored
+from lakelens.search import Searcher
+from lakelens.train import metrics as ev
 
 
-class PairsTableError(ValueError):
+class PairsTableError(DataError):
     """A captions / pairs table lacks a required column."""
 
 
@@ -21,15 +24,15 @@ def _is_delta(path: str) -> bool:
     Parquet file: only Spark reads those."""
     if "://" in path and not path.startswith("file:"):
         return not path.lower().endswith((".csv", ".parquet"))
-    return (Path(path.removeprefix("file:")) / "_delta_log").is_dir()
+    return (to_local(to_stored(path)) / "_delta_log").is_dir()
 
 
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
     optionally label and split."""
     if _is_delta(path):
-        from .spark import get_session
-        from .tables import read_pairs
+        from lakelens.ingest.table import read_pairs
+        from lakelens.spark import get_session
 
         spark, owned = get_session(spark_conf)
         try:
@@ -40,16 +43,12 @@ def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     else:
         p = Path(path)
         if not p.exists():
-            raise FileNotFoundError(f"captions table not found: {path}")
+            raise DataError(f"captions table not found: {path}")
         df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
     missing = {"path", "caption"} - set(df.columns)
     if missing:
         raise PairsTableError(f"captions table {path} lacks column(s) {', '.join(sorted(missing))}")
     return df
-
-
-def _uri(path: str) -> str:
-    return path if ":" in path.split("/", 1)[0] else f"file:{Path(path).resolve()}"
 
 
 def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dict:
@@ -58,14 +57,14 @@ def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dic
     searcher = Searcher.open(index_dir)
     st = searcher._state
     captions = captions.reset_index(drop=True)
-    uris = captions["path"].map(_uri)
+    uris = captions["path"].map(to_stored)
     images = list(dict.fromkeys(uris))  # the captioned images, in order
     path_to_id = dict(zip(st.meta["path"], st.meta["id"]))
     vectors, present = [], []
     for uri in images:
         vec = None
         if uri in path_to_id:
-            vec = next((v for v in (_reconstruct(s, int(path_to_id[uri])) for s in st.shards) if v is not None), None)
+            vec = next((v for v in (reconstruct(s, int(path_to_id[uri])) for s in st.shards) if v is not None), None)
         present.append(vec is not None)
         vectors.append(vec if vec is not None else np.zeros(st.manifest["dim"], np.float32))
     image_vecs = np.stack(vectors)

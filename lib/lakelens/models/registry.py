@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .config import ConfigError, ModelConfig
-from .images import Transform
+from lakelens.config import ModelConfig
+from lakelens.errors import ConfigError, IndexMismatchError, ModelLoadError
+from lakelens.ingest.images import Transform
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_INIT = "none"
@@ -19,11 +22,7 @@ RANDOM_INIT_SEED = 0
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
-class ModelLoadError(RuntimeError):
-    """The model's weights could not be loaded (missing file, no hub access, incompatible checkpoint)."""
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _open_clip():
     """open_clip with this project's small architectures registered (done once per process)."""
     import open_clip
@@ -32,7 +31,7 @@ def _open_clip():
     return open_clip
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def known_architectures() -> list[str]:
     """open_clip.list_models() plus this project's configs, read from the config files as open_clip reads
     them (a model needs embed_dim, vision_cfg and text_cfg), without importing open_clip."""
@@ -52,24 +51,70 @@ def _looks_like_path(pretrained: str) -> bool:
             or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES))
 
 
+DIGEST_CHARS = 16  # hex digits of the checkpoint's sha256 kept in the model key
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:DIGEST_CHARS]
+
+
+def checkpoint_digest(path: str) -> str:
+    """sha256 of a checkpoint file's bytes (first 16 hex digits), computed once per file version."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ModelLoadError(f"model.pretrained: checkpoint file not found: {path} ({e.strerror})") from None
+    return _file_digest(path, st.st_size, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
+    """An open_clip architecture, its weights (tag, checkpoint path or none) and, for a checkpoint, the
+    digest of its bytes: new weights written to the same path make a different spec and key."""
+
     name: str
     pretrained: str = RANDOM_INIT
+    digest: str = ""
 
     @classmethod
-    def from_config(cls, conf: ModelConfig) -> "ModelSpec":
+    def from_config(cls, conf: ModelConfig) -> ModelSpec:
         pretrained = (conf.pretrained or RANDOM_INIT).strip()
         if pretrained.lower() == RANDOM_INIT:
             pretrained = RANDOM_INIT
         elif _looks_like_path(pretrained):
             pretrained = str(Path(pretrained).expanduser().resolve())
-        return cls(conf.name.strip(), pretrained)
+        spec = cls(conf.name.strip(), pretrained)
+        return spec.with_digest() if spec.is_checkpoint and Path(pretrained).is_file() else spec
+
+    @classmethod
+    def from_key(cls, key: str) -> ModelSpec:
+        """The spec a table row or manifest was made with: `name@pretrained[#digest]`."""
+        name, _, rest = key.partition("@")
+        pretrained, _, digest = rest.partition("#")
+        return cls(name, pretrained or RANDOM_INIT, digest)
+
+    def with_digest(self) -> ModelSpec:
+        return ModelSpec(self.name, self.pretrained, checkpoint_digest(self.pretrained))
 
     @property
     def key(self) -> str:
         """The string stored in the table's `model` column and in index manifests."""
-        return f"{self.name}@{self.pretrained}"
+        return f"{self.name}@{self.pretrained}" + (f"#{self.digest}" if self.digest else "")
+
+    def check_weights(self) -> None:
+        """Raise IndexMismatchError when the checkpoint's bytes are no longer those this spec names (a
+        fine-tune wrote new weights to the same path): vectors of old and new weights do not compare."""
+        if self.is_checkpoint and self.digest:
+            now = checkpoint_digest(self.pretrained)
+            if now != self.digest:
+                raise IndexMismatchError(
+                    f"the weights at {self.pretrained} changed (digest {now}) since these vectors were made with "
+                    f"digest {self.digest}: re-embed and re-index with the new weights, or restore the old file")
 
     @property
     def is_checkpoint(self) -> bool:
@@ -167,7 +212,9 @@ def weights_stamp(spec: ModelSpec) -> tuple:
 
 
 def load(spec: ModelSpec) -> LoadedModel:
-    """Build (once per process) the model for `spec`; Spark's reused Python workers keep it between tasks."""
+    """Build (once per process) the model for `spec`; Spark's reused Python workers keep it between tasks.
+    A spec with a digest loads only the weights of that digest."""
+    spec.check_weights()
     return _load(spec, weights_stamp(spec))
 
 

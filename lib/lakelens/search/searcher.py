@@ -7,67 +7,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 
-from . import index as ix
-from .models import ModelSpec
+from lakelens import index as ix
+from lakelens.errors import IndexDirError, IndexMismatchError, QueryError
+from lakelens.index.shards import load_shard, prepare_direct_map, reconstruct, search_shards
+from lakelens.ingest.embedder import Embedder
+from lakelens.models.engines import DEFAULT_ENGINE, check_engine
+from lakelens.models.registry import ModelSpec
 
 MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
-
-
-class QueryError(ValueError):
-    """The query itself is unusable: empty text, unreadable image, k out of range, wrong vector shape."""
-
-
-class IndexMismatchError(ValueError):
-    """The index was built with another model than the caller expects."""
-
-
-def _load_shard(path: Path, mmap: bool):
-    import faiss
-
-    if mmap:
-        try:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
-        except RuntimeError:
-            pass  # index types whose storage cannot be memory-mapped (HNSW graphs, PQ tables) load in RAM
-    return faiss.read_index(str(path)), False
-
-
-def _search_params(index, nprobe: int | None, ef_search: int | None):
-    """Per-call FAISS search parameters: concurrent queries with different settings never interfere."""
-    import faiss
-
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
-    if nprobe is not None and isinstance(inner, faiss.IndexIVF):
-        return faiss.SearchParametersIVF(nprobe=int(nprobe))
-    if ef_search is not None and isinstance(inner, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=int(ef_search))
-    return None
-
-
-def search_shards(shards: list, rerank: list, q: np.ndarray, k: int, nprobe: int | None = None,
-                  ef_search: int | None = None, factor: int = 0, pool=None):
-    """Top-k over all shards, merged exactly by score: (scores, ids), each (len(q), k), id -1 padding."""
-
-    def one(i):
-        shard = shards[i]
-        kk = min(k * max(1, factor), max(1, shard.ntotal))
-        params = _search_params(shard, nprobe, ef_search)
-        scores, ids = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
-        if factor and rerank[i] is not None:
-            scores, ids = _rerank(q, ids, *rerank[i], k)
-        return scores, ids
-
-    parts = list(pool.map(one, range(len(shards)))) if pool is not None and len(shards) > 1 \
-        else [one(i) for i in range(len(shards))]
-    scores = np.concatenate([p[0] for p in parts], axis=1)
-    ids = np.concatenate([p[1] for p in parts], axis=1)
-    scores = np.where(ids == -1, -np.inf, scores)  # faiss pads missing results with id -1 (ids are signed)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+QUERY_MAX_PIXELS = 16_000_000  # query images: a bound of their own, far below the embed job's
+LEGACY_META = "meta.parquet"  # one metadata file for all shards (versions published before per-shard files)
 
 
 @dataclass
@@ -86,37 +40,40 @@ class Searcher:
     a query running meanwhile finishes on the version it started with."""
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, threads: int | None = None,
-                 expect_model: ModelSpec | str | None = None, engine: str | None = None, onnx_cache: str = ""):
-        from .engines import DEFAULT_ENGINE, check_engine
-
+                 expect_model: ModelSpec | str | None = None, engine: str | None = None, onnx_cache: str = "",
+                 query_max_pixels: int = QUERY_MAX_PIXELS):
         if engine is not None:
             check_engine(engine)  # at open, not at the first text query
         self.index_dir = Path(index_dir)
         self.engine = engine or DEFAULT_ENGINE  # embeds the queries: torch | torch-bf16 | onnx | onnx-int8
         self.onnx_cache = onnx_cache
         self.mmap = mmap
+        self.query_max_pixels = query_max_pixels
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads or 4)
         self._embedder = None
+        self._prefix_cache: dict = {}
         self._expect = expect_model.key if isinstance(expect_model, ModelSpec) else expect_model
         self._state = self._load(ix.current_version(self.index_dir))
 
     @classmethod
-    def open(cls, index_dir: str | Path, **kw) -> "Searcher":
+    def open(cls, index_dir: str | Path, **kw) -> Searcher:
         return cls(index_dir, **kw)
 
     # --- loading -------------------------------------------------------------------------------
     def _load(self, version: str | None) -> _Loaded:
         if not self.index_dir.is_dir():
-            raise ix.IndexDirError(f"index folder not found: {self.index_dir}")
+            raise IndexDirError(f"index folder not found: {self.index_dir}")
         if version is None:
-            raise ix.IndexDirError(f"no published index in {self.index_dir} (no {ix.CURRENT} file)")
+            raise IndexDirError(f"no published index in {self.index_dir} (no {ix.CURRENT} file)")
         manifest = ix.read_manifest(self.index_dir, version)
         if self._expect and manifest["model"]["key"] != self._expect:
             raise IndexMismatchError(f"index {self.index_dir} ({version}) was built with model "
                                      f"{manifest['model']['key']}, not {self._expect}")
         folder = self.index_dir / version
-        loaded = [_load_shard(folder / s["file"], self.mmap) for s in manifest["shards"]]
+        loaded = [load_shard(folder / s["file"], self.mmap) for s in manifest["shards"]]
+        for shard, _ in loaded:
+            prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
         rerank = []
         for s in manifest["shards"]:
             if manifest.get("rerank"):
@@ -124,7 +81,9 @@ class Searcher:
                 rerank.append((np.load(vec_file, mmap_mode="r"), np.load(id_file)))
             else:
                 rerank.append(None)
-        meta = pd.read_parquet(folder / ix.META).sort_values("id", kind="stable").reset_index(drop=True)
+        files = [folder / s["meta"] for s in manifest["shards"] if "meta" in s] or [folder / LEGACY_META]
+        meta = (pd.concat([pd.read_parquet(f, columns=["id", "path"]) for f in files], ignore_index=True)
+                .sort_values("id", kind="stable").reset_index(drop=True))
         return _Loaded(version, manifest, [x[0] for x in loaded], [x[1] for x in loaded], rerank,
                        meta["id"].to_numpy(np.int64), meta)
 
@@ -149,8 +108,7 @@ class Searcher:
 
     @property
     def model_spec(self) -> ModelSpec:
-        m = self._state.manifest["model"]
-        return ModelSpec(m["name"], m["pretrained"])
+        return ModelSpec.from_key(self._state.manifest["model"]["key"])
 
     def __len__(self) -> int:
         return int(sum(s.ntotal for s in self._state.shards))
@@ -162,12 +120,12 @@ class Searcher:
 
     # --- embedding queries ---------------------------------------------------------------------
     @property
-    def embedder(self):
-        if self._embedder is None or self._embedder.spec != self.model_spec:
-            from .embed import Embedder
-
-            self._embedder = Embedder(self.model_spec, decode_threads=1, engine=self.engine,
-                                      onnx_cache=self.onnx_cache)
+    def embedder(self) -> Embedder:
+        spec = self.model_spec
+        spec.check_weights()  # queries are embedded with exactly the index's weights, or not at all
+        if self._embedder is None or self._embedder.spec != spec:
+            self._embedder = Embedder(spec, decode_threads=1, engine=self.engine, onnx_cache=self.onnx_cache,
+                                      max_pixels=self.query_max_pixels)
         return self._embedder
 
     def embed_text(self, text: str) -> tuple[np.ndarray, list[str]]:
@@ -202,7 +160,7 @@ class Searcher:
     def search_text(self, text: str, k: int = 10, **kw) -> pd.DataFrame:
         vec, notes = self.embed_text(text)
         out = self.search_vector(vec, k, **kw)
-        out.attrs["notes"] = notes
+        out.attrs["notes"] = notes + out.attrs.get("notes", [])
         return out
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
@@ -211,7 +169,7 @@ class Searcher:
     def search_id(self, id_: int, k: int = 10, **kw) -> pd.DataFrame:
         """Images similar to an indexed image, by its id (its stored vector is the query)."""
         for shard in self._state.shards:
-            vec = _reconstruct(shard, int(id_))
+            vec = reconstruct(shard, int(id_))
             if vec is not None:
                 return self.search_vector(vec, k, **kw)
         raise QueryError(f"id {id_} is not in index {self._state.version}")
@@ -235,19 +193,42 @@ class Searcher:
             raise QueryError("query vector has NaN or infinite values")
         q = np.ascontiguousarray(q)
         params = st.manifest.get("search_params", {})
-        fetch = min(len(self) or 1, k if not path_prefix else max(4 * k, 100))
-        while True:
-            scores, ids = self._search_shards(st, q, fetch, params.get("nprobe") if nprobe is None else nprobe,
-                                              params.get("efSearch") if ef_search is None else ef_search)
-            frames = [self._frame(st, s, i, k, min_score, path_prefix) for s, i in zip(scores, ids)]
-            short = path_prefix and any(len(f) < k for f in frames) and fetch < len(self)
-            if not short:
-                return frames
-            fetch = min(len(self), fetch * 4)
+        notes, selector, fetch = [], None, min(len(self) or 1, k)
+        if path_prefix:
+            matching = self._prefix_ids(st, path_prefix)
+            if len(matching) < k:
+                notes.append(f"only {len(matching)} indexed image(s) have a path under the prefix")
+            if not len(matching):
+                return [self._with_notes(self._frame(st, np.zeros(0, np.float32), np.zeros(0, np.int64), k,
+                                                     min_score, path_prefix), notes) for _ in q]
+            # the filter runs inside FAISS's scan: cost and result count stay those of a k search
+            selector = faiss.IDSelectorBatch(matching)
+            fetch = min(fetch, len(matching))
+        scores, ids = self._search_shards(st, q, fetch, params.get("nprobe") if nprobe is None else nprobe,
+                                          params.get("efSearch") if ef_search is None else ef_search, selector)
+        return [self._with_notes(self._frame(st, s, i, k, min_score, path_prefix), notes) for s, i in zip(scores, ids)]
 
-    def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search):
+    @staticmethod
+    def _with_notes(frame: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+        frame.attrs["notes"] = list(notes)
+        return frame
+
+    def _prefix_ids(self, st: _Loaded, prefix: str) -> np.ndarray:
+        """Ids of the indexed paths that start with `prefix` (the last few prefixes are remembered)."""
+        key = (st.version, prefix)
+        with self._lock:
+            hit = self._prefix_cache.get(key)
+        if hit is None:
+            hit = st.ids[st.meta["path"].str.startswith(prefix, na=False).to_numpy()]
+            with self._lock:
+                self._prefix_cache[key] = hit
+                while len(self._prefix_cache) > 32:
+                    self._prefix_cache.pop(next(iter(self._prefix_cache)))
+        return hit
+
+    def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search, selector=None):
         return search_shards(st.shards, st.rerank, q, k, nprobe, ef_search,
-                             int(st.manifest.get("rerank") or 0), self._pool)
+                             int(st.manifest.get("rerank") or 0), self._pool, selector)
 
     def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
         keep = ids != -1
@@ -264,31 +245,3 @@ class Searcher:
         return df[RESULT_COLUMNS]
 
 
-def _rerank(q: np.ndarray, cand: np.ndarray, vectors: np.ndarray, sorted_ids: np.ndarray, k: int):
-    """Exact inner products for the candidates of each query, read from the memory-mapped raw vectors."""
-    nq = len(q)
-    scores = np.full((nq, min(k, cand.shape[1])), -np.inf, dtype=np.float32)
-    ids = np.full(scores.shape, -1, dtype=np.int64)
-    for row in range(nq):
-        c = cand[row][cand[row] != -1]
-        if not len(c):
-            continue
-        pos = np.searchsorted(sorted_ids, c)
-        exact = np.asarray(vectors[np.sort(pos)], dtype=np.float32) @ q[row]
-        c = sorted_ids[np.sort(pos)]
-        top = np.argsort(-exact, kind="stable")[: scores.shape[1]]
-        scores[row, : len(top)], ids[row, : len(top)] = exact[top], c[top]
-    return scores, ids
-
-
-def _reconstruct(shard, id_: int) -> np.ndarray | None:
-    """The stored vector of `id_` in one shard (decoded, for compressed codes), or None if not held."""
-    import faiss
-
-    inner = faiss.downcast_index(shard)
-    if isinstance(inner, faiss.IndexIVF) and inner.direct_map.type == faiss.DirectMap.NoMap:
-        inner.set_direct_map_type(faiss.DirectMap.Hashtable)  # id -> list position, built once per shard
-    try:
-        return inner.reconstruct(id_)
-    except RuntimeError:
-        return None

@@ -1,4 +1,5 @@
-"""Inference engines: an open_clip model's two towers run in torch (fp32, bf16, fp16 on a GPU) or as ONNX graphs in ONNX Runtime (fp32, int8), cached per process and on disk."""
+"""Inference engines: an open_clip model's two towers run in torch (fp32, bf16, fp16 on a GPU) or as ONNX
+graphs in ONNX Runtime (fp32, int8), cached per process and on disk."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ import sys
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from . import models
-from .config import CHOICES, ConfigError, EmbedConfig
-from .images import Transform
-from .models import ModelSpec
+from lakelens.config import CHOICES, ConfigError, EmbedConfig
+from lakelens.ingest.images import Transform
+from lakelens.models import registry as models
+from lakelens.models.registry import ModelSpec
 
 ENGINES: tuple = CHOICES["embed.engine"]
 DEVICES: tuple = CHOICES["embed.device"]
@@ -70,13 +71,16 @@ def choose_device(cuda_available: bool, task_gpu_addresses: Sequence[str] | None
     return "cuda:0"
 
 
+def _task_context():
+    """The running Spark task's context, or None. pyspark is consulted only when it is already loaded
+    (inside a Spark worker it always is): the query path never imports it."""
+    module = sys.modules.get("pyspark")
+    return module.TaskContext.get() if module is not None else None
+
+
 def task_gpu_addresses() -> list[str]:
     """The GPU addresses Spark assigned to the running task (spark.task.resource.gpu.amount); [] outside one."""
-    try:
-        from pyspark import TaskContext
-    except ImportError:
-        return []
-    ctx = TaskContext.get()
+    ctx = _task_context()
     gpu = ctx.resources().get("gpu") if ctx is not None else None
     return list(gpu.addresses) if gpu is not None else []
 
@@ -94,12 +98,7 @@ def cuda_available() -> bool:
 
 def task_cpus() -> int:
     """Cores given to the running Spark task (spark.task.cpus), else every core of the machine."""
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-    except ImportError:
-        ctx = None
+    ctx = _task_context()
     return max(1, ctx.cpus() if ctx is not None else (os.cpu_count() or 1))
 
 
@@ -211,7 +210,7 @@ def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
     backgrounds, and smooth colour fields with grain (photo-like statistics)."""
     from PIL import Image
 
-    from . import synth
+    from lakelens.train import synth
 
     pictures = [synth.render(sample, 160, seed=i) for i, sample in enumerate(synth.samples(n // 2, seed=7))]
     rng = np.random.default_rng(7)

@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
+import pandas as pd
 from pyspark.sql import functions as F
 
-from .config import ConfigError
-from .embed import embed_files
-from .models import ModelSpec
-from .spark import Job
-from .tables import SCHEMA, EmbeddingsTable, check_new_ids, file_splits, list_files, path_id_col, read_files
+from lakelens.config import EmbedConfig
+from lakelens.errors import ConfigError
+from lakelens.ingest.embedder import cached_embedder
+from lakelens.ingest.listing import file_splits, list_files, read_files
+from lakelens.ingest.paths import root_of, to_stored
+from lakelens.ingest.table import SCHEMA, UDF_SCHEMA, EmbeddingsTable, path_id_col, with_retries
+from lakelens.locks import RunLock, table_lock_file
+from lakelens.models import engines
+from lakelens.models.registry import ModelSpec
+from lakelens.spark import Job
+
+
+def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
+    """The mapInPandas function: binaryFile batches (path, modificationTime, length, content) ->
+    rows of tables.UDF_SCHEMA. The engine uses as many threads as the task was given cores (spark.task.cpus)."""
+    settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
+    onnx_cache = conf.onnx_cache
+
+    def embed_batches(batches: Iterator) -> Iterator:
+        embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache)
+        def tagged():  # each batch's bytes listed once: embedded, then hashed
+            for pdf in batches:
+                contents = pdf["content"].tolist()
+                yield (pdf, contents), contents
+
+        for (pdf, contents), results in embedder.stream(tagged()):
+            yield pd.DataFrame({
+                "path": pdf["path"],
+                "content_sha256": [hashlib.sha256(c).hexdigest() for c in contents],
+                "size_bytes": pdf["length"],
+                "modified": pdf["modificationTime"],
+                "width": pd.array([r.width for r in results], dtype="Int32"),
+                "height": pd.array([r.height for r in results], dtype="Int32"),
+                "embedding": [r.embedding for r in results],
+                "error": [r.error for r in results],
+            })
+
+    return embed_batches
+
+
+def embed_files(files, spec: ModelSpec, conf: EmbedConfig):
+    """Spark DataFrame of binaryFile rows -> DataFrame of tables.UDF_SCHEMA rows."""
+    return files.mapInPandas(partition_embedder(spec, conf), UDF_SCHEMA)
 
 
 @dataclass
@@ -78,9 +118,15 @@ class EmbedJob(Job):
             "error", F.current_timestamp().alias("embedded_at"))
 
     def run(self) -> EmbedStats:
+        spec = self._check()
+        c = self.conf.embed
+        # one run per table on this machine; runs on other machines meet Delta's conflict checks
+        with RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait):
+            return self._run(spec)
+
+    def _run(self, spec: ModelSpec) -> EmbedStats:
         t0 = time.time()
         c = self.conf.embed
-        spec = self._check()
         spark = self.spark
         phases: dict = {}
 
@@ -96,34 +142,33 @@ class EmbedJob(Job):
         with phase("list"):
             listing, listed = list_files(spark, c.images, c.path_glob)
         with phase("plan"):
-            exists = table.exists()
-            if exists:
-                table.check_ids(listing)  # listed paths against each other and the rows kept
+            table.check_ids(listing)  # listed paths against each other and the rows kept
             plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
-            if not exists:  # every listed file is new and comes back in the plan: check their ids right here
-                check_new_ids([*plan.to_embed, *(u[0] for u in plan.unread)])
-                table.create_if_missing()
+            if c.format == "delta":
+                with_retries(table.create_if_missing, c.commit_retries, "create the table", self.log)
+                with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
+                             "record the image folder", self.log)
         stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,
                            phases=phases)
-        chunks = [plan.to_embed[i:i + c.chunk_size] for i in range(0, len(plan.to_embed), c.chunk_size)]
+        n_chunks = -(-plan.to_embed // c.chunk_size)
         run_id = uuid.uuid4().hex[:8]
         self.log(f"lakelens embed: {spec.key} over {c.images}: new={plan.new} changed={plan.changed} "
-                 f"unchanged={plan.unchanged} deleted={plan.deleted}; {len(plan.to_embed)} files to embed "
-                 f"in {len(chunks)} chunk(s) of <= {c.chunk_size}")
+                 f"unchanged={plan.unchanged} deleted={plan.deleted}; {plan.to_embed} files to embed "
+                 f"in {n_chunks} chunk(s) of <= {c.chunk_size}")
         pending = []  # parquet: rows written together at the end
 
         def commit(rows, note):
             if c.format == "delta":
                 with phase("commit"):
-                    table.upsert(rows, note)
+                    with_retries(lambda: table.upsert(rows, note), c.commit_retries, note, self.log)
             else:
                 pending.append(rows)
 
         if plan.unread:  # empty and oversize files: error rows without reading a byte
-            unread = spark.createDataFrame(plan.unread, "path string, size_bytes long, modified timestamp, error string")
-            commit(self._unread_rows(unread, spec), f"lakelens embed {run_id}: {len(plan.unread)} empty or oversize files")
-            stats.failed += len(plan.unread)
-        for i, paths in enumerate(chunks):
+            commit(self._unread_rows(plan.unread_rows(), spec),
+                   f"lakelens embed {run_id}: {plan.unread} empty or oversize files")
+            stats.failed += plan.unread
+        for i, paths in enumerate(plan.chunks(c.chunk_size)):
             before = dict(phases)
             with phase("embed"):
                 with file_splits(spark, len(paths), self.partitions(len(paths))):  # the scan is planned by the action
@@ -131,17 +176,18 @@ class EmbedJob(Job):
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok
-            commit(rows, f"lakelens embed {run_id}: chunk {i + 1}/{len(chunks)}")
+            commit(rows, f"lakelens embed {run_id}: chunk {i + 1}/{n_chunks}")
             stats.chunks += 1
             stats.chunk_seconds.append([len(paths)] + [round(phases.get(k, 0.0) - before.get(k, 0.0), 3)
                                                        for k in ("embed", "commit")])
-            self.log(f"  chunk {i + 1}/{len(chunks)} committed: {ok} embedded, {len(paths) - ok} failed")
+            self.log(f"  chunk {i + 1}/{n_chunks} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
-                self.on_chunk(i, len(chunks))
+                self.on_chunk(i, n_chunks)
         with phase("delete" if c.format == "delta" else "commit"):
             if c.format == "delta":
                 if plan.deleted:
-                    table.delete_missing(listing, f"lakelens embed {run_id}: drop {plan.deleted} deleted files")
+                    note = f"lakelens embed {run_id}: drop {plan.deleted} deleted files"
+                    with_retries(lambda: table.delete_missing(listing, note), c.commit_retries, note, self.log)
             elif pending or plan.deleted or not table.exists():
                 new_rows = pending[0] if pending else None
                 for more in pending[1:]:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import engines, images, models
-from .config import EmbedConfig
-from .models import ModelSpec
+from lakelens.ingest import images
+from lakelens.models import engines
+from lakelens.models import registry as models
+from lakelens.models.registry import ModelSpec
 
 
 @dataclass
@@ -24,10 +25,11 @@ class ImageResult:
     error: str | None
 
 
-def prepare(transform, image_size: int, data: bytes, max_pixels: int = 89_478_485, draft: bool = True):
+def prepare(transform, image_size: int, data: bytes, max_pixels: int = 89_478_485, draft: bool = True,
+            formats: tuple = images.FORMATS):
     """One image file's bytes -> (transform(RGB image), Decoded), or (None, Decoded with its error).
     `transform` is images.Transform (numpy) or open_clip's preprocess (torch tensors, for training)."""
-    decoded = images.decode(data, image_size, max_pixels, draft)
+    decoded = images.decode(data, image_size, max_pixels, draft, formats)
     if decoded.error:
         return None, decoded
     try:
@@ -43,8 +45,9 @@ class Embedder:
 
     def __init__(self, spec: ModelSpec, batch_size: int = 32, decode_threads: int = 2, draft: bool = True,
                  max_pixels: int = 89_478_485, engine: str = engines.DEFAULT_ENGINE, device: str = "auto",
-                 threads: int | None = None, onnx_cache: str = ""):
+                 threads: int | None = None, onnx_cache: str = "", formats: tuple = images.FORMATS):
         self.spec = spec
+        self.formats = tuple(formats)
         self.engine = engines.get(spec, engine, device, threads, onnx_cache)
         # numpy preprocessing, identical to open_clip's; its torchvision transform only where this one
         # does not cover the model's settings
@@ -70,7 +73,7 @@ class Embedder:
         return models.load(self.spec)
 
     def _prepare(self, data: bytes):
-        return prepare(self.transform, self.engine.image_size, data, self.max_pixels, self.draft)
+        return prepare(self.transform, self.engine.image_size, data, self.max_pixels, self.draft, self.formats)
 
     def _finish(self, futures: list) -> list[ImageResult]:
         """Embed one batch as its images come out of the decode threads, `step` at a time: the model
@@ -122,41 +125,3 @@ def cached_embedder(spec: ModelSpec, batch_size: int, decode_threads: int, draft
     """One Embedder per Python worker process and setting; lives in this importable module so that
     Spark's reused workers keep it between tasks instead of rebuilding the model."""
     return Embedder(spec, batch_size, decode_threads, draft, max_pixels, engine, device, threads, onnx_cache)
-
-
-def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
-    """The mapInPandas function: binaryFile batches (path, modificationTime, length, content) ->
-    rows of tables.UDF_SCHEMA. The engine uses as many threads as the task was given cores (spark.task.cpus)."""
-    settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
-    onnx_cache = conf.onnx_cache
-
-    def embed_batches(batches: Iterator) -> Iterator:
-        import pandas as pd
-
-        embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache)
-        def tagged():  # each batch's bytes listed once: embedded, then hashed
-            for pdf in batches:
-                contents = pdf["content"].tolist()
-                yield (pdf, contents), contents
-
-        for (pdf, contents), results in embedder.stream(tagged()):
-            yield pd.DataFrame({
-                "path": pdf["path"],
-                "content_sha256": [hashlib.sha256(c).hexdigest() for c in contents],
-                "size_bytes": pdf["length"],
-                "modified": pdf["modificationTime"],
-                "width": pd.array([r.width for r in results], dtype="Int32"),
-                "height": pd.array([r.height for r in results], dtype="Int32"),
-                "embedding": [r.embedding for r in results],
-                "error": [r.error for r in results],
-            })
-
-    return embed_batches
-
-
-def embed_files(files, spec: ModelSpec, conf: EmbedConfig):
-    """Spark DataFrame of binaryFile rows -> DataFrame of tables.UDF_SCHEMA rows."""
-    from .tables import UDF_SCHEMA
-
-    return files.mapInPandas(partition_embedder(spec, conf), UDF_SCHEMA)
-

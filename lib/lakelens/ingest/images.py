@@ -12,6 +12,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # PIL's own bomb guard is replaced by our explicit pixel limit, checked before any pixel is decoded.
 Image.MAX_IMAGE_PIXELS = None
 
+# The formats the job and queries decode: raster formats PIL reads itself. Others (EPS and PDF run
+# Ghostscript, and exotic plugins widen what a hostile file can reach) are "not an image".
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP", "PPM", "ICO")  # JPEG covers MPO
 ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
 WHITE = (255, 255, 255)
@@ -42,11 +45,14 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if img.mode == "F":
         lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-    else:
-        # I;16* are 16-bit; "I" from a 16-bit PNG holds values up to 65535 too.
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        scaled = arr.astype(np.float64) * (255.0 / top)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    # I;16* are 16-bit; "I" from a 16-bit PNG holds values up to 65535 too. Integer arithmetic (4 bytes
+    # a pixel, not float64's 8): (x + 128) // 257 is round(x * 255 / 65535), which never ties.
+    wide = np.clip(arr, 0, 65535).astype(np.uint32)
+    if img.mode.startswith("I;16") or int(wide.max(initial=0)) > 255:
+        wide += 128
+        wide //= 257
+    return Image.fromarray(wide.astype(np.uint8), "L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -71,13 +77,14 @@ def _classify(exc: BaseException) -> str:
 
 
 def decode(data: bytes, target_size: int | None = None, max_pixels: int = 89_478_485,
-           draft: bool = True) -> Decoded:
+           draft: bool = True, formats: tuple = FORMATS) -> Decoded:
     """Decode one image file's bytes. With `target_size` and `draft`, a large JPEG is decoded at the
-    smallest power-of-two reduction that keeps both sides >= target_size (libjpeg DCT scaling)."""
+    smallest power-of-two reduction that keeps both sides >= target_size (libjpeg DCT scaling).
+    Only `formats` are tried; anything else is "not an image"."""
     if not data:
         return _fail("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError:
         return _fail("not an image")
     except Exception as e:  # a header so broken that PIL cannot even identify the size
@@ -124,7 +131,7 @@ class Transform:
     resize_mode: str = "shortest"
 
     @classmethod
-    def from_cfg(cls, cfg: dict) -> "Transform | None":
+    def from_cfg(cls, cfg: dict) -> Transform | None:
         """From an open_clip model's `visual.preprocess_cfg`; None where this class does not cover it
         (non-square sizes, resize_mode 'longest'): callers then use open_clip's own transform."""
         size = cfg.get("size", 224)

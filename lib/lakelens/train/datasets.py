@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lakelens.errors import DataError
+
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 LABELS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 # Several phrasings in training, so the text tower learns the item names rather than one sentence.
@@ -47,7 +49,7 @@ def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     paths = [folder / name for name in _FILES[split]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"Fashion-MNIST not found ({', '.join(missing)}): install Debian's "
+        raise DataError(f"Fashion-MNIST not found ({', '.join(missing)}): install Debian's "
                                 f"dataset-fashion-mnist (make setup does) or set LAKELENS_FASHION_MNIST")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if len(images) != len(labels):

@@ -1,0 +1,121 @@
+"""One assembly path for a version, used by the local builder and the Spark index job alike: train on a
+sample that leaves out the tuning queries, build every shard (with its own metadata file) in a staging
+folder, check the counts, tune nprobe, write the manifest, publish; the staging folder goes on failure."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lakelens.errors import IndexDirError
+from lakelens.index.factory import Choice, train, training_rows
+from lakelens.index.shards import build_shard, shard_of, tune_nprobe
+from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
+
+TUNING_QUERIES = 200
+META_COLUMNS = ["id", "path", "width", "height"]
+
+
+def shard_file(s: int) -> str:
+    return f"shard-{s:04d}.faiss"
+
+
+def meta_file(s: int) -> str:
+    return f"meta-{s:04d}.parquet"
+
+
+def write_shard(trained: bytes, s: int, ids: np.ndarray, vectors: np.ndarray, meta: pd.DataFrame,
+                staged: str | Path, rerank: bool) -> int:
+    """One shard's FAISS file and its metadata (id, path, width, height) in the staging folder; runs
+    on the driver (local builds) or on an executor (the index job), so no process holds every path."""
+    staged = Path(staged)
+    count = build_shard(trained, ids, vectors, staged / shard_file(s), rerank)
+    meta = meta.reindex(columns=META_COLUMNS)
+    meta["id"] = meta["id"].astype("int64")
+    meta["width"] = meta["width"].astype("Int32")
+    meta["height"] = meta["height"].astype("Int32")
+    meta.to_parquet(staged / meta_file(s), index=False)
+    return count
+
+
+def make_manifest(model_key: str, dim: int, choice: Choice, counts: list[int], source: dict, settings: dict,
+                  **extra) -> dict:
+    name, _, pretrained = model_key.partition("@")
+    pretrained, _, digest = pretrained.partition("#")
+    return {
+        "model": {"name": name, "pretrained": pretrained, "digest": digest, "key": model_key},
+        "dim": dim, "metric": "inner_product", "rows": int(sum(counts)),
+        "factory": choice.factory, "reason": choice.reason, "search_params": choice.search_params,
+        "rerank": choice.rerank,
+        "shards": [{"file": shard_file(s), "meta": meta_file(s), "count": int(c), "factory": choice.factory}
+                   for s, c in enumerate(counts)],
+        "source": source, "settings": settings, **extra,
+    }
+
+
+def assemble(index_dir: str | Path, *, dim: int, choice: Choice, shards: int, rows: int, model_key: str,
+             sample: np.ndarray | None, probe: tuple[np.ndarray, np.ndarray],
+             build: Callable[[bytes, Path], dict], source: dict, settings: dict, prune: int = 0,
+             log: Callable[[str], None] = lambda _: None, **extra) -> tuple[str, Choice, list[str]]:
+    """Train, build the shards with `build(trained, staged) -> {shard: count}`, tune, publish and prune.
+    The caller holds the folder's lock (versions.index_lock). Returns (version, the choice with its
+    tuned parameters, pruned)."""
+    trained = train(dim, choice, sample)
+    staged = staging_dir(index_dir)
+    try:
+        counts = dict(build(trained, staged))
+        empty = pd.DataFrame({c: [] for c in META_COLUMNS})
+        for s in range(shards):  # a shard that got no rows still gets (empty) files
+            if s not in counts:
+                counts[s] = write_shard(trained, s, np.zeros(0, np.int64), np.zeros((0, dim), np.float32),
+                                        empty, staged, bool(choice.rerank))
+        if sum(counts.values()) != rows:
+            raise IndexDirError(f"shards hold {sum(counts.values())} vectors, the source {rows}")
+        if choice.needs_training:  # IVF: the smallest nprobe that reaches the recall target
+            choice = Choice(choice.factory, choice.reason, choice.needs_training,
+                            tune_nprobe(staged, [shard_file(s) for s in range(shards)], choice, *probe),
+                            choice.rerank)
+            log(f"lakelens index: tuned {choice.search_params}")
+        manifest = make_manifest(model_key, dim, choice, [counts[s] for s in range(shards)], source, settings,
+                                 **extra)
+        version = publish(index_dir, staged, manifest)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    pruned = prune_locked(index_dir, prune) if prune else []
+    return version, choice, pruned
+
+
+def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, paths: list[str],
+                choice: Choice, shards: int = 1, model_key: str = "", train_sample: int = 100_000,
+                source: dict | None = None, sizes: tuple | None = None) -> str:
+    """Build and publish a version from in-memory arrays, without Spark (benchmarks, tests, notebooks):
+    the assembly path of the index job, with the shards built in this process."""
+    ids = np.asarray(ids, dtype=np.int64)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    meta = pd.DataFrame({"id": ids, "path": list(paths),
+                         "width": sizes[0] if sizes else None, "height": sizes[1] if sizes else None})
+    order = np.random.default_rng(0).permutation(len(vectors))
+    # tuning queries are rows the quantizer was not trained on, as real queries are
+    probe = order[:TUNING_QUERIES] if len(vectors) > 2 * TUNING_QUERIES else order[:0]
+    rest = order[len(probe):]
+    sample = vectors[rest[:training_rows(choice, len(rest), train_sample)]] if choice.needs_training else None
+    owner = shard_of(ids, shards)
+
+    def build(trained, staged):
+        counts = {}
+        for s in range(shards):
+            mask = owner == s
+            counts[s] = write_shard(trained, s, ids[mask], vectors[mask], meta[mask], staged, bool(choice.rerank))
+        return counts
+
+    with index_lock(index_dir):
+        version, _, _ = assemble(
+            index_dir, dim=int(vectors.shape[1]), choice=choice, shards=shards, rows=len(ids), model_key=model_key,
+            sample=sample, probe=(vectors[probe], ids[probe]), build=build,
+            source=source or {"table": None, "format": None, "version": None, "fingerprint": None}, settings={})
+    return version

@@ -1,0 +1,170 @@
+"""Shard files: build one from a trained empty index, load it, search a set of them and merge exactly,
+re-rank compressed codes from raw vectors, reconstruct a stored vector, and tune nprobe."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from lakelens.errors import IndexDirError
+from lakelens.index.factory import Choice
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = Path(f"{path}.tmp-{uuid.uuid4().hex[:6]}")
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def rerank_files(shard_path: str | Path) -> tuple[Path, Path]:
+    """Raw vectors and their ids beside a shard, for exact re-ranking of compressed-code candidates."""
+    p = Path(shard_path)
+    stem = p.name[: -len(".faiss")] if p.name.endswith(".faiss") else p.name
+    return p.with_name(stem + ".vectors.npy"), p.with_name(stem + ".ids.npy")
+
+
+def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str | Path,
+                rerank: bool = False) -> int:
+    """Add one shard's vectors (with their 64-bit ids) to a copy of the trained index and write it;
+    with `rerank`, also the raw vectors sorted by id, which queries memory-map to re-score candidates."""
+    if (ids == -1).any():
+        raise IndexDirError("id -1 is FAISS's 'no result' marker and cannot be indexed")
+    if rerank:
+        order = np.argsort(ids, kind="stable")
+        vec_file, id_file = rerank_files(path)
+        _atomic_save_npy(vec_file, np.ascontiguousarray(vectors[order], dtype=np.float32))
+        _atomic_save_npy(id_file, np.ascontiguousarray(ids[order], dtype=np.int64))
+    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+    if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        index = faiss.IndexIDMap2(index)  # Flat and HNSW keep ids beside the index
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, path)
+    return int(index.ntotal)
+
+
+NPROBE_STEPS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def tune_nprobe(staged: Path, files: list[str], choice: Choice, queries: np.ndarray, query_ids: np.ndarray,
+                target: float = 0.97, k: int = 10) -> dict:
+    """The smallest nprobe whose recall@k reaches `target` against visiting every list, measured on
+    indexed vectors as queries (each query's own id left out of both lists), over the staged shards."""
+    m = re.search(r"IVF(\d+)", choice.factory)
+    if not m or not len(queries):
+        return dict(choice.search_params)
+    nlist = int(m.group(1))
+    shards = [faiss.read_index(str(staged / f)) for f in files]
+    rerank = [tuple(np.load(p) for p in rerank_files(staged / f)) if choice.rerank else None for f in files]
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def top(nprobe):
+        _, ids = search_shards(shards, rerank, q, k + 1, nprobe=nprobe, factor=choice.rerank)
+        return [[i for i in row if i != own and i != -1][:k] for row, own in zip(ids, query_ids)]
+
+    reference = top(nlist)
+    measured = {}
+    for nprobe in [p for p in NPROBE_STEPS if p < nlist] + [nlist]:
+        found = top(nprobe)
+        measured[nprobe] = float(np.mean([len(set(f) & set(r)) / max(1, len(r)) for f, r in zip(found, reference)]))
+        if measured[nprobe] >= target:
+            break
+    best = max(measured, key=lambda p: (measured[p] >= target, -p))
+    return {**choice.search_params, "nprobe": best, "tuned_recall": round(measured[best], 4),
+            "tuned_queries": int(len(q))}
+
+
+def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
+    return np.mod(ids, shards)  # the same as Spark's pmod(id, shards)
+
+
+def load_shard(path: Path, mmap: bool):
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY), True
+        except RuntimeError:
+            pass  # index types whose storage cannot be memory-mapped (HNSW graphs, PQ tables) load in RAM
+    return faiss.read_index(str(path)), False
+
+
+def search_params(index, nprobe: int | None, ef_search: int | None, selector=None):
+    """Per-call FAISS search parameters: concurrent queries with different settings never interfere.
+    `selector` (a faiss.IDSelector) restricts the search to those ids, inside the scan."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
+    sel = {"sel": selector} if selector is not None else {}
+    if isinstance(inner, faiss.IndexIVF) and (nprobe is not None or sel):
+        return faiss.SearchParametersIVF(nprobe=int(nprobe if nprobe is not None else inner.nprobe), **sel)
+    if isinstance(inner, faiss.IndexHNSW) and (ef_search is not None or sel):
+        return faiss.SearchParametersHNSW(efSearch=int(ef_search if ef_search is not None else inner.hnsw.efSearch),
+                                          **sel)
+    return faiss.SearchParameters(**sel) if sel else None
+
+
+def search_shards(shards: list, rerank: list, q: np.ndarray, k: int, nprobe: int | None = None,
+                  ef_search: int | None = None, factor: int = 0, pool=None, selector=None):
+    """Top-k over all shards, merged exactly by score: (scores, ids), each (len(q), k), id -1 padding.
+    With `selector`, only the ids it accepts are candidates."""
+
+    def one(i):
+        shard = shards[i]
+        kk = min(k * max(1, factor), max(1, shard.ntotal))
+        params = search_params(shard, nprobe, ef_search, selector)
+        scores, ids = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
+        if factor and rerank[i] is not None:
+            scores, ids = rerank_exact(q, ids, *rerank[i], k)
+        return scores, ids
+
+    parts = list(pool.map(one, range(len(shards)))) if pool is not None and len(shards) > 1 \
+        else [one(i) for i in range(len(shards))]
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    scores = np.where(ids == -1, -np.inf, scores)  # faiss pads missing results with id -1 (ids are signed)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def rerank_exact(q: np.ndarray, cand: np.ndarray, vectors: np.ndarray, sorted_ids: np.ndarray, k: int):
+    """Exact inner products for the candidates of each query, read from the memory-mapped raw vectors."""
+    nq = len(q)
+    scores = np.full((nq, min(k, cand.shape[1])), -np.inf, dtype=np.float32)
+    ids = np.full(scores.shape, -1, dtype=np.int64)
+    for row in range(nq):
+        c = cand[row][cand[row] != -1]
+        if not len(c):
+            continue
+        pos = np.searchsorted(sorted_ids, c)
+        exact = np.asarray(vectors[np.sort(pos)], dtype=np.float32) @ q[row]
+        c = sorted_ids[np.sort(pos)]
+        top = np.argsort(-exact, kind="stable")[: scores.shape[1]]
+        scores[row, : len(top)], ids[row, : len(top)] = exact[top], c[top]
+    return scores, ids
+
+
+_DIRECT_MAP_LOCK = threading.Lock()
+
+
+def prepare_direct_map(shard) -> None:
+    """Build an IVF shard's id -> list position table (once, at load): reconstruct() then only reads it,
+    so concurrent look-ups never see a half-built map."""
+    inner = faiss.downcast_index(shard)
+    if isinstance(inner, faiss.IndexIVF):
+        with _DIRECT_MAP_LOCK:
+            if inner.direct_map.type == faiss.DirectMap.NoMap:
+                inner.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+
+def reconstruct(shard, id_: int) -> np.ndarray | None:
+    """The stored vector of `id_` in one shard (decoded, for compressed codes), or None if not held."""
+    prepare_direct_map(shard)
+    try:
+        return faiss.downcast_index(shard).reconstruct(id_)
+    except RuntimeError:
+        return None
