@@ -17,6 +17,7 @@ from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble, write_shard
 from lakelens.index.factory import choose_factory, explicit_choice, training_rows
 from lakelens.index.versions import current_version, index_lock, prune_locked, read_manifest
+from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.spark import Job
 
@@ -139,10 +140,16 @@ class IndexJob(Job):
                 bc.unpersist()
             return {r["shard"]: r["count"] for r in built}
 
+        # thumbnails are served only from under the folders the embed job listed
+        roots = table.image_roots()
+        if not roots:
+            bounds = good.agg(F.min("path"), F.max("path")).first()
+            roots = [common_root([bounds[0], bounds[1]])]
         published, choice, pruned = assemble(
             c.index, dim=dim, choice=choice, shards=shards, rows=n, model_key=model_keys[0], sample=sample,
             probe=probe, build=build, prune=c.prune, log=self.log, settings=settings,
-            source={"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint},
+            source={"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
+                    "image_roots": roots},
             build_seconds=round(time.time() - t0, 2))
         self.log(f"lakelens index: published {published} ({n} vectors, {shards} shards, "
                  f"{time.time() - t0:.1f} s){'; pruned ' + ', '.join(pruned) if pruned else ''}")

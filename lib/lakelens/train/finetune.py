@@ -254,7 +254,8 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
     (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
     plot_history(history, out / "training.png", f"fine-tuning {spec.name} from "
                   + ("random init" if spec.pretrained == models.RANDOM_INIT else Path(spec.pretrained).name))
-    return FinetuneResult(str(out), str(final), ModelSpec(spec.name, str(final)).with_digest().key, conf.epochs - start_epoch, start_epoch,
+    key = ModelSpec(spec.name, str(final)).with_digest().key
+    return FinetuneResult(str(out), str(final), key, conf.epochs - start_epoch, start_epoch,
                           len(train.captions), len(val.captions), skipped_train + skipped_val, history)
 
 
