@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lakelens import config
@@ -138,14 +139,19 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from lakelens.ingest.storage import S3Settings
     from lakelens.web.api import Limits
     from lakelens.web.server import serve
 
-    if args.max_upload_mb <= 0 or args.threads < 1:
-        raise ConfigError(f"--max-upload-mb must be > 0 and --threads >= 1, "
-                          f"got {args.max_upload_mb}, {args.threads}")
+    if args.max_upload_mb <= 0 or args.threads < 1 or args.max_megapixels <= 0:
+        raise ConfigError(f"--max-upload-mb and --max-megapixels must be > 0 and --threads >= 1, "
+                          f"got {args.max_upload_mb}, {args.max_megapixels}, {args.threads}")
+    token = args.token if args.token is not None else os.environ.get("LAKELENS_TOKEN", "")
+    s3 = S3Settings.from_config(config.load(args.conf, args.set)) if args.conf or args.set else None
     serve(args.index, args.host, args.port, args.threads,
-          Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024)))
+          Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                 max_pixels=int(args.max_megapixels * 1_000_000), token=token,
+                 allowed_hosts=tuple(h.lower() for h in args.allowed_host)), s3=s3)
     return 0
 
 
@@ -219,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
     p.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest query image upload (default 10)")
+    p.add_argument("--max-megapixels", type=float, default=16.0,
+                   help="query images and thumbnails larger than this are refused (default 16)")
+    p.add_argument("--token", help="require this access token on every request (default: $LAKELENS_TOKEN; "
+                   "none: open to whoever reaches the address)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header name to answer for (repeatable; default on loopback: localhost, 127.0.0.1)")
+    p.add_argument("--conf", help="YAML config: S3 settings (spark.extra fs.s3a.*) for thumbnails of s3a:// images")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="offline end to end: captioned images, embed, index, eval, fine-tune, again")
     p.add_argument("--dataset", default="shapes", choices=("shapes", "fashion-mnist"),

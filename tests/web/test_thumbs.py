@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from lakelens import index as ix
+from lakelens.ingest.storage import StorageError, read_bounded
 from lakelens.web.live import LiveSearcher
-from lakelens.web.thumbs import ThumbCache, ThumbError, local_file, parse_id
+from lakelens.web.thumbs import ThumbCache, ThumbError, parse_id
 
 
 def test_ids_are_decimal_signed_64_bit():
@@ -22,24 +24,46 @@ def test_ids_are_decimal_signed_64_bit():
         assert e.value.status == 400
 
 
-def test_local_file_reads_only_local_absolute_paths(tmp_path):
-    (tmp_path / "a b.png").write_bytes(b"x")
-    assert local_file(f"file:{tmp_path}/x.jpg") == tmp_path / "x.jpg"
-    assert local_file(f"file://{tmp_path}/x.jpg") == tmp_path / "x.jpg"
-    assert local_file(f"file://localhost{tmp_path}/x.jpg") == tmp_path / "x.jpg"
-    assert local_file(f"{tmp_path}/x.jpg") == tmp_path / "x.jpg"
-    assert local_file(f"file:{tmp_path}/a%20b.png") == tmp_path / "a b.png"  # Hadoop's encoding of a space
-    for uri in ("s3a://bucket/x.jpg", "hdfs://nn/x.jpg", "file://otherhost/x.jpg", "x.jpg", "../x.jpg"):
-        with pytest.raises(ThumbError) as e:
-            local_file(uri)
+def test_reads_are_confined_to_regular_files_under_the_roots_and_bounded(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    root = [f"file:{imgs}/"]
+    for name, data in (("a#b.png", b"AB"), ("a", b"A"), ("q?x.png", b"QX"), ("q", b"Q"), ("..%2Fsecret.png", b"ENC"),
+                       ("a%20b.png", b"PCT"), ("a b.png", b"SPACE")):
+        (imgs / name).write_bytes(data)
+    (tmp_path / "secret.png").write_bytes(b"SECRET")
+    (tmp_path / "imgs-secret").mkdir()
+    (tmp_path / "imgs-secret" / "x.png").write_bytes(b"SECRET2")
+    # a stored path is a file name, never a URL: '#', '?' and '%' are characters of the name
+    assert read_bounded(f"file:{imgs}/a#b.png", 100, root) == b"AB"
+    assert read_bounded(f"file:{imgs}/q?x.png", 100, root) == b"QX"
+    assert read_bounded(f"file:{imgs}/..%2Fsecret.png", 100, root) == b"ENC"
+    assert read_bounded(f"file:{imgs}/a%20b.png", 100, root) == b"PCT"
+    assert read_bounded(f"file:{imgs}/a b.png", 100, root) == b"SPACE"
+    for outside in (f"file:{imgs}/../secret.png", f"file:{tmp_path}/secret.png", f"file:{tmp_path}/imgs-secret/x.png",
+                    "/etc/passwd", "s3a://bucket/x.png"):
+        with pytest.raises(StorageError) as e:
+            read_bounded(outside, 100, root)
         assert e.value.status == 404
+    with pytest.raises(StorageError) as e:
+        read_bounded(f"file:{imgs}/a#b.png", 1, root)  # over the byte bound
+    assert e.value.status == 413
+    # a FIFO and a link to /dev/zero in an image folder: refused at once, never read
+    os.mkfifo(imgs / "pipe.png")
+    os.symlink("/dev/zero", imgs / "zero.png")
+    for special in ("pipe.png", "zero.png"):
+        with pytest.raises(StorageError, match="not a regular file"):
+            read_bounded(f"file:{imgs}/{special}", 1 << 30, root)
+    os.symlink(imgs / "a#b.png", imgs / "link.png")  # a symlinked image is still served
+    assert read_bounded(f"file:{imgs}/link.png", 100, root) == b"AB"
 
 
 class FakeSearcher:
-    """Just the two facts the cache asks a searcher for."""
+    """Just the facts the cache asks a searcher for."""
 
-    def __init__(self, version, paths):
+    def __init__(self, version, paths, roots=None):
         self.version, self.paths = version, paths
+        self.manifest = {"source": {"image_roots": roots}}
 
     def path_of(self, id_):
         return self.paths.get(id_)
@@ -70,7 +94,7 @@ def test_cache_is_keyed_by_version_and_evicts_the_least_recent(tmp_path):
         cache.get(FakeSearcher("v0003", {6: f"file:{tmp_path}/missing.png"}), 6)
 
 
-def test_live_searcher_follows_current_and_keeps_serving_after_a_broken_publish(tmp_path):
+def test_live_searcher_follows_current_and_keeps_serving_after_a_broken_publish(tmp_path, caplog):
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(8, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -81,5 +105,6 @@ def test_live_searcher_follows_current_and_keeps_serving_after_a_broken_publish(
     ix.build_local(tmp_path, np.arange(8), vecs, [f"/p/{i}" for i in range(8)], flat, model_key="m@none")
     assert live.get().version == "v0002" and len(live.get()) == 8 and live.last_error is None
     (tmp_path / ix.CURRENT).write_text("v0009\n")  # names a version that does not exist
-    assert live.get().version == "v0002" and "v0009" in live.last_error
+    assert live.get().version == "v0002" and "v0009" not in live.last_error  # clients see no paths
+    assert "could not load the new index version" in live.last_error and "v0009" in caplog.text  # the log does
     assert live.get().path_of(7) == "/p/7"

@@ -15,7 +15,7 @@ from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
 from lakelens.index.shards import build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
-from lakelens.ingest.paths import common_root
+from lakelens.ingest.paths import common_root, to_stored
 
 TUNING_QUERIES = 200
 META_COLUMNS = ["id", "path", "width", "height"]
@@ -119,6 +119,6 @@ def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, pat
             index_dir, dim=int(vectors.shape[1]), choice=choice, shards=shards, rows=len(ids), model_key=model_key,
             sample=sample, probe=(vectors[probe], ids[probe]), build=build,
             source=source or {"table": None, "format": None, "version": None, "fingerprint": None,
-                              "image_roots": [common_root([min(paths), max(paths)])] if len(paths) else []},
+                              "image_roots": [common_root(sorted({to_stored(p) for p in paths}))] if len(paths) else []},
             settings={})
     return version

@@ -97,11 +97,12 @@ def under(path: str, roots: list[str]) -> bool:
     normalised text: a `..` that climbs out, or a root that is only a name prefix, does not count."""
     if ".." in path.split("/"):
         return False
-    scheme = "file:" if path.startswith(LOCAL_SCHEME) else ""
-    norm = scheme + posixpath.normpath(path[len(scheme):]) if scheme else path
+    norm = to_stored(path) if not is_remote(path) else path
+    if norm.startswith(LOCAL_SCHEME):
+        norm = LOCAL_SCHEME + posixpath.normpath(norm[len(LOCAL_SCHEME):])
     for root in roots:
-        root = root if root.endswith("/") else root + "/"
-        if norm.startswith(root):
+        root = (to_stored(root) if root and not is_remote(root) else root).rstrip("/") + "/"
+        if root != "/" and norm.startswith(root):
             return True
     return False
 
@@ -111,7 +112,7 @@ def common_root(paths: list[str]) -> str:
     For many paths pass the lexicographic min and max: their common prefix is everyone's."""
     if not paths:
         return ""
-    prefix = os.path.commonprefix(list(paths))
+    prefix = os.path.commonprefix([to_stored(p) if not is_remote(p) else p for p in paths])
     return prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
 
 

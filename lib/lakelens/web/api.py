@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 from dataclasses import dataclass
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from lakelens.search import QueryError
@@ -14,6 +15,8 @@ from lakelens.web.live import LiveSearcher
 from lakelens.web.thumbs import ThumbCache, ThumbError, parse_id
 
 log = logging.getLogger(__name__)
+TOKEN_COOKIE = "lakelens_token"
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
 @dataclass
@@ -25,6 +28,17 @@ class Limits:
     max_prefix_chars: int = 4096
     thumb_side: int = 256
     thumb_cache: int = 2048
+    max_pixels: int = 16_000_000  # query images and thumbnails: decoded only up to this many pixels
+    token: str = ""  # when set, every request must carry it (Authorization: Bearer, ?token= once, or the cookie)
+    allowed_hosts: tuple = ()  # Host header names served; empty: any
+
+
+def public_model(manifest: dict) -> dict:
+    """The index's model as a client may see it: no absolute checkpoint path, only its file name."""
+    m = manifest["model"]
+    pretrained = m.get("pretrained", "")
+    shown = pretrained.rsplit("/", 1)[-1] if "/" in pretrained else pretrained
+    return {"name": m.get("name"), "weights": shown, "digest": m.get("digest") or None}
 
 
 # --- parameters (shared with the page's callbacks) ---------------------------------------------
@@ -84,21 +98,56 @@ def rows(results, version: str) -> list[dict]:
              "thumb": thumb_url(int(r.id), version)} for r in results.itertuples()]
 
 
+def host_name(host: str) -> str:
+    """The name part of a Host header: 'example.org:8050' -> 'example.org', '[::1]:8050' -> '[::1]'."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def bearer(header: str) -> str:
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
 # --- routes ------------------------------------------------------------------------------------
 def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCache) -> None:
     def error(status: int, reason: str):
         return jsonify({"error": status, "reason": reason}), status
 
     def answer(searcher, results, query: dict):
-        return jsonify({"index_version": searcher.version, "model": searcher.manifest["model"]["key"],
+        return jsonify({"index_version": searcher.version, "model": public_model(searcher.manifest),
                         "query": query, "notes": results.attrs.get("notes", []),
                         "results": rows(results, searcher.version)})
+
+    allowed = {h.lower() for h in limits.allowed_hosts}
+
+    @server.before_request
+    def guard():
+        # a Host allowlist defeats DNS rebinding (a page elsewhere that resolves its name to this server)
+        if allowed and host_name(request.host) not in allowed:
+            return error(400, "this server does not answer for that host name")
+        if limits.token:
+            supplied = (bearer(request.headers.get("Authorization", "")) or request.args.get("token")
+                        or request.cookies.get(TOKEN_COOKIE) or "")
+            if not hmac.compare_digest(supplied.encode(), limits.token.encode()):
+                return error(401, "missing or wrong access token (Authorization: Bearer TOKEN, or ?token=TOKEN)")
+            g.set_token_cookie = request.args.get("token") == limits.token
+        return None
+
+    @server.after_request
+    def remember_token(response):
+        # a browser that opened /?token=... keeps it as a cookie for the page's own requests
+        if limits.token and g.get("set_token_cookie"):
+            response.set_cookie(TOKEN_COOKIE, limits.token, httponly=True, samesite="Strict")
+        return response
 
     @server.get("/api/health")
     def health():
         s = live.get()
         m = s.manifest
-        return jsonify({"status": "ok", "index_version": s.version, "model": m["model"]["key"], "count": len(s),
+        return jsonify({"status": "ok", "index_version": s.version, "model": public_model(m), "count": len(s),
                         "dim": m["dim"], "factory": m["factory"], "shards": len(m["shards"]),
                         "published_at": m.get("published_at"), "reload_error": live.last_error})
 

@@ -115,7 +115,7 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
             html.Div(id="status"),
             html.Div(id="results", className="grid"),
             html.Footer(id="index-info",
-                        children=f"index {s.version} · {len(s)} images · model {s.manifest['model']['key']}"),
+                        children=f"index {s.version} · {len(s)} images · model {s.manifest['model']['name']}"),
         ])
 
     app.layout = layout  # a function: every page load shows the version that is live now

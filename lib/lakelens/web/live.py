@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from lakelens import index as ix
+from lakelens.index.versions import CURRENT
 from lakelens.search import Searcher
 
 log = logging.getLogger(__name__)
@@ -19,16 +19,16 @@ class LiveSearcher:
     publish() swaps CURRENT with an atomic rename, so a new version always shows as a new inode;
     one stat() per request (microseconds) is cheaper than a timer thread and has no stale window."""
 
-    def __init__(self, index_dir: str | Path, searcher: Searcher | None = None):
+    def __init__(self, index_dir: str | Path, searcher: Searcher | None = None, **searcher_options):
         self.index_dir = Path(index_dir)
         self._lock = threading.Lock()
         self._stamp = self._current_stamp()
-        self.searcher = searcher or Searcher.open(self.index_dir)
+        self.searcher = searcher or Searcher.open(self.index_dir, **searcher_options)
         self.last_error: str | None = None
 
     def _current_stamp(self):
         try:
-            st = os.stat(self.index_dir / ix.CURRENT)
+            st = os.stat(self.index_dir / CURRENT)
         except OSError:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
@@ -47,8 +47,9 @@ class LiveSearcher:
                 log.info("serving index version %s", self.searcher.version)
             self.last_error = None
         except Exception as e:  # a broken new version must not take the server down: keep the old one
-            self.last_error = f"could not load the new index version: {e}"
-            log.error("%s; still serving %s", self.last_error, self.searcher.version)
+            # clients see that it failed; the reason (paths, library text) goes only to the server's log
+            self.last_error = "could not load the new index version (see the server log)"
+            log.error("could not load the new index version: %s; still serving %s", e, self.searcher.version)
         self._stamp = stamp  # also after a failure, so a broken version is not retried on every request
 
     def warm(self) -> None:

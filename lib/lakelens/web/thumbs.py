@@ -6,18 +6,19 @@ import io
 import re
 import threading
 from collections import OrderedDict
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
+from lakelens.errors import LakelensError
 from lakelens.ingest.images import decode
+from lakelens.ingest.storage import StorageError, read_bounded
 
 ID_RE = re.compile(r"^-?[0-9]{1,20}$")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_SIDE = 256
 MAX_FILE_BYTES = 64 * 1024 * 1024  # an indexed file this large is not worth decoding for a thumbnail
+MAX_PIXELS = 16_000_000  # thumbnails decode at most this many pixels (the embed job allows more)
 
 
-class ThumbError(Exception):
+class ThumbError(LakelensError):
     """A thumbnail cannot be served; `status` is the HTTP status to answer with."""
 
     def __init__(self, status: int, reason: str):
@@ -35,34 +36,9 @@ def parse_id(text: str) -> int:
     return value
 
 
-def local_file(uri: str) -> Path:
-    """The local file behind an index path: `file:/x`, `file:///x`, `file://localhost/x` or a plain
-    absolute path. Other schemes (s3a:, hdfs:) are not readable by this server."""
-    if uri.startswith("file:"):
-        parts = urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise ThumbError(404, "image is on another host")
-        path = Path(parts.path)
-        # Hadoop may percent-encode names (spaces as %20); the literal name wins if it exists
-        if not path.exists() and Path(unquote(parts.path)).exists():
-            path = Path(unquote(parts.path))
-    elif uri.startswith("/"):
-        path = Path(uri)
-    else:
-        raise ThumbError(404, "image is not on a local file system")
-    if not path.is_absolute():
-        raise ThumbError(404, "image path is not absolute")
-    return path
-
-
-def render(path: Path, max_side: int = MAX_SIDE) -> bytes:
-    try:
-        if path.stat().st_size > MAX_FILE_BYTES:
-            raise ThumbError(404, "image file too large for a thumbnail")
-        data = path.read_bytes()
-    except OSError:
-        raise ThumbError(404, "image file is gone") from None
-    decoded = decode(data, target_size=max_side)
+def render(data: bytes, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> bytes:
+    """An image file's bytes -> a JPEG thumbnail of at most max_side pixels a side."""
+    decoded = decode(data, target_size=max_side, max_pixels=max_pixels)
     if decoded.error:
         raise ThumbError(404, f"image cannot be decoded: {decoded.error}")
     img = decoded.image
@@ -76,8 +52,10 @@ class ThumbCache:
     """LRU of rendered thumbnails keyed by (index version, id): a new version never serves an old
     version's entry, and old entries age out as new ones arrive."""
 
-    def __init__(self, max_entries: int = 2048, max_side: int = MAX_SIDE):
+    def __init__(self, max_entries: int = 2048, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS,
+                 max_file_bytes: int = MAX_FILE_BYTES, s3=None):
         self.max_entries, self.max_side = max_entries, max_side
+        self.max_pixels, self.max_file_bytes, self.s3 = max_pixels, max_file_bytes, s3
         self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -90,11 +68,17 @@ class ThumbCache:
                 self._items.move_to_end(key)
                 self.hits += 1
                 return self._items[key]
-        # the path comes only from the index meta, never from the request: nothing else is readable
+        # the path comes only from the index meta, never from the request, and is read only if it is a
+        # regular file under the image folders the index was built from, and not too large
         uri = searcher.path_of(id_)
         if uri is None:
             raise ThumbError(404, f"id {id_} is not in index {version}")
-        data = render(local_file(uri), self.max_side)  # outside the lock: decoding takes milliseconds
+        roots = searcher.manifest.get("source", {}).get("image_roots")
+        try:
+            data = read_bounded(uri, self.max_file_bytes, roots, self.s3)
+        except StorageError as e:
+            raise ThumbError(404, e.reason) from None
+        data = render(data, self.max_side, self.max_pixels)  # outside the lock: decoding takes milliseconds
         with self._lock:
             self.misses += 1
             self._items[key] = data
