@@ -139,7 +139,6 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from lakelens.ingest.storage import S3Settings
     from lakelens.web.api import Limits
     from lakelens.web.server import serve
 
@@ -147,7 +146,11 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--max-upload-mb and --max-megapixels must be > 0 and --threads >= 1, "
                           f"got {args.max_upload_mb}, {args.max_megapixels}, {args.threads}")
     token = args.token if args.token is not None else os.environ.get("LAKELENS_TOKEN", "")
-    s3 = S3Settings.from_config(config.load(args.conf, args.set)) if args.conf or args.set else None
+    s3 = None
+    if args.conf or args.set:  # S3 settings for thumbnails of s3a:// images
+        from lakelens.ingest.storage import S3Settings
+
+        s3 = S3Settings.from_config(config.load(args.conf, args.set))
     serve(args.index, args.host, args.port, args.threads,
           Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                  max_pixels=int(args.max_megapixels * 1_000_000), token=token,

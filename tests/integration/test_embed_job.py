@@ -11,6 +11,7 @@ from PIL import Image
 
 from lakelens import EmbedJob, IdCollisionError, path_id
 from lakelens.cli import main
+from lakelens.ingest import listing
 from lakelens.ingest import table as tables
 from lakelens.models import registry as models
 
@@ -194,10 +195,10 @@ def test_spreads_files_over_every_core_without_a_shuffle(spark, tmp_path, local_
     paths = [f"file:{p}" for p in sorted((tmp_path / "img").iterdir())]
     job = EmbedJob(spark=spark, conf=local_conf(tmp_path / "img", tmp_path / "t"))
     assert job.partitions(10) == 2 * spark.sparkContext.defaultParallelism and job.partitions(3) == 3
-    default_splits = tables.read_files(spark, paths).rdd.getNumPartitions()
+    default_splits = listing.read_files(spark, paths).rdd.getNumPartitions()
     for want in (2, 4, 10):
-        with tables.file_splits(spark, 10, want):
-            files = tables.read_files(spark, paths)
+        with listing.file_splits(spark, 10, want):
+            files = listing.read_files(spark, paths)
             rdd = files.rdd
             assert rdd.getNumPartitions() == want  # 2 x 5, 4 = 3+3+3+1, 10 x 1
             assert "Exchange" not in files._jdf.queryExecution().executedPlan().toString()
@@ -205,7 +206,7 @@ def test_spreads_files_over_every_core_without_a_shuffle(spark, tmp_path, local_
             per = -(-10 // want)  # PNGs and JPEGs of unequal bytes, packed by count: the last split has the rest
             assert sorted(sizes, reverse=True) == [per] * (len(sizes) - 1) + [10 - per * (len(sizes) - 1)]
     assert spark.conf.get("spark.sql.files.minPartitionNum", None) is None  # the session's settings are back
-    assert tables.read_files(spark, paths).rdd.getNumPartitions() == default_splits
+    assert listing.read_files(spark, paths).rdd.getNumPartitions() == default_splits
 
 
 def test_glob_characters_in_file_names(spark, tmp_path, local_conf):
@@ -248,11 +249,14 @@ def test_engines_write_the_torch_engines_vectors(spark, tmp_path, local_conf):
 
 
 def test_id_collision_among_new_files_is_detected_before_the_table_exists(spark, tmp_path, local_conf, monkeypatch):
-    """A new table's ids are checked on the driver from the plan (no Spark job): with a weak hash
+    """A new table's ids are checked on the executors before anything is written: with a weak hash
     standing in for sha256, two listed files collide and the table is never created."""
+    from pyspark.sql import functions as F
+
     img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 3)
-    monkeypatch.setattr(tables, "path_id", lambda p: len(p))  # every name has the same length here
+    # every name has the same length here
+    monkeypatch.setattr(tables, "path_id_col", lambda col="path": F.length(F.col(col)).cast("long"))
     with pytest.raises(IdCollisionError, match=r"im0000\.png.*im0001\.jpg"):
         run(spark, local_conf(img, table))
     assert not table.exists()

@@ -145,7 +145,8 @@ class EmbedJob(Job):
             table.check_ids(listing)  # listed paths against each other and the rows kept
             plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
             if c.format == "delta":
-                with_retries(table.create_if_missing, c.commit_retries, "create the table", self.log)
+                with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
+                             "create the table", self.log)
                 with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
                              "record the image folder", self.log)
         stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,

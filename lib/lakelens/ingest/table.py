@@ -159,11 +159,13 @@ class EmbeddingsTable:
             return None
         return DeltaTable.forPath(self.spark, self.location).history(1).collect()[0]["version"]
 
-    def create_if_missing(self) -> None:
+    def create_if_missing(self, image_roots: list[str] = ()) -> None:
+        """A new Delta table (Change Data Feed on), its first image roots recorded in the same commit."""
         if self.format != "delta" or self.exists():
             return
         (DeltaTable.createIfNotExists(self.spark).location(self.location).addColumns(SCHEMA)
-         .property("delta.enableChangeDataFeed", "true").execute())
+         .property("delta.enableChangeDataFeed", "true")
+         .property(ROOTS_PROPERTY, json.dumps(sorted(set(image_roots)))).execute())
 
     # --- change detection ----------------------------------------------------------------------
     def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int) -> Plan:
