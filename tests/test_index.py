@@ -47,7 +47,7 @@ def test_sharded_search_equals_unsharded_exact(tmp_path):
     x = clustered(3000, 32, seed=1)
     index_dir, ids, paths = build(tmp_path, x, ix.choose_factory(len(x), 32, 2**30), shards=4)
     s = Searcher.open(index_dir)
-    assert len(s._state.shards) == 4 and len(s) == 3000
+    assert len(s.manifest["shards"]) == 4 and len(s) == 3000
     q = clustered(50, 32, seed=2)
     got = s.search_vectors(q, k=10)
     true_scores, true_ids = exact_topk(q, x, ids, 10)

@@ -10,8 +10,17 @@ import time
 from pathlib import Path
 
 from lakelens import config
+from lakelens.index.job import IndexJob
+from lakelens.ingest.embed_job import EmbedJob
 from lakelens.ingest.paths import to_local
+from lakelens.models.registry import ModelSpec
+from lakelens.search import Searcher
+from lakelens.spark import get_session
+from lakelens.train import metrics as ev
 from lakelens.train import synth
+from lakelens.train.datasets import write_fashion_mnist
+from lakelens.train.eval_run import read_captions, run_eval
+from lakelens.train.finetune import finetune
 
 DATASETS = ("shapes", "fashion-mnist")
 # Per data set: the metric the demo reports, and the example text queries it shows.
@@ -29,7 +38,6 @@ def _write_data(dataset: str, train_dir: Path, images: Path, n_train: int, n_ima
         train = synth.write_dataset(train_dir, n_train, seed=1)
         held_out = synth.write_dataset(images, n_images, seed=2)
     else:
-        from lakelens.train.datasets import write_fashion_mnist
 
         train = write_fashion_mnist(train_dir, "train", n_train, seed=1, varied_captions=True)
         held_out = write_fashion_mnist(images, "test", n_images, seed=2)
@@ -67,9 +75,6 @@ def contact_sheet(rows: list[tuple[str, object]], path: Path, thumb: int = 96, t
 
 
 def _embed_index_eval(spark, conf, captions: Path, eval_dir: Path, tag: str) -> dict:
-    from lakelens.index.job import IndexJob
-    from lakelens.ingest.embed_job import EmbedJob
-    from lakelens.train.eval_run import run_eval
 
     embedded = EmbedJob(spark=spark, conf=conf).launch()
     built = IndexJob(spark=spark, conf=conf).launch()
@@ -80,13 +85,6 @@ def _embed_index_eval(spark, conf, captions: Path, eval_dir: Path, tag: str) -> 
 def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | None = None,
              n_images: int | None = None, epochs: int | None = None, conf_path: str | None = None,
              overrides=(), master: str | None = None) -> dict:
-    from lakelens.ingest.embed_job import EmbedJob
-    from lakelens.models.registry import ModelSpec
-    from lakelens.search import Searcher
-    from lakelens.spark import get_session
-    from lakelens.train import metrics as ev
-    from lakelens.train.eval_run import read_captions
-    from lakelens.train.finetune import finetune
 
     if dataset not in DATASETS:
         raise config.ConfigError(f"--dataset: {dataset!r} is not one of {', '.join(DATASETS)}")

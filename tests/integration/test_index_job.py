@@ -72,7 +72,7 @@ def test_a_reader_during_two_rebuilds_never_errors(spark, tmp_path, local_conf, 
     conf = index_conf(local_conf, img, table, tmp_path / "index", "index.force=true", "index.shards=2")
     IndexJob(spark=spark, conf=conf, log=quiet).launch()
     s = Searcher.open(tmp_path / "index")
-    probe = s.search_id(int(s._state.ids[0]), k=1)
+    probe = s.search_id(int(s.ids[0]), k=1)
     errors, versions, stop = [], set(), threading.Event()
 
     def reader():

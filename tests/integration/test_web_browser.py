@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; setup.sh installs them
+TOKEN = "browser-test-token"
 WAIT = 60  # an upper bound for a wait-for-condition on 2 busy cores, not a speed check
 
 
@@ -28,12 +30,12 @@ def site(tmp_path_factory):
     # the real command line, on a free port it picks itself and announces on stdout
     proc = subprocess.Popen([sys.executable, "-m", "lakelens.cli", "serve", "--index", str(data.index),
                              "--port", "0", "--threads", "4"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=log, text=True)
+                            stderr=log, text=True, env={**os.environ, "LAKELENS_TOKEN": TOKEN})
     try:
         line = proc.stdout.readline()
         match = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
         assert match, f"server did not start: {line!r}\n{(root / 'server.log').read_text()}"
-        assert f"({data.version}, {len(data.ids)} images, model {webindex.MODEL_KEY})" in line
+        assert f"({data.version}, {len(data.ids)} images, model lakelens-tiny)" in line
         data.base = match.group(1)
         yield data
     finally:
@@ -92,7 +94,9 @@ def search(driver, query: str, status_starts: str) -> None:
 
 def test_search_click_similar_upload_and_hostile_names(site, browser, tmp_path):
     d = browser
-    d.get(site.base + "/")
+    d.get(site.base + "/")  # the server requires its token ($LAKELENS_TOKEN): without it, no page
+    assert "access token" in d.find_element(By.TAG_NAME, "body").text
+    d.get(site.base + "/?token=" + TOKEN)  # once; the page's own requests then carry it as a cookie
     wait_for(d, lambda d: d.find_elements(By.ID, "query"), "the page")
     assert f"index {site.version} · {len(site.ids)} images" in d.find_element(By.ID, "index-info").text
 

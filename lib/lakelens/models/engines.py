@@ -25,6 +25,7 @@ from lakelens.config import CHOICES, ConfigError, EmbedConfig
 from lakelens.ingest.images import Transform
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec
+from lakelens.train import synth
 
 ENGINES: tuple = CHOICES["embed.engine"]
 DEVICES: tuple = CHOICES["embed.device"]
@@ -210,7 +211,6 @@ def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
     backgrounds, and smooth colour fields with grain (photo-like statistics)."""
     from PIL import Image
 
-    from lakelens.train import synth
 
     pictures = [synth.render(sample, 160, seed=i) for i, sample in enumerate(synth.samples(n // 2, seed=7))]
     rng = np.random.default_rng(7)

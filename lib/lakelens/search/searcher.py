@@ -110,6 +110,11 @@ class Searcher:
     def model_spec(self) -> ModelSpec:
         return ModelSpec.from_key(self._state.manifest["model"]["key"])
 
+    @property
+    def ids(self) -> np.ndarray:
+        """Every indexed id of the live version, sorted."""
+        return self._state.ids
+
     def __len__(self) -> int:
         return int(sum(s.ntotal for s in self._state.shards))
 
@@ -166,13 +171,24 @@ class Searcher:
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
         return self.search_vector(self.embed_image(image), k, **kw)
 
-    def search_id(self, id_: int, k: int = 10, **kw) -> pd.DataFrame:
-        """Images similar to an indexed image, by its id (its stored vector is the query)."""
+    def vector_of(self, id_: int) -> np.ndarray | None:
+        """The stored vector of an indexed image (decoded, for compressed codes), or None."""
         for shard in self._state.shards:
             vec = reconstruct(shard, int(id_))
             if vec is not None:
-                return self.search_vector(vec, k, **kw)
-        raise QueryError(f"id {id_} is not in index {self._state.version}")
+                return vec
+        return None
+
+    def id_paths(self) -> pd.DataFrame:
+        """(id, path) of every image of the live version, sorted by id."""
+        return self._state.meta[["id", "path"]]
+
+    def search_id(self, id_: int, k: int = 10, **kw) -> pd.DataFrame:
+        """Images similar to an indexed image, by its id (its stored vector is the query)."""
+        vec = self.vector_of(id_)
+        if vec is None:
+            raise QueryError(f"id {id_} is not in index {self._state.version}")
+        return self.search_vector(vec, k, **kw)
 
     def search_vector(self, vector, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
                       nprobe: int | None = None, ef_search: int | None = None) -> pd.DataFrame:

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from lakelens.errors import DataError
-from lakelens.index.shards import reconstruct
 from lakelens.ingest.paths import to_local, to_stored
 from lakelens.search import Searcher
 from lakelens.train import metrics as ev
@@ -31,6 +30,7 @@ def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
     optionally label and split."""
     if _is_delta(path):
+        # Spark only for Delta captions tables: CSV and Parquet evaluations never start a JVM
         from lakelens.ingest.table import read_pairs
         from lakelens.spark import get_session
 
@@ -55,18 +55,18 @@ def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dic
     """Text->image and image->text Recall@K over the captioned images, top-K accuracy, precision@K by
     label, and the ANN index's recall against exact search on the same text queries."""
     searcher = Searcher.open(index_dir)
-    st = searcher._state
     captions = captions.reset_index(drop=True)
     uris = captions["path"].map(to_stored)
     images = list(dict.fromkeys(uris))  # the captioned images, in order
-    path_to_id = dict(zip(st.meta["path"], st.meta["id"]))
+    known = searcher.id_paths()
+    path_to_id = dict(zip(known["path"], known["id"]))
     vectors, present = [], []
     for uri in images:
         vec = None
         if uri in path_to_id:
-            vec = next((v for v in (reconstruct(s, int(path_to_id[uri])) for s in st.shards) if v is not None), None)
+            vec = searcher.vector_of(int(path_to_id[uri]))
         present.append(vec is not None)
-        vectors.append(vec if vec is not None else np.zeros(st.manifest["dim"], np.float32))
+        vectors.append(vec if vec is not None else np.zeros(searcher.manifest["dim"], np.float32))
     image_vecs = np.stack(vectors)
     text_vecs = np.concatenate([searcher.embedder.embed_texts(captions["caption"].iloc[i:i + 256].tolist())
                                 for i in range(0, len(captions), 256)])
