@@ -106,6 +106,9 @@ def test_prefix_filters_run_inside_the_search_and_say_when_few_match(tmp_path):
     exact = np.argsort(-(x[in_2024] @ q))[:10]
     assert list(hits["id"]) == list(ids[in_2024][exact])  # the exact top 10 of the 30 matching images
     assert all(p.startswith("file:/photos/2024/") for p in hits["path"]) and hits.attrs["notes"] == []
+    common = s.search_vector(q, k=10, path_prefix="file:/photos/2023/")  # 99% of the images: filtered after
+    in_2023 = ~in_2024
+    assert list(common["id"]) == list(ids[in_2023][np.argsort(-(x[in_2023] @ q))[:10]])
     few = s.search_vector(q, k=50, path_prefix="file:/photos/2024/")
     assert len(few) == 30 and "only 30 indexed image(s)" in few.attrs["notes"][0]
     none = s.search_vector(q, k=10, path_prefix="file:/elsewhere/")

@@ -109,17 +109,23 @@ def search_params(index, nprobe: int | None, ef_search: int | None, selector=Non
 
 
 def search_shards(shards: list, rerank: list, q: np.ndarray, k: int, nprobe: int | None = None,
-                  ef_search: int | None = None, factor: int = 0, pool=None, selector=None):
+                  ef_search: int | None = None, factor: int = 0, pool=None, selector=None, excluded=None):
     """Top-k over all shards, merged exactly by score: (scores, ids), each (len(q), k), id -1 padding.
-    With `selector`, only the ids it accepts are candidates."""
+    With `selector`, only the ids it accepts are candidates; `excluded[i]`, a selector per shard, drops
+    the ids that shard still holds but that are not live there (tombstones of an incremental version)."""
 
     def one(i):
         shard = shards[i]
         kk = min(k * max(1, factor), max(1, shard.ntotal))
-        params = search_params(shard, nprobe, ef_search, selector)
+        sel, keep = selector, None
+        if excluded is not None and excluded[i] is not None:
+            sel = excluded[i] if selector is None else faiss.IDSelectorAnd(selector, excluded[i])
+            keep = sel  # the combined selector only points at its parts; they outlive this call
+        params = search_params(shard, nprobe, ef_search, sel)
         scores, ids = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
         if factor and rerank[i] is not None:
             scores, ids = rerank_exact(q, ids, *rerank[i], k)
+        del keep
         return scores, ids
 
     parts = list(pool.map(one, range(len(shards)))) if pool is not None and len(shards) > 1 \
@@ -168,3 +174,34 @@ def reconstruct(shard, id_: int) -> np.ndarray | None:
         return faiss.downcast_index(shard).reconstruct(id_)
     except RuntimeError:
         return None
+
+
+TOMBSTONES = "tombstones.parquet"
+
+
+def shard_entries(manifest: dict) -> list[dict]:
+    """Every shard a version searches: its base shards (generation 0) and its delta shards, in order of
+    generation."""
+    return [*manifest["shards"], *manifest.get("deltas", [])]
+
+
+def read_tombstones(folder: Path, manifest: dict):
+    """(id, generation) of a version's tombstones: an id is dead in every shard of an older generation
+    than its tombstone's (deleted, or replaced by a newer vector in a later delta)."""
+    import pandas as pd
+
+    name = (manifest.get("tombstones") or {}).get("file")
+    if not name:
+        return pd.DataFrame({"id": np.zeros(0, np.int64), "generation": np.zeros(0, np.int64)})
+    return pd.read_parquet(Path(folder) / name, columns=["id", "generation"])
+
+
+def live_meta(meta, tombstones):
+    """Rows (id, path, generation) of every shard -> one (id, path) row per live image, sorted by id:
+    for each id its newest generation's row, unless a tombstone at least as new removed it."""
+    newest = meta.sort_values(["id", "generation"], kind="stable").drop_duplicates("id", keep="last")
+    if len(tombstones):
+        dead = tombstones.groupby("id")["generation"].max()
+        gen = newest["id"].map(dead)
+        newest = newest[~(gen.notna() & (gen > newest["generation"]))]
+    return newest[["id", "path"]].reset_index(drop=True)

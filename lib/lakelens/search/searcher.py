@@ -13,13 +13,22 @@ import pandas as pd
 
 from lakelens import index as ix
 from lakelens.errors import IndexDirError, IndexMismatchError, QueryError
-from lakelens.index.shards import load_shard, prepare_direct_map, reconstruct, search_shards
+from lakelens.index.shards import (
+    live_meta,
+    load_shard,
+    prepare_direct_map,
+    read_tombstones,
+    reconstruct,
+    search_shards,
+    shard_entries,
+)
 from lakelens.ingest.embedder import Embedder
 from lakelens.models.engines import DEFAULT_ENGINE, check_engine
 from lakelens.models.registry import ModelSpec
 
 MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
+COMMON_PREFIX = 0.05  # a prefix held by this share of the images or more is filtered after the search
 QUERY_MAX_PIXELS = 16_000_000  # query images: a bound of their own, far below the embed job's
 LEGACY_META = "meta.parquet"  # one metadata file for all shards (versions published before per-shard files)
 
@@ -31,8 +40,10 @@ class _Loaded:
     shards: list
     mmapped: list
     rerank: list  # per shard: (vectors memmap sorted by id, ids sorted) when the codes are compressed
-    ids: np.ndarray  # sorted ids, for id -> row lookups in meta
-    meta: pd.DataFrame  # id, path, width, height in the order of `ids`
+    ids: np.ndarray  # sorted live ids, for id -> row lookups in meta
+    meta: pd.DataFrame  # id, path of the live images, in the order of `ids`
+    excluded: list  # per shard: a FAISS selector of the ids it still holds that are not live there, or None
+    keep: list  # Python references that keep the selectors' parts alive
 
 
 class Searcher:
@@ -71,21 +82,35 @@ class Searcher:
             raise IndexMismatchError(f"index {self.index_dir} ({version}) was built with model "
                                      f"{manifest['model']['key']}, not {self._expect}")
         folder = self.index_dir / version
-        loaded = [load_shard(folder / s["file"], self.mmap) for s in manifest["shards"]]
+        entries = shard_entries(manifest)
+        loaded = [load_shard(folder / e["file"], self.mmap) for e in entries]
         for shard, _ in loaded:
             prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
         rerank = []
-        for s in manifest["shards"]:
+        for e in entries:
             if manifest.get("rerank"):
-                vec_file, id_file = ix.rerank_files(folder / s["file"])
+                vec_file, id_file = ix.rerank_files(folder / e["file"])
                 rerank.append((np.load(vec_file, mmap_mode="r"), np.load(id_file)))
             else:
                 rerank.append(None)
-        files = [folder / s["meta"] for s in manifest["shards"] if "meta" in s] or [folder / LEGACY_META]
-        meta = (pd.concat([pd.read_parquet(f, columns=["id", "path"]) for f in files], ignore_index=True)
-                .sort_values("id", kind="stable").reset_index(drop=True))
+        tomb = read_tombstones(folder, manifest)
+        excluded, keep = [], []
+        for e in entries:
+            dead = tomb["id"].to_numpy(np.int64)[tomb["generation"].to_numpy() > e.get("generation", 0)]
+            if len(dead):
+                inner = faiss.IDSelectorBatch(dead)
+                outer = faiss.IDSelectorNot(inner)
+                keep.extend([inner, dead])
+                excluded.append(outer)
+            else:
+                excluded.append(None)
+        metas = [pd.read_parquet(folder / e["meta"], columns=["id", "path"]).assign(generation=e.get("generation", 0))
+                 for e in entries if "meta" in e]
+        if not metas:
+            metas = [pd.read_parquet(folder / LEGACY_META, columns=["id", "path"]).assign(generation=0)]
+        meta = live_meta(pd.concat(metas, ignore_index=True), tomb)
         return _Loaded(version, manifest, [x[0] for x in loaded], [x[1] for x in loaded], rerank,
-                       meta["id"].to_numpy(np.int64), meta)
+                       meta["id"].to_numpy(np.int64), meta, excluded, keep)
 
     def reload(self) -> bool:
         """Load the version CURRENT names now, if it differs from the loaded one. True if switched."""
@@ -116,7 +141,7 @@ class Searcher:
         return self._state.ids
 
     def __len__(self) -> int:
-        return int(sum(s.ntotal for s in self._state.shards))
+        return int(len(self._state.ids))
 
     def path_of(self, id_: int) -> str | None:
         st = self._state
@@ -173,7 +198,14 @@ class Searcher:
 
     def vector_of(self, id_: int) -> np.ndarray | None:
         """The stored vector of an indexed image (decoded, for compressed codes), or None."""
-        for shard in self._state.shards:
+        st = self._state
+        i = np.searchsorted(st.ids, id_)
+        if i >= len(st.ids) or st.ids[i] != id_:
+            return None  # not live in this version (never indexed, or deleted since)
+        # the newest generation first: a changed image's current vector lives in the latest delta
+        for shard, excluded in reversed(list(zip(st.shards, st.excluded))):
+            if excluded is not None and not excluded.is_member(int(id_)):
+                continue
             vec = reconstruct(shard, int(id_))
             if vec is not None:
                 return vec
@@ -211,15 +243,25 @@ class Searcher:
         params = st.manifest.get("search_params", {})
         notes, selector, fetch = [], None, min(len(self) or 1, k)
         if path_prefix:
-            matching = self._prefix_ids(st, path_prefix)
+            matching, prefix_selector = self._prefix_ids(st, path_prefix)
             if len(matching) < k:
                 notes.append(f"only {len(matching)} indexed image(s) have a path under the prefix")
             if not len(matching):
                 return [self._with_notes(self._frame(st, np.zeros(0, np.float32), np.zeros(0, np.int64), k,
                                                      min_score, path_prefix), notes) for _ in q]
-            # the filter runs inside FAISS's scan: cost and result count stay those of a k search
-            selector = faiss.IDSelectorBatch(matching)
-            fetch = min(fetch, len(matching))
+            share = len(matching) / max(1, len(self))
+            if share >= COMMON_PREFIX:
+                # a common prefix: a plain search deep enough to hold k matches is cheaper than testing
+                # every scanned id against a large set; the selector below covers the rare shortfall
+                fetch = min(len(self), int(np.ceil(4 * k / share)))
+                frames = self._run(st, q, fetch, k, min_score, path_prefix, nprobe, ef_search, None, params, notes)
+                if all(len(f) >= min(k, len(matching)) for f in frames):
+                    return frames
+            # a rare prefix: the filter runs inside FAISS's scan, so cost and results stay those of a k search
+            selector, fetch = prefix_selector, min(fetch, len(matching))
+        return self._run(st, q, fetch, k, min_score, path_prefix, nprobe, ef_search, selector, params, notes)
+
+    def _run(self, st, q, fetch, k, min_score, path_prefix, nprobe, ef_search, selector, params, notes):
         scores, ids = self._search_shards(st, q, fetch, params.get("nprobe") if nprobe is None else nprobe,
                                           params.get("efSearch") if ef_search is None else ef_search, selector)
         return [self._with_notes(self._frame(st, s, i, k, min_score, path_prefix), notes) for s, i in zip(scores, ids)]
@@ -229,13 +271,15 @@ class Searcher:
         frame.attrs["notes"] = list(notes)
         return frame
 
-    def _prefix_ids(self, st: _Loaded, prefix: str) -> np.ndarray:
-        """Ids of the indexed paths that start with `prefix` (the last few prefixes are remembered)."""
+    def _prefix_ids(self, st: _Loaded, prefix: str) -> tuple[np.ndarray, object]:
+        """Ids of the indexed paths that start with `prefix`, and a FAISS selector of them (the last few
+        prefixes are remembered: building the selector costs about as much as a search)."""
         key = (st.version, prefix)
         with self._lock:
             hit = self._prefix_cache.get(key)
         if hit is None:
-            hit = st.ids[st.meta["path"].str.startswith(prefix, na=False).to_numpy()]
+            ids = st.ids[st.meta["path"].str.startswith(prefix, na=False).to_numpy()]
+            hit = (ids, faiss.IDSelectorBatch(ids) if len(ids) else None)
             with self._lock:
                 self._prefix_cache[key] = hit
                 while len(self._prefix_cache) > 32:
@@ -244,7 +288,7 @@ class Searcher:
 
     def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search, selector=None):
         return search_shards(st.shards, st.rerank, q, k, nprobe, ef_search,
-                             int(st.manifest.get("rerank") or 0), self._pool, selector)
+                             int(st.manifest.get("rerank") or 0), self._pool, selector, st.excluded)
 
     def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
         keep = ids != -1

@@ -1,0 +1,130 @@
+"""Benchmark: path-prefix filters. The Searcher's filter inside FAISS's scan (an IDSelector of the
+matching ids) against the over-fetch loop it replaced (search k, drop non-matching rows, fetch 4x more
+until k match or the whole index was fetched), and against a plain search without a filter, in one run
+on one index. Writes bench/results/prefix_filter.json.
+
+    .venv/bin/python bench/prefix_filter.py [--rows 300000] [--dim 512] [--queries 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import clustered  # noqa: E402  (the same generator the tests use)
+
+from lakelens import Choice, Searcher, build_local  # noqa: E402
+from lakelens.index.factory import nlist_for  # noqa: E402
+from lakelens.index.shards import load_shard, search_shards  # noqa: E402
+
+
+def machine() -> dict:
+    """The CPU by name and flags, and its measured fp32 matmul rate (numpy, all cores)."""
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = re.search(r"Model name:\s*(.+)", text)
+    found = re.search(r"Flags:\s*(.+)", text)
+    flags = set(found.group(1).split()) if found else set()
+    a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
+    a @ a
+    best, t0 = float("inf"), time.perf_counter()
+    while time.perf_counter() - t0 < 2.0:
+        t = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t)
+    return {"cpu": name.group(1).strip() if name else platform.processor(),
+            "flags": sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
+                                                         "avx_vnni"}),
+            "matmul_fp32_gflops": round(2 * 2048 ** 3 / best / 1e9, 1), "platform": platform.platform()}
+
+
+class OverFetch:
+    """The filter before: search max(4k, 100), keep rows whose path matches, search 4x more while fewer
+    than k match, up to the whole index. Same shards, same id -> path table as the Searcher."""
+
+    def __init__(self, s: Searcher):
+        folder = s.index_dir / s.version
+        self.shards = [load_shard(folder / f["file"], True)[0] for f in s.manifest["shards"]]
+        self.nprobe = s.manifest["search_params"].get("nprobe")
+        meta = s.id_paths()
+        self.ids, self.paths, self.n = meta["id"].to_numpy(), meta["path"].to_numpy(), len(s)
+
+    def __call__(self, q: np.ndarray, k: int, prefix: str) -> pd.DataFrame:
+        fetch = min(self.n, max(4 * k, 100))
+        while True:
+            scores, ids = search_shards(self.shards, [None] * len(self.shards), q[None, :], fetch, self.nprobe)
+            paths = self.paths[np.searchsorted(self.ids, ids[0])]
+            hits = pd.DataFrame({"score": scores[0], "id": ids[0], "path": paths})
+            hits = hits[hits["path"].str.startswith(prefix)].head(k)
+            if len(hits) >= k or fetch >= self.n:
+                return hits
+            fetch = min(self.n, fetch * 4)
+
+
+def timed(fn, queries) -> dict:
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        fn(q)
+        times.append((time.perf_counter() - t0) * 1000)
+    t = np.array(times)
+    return {"p50_ms": round(float(np.percentile(t, 50)), 2), "p99_ms": round(float(np.percentile(t, 99)), 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=300_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_filter.json"))
+    args = ap.parse_args()
+    info = machine()
+    print(f"[bench] {info}", flush=True)
+    x = clustered(args.rows, args.dim, clusters=300, noise=0.4, seed=0, centres_seed=0)
+    q = clustered(args.queries, args.dim, clusters=300, noise=0.4, seed=1, centres_seed=0)
+    # 1 in 1000 images under 2024/, half under 2023/, none under 1999/
+    folders = np.where(np.arange(args.rows) % 1000 == 0, "2024", np.where(np.arange(args.rows) % 2 == 0, "2023", "2022"))
+    paths = [f"file:/photos/{f}/{i}.jpg" for i, f in enumerate(folders)]
+    work = Path(tempfile.mkdtemp(prefix="lakelens-prefix-"))
+    results = {"what": f"{args.rows} x {args.dim} clustered unit vectors, {args.queries} queries, k=10; "
+                       "Searcher.search_vector latency (Python driver included)", "machine": info, "indexes": {}}
+    try:
+        for name, choice in (("flat", Choice("Flat", "exact", False)),
+                             ("ivf", Choice(f"IVF{nlist_for(args.rows)},Flat", "ivf", True, {"nprobe": 32}))):
+            t0 = time.perf_counter()
+            build_local(work / name, np.arange(args.rows), x, paths, choice, model_key="lakelens-tiny@none")
+            s = Searcher.open(work / name)
+            before = OverFetch(s)
+            row = {"build_s": round(time.perf_counter() - t0, 1), "plain": timed(lambda v: s.search_vector(v, 10), q)}
+            for label, prefix in (("no_match", "file:/photos/1999/"), ("match_0.1%", "file:/photos/2024/"),
+                                  ("match_50%", "file:/photos/2023/")):
+                s.search_vector(q[0], 10, path_prefix=prefix)  # the prefix's id set, computed once and kept
+                new = timed(lambda v, p=prefix: s.search_vector(v, 10, path_prefix=p), q)
+                old = timed(lambda v, p=prefix: before(v, 10, p), q[:10])
+                row[label] = {"selector": new, "overfetch_before": old,
+                              "speedup_p50": round(old["p50_ms"] / new["p50_ms"], 1),
+                              "vs_plain_p50": round(new["p50_ms"] / row["plain"]["p50_ms"], 2)}
+            results["indexes"][name] = row
+            print(f"[bench] {name}: {json.dumps(row)}", flush=True)
+            s = before = None  # release the index before its folder goes
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
