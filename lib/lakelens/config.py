@@ -80,6 +80,10 @@ class IndexConfig:
     prune: int = 0
     force: bool = False
     lock_wait: float = 0.0  # seconds to wait for another build in the same index folder; 0: exit at once
+    full: bool = False  # rebuild from every row, retraining, even where an incremental version would do
+    max_deltas: int = 10  # delta shard generations before a compaction merges them into base shards
+    max_deleted_fraction: float = 0.2  # tombstones / vectors held before a compaction
+    min_recall: float = 0.9  # IVF drift probe: below this recall@10 of new rows, retrain (full build)
 
 
 @dataclass
@@ -132,6 +136,9 @@ MINIMUMS = {
     "embed.lock_wait": 0.0,
     "embed.commit_retries": 0,
     "index.lock_wait": 0.0,
+    "index.max_deltas": 1,
+    "index.max_deleted_fraction": 0.0,
+    "index.min_recall": 0.0,
 }
 
 

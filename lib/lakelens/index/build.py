@@ -13,6 +13,7 @@ import pandas as pd
 
 from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
+from lakelens.index.incremental import TRAINED, delta_file, delta_meta_file
 from lakelens.index.shards import build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
 from lakelens.ingest.paths import common_root, to_stored
@@ -30,16 +31,19 @@ def meta_file(s: int) -> str:
 
 
 def write_shard(trained: bytes, s: int, ids: np.ndarray, vectors: np.ndarray, meta: pd.DataFrame,
-                staged: str | Path, rerank: bool) -> int:
+                staged: str | Path, rerank: bool, generation: int = 0) -> int:
     """One shard's FAISS file and its metadata (id, path, width, height) in the staging folder; runs
-    on the driver (local builds) or on an executor (the index job), so no process holds every path."""
+    on the driver (local builds) or on an executor (the index job), so no process holds every path.
+    Generation 0 is a base shard; generation G > 0 a delta shard of the G-th incremental version."""
     staged = Path(staged)
-    count = build_shard(trained, ids, vectors, staged / shard_file(s), rerank)
+    names = (shard_file(s), meta_file(s)) if generation == 0 else (delta_file(generation, s),
+                                                                   delta_meta_file(generation, s))
+    count = build_shard(trained, ids, vectors, staged / names[0], rerank)
     meta = meta.reindex(columns=META_COLUMNS)
     meta["id"] = meta["id"].astype("int64")
     meta["width"] = meta["width"].astype("Int32")
     meta["height"] = meta["height"].astype("Int32")
-    meta.to_parquet(staged / meta_file(s), index=False)
+    meta.to_parquet(staged / names[1], index=False)
     return count
 
 
@@ -54,20 +58,24 @@ def make_manifest(model_key: str, dim: int, choice: Choice, counts: list[int], s
         "rerank": choice.rerank,
         "shards": [{"file": shard_file(s), "meta": meta_file(s), "count": int(c), "factory": choice.factory}
                    for s, c in enumerate(counts)],
-        "source": source, "settings": settings, **extra,
+        "source": source, "settings": settings, "trained": TRAINED, "generation": 0, "deltas": [],
+        "tombstones": None, **extra,
     }
 
 
 def assemble(index_dir: str | Path, *, dim: int, choice: Choice, shards: int, rows: int, model_key: str,
              sample: np.ndarray | None, probe: tuple[np.ndarray, np.ndarray],
              build: Callable[[bytes, Path], dict], source: dict, settings: dict, prune: int = 0,
-             log: Callable[[str], None] = lambda _: None, **extra) -> tuple[str, Choice, list[str]]:
-    """Train, build the shards with `build(trained, staged) -> {shard: count}`, tune, publish and prune.
-    The caller holds the folder's lock (versions.index_lock). Returns (version, the choice with its
-    tuned parameters, pruned)."""
-    trained = train(dim, choice, sample)
+             log: Callable[[str], None] = lambda _: None, trained: bytes | None = None, kind: str = "full",
+             why: str = "", **extra) -> tuple[str, Choice, list[str]]:
+    """Train (unless `trained`, the empty trained index of a compaction, is given), build the shards with
+    `build(trained, staged) -> {shard: count}`, tune, publish and prune. The caller holds the folder's
+    lock (versions.index_lock). The trained empty index is kept in the version, so later incremental
+    versions encode their deltas with it. Returns (version, the choice with its tuned parameters, pruned)."""
+    trained = train(dim, choice, sample) if trained is None else trained
     staged = staging_dir(index_dir)
     try:
+        (staged / TRAINED).write_bytes(trained)
         counts = dict(build(trained, staged))
         empty = pd.DataFrame({c: [] for c in META_COLUMNS})
         for s in range(shards):  # a shard that got no rows still gets (empty) files
@@ -82,7 +90,7 @@ def assemble(index_dir: str | Path, *, dim: int, choice: Choice, shards: int, ro
                             choice.rerank)
             log(f"lakelens index: tuned {choice.search_params}")
         manifest = make_manifest(model_key, dim, choice, [counts[s] for s in range(shards)], source, settings,
-                                 **extra)
+                                 build=kind, build_reason=why or choice.reason, **extra)
         version = publish(index_dir, staged, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

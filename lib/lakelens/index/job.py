@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,13 +16,13 @@ from pyspark.sql import functions as F
 from lakelens.config import parse_size
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble, write_shard
-from lakelens.index.factory import choose_factory, explicit_choice, training_rows
+from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
+from lakelens.index.incremental import TRAINED, Decision
+from lakelens.index.update import ROWS_PER_AUTO_SHARD, build_incremental, changed_ids, decide
 from lakelens.index.versions import current_version, index_lock, prune_locked, read_manifest
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.spark import Job
-
-ROWS_PER_AUTO_SHARD = 250_000
 
 
 @dataclass
@@ -34,6 +35,10 @@ class IndexResult:
     reason: str = ""
     seconds: float = 0.0
     pruned: list = field(default_factory=list)
+    build: str = ""  # none | full | incremental | compaction
+    build_reason: str = ""
+    deltas: int = 0
+    tombstones: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,15 +93,16 @@ class IndexJob(Job):
         df = table.read(version)
         fingerprint = _fingerprint(table, df, version)
         settings = {"factory": c.factory, "shards": c.shards, "memory_budget": c.memory_budget}
-        live = current_version(c.index)
-        if live and not c.force:
-            m = read_manifest(c.index, live)
-            if m["source"]["fingerprint"] == fingerprint and m["source"]["table"] == table.location \
-                    and m.get("settings") == settings:
-                self.log(f"lakelens index: {c.table} unchanged since {live} ({fingerprint}); nothing to do")
+        live_name = current_version(c.index)
+        live = read_manifest(c.index, live_name) if live_name else None
+        if live and not (c.force or c.full):
+            if live["source"]["fingerprint"] == fingerprint and live["source"]["table"] == table.location \
+                    and live.get("settings") == settings:
+                self.log(f"lakelens index: {c.table} unchanged since {live_name} ({fingerprint}); nothing to do")
                 pruned = prune_locked(c.index, c.prune) if c.prune else []
-                return IndexResult(live, False, m["rows"], len(m["shards"]), m["factory"], m["reason"],
-                                   time.time() - t0, pruned)
+                return IndexResult(live_name, False, live["rows"], len(live["shards"]), live["factory"],
+                                   live["reason"], time.time() - t0, pruned, build="none",
+                                   build_reason="the table has not changed")
 
         good = df.where(F.col("embedding").isNotNull() & F.col("error").isNull())
         model_keys = [r["model"] for r in good.select("model").distinct().limit(3).collect()]
@@ -107,14 +113,54 @@ class IndexJob(Job):
         good = good.select(*META_COLUMNS, "embedding").localCheckpoint()
         n = good.count()
         dim = len(good.select("embedding").first()["embedding"])
-        budget = parse_size(c.memory_budget)
-        choice = (choose_factory(n, dim, budget, c.exact_max_rows, c.hnsw_max_rows) if c.factory == "auto"
-                  else explicit_choice(c.factory))
-        shards = c.shards or max(1, min(2 * spark.sparkContext.defaultParallelism,
-                                         math.ceil(n / ROWS_PER_AUTO_SHARD)))
-        self.log(f"lakelens index: {n} rows x {dim} from {c.table} ({fingerprint}) -> {shards} shard(s) "
-                 f"of {choice.factory}: {choice.reason}")
+        choice = (choose_factory(n, dim, parse_size(c.memory_budget), c.exact_max_rows, c.hnsw_max_rows)
+                  if c.factory == "auto" else explicit_choice(c.factory))
+        source = {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
+                  "table_id": table.table_id(), "image_roots": self._roots(table, good)}
 
+        decision, touched = Decision("full", "no live version"), None
+        if live:
+            def count_touched():
+                nonlocal touched
+                touched = changed_ids(spark, table.location, live["source"]["version"] + 1, version)
+                return touched.count()
+
+            decision = decide(c, live, source, model_keys[0], choice, settings, n, count_touched)
+        self.log(f"lakelens index: {n} rows x {dim} from {c.table} ({fingerprint}): {decision.kind} "
+                 f"({decision.reason})")
+        if decision.kind == "incremental":
+            published, drift = build_incremental(spark, c.index, live_name, live, good, touched, n, source,
+                                                 decision, c.min_recall, self.log)
+            if published:
+                pruned = prune_locked(c.index, c.prune) if c.prune else []
+                self.log(f"lakelens index: published {published} (incremental, {time.time() - t0:.1f} s)")
+                m = read_manifest(c.index, published)
+                return IndexResult(published, True, n, len(m["shards"]), m["factory"], m["reason"],
+                                   time.time() - t0, pruned, build="incremental", build_reason=decision.reason,
+                                   deltas=len(m["deltas"]), tombstones=m["tombstones"]["count"])
+            decision = Decision("full", drift)
+            self.log(f"lakelens index: {drift}; rebuilding with new training")
+        trained = None
+        if decision.kind == "compaction":
+            choice = Choice(live["factory"], live["reason"], "IVF" in live["factory"], dict(live["search_params"]),
+                            live.get("rerank", 0))
+            trained = (Path(c.index) / live_name / TRAINED).read_bytes()
+        return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0)
+
+    def _roots(self, table: EmbeddingsTable, good) -> list[str]:
+        """Folders thumbnails may be read from: those the embed job listed, else the rows' common folder."""
+        roots = table.image_roots()
+        if not roots:
+            bounds = good.agg(F.min("path"), F.max("path")).first()
+            roots = [common_root([bounds[0], bounds[1]])]
+        return roots
+
+    def _full(self, good, n: int, dim: int, choice: Choice, model_key: str, source: dict, settings: dict,
+              decision: Decision, trained: bytes | None, t0: float) -> IndexResult:
+        """A full build (trained afresh) or a compaction (`trained`: the live version's structures)."""
+        c, spark = self.conf.index, self.spark
+        shards = c.shards or max(1, min(2 * spark.sparkContext.defaultParallelism, math.ceil(n / ROWS_PER_AUTO_SHARD)))
+        self.log(f"lakelens index: {shards} shard(s) of {choice.factory}: {choice.reason}")
         # bounded samples on the driver: tuning queries first, then training rows that leave them out
         probe_pdf = (good.sample(fraction=min(1.0, 1.5 * TUNING_QUERIES / n), seed=1).limit(TUNING_QUERIES)
                      .select("id", "embedding").toPandas()) if choice.needs_training and n > 2 * TUNING_QUERIES \
@@ -123,14 +169,14 @@ class IndexJob(Job):
         probe = (np.stack(probe_pdf["embedding"].to_numpy()).astype(np.float32) if len(probe_pdf)
                  else np.zeros((0, dim), np.float32), probe_ids)
         sample = None
-        if choice.needs_training:
+        if choice.needs_training and trained is None:
             size = training_rows(choice, n - len(probe_ids), c.train_sample)
             rest = good.where(~F.col("id").isin([int(i) for i in probe_ids])) if len(probe_ids) else good
             sample = np.stack(rest.sample(fraction=min(1.0, 1.2 * size / n), seed=0).limit(size)
                               .select("embedding").toPandas()["embedding"].to_numpy()).astype(np.float32)
 
-        def build(trained, staged):
-            bc = spark.sparkContext.broadcast(trained)
+        def build(trained_bytes, staged):
+            bc = spark.sparkContext.broadcast(trained_bytes)
             try:
                 built = (good.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), *META_COLUMNS,
                                      "embedding")
@@ -140,17 +186,11 @@ class IndexJob(Job):
                 bc.unpersist()
             return {r["shard"]: r["count"] for r in built}
 
-        # thumbnails are served only from under the folders the embed job listed
-        roots = table.image_roots()
-        if not roots:
-            bounds = good.agg(F.min("path"), F.max("path")).first()
-            roots = [common_root([bounds[0], bounds[1]])]
         published, choice, pruned = assemble(
-            c.index, dim=dim, choice=choice, shards=shards, rows=n, model_key=model_keys[0], sample=sample,
-            probe=probe, build=build, prune=c.prune, log=self.log, settings=settings,
-            source={"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
-                    "image_roots": roots},
-            build_seconds=round(time.time() - t0, 2))
-        self.log(f"lakelens index: published {published} ({n} vectors, {shards} shards, "
+            c.index, dim=dim, choice=choice, shards=shards, rows=n, model_key=model_key, sample=sample,
+            probe=probe, build=build, prune=c.prune, log=self.log, settings=settings, source=source,
+            trained=trained, kind=decision.kind, why=decision.reason, build_seconds=round(time.time() - t0, 2))
+        self.log(f"lakelens index: published {published} ({decision.kind}, {n} vectors, {shards} shards, "
                  f"{time.time() - t0:.1f} s){'; pruned ' + ', '.join(pruned) if pruned else ''}")
-        return IndexResult(published, True, n, shards, choice.factory, choice.reason, time.time() - t0, pruned)
+        return IndexResult(published, True, n, shards, choice.factory, choice.reason, time.time() - t0, pruned,
+                           build=decision.kind, build_reason=decision.reason)

@@ -205,3 +205,31 @@ def live_meta(meta, tombstones):
         gen = newest["id"].map(dead)
         newest = newest[~(gen.notna() & (gen > newest["generation"]))]
     return newest[["id", "path"]].reset_index(drop=True)
+
+
+def open_version(folder: Path, manifest: dict, mmap: bool = True):
+    """Every shard of a version ready to search: (shards, rerank, excluded, keep). `rerank[i]` holds the
+    memory-mapped raw vectors of compressed shards; `excluded[i]` is a selector of the ids shard i still
+    holds but that later generations replaced or deleted (None when there are none); `keep` holds the
+    Python objects those selectors point into."""
+    folder = Path(folder)
+    entries = shard_entries(manifest)
+    shards = []
+    for e in entries:
+        shard, _ = load_shard(folder / e["file"], mmap)
+        prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
+        shards.append(shard)
+    rerank = [tuple(np.load(f, mmap_mode="r") if i == 0 else np.load(f)
+                    for i, f in enumerate(rerank_files(folder / e["file"]))) if manifest.get("rerank") else None
+              for e in entries]
+    tomb = read_tombstones(folder, manifest)
+    excluded, keep = [], []
+    for e in entries:
+        dead = tomb["id"].to_numpy(np.int64)[tomb["generation"].to_numpy() > e.get("generation", 0)]
+        if len(dead):
+            inner = faiss.IDSelectorBatch(dead)
+            keep.extend([inner, dead])
+            excluded.append(faiss.IDSelectorNot(inner))
+        else:
+            excluded.append(None)
+    return shards, rerank, excluded, keep

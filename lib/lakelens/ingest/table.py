@@ -226,6 +226,12 @@ class EmbeddingsTable:
          .merge(listing.select("path").alias("s"), "t.path = s.path")
          .whenNotMatchedBySourceDelete().execute())
 
+    def table_id(self) -> str | None:
+        """Delta's id of the table: a table re-created at the same location gets a new one."""
+        if self.format != "delta" or not self.exists():
+            return None
+        return DeltaTable.forPath(self.spark, self.location).detail().select("id").first()[0]
+
     def image_roots(self) -> list[str]:
         """The folders the embed job has listed into this table (Delta table property)."""
         if self.format != "delta" or not self.exists():

@@ -15,8 +15,7 @@ from lakelens import index as ix
 from lakelens.errors import IndexDirError, IndexMismatchError, QueryError
 from lakelens.index.shards import (
     live_meta,
-    load_shard,
-    prepare_direct_map,
+    open_version,
     read_tombstones,
     reconstruct,
     search_shards,
@@ -38,7 +37,6 @@ class _Loaded:
     version: str
     manifest: dict
     shards: list
-    mmapped: list
     rerank: list  # per shard: (vectors memmap sorted by id, ids sorted) when the codes are compressed
     ids: np.ndarray  # sorted live ids, for id -> row lookups in meta
     meta: pd.DataFrame  # id, path of the live images, in the order of `ids`
@@ -83,34 +81,14 @@ class Searcher:
                                      f"{manifest['model']['key']}, not {self._expect}")
         folder = self.index_dir / version
         entries = shard_entries(manifest)
-        loaded = [load_shard(folder / e["file"], self.mmap) for e in entries]
-        for shard, _ in loaded:
-            prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
-        rerank = []
-        for e in entries:
-            if manifest.get("rerank"):
-                vec_file, id_file = ix.rerank_files(folder / e["file"])
-                rerank.append((np.load(vec_file, mmap_mode="r"), np.load(id_file)))
-            else:
-                rerank.append(None)
+        shards, rerank, excluded, keep = open_version(folder, manifest, self.mmap)
         tomb = read_tombstones(folder, manifest)
-        excluded, keep = [], []
-        for e in entries:
-            dead = tomb["id"].to_numpy(np.int64)[tomb["generation"].to_numpy() > e.get("generation", 0)]
-            if len(dead):
-                inner = faiss.IDSelectorBatch(dead)
-                outer = faiss.IDSelectorNot(inner)
-                keep.extend([inner, dead])
-                excluded.append(outer)
-            else:
-                excluded.append(None)
         metas = [pd.read_parquet(folder / e["meta"], columns=["id", "path"]).assign(generation=e.get("generation", 0))
                  for e in entries if "meta" in e]
         if not metas:
             metas = [pd.read_parquet(folder / LEGACY_META, columns=["id", "path"]).assign(generation=0)]
         meta = live_meta(pd.concat(metas, ignore_index=True), tomb)
-        return _Loaded(version, manifest, [x[0] for x in loaded], [x[1] for x in loaded], rerank,
-                       meta["id"].to_numpy(np.int64), meta, excluded, keep)
+        return _Loaded(version, manifest, shards, rerank, meta["id"].to_numpy(np.int64), meta, excluded, keep)
 
     def reload(self) -> bool:
         """Load the version CURRENT names now, if it differs from the loaded one. True if switched."""
