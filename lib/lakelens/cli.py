@@ -68,10 +68,24 @@ def cmd_index(args) -> int:
         args.conf, args.set, spark={"master": args.master},
         index={"table": args.table, "index": args.index, "shards": args.shards, "factory": args.factory,
                "memory_budget": args.memory_budget, "version": args.version, "prune": args.prune,
-               "format": args.format, "force": True if args.force else None})
+               "format": args.format, "force": True if args.force else None, "full": True if args.full else None})
     result = IndexJob(conf=conf).launch()
     if args.json:
         print(json.dumps(result.to_dict()))
+    return 0
+
+
+def cmd_refresh(args) -> int:
+    from lakelens.refresh import RefreshJob
+
+    conf = config.load(
+        args.conf, args.set, spark={"master": args.master},
+        model={"name": args.model, "pretrained": args.pretrained},
+        embed={"images": args.images, "table": args.table, "format": args.format},
+        index={"index": args.index, "full": True if args.full else None, "prune": args.prune})
+    # progress goes to stderr; stdout carries the one JSON line a scheduler parses
+    result = RefreshJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True)).launch()
+    print(result.line(), flush=True)
     return 0
 
 
@@ -181,9 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("delta", "parquet"), help="table format (default delta)")
     p.add_argument("--prune", type=int, help="keep only the K newest versions afterwards")
     p.add_argument("--force", action="store_true", help="build even if the table has not changed")
+    p.add_argument("--full", action="store_true", help="rebuild and retrain instead of an incremental version")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_common(p)
     p.set_defaults(func=cmd_index)
+    p = sub.add_parser("refresh", help="embed new and changed images, then update the index: one command for "
+                                       "cron and Airflow, one JSON line at the end")
+    p.add_argument("--images", help="folder (recursive), glob or Hadoop URI of the images")
+    p.add_argument("--table", help="path or URI of the embeddings table")
+    p.add_argument("--index", help="the index folder")
+    p.add_argument("--model", help="open_clip architecture (default: the config's)")
+    p.add_argument("--pretrained", help="open_clip pretrained tag, local checkpoint path, or none")
+    p.add_argument("--format", choices=("delta", "parquet"), help="table format (default delta)")
+    p.add_argument("--full", action="store_true", help="rebuild the index instead of an incremental version")
+    p.add_argument("--prune", type=int, help="keep only the K newest index versions afterwards")
+    add_common(p)
+    p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("search", help="query an index by text or by image")
     p.add_argument("query", nargs="?", help="query text")
     p.add_argument("--index", required=True, help="the index folder")

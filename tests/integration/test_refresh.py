@@ -1,0 +1,58 @@
+"""`scripts/refresh.sh`, the exact command of the cron line and the Airflow DAG (docs/scheduling.md):
+its JSON line, exit codes and lock, run as a scheduler runs it (a fresh process each time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from conftest import ROOT, write_images
+
+from lakelens.refresh import refresh_lock
+
+SCRIPT = ROOT / "scripts" / "refresh.sh"
+
+
+def run(tmp_path, *args, timeout=600):
+    env = {**os.environ, "LAKELENS_LOCK_DIR": str(tmp_path / "locks")}
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_refresh_script_json_line_exit_codes_and_lock(tmp_path, monkeypatch):
+    img, table, index = tmp_path / "img", tmp_path / "table", tmp_path / "index"
+    write_images(img, 6)
+    first = run(tmp_path, img, table, index)
+    assert first.returncode == 0, first.stderr[-3000:]
+    line = last_json(first.stdout)
+    assert line["status"] == "ok" and line["changed"] is True
+    assert line["embed"]["embedded"] == 6 and line["index"]["build"] == "full" and line["index"]["rows"] == 6
+    assert set(line["seconds"]) == {"embed", "index", "total"} and line["table_version"] >= 1
+
+    again = run(tmp_path, img, table, index)
+    assert again.returncode == 0 and last_json(again.stdout)["changed"] is False
+    assert last_json(again.stdout)["index"]["build"] == "none"
+
+    write_images(img, 1, seed=5, start=100)
+    third = last_json(run(tmp_path, img, table, index).stdout)
+    assert third["embed"]["embedded"] == 1 and third["index"]["build"] == "incremental"
+    assert third["index"]["rows"] == 7 and third["index"]["version"] == "v0002"
+
+    # a second scheduled run while one is running exits at once, non-zero, with one clear line
+    monkeypatch.setenv("LAKELENS_LOCK_DIR", str(tmp_path / "locks"))
+    with refresh_lock(str(index)):
+        busy = run(tmp_path, img, table, index)
+    assert busy.returncode == 2 and "is in use by pid" in busy.stderr and "Traceback" not in busy.stderr
+    # one line and nothing else: the lock is taken before any Spark session starts
+    assert busy.stdout == "" and busy.stderr.strip().startswith("lakelens refresh: error:")
+    assert len(busy.stderr.strip().splitlines()) == 1
+
+    # a failure is non-zero too
+    bad = run(tmp_path, img, table, "")
+    assert bad.returncode == 2 and "index.index: required" in bad.stderr
+    usage = subprocess.run([str(SCRIPT)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
