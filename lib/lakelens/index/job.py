@@ -18,7 +18,7 @@ from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble, write_shard
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
 from lakelens.index.incremental import TRAINED, Decision
-from lakelens.index.update import ROWS_PER_AUTO_SHARD, build_incremental, changed_ids, decide
+from lakelens.index.update import ROWS_PER_AUTO_SHARD, build_incremental, decide, read_changes
 from lakelens.index.versions import current_version, index_lock, prune_locked, read_manifest
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
@@ -104,13 +104,14 @@ class IndexJob(Job):
                                    live["reason"], time.time() - t0, pruned, build="none",
                                    build_reason="the table has not changed")
 
-        good = df.where(F.col("embedding").isNotNull() & F.col("error").isNull())
+        # a row is embedded exactly when it has no error (the table's contract): counting rows and models
+        # reads two small columns, never the vectors of the whole table
+        good = df.where(F.col("error").isNull())
         model_keys = [r["model"] for r in good.select("model").distinct().limit(3).collect()]
         if not model_keys:
             raise DataError(f"index.table: {c.table} has no embedded rows to index")
         if len(model_keys) > 1:
             raise DataError(f"index.table: rows of several models ({', '.join(model_keys)}); re-embed first")
-        good = good.select(*META_COLUMNS, "embedding").localCheckpoint()
         n = good.count()
         dim = len(good.select("embedding").first()["embedding"])
         choice = (choose_factory(n, dim, parse_size(c.memory_budget), c.exact_max_rows, c.hnsw_max_rows)
@@ -118,18 +119,18 @@ class IndexJob(Job):
         source = {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
                   "table_id": table.table_id(), "image_roots": self._roots(table, good)}
 
-        decision, touched = Decision("full", "no live version"), None
+        decision, touched, changed = Decision("full", "no live version"), None, None
         if live:
             def count_touched():
-                nonlocal touched
-                touched = changed_ids(spark, table.location, live["source"]["version"] + 1, version)
+                nonlocal touched, changed
+                touched, changed = read_changes(spark, table.location, live["source"]["version"] + 1, version)
                 return touched.count()
 
             decision = decide(c, live, source, model_keys[0], choice, settings, n, count_touched)
         self.log(f"lakelens index: {n} rows x {dim} from {c.table} ({fingerprint}): {decision.kind} "
                  f"({decision.reason})")
         if decision.kind == "incremental":
-            published, drift = build_incremental(spark, c.index, live_name, live, good, touched, n, source,
+            published, drift = build_incremental(spark, c.index, live_name, live, changed, touched, n, source,
                                                  decision, c.min_recall, self.log)
             if published:
                 pruned = prune_locked(c.index, c.prune) if c.prune else []
@@ -145,6 +146,7 @@ class IndexJob(Job):
             choice = Choice(live["factory"], live["reason"], "IVF" in live["factory"], dict(live["search_params"]),
                             live.get("rerank", 0))
             trained = (Path(c.index) / live_name / TRAINED).read_bytes()
+        good = good.where(F.col("embedding").isNotNull()).select(*META_COLUMNS, "embedding").localCheckpoint()
         return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0)
 
     def _roots(self, table: EmbeddingsTable, good) -> list[str]:

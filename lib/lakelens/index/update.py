@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from lakelens.index.build import META_COLUMNS, write_shard
@@ -32,16 +32,26 @@ ROWS_PER_AUTO_SHARD = 250_000
 DRIFT_QUERIES = 200
 
 
-def changed_ids(spark, location: str, start: int, end: int) -> DataFrame:
-    """Distinct ids of every row the change feed shows between Delta versions start..end (inserted,
-    updated or deleted), checkpointed. LookupError when the feed does not cover that range (vacuumed,
-    turned off, or the table re-created)."""
+def read_changes(spark, location: str, start: int, end: int) -> tuple[DataFrame, DataFrame]:
+    """From the change feed between Delta versions start..end: the distinct ids it touched (inserted,
+    updated or deleted), and each touched id's row as of `end` when it is live and embedded (its latest
+    insert or update post-image). Both come from the feed alone, never from a scan of the whole table,
+    and both are checkpointed. LookupError when the feed does not cover the range (vacuumed, turned off,
+    or the table re-created)."""
     try:
         feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
                 .option("endingVersion", end).load(location))
-        return feed.select("id").distinct().localCheckpoint()
+        touched = feed.select("id").distinct().localCheckpoint()
     except AnalysisException as e:
         raise LookupError(str(e).strip().splitlines()[0][:300]) from None
+    # within one commit an update shows its pre-image and post-image: the post-image is the newer
+    latest = Window.partitionBy("id").orderBy(F.col("_commit_version").desc(),
+                                             (F.col("_change_type") == "update_preimage").asc())
+    rows = (feed.withColumn("_n", F.row_number().over(latest)).where("_n = 1")
+            .where(F.col("_change_type").isin("insert", "update_postimage") & F.col("error").isNull()
+                   & F.col("embedding").isNotNull())
+            .select(*META_COLUMNS, "embedding", "model").localCheckpoint())
+    return touched, rows
 
 
 def decide(conf, live: dict, source: dict, model_key: str, choice, settings: dict, rows: int,
@@ -118,7 +128,7 @@ def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10)
     return float(np.mean([len(set(f) & set(e)) / max(1, len(set(e) - {-1})) for f, e in zip(found, exact)]))
 
 
-def build_incremental(spark, index_dir: str, live_name: str, live: dict, good: DataFrame, touched: DataFrame,
+def build_incremental(spark, index_dir: str, live_name: str, live: dict, changed: DataFrame, touched: DataFrame,
                       rows: int, source: dict, decision: Decision, min_recall: float,
                       log: Callable[[str], None]) -> tuple[str | None, str]:
     """Stage and publish an incremental version over `live`. Returns (version, "") or, when the drift
@@ -128,7 +138,6 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, good: D
     try:
         link_version(Path(index_dir) / live_name, staged)
         trained = (staged / TRAINED).read_bytes()
-        changed = good.join(touched, "id", "left_semi")
         n = changed.count()
         shards = max(1, math.ceil(n / ROWS_PER_AUTO_SHARD)) if n else 0
         deltas = []
