@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,31 +21,14 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered  # noqa: E402  (the same generator the tests use)
+from machine import describe  # noqa: E402
 
 from lakelens import Choice, Searcher, build_local  # noqa: E402
 from lakelens.index.factory import nlist_for  # noqa: E402
 from lakelens.index.shards import load_shard, search_shards  # noqa: E402
-
-
-def machine() -> dict:
-    """The CPU by name and flags, and its measured fp32 matmul rate (numpy, all cores)."""
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = re.search(r"Model name:\s*(.+)", text)
-    found = re.search(r"Flags:\s*(.+)", text)
-    flags = set(found.group(1).split()) if found else set()
-    a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
-    a @ a
-    best, t0 = float("inf"), time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
-    return {"cpu": name.group(1).strip() if name else platform.processor(),
-            "flags": sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
-                                                         "avx_vnni"}),
-            "matmul_fp32_gflops": round(2 * 2048 ** 3 / best / 1e9, 1), "platform": platform.platform()}
 
 
 class OverFetch:
@@ -91,7 +71,7 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_filter.json"))
     args = ap.parse_args()
-    info = machine()
+    info = describe()
     print(f"[bench] {info}", flush=True)
     x = clustered(args.rows, args.dim, clusters=300, noise=0.4, seed=0, centres_seed=0)
     q = clustered(args.queries, args.dim, clusters=300, noise=0.4, seed=1, centres_seed=0)
