@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: system tools (Java, Maven), the .venv with pinned Python
-# packages, and the Delta Lake jars. Re-running skips whatever is already in place.
+# packages, the Delta Lake jars and the s3a jars. Re-running skips whatever is already in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,4 +38,12 @@ if ! ls build/jars/delta-spark_*.jar >/dev/null 2>&1; then
   echo "[setup] fetching the Delta Lake jars into build/jars"
   mvn -B -q dependency:copy-dependencies -DoutputDirectory=build/jars
 fi
-echo "[setup] ready: .venv, build/jars"
+# s3a:// support (hadoop-aws and the AWS SDK v2 modules it uses, pom.xml profile s3) in a folder of its
+# own: lakelens adds it to a Spark session only when the session's config uses s3a
+if ! ls build/jars/s3/hadoop-aws-*.jar >/dev/null 2>&1; then
+  echo "[setup] fetching the s3a jars (hadoop-aws, AWS SDK v2) into build/jars/s3"
+  rm -rf build/jars/s3.tmp
+  mvn -B -q -Ds3 dependency:copy-dependencies -DoutputDirectory=build/jars/s3.tmp
+  rm -rf build/jars/s3 && mv build/jars/s3.tmp build/jars/s3  # a run killed half-way leaves no partial set
+fi
+echo "[setup] ready: .venv, build/jars, build/jars/s3"

@@ -17,10 +17,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 @pytest.fixture(scope="session")
 def spark():
     from lakelens import config
-    from lakelens.spark import get_session
+    from lakelens.spark import find_s3_jars, get_session
 
     conf = config.load(ROOT / "conf" / "local.yaml")
-    session, owned = get_session(conf.spark)
+    # the s3a jars join the classpath when the JVM starts, so the one shared session carries them for the
+    # object storage tests (tests/integration/test_s3.py); they set the fs.s3a keys on it at run time
+    session, owned = get_session(conf.spark, s3=bool(find_s3_jars()))
     session.sparkContext.setLogLevel("ERROR")
     yield session
     if owned:

@@ -175,7 +175,7 @@ def cmd_serve(args) -> int:
 def cmd_jars(args) -> int:
     from lakelens.spark import submit_jars_arg
 
-    print(" ".join(submit_jars_arg(args.jars_dir or "")))
+    print(" ".join(submit_jars_arg(args.jars_dir or "", s3=args.s3)))
     return 0
 
 
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("jars", help="print the spark-submit arguments that bring the Delta jars (--jars ...)")
     p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
+    p.add_argument("--s3", action="store_true", help="also the s3a file system (hadoop-aws and the AWS SDK)")
     p.set_defaults(func=cmd_jars)
     p = sub.add_parser("serve", help="the search web page and JSON API over an index (reloads new versions)")
     p.add_argument("--index", required=True, help="the index folder")

@@ -17,19 +17,51 @@ log = logging.getLogger(__name__)
 
 # Coordinates of the Delta jar matching the pinned pyspark / delta-spark pair (see pom.xml).
 DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
+# Maven coordinates of the s3a file system for spark.jars.packages (clusters without build/jars/s3).
+HADOOP_AWS_PACKAGE = "org.apache.hadoop:hadoop-aws:3.5.0"
 REPO_JARS = Path(__file__).resolve().parents[2] / "build" / "jars"
+# hadoop-aws with its AWS SDK modules, kept out of build/jars itself so that sessions without s3a (which
+# ship spark.jars to every executor of a cluster) do not carry them
+S3_JARS_SUBDIR = "s3"
 
 
 def find_jars(jars_dir: str = "") -> list[str]:
     """Delta jars from the configured folder, $LAKELENS_JARS_DIR, or this checkout's build/jars."""
-    for folder in (jars_dir, os.environ.get("LAKELENS_JARS_DIR", ""), str(REPO_JARS)):
-        if folder:
-            jars = sorted(glob.glob(os.path.join(folder, "*.jar")))
-            if any("delta-spark" in os.path.basename(j) for j in jars):
-                return jars
-            if folder == jars_dir:
-                raise ConfigError(f"spark.jars_dir: no delta-spark jar in {jars_dir}")
+    for folder in _jar_folders(jars_dir):
+        jars = sorted(glob.glob(os.path.join(folder, "*.jar")))
+        if any("delta-spark" in os.path.basename(j) for j in jars):
+            return jars
+        if folder == jars_dir:
+            raise ConfigError(f"spark.jars_dir: no delta-spark jar in {jars_dir}")
     return []
+
+
+def find_s3_jars(jars_dir: str = "") -> list[str]:
+    """The s3a jars (hadoop-aws and the AWS SDK v2 modules it uses) from the s3/ folder beside the Delta
+    jars (`make setup` fetches them into build/jars/s3); [] when there is none."""
+    for folder in _jar_folders(jars_dir):
+        jars = sorted(glob.glob(os.path.join(folder, S3_JARS_SUBDIR, "*.jar")))
+        if any(os.path.basename(j).startswith("hadoop-aws-") for j in jars):
+            return jars
+    return []
+
+
+def _jar_folders(jars_dir: str) -> list[str]:
+    return [f for f in (jars_dir, os.environ.get("LAKELENS_JARS_DIR", ""), str(REPO_JARS)) if f]
+
+
+def uses_s3a(conf: Config | SparkConfig | None) -> bool:
+    """True when a session for `conf` needs the s3a file system: `spark.extra` has fs.s3a settings, or (for
+    a whole Config) a table, image folder or pairs path is an s3a:// URI."""
+    if conf is None:
+        return False
+    spark_conf = conf.spark if isinstance(conf, Config) else conf
+    if any(".fs.s3a." in f".{key}" for key in spark_conf.extra):
+        return True
+    if isinstance(conf, Config):
+        paths = (conf.embed.images, conf.embed.table, conf.index.table, conf.finetune.pairs)
+        return any(p.startswith("s3a://") for p in paths)
+    return False
 
 
 def _launched_by_spark_submit() -> bool:
@@ -37,12 +69,15 @@ def _launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def get_session(conf: SparkConfig | None = None) -> tuple[SparkSession, bool]:
-    """(session, owned): the active session if there is one (owned=False), else a new one built from `conf`."""
+def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None) -> tuple[SparkSession, bool]:
+    """(session, owned): the active session if there is one (owned=False), else a new one built from `conf`
+    (a whole Config or its `spark` section). `s3`: put the s3a jars on the new session's classpath; None
+    decides from `conf` (`uses_s3a`)."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
-    conf = conf or SparkConfig()
+    want_s3 = uses_s3a(conf) if s3 is None else s3
+    conf = (conf.spark if isinstance(conf, Config) else conf) or SparkConfig()
     # Python workers run this interpreter (the project's venv) unless the user chose another.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     b = SparkSession.builder.appName(conf.app_name)
@@ -51,10 +86,17 @@ def get_session(conf: SparkConfig | None = None) -> tuple[SparkSession, bool]:
     elif not _launched_by_spark_submit():
         b = b.master("local[*]")
     jars = find_jars(conf.jars_dir)
+    s3_jars = find_s3_jars(conf.jars_dir) if want_s3 else []
     if jars:
-        b = b.config("spark.jars", ",".join(jars))
+        b = b.config("spark.jars", ",".join(jars + s3_jars))
     else:
-        b = b.config("spark.jars.packages", conf.packages or DELTA_PACKAGE)
+        packages = conf.packages or DELTA_PACKAGE
+        if want_s3 and "hadoop-aws" not in packages:
+            packages += "," + HADOOP_AWS_PACKAGE
+        b = b.config("spark.jars.packages", packages)
+    if want_s3 and jars and not s3_jars:
+        log.warning("the config uses s3a:// but there are no s3a jars in build/jars/s3 (make setup fetches them); "
+                    "relying on hadoop-aws being on Spark's classpath already")
     settings = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
@@ -69,13 +111,18 @@ def get_session(conf: SparkConfig | None = None) -> tuple[SparkSession, bool]:
         b = b.config(key, value)
     spark = b.getOrCreate()
     _check_delta_on_classpath(spark)
+    if want_s3:
+        _check_s3a_on_classpath(spark)
     return spark, True
 
 
-def submit_jars_arg(jars_dir: str = "") -> list[str]:
-    """spark-submit arguments that put Delta on the driver's classpath: --jars or --packages."""
+def submit_jars_arg(jars_dir: str = "", s3: bool = False) -> list[str]:
+    """spark-submit arguments that put Delta (and with `s3`, the s3a file system) on the driver's
+    classpath: --jars or --packages."""
     jars = find_jars(jars_dir)
-    return ["--jars", ",".join(jars)] if jars else ["--packages", DELTA_PACKAGE]
+    if jars:
+        return ["--jars", ",".join(jars + (find_s3_jars(jars_dir) if s3 else []))]
+    return ["--packages", DELTA_PACKAGE + ("," + HADOOP_AWS_PACKAGE if s3 else "")]
 
 
 def _check_delta_on_classpath(spark: SparkSession) -> None:
@@ -84,6 +131,14 @@ def _check_delta_on_classpath(spark: SparkSession) -> None:
         return
     raise SparkSetupError("Delta Lake classes are not on the Spark driver's classpath. Pass them to spark-submit: "
                        f"{' '.join(submit_jars_arg())} (printed by `lakelens jars`).")
+
+
+def _check_s3a_on_classpath(spark: SparkSession) -> None:
+    if spark._jvm.org.apache.spark.util.Utils.classIsLoadable("org.apache.hadoop.fs.s3a.S3AFileSystem"):
+        return
+    raise SparkSetupError("the config uses s3a:// but hadoop-aws is not on the Spark driver's classpath: run "
+                          "`make setup` (it fetches build/jars/s3) and start a new session, or pass "
+                          f"{' '.join(submit_jars_arg(s3=True))} to spark-submit.")
 
 
 class Job:
@@ -97,7 +152,7 @@ class Job:
     @property
     def spark(self) -> SparkSession:
         if self._spark is None:
-            self._spark, self._owned = get_session(self.conf.spark)
+            self._spark, self._owned = get_session(self.conf)
         return self._spark
 
     def run(self):

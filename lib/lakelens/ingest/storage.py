@@ -8,11 +8,16 @@ pyarrow's S3 client, configured from the same `spark.hadoop.fs.s3a.*` keys the S
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import threading
+from dataclasses import dataclass, field
 
 from lakelens.errors import DataError
-from lakelens.ingest.paths import is_remote, to_local, under
+from lakelens.ingest.paths import REMOTE_SCHEMES, is_remote, to_local, under
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(DataError):
@@ -60,3 +65,94 @@ def read_bounded(path: str, max_bytes: int, roots: list[str] | None = None, s3=N
         return data
     finally:
         os.close(fd)
+
+
+S3A_PREFIX = "spark.hadoop.fs.s3a."
+_FS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach object storage outside Spark (pyarrow's S3 client), from the same Hadoop s3a keys the
+    Spark jobs use: `spark.hadoop.fs.s3a.{endpoint, endpoint.region, path.style.access,
+    connection.ssl.enabled, access.key, secret.key, session.token, aws.credentials.provider}` in
+    `spark.extra`. Without keys, the AWS SDK's own chain (environment, ~/.aws, instance metadata) applies."""
+
+    endpoint: str = ""  # host[:port]; empty: AWS's endpoint for the region
+    scheme: str = "https"
+    region: str = ""
+    path_style: bool = False
+    access_key: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
+    anonymous: bool = False
+    connect_timeout: float = 10.0
+    request_timeout: float = 30.0
+
+    @classmethod
+    def from_config(cls, conf) -> S3Settings | None:
+        """The settings in `conf.spark.extra` (a lakelens.config.Config); None when it has no fs.s3a keys."""
+        extra = {k[len(S3A_PREFIX):]: str(v).strip() for k, v in conf.spark.extra.items() if k.startswith(S3A_PREFIX)}
+        if not extra:
+            return None
+
+        def flag(key: str, default: bool) -> bool:
+            value = extra.get(key, "").lower()
+            return default if not value else value == "true"
+
+        endpoint, scheme = extra.get("endpoint", ""), "https" if flag("connection.ssl.enabled", True) else "http"
+        if "://" in endpoint:  # Hadoop takes a URL too, and then its scheme wins over connection.ssl.enabled
+            scheme, endpoint = endpoint.split("://", 1)
+        return cls(endpoint=endpoint.rstrip("/"), scheme=scheme.lower(),
+                   region=extra.get("endpoint.region") or extra.get("region", ""),
+                   path_style=flag("path.style.access", False),
+                   access_key=extra.get("access.key", ""), secret_key=extra.get("secret.key", ""),
+                   session_token=extra.get("session.token", ""),
+                   anonymous="Anonymous" in extra.get("aws.credentials.provider", ""))
+
+    def filesystem(self):
+        """A pyarrow S3FileSystem for these settings, made once and shared (it is thread-safe)."""
+        fs = self.__dict__.get("_fs")
+        if fs is None:
+            with _FS_LOCK:
+                fs = self.__dict__.get("_fs")
+                if fs is None:
+                    from pyarrow import fs as pafs
+
+                    keys = {"access_key": self.access_key, "secret_key": self.secret_key,
+                            "session_token": self.session_token or None} if self.access_key else {}
+                    fs = pafs.S3FileSystem(
+                        **keys, anonymous=self.anonymous and not self.access_key,
+                        region=self.region or ("us-east-1" if self.endpoint else None),
+                        scheme=self.scheme, endpoint_override=self.endpoint or None,
+                        # as Hadoop: bucket in the host name unless path-style access is asked for
+                        force_virtual_addressing=bool(self.endpoint) and not self.path_style,
+                        connect_timeout=self.connect_timeout, request_timeout=self.request_timeout)
+                    object.__setattr__(self, "_fs", fs)
+        return fs
+
+    def read(self, path: str, max_bytes: int) -> bytes:
+        """The bytes of the object at stored `path` (`s3a://bucket/key`, the key as Hadoop spells it: never
+        percent-encoded). StorageError 404 when it is missing or cannot be read, 413 when it is larger than
+        `max_bytes` (refused from its size, before any byte is downloaded)."""
+        scheme = next((s for s in REMOTE_SCHEMES if path.startswith(s)), None)
+        bucket, _, key = path[len(scheme):].partition("/") if scheme else ("", "", "")
+        if not bucket or not key or key.endswith("/"):
+            raise StorageError(404, "not an object storage path")
+        try:
+            with self.filesystem().open_input_file(f"{bucket}/{key}") as f:
+                size = f.size()
+                if size > max_bytes:
+                    raise StorageError(413, f"image file is larger than {max_bytes} bytes")
+                data = f.read(size)
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise StorageError(404, "image file is gone") from None
+        except (OSError, ValueError) as e:  # access denied, unreachable: the details go to the log, not the client
+            log.warning("reading %s from object storage failed: %s", path, e)
+            raise StorageError(404, "image could not be read from object storage") from None
+        if len(data) != size:
+            raise StorageError(404, "image file changed while it was read")
+        return data
+
