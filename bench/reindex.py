@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -149,6 +150,7 @@ def main() -> int:
     finally:
         spark.stop()
         shutil.rmtree(work, ignore_errors=True)
+    results["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results["ratios"]), flush=True)
     return 0

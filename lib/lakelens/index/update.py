@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,32 +33,49 @@ ROWS_PER_AUTO_SHARD = 250_000
 DRIFT_QUERIES = 200
 
 
-def read_changes(spark, location: str, start: int, end: int) -> tuple[DataFrame, DataFrame]:
-    """From the change feed between Delta versions start..end: the distinct ids it touched (inserted,
-    updated or deleted), and each touched id's row as of `end` when it is live and embedded (its latest
-    insert or update post-image). Both come from the feed alone, never from a scan of the whole table,
-    and both are checkpointed. LookupError when the feed does not cover the range (vacuumed, turned off,
-    or the table re-created)."""
+@dataclass
+class Changes:
+    """What the change feed shows between two table versions, all computed from the feed alone."""
+
+    touched: DataFrame  # distinct ids inserted, updated or deleted (checkpointed)
+    rows: DataFrame  # each touched id's row at the end, when live and embedded (checkpointed)
+    count: int  # touched ids
+    live_before: int  # touched ids that were embedded rows before the range (so in the live index)
+    live_after: int  # touched ids that are embedded rows at its end (the delta's rows)
+    models: list  # model keys among the rows at the end
+    start: int = 0  # the first table version read
+    end: int = 0  # the last
+    rows_after: int = 0  # embedded rows of the table at `end` (the live count, worked out by the job)
+
+
+def read_changes(spark, location: str, start: int, end: int) -> Changes:
+    """The change feed between Delta versions start..end, reduced per id to its first and last image,
+    never a scan of the whole table. LookupError when the feed does not cover the range (vacuumed,
+    turned off, or the table re-created)."""
     try:
         feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
-                .option("endingVersion", end).load(location))
-        touched = feed.select("id").distinct().localCheckpoint()
+                .option("endingVersion", end).load(location)
+                .select(*META_COLUMNS, "embedding", "model", "error", "_change_type", "_commit_version"))
+        feed = feed.localCheckpoint()
     except AnalysisException as e:
         raise LookupError(str(e).strip().splitlines()[0][:300]) from None
-    # within one commit an update shows its pre-image and post-image: the post-image is the newer
-    latest = Window.partitionBy("id").orderBy(F.col("_commit_version").desc(),
-                                             (F.col("_change_type") == "update_preimage").asc())
-    rows = (feed.withColumn("_n", F.row_number().over(latest)).where("_n = 1")
-            .where(F.col("_change_type").isin("insert", "update_postimage") & F.col("error").isNull()
-                   & F.col("embedding").isNotNull())
+    pre = F.col("_change_type") == "update_preimage"
+    # within one commit an update shows its pre-image, then its post-image
+    last = Window.partitionBy("id").orderBy(F.col("_commit_version").desc(), pre.asc())
+    first = Window.partitionBy("id").orderBy(F.col("_commit_version").asc(), pre.desc())
+    ok = F.col("error").isNull() & F.col("embedding").isNotNull()
+    rows = (feed.withColumn("_n", F.row_number().over(last)).where("_n = 1")
+            .where(F.col("_change_type").isin("insert", "update_postimage") & ok)
             .select(*META_COLUMNS, "embedding", "model").localCheckpoint())
-    return touched, rows
+    before = (feed.withColumn("_n", F.row_number().over(first)).where("_n = 1")
+              .where(F.col("_change_type").isin("update_preimage", "delete") & ok).count())
+    touched = feed.select("id").distinct().localCheckpoint()
+    return Changes(touched, rows, touched.count(), before, rows.count(),
+                   [r["model"] for r in rows.select("model").distinct().limit(3).collect()], start, end)
 
 
-def decide(conf, live: dict, source: dict, model_key: str, choice, settings: dict, rows: int,
-           touched: Callable[[], int]) -> Decision:
-    """What the next version must be, and why. `touched()` counts the rows the change feed shows
-    (raising LookupError when it cannot); it runs only when nothing earlier calls for a full build."""
+def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
+    """Reasons for a full build that need no data: kind 'incremental' means 'ask the change feed'."""
     old = live["source"]
     if conf.full:
         return Decision("full", "a full build was asked for (--full)")
@@ -71,31 +89,33 @@ def decide(conf, live: dict, source: dict, model_key: str, choice, settings: dic
         return Decision("full", f"another table ({old.get('table')} -> {source['table']})")
     if old.get("table_id") and old.get("table_id") != source.get("table_id"):
         return Decision("full", "the table was re-created since the live version")
-    if live["model"]["key"] != model_key:
-        return Decision("full", f"the model changed ({live['model']['key']} -> {model_key})")
     if live.get("settings") != settings:
         return Decision("full", f"index settings changed ({live.get('settings')} -> {settings})")
     if source["version"] < old["version"]:
         return Decision("full", f"table version {source['version']} is older than the live version's "
                                 f"{old['version']}")
-    if conf.factory == "auto" and index_kind(choice.factory) != index_kind(live["factory"]):
+    return Decision("incremental", "")
+
+
+def decide_from_changes(conf, live: dict, changes: Changes, choice, rows: int) -> Decision:
+    """The rest of the decision, from what the feed shows: `choice` is what `auto` picks for the new row
+    count (None for an explicit factory)."""
+    if any(m != live["model"]["key"] for m in changes.models):
+        return Decision("full", f"the model changed ({live['model']['key']} -> "
+                                f"{next(m for m in changes.models if m != live['model']['key'])})")
+    if choice is not None and index_kind(choice.factory) != index_kind(live["factory"]):
         return Decision("full", f"auto now chooses {choice.factory} for {rows} rows instead of "
                                 f"{live['factory']} ({choice.reason})")
-    try:
-        n = touched()
-    except LookupError as e:
-        return Decision("full", f"the change feed does not cover table versions {old['version'] + 1}.."
-                                f"{source['version']}: {e}")
     deltas = len(live.get("deltas", [])) + 1
     if deltas > conf.max_deltas:
         return Decision("compaction", f"{deltas} delta shard generations > index.max_deltas {conf.max_deltas}")
-    dead = (live.get("tombstones") or {}).get("count", 0) + n
-    held = stored_rows(live) + n
+    dead = (live.get("tombstones") or {}).get("count", 0) + changes.count
+    held = stored_rows(live) + changes.live_after
     if held and dead / held > conf.max_deleted_fraction:
         return Decision("compaction", f"tombstones would be {dead / held:.1%} of the vectors held "
                                       f"> index.max_deleted_fraction {conf.max_deleted_fraction:.0%}")
-    return Decision("incremental", f"{n} rows changed between table versions {old['version']} and "
-                                   f"{source['version']}")
+    return Decision("incremental", f"{changes.count} rows changed between table versions {changes.start - 1} "
+                                   f"and {changes.end}")
 
 
 def build_deltas_fn(trained_bc, staged: str, rerank: bool, generation: int):
@@ -128,8 +148,8 @@ def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10)
     return float(np.mean([len(set(f) & set(e)) / max(1, len(set(e) - {-1})) for f, e in zip(found, exact)]))
 
 
-def build_incremental(spark, index_dir: str, live_name: str, live: dict, changed: DataFrame, touched: DataFrame,
-                      rows: int, source: dict, decision: Decision, min_recall: float,
+def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes: Changes, source: dict,
+                      decision: Decision, min_recall: float,
                       log: Callable[[str], None]) -> tuple[str | None, str]:
     """Stage and publish an incremental version over `live`. Returns (version, "") or, when the drift
     probe fails, (None, the reason for a full rebuild) with nothing published."""
@@ -138,7 +158,7 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, changed
     try:
         link_version(Path(index_dir) / live_name, staged)
         trained = (staged / TRAINED).read_bytes()
-        n = changed.count()
+        changed, touched, rows, n = changes.rows, changes.touched, changes.rows_after, changes.live_after
         shards = max(1, math.ceil(n / ROWS_PER_AUTO_SHARD)) if n else 0
         deltas = []
         if n:
