@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from lakelens.errors import ConfigError
+
 
 @dataclass
 class Choice:
@@ -50,10 +52,21 @@ def choose_factory(n: int, dim: int, memory_budget: int, exact_max_rows: int = 5
                   rerank=10)
 
 
-def explicit_choice(factory: str) -> Choice:
-    probe = faiss.index_factory(8 if "PQ" not in factory else 64, factory, faiss.METRIC_INNER_PRODUCT)
-    params = {"nprobe": 16} if "IVF" in factory else {"efSearch": 128} if "HNSW" in factory else {}
-    return Choice(factory, "explicit factory string", not probe.is_trained, params)
+def explicit_choice(factory: str, dim: int) -> Choice:
+    """A user's FAISS index_factory string for `dim`-dim vectors; ConfigError (naming index.factory) when
+    FAISS cannot build it, e.g. an unknown string or PQ codes that do not divide the dimension."""
+    text = factory.strip()
+    if not text or text.split(",")[0].startswith("IDMap"):
+        raise ConfigError(f"index.factory: expected auto or a FAISS index_factory string without IDMap "
+                          f"(lakelens keeps the ids itself), e.g. IVF1024,Flat; got {factory!r}")
+    try:
+        probe = faiss.index_factory(dim, text, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:  # FAISS reports every bad string as a RuntimeError with a C++ location
+        lines = str(e).strip().splitlines() or [""]
+        reason = re.sub(r"^.*?\.cpp:\d+: ", "", lines[0]).removeprefix("Error: ").strip()
+        raise ConfigError(f"index.factory: FAISS cannot build {factory!r} for {dim}-dim vectors: {reason}") from None
+    params = {"nprobe": 16} if "IVF" in text else {"efSearch": 128} if "HNSW" in text else {}
+    return Choice(text, "explicit factory string", not probe.is_trained, params)
 
 
 def training_rows(choice: Choice, n: int, train_sample: int) -> int:

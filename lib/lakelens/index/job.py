@@ -18,7 +18,7 @@ from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble, write_shard
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
 from lakelens.index.incremental import TRAINED, Decision
-from lakelens.index.update import ROWS_PER_AUTO_SHARD, build_incremental, decide, read_changes
+from lakelens.index.update import ROWS_PER_AUTO_SHARD, build_incremental, decide_from_changes, precheck, read_changes
 from lakelens.index.versions import current_version, index_lock, prune_locked, read_manifest
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
@@ -104,6 +104,25 @@ class IndexJob(Job):
                                    live["reason"], time.time() - t0, pruned, build="none",
                                    build_reason="the table has not changed")
 
+        source = {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
+                  "table_id": table.table_id()}
+        decision = Decision("full", "no live version") if not live else precheck(c, live, source, settings)
+        if decision.kind == "incremental":  # so far: the change feed tells the rest, without a table scan
+            decision, changes = self._from_changes(live, source, table, version)
+            if decision.kind == "incremental":
+                source["image_roots"] = sorted({*live["source"].get("image_roots", []), *table.image_roots()})
+                published, drift = build_incremental(spark, c.index, live_name, live, changes, source, decision,
+                                                     c.min_recall, self.log)
+                if published:
+                    pruned = prune_locked(c.index, c.prune) if c.prune else []
+                    self.log(f"lakelens index: published {published} (incremental, {time.time() - t0:.1f} s)")
+                    m = read_manifest(c.index, published)
+                    return IndexResult(published, True, m["rows"], len(m["shards"]), m["factory"], m["reason"],
+                                       time.time() - t0, pruned, build="incremental", build_reason=decision.reason,
+                                       deltas=len(m["deltas"]), tombstones=m["tombstones"]["count"])
+                decision = Decision("full", drift)
+                self.log(f"lakelens index: {drift}; rebuilding with new training")
+
         # a row is embedded exactly when it has no error (the table's contract): counting rows and models
         # reads two small columns, never the vectors of the whole table
         good = df.where(F.col("error").isNull())
@@ -115,32 +134,10 @@ class IndexJob(Job):
         n = good.count()
         dim = len(good.select("embedding").first()["embedding"])
         choice = (choose_factory(n, dim, parse_size(c.memory_budget), c.exact_max_rows, c.hnsw_max_rows)
-                  if c.factory == "auto" else explicit_choice(c.factory))
-        source = {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
-                  "table_id": table.table_id(), "image_roots": self._roots(table, good)}
-
-        decision, touched, changed = Decision("full", "no live version"), None, None
-        if live:
-            def count_touched():
-                nonlocal touched, changed
-                touched, changed = read_changes(spark, table.location, live["source"]["version"] + 1, version)
-                return touched.count()
-
-            decision = decide(c, live, source, model_keys[0], choice, settings, n, count_touched)
+                  if c.factory == "auto" else explicit_choice(c.factory, dim))
+        source["image_roots"] = self._roots(table, good)
         self.log(f"lakelens index: {n} rows x {dim} from {c.table} ({fingerprint}): {decision.kind} "
                  f"({decision.reason})")
-        if decision.kind == "incremental":
-            published, drift = build_incremental(spark, c.index, live_name, live, changed, touched, n, source,
-                                                 decision, c.min_recall, self.log)
-            if published:
-                pruned = prune_locked(c.index, c.prune) if c.prune else []
-                self.log(f"lakelens index: published {published} (incremental, {time.time() - t0:.1f} s)")
-                m = read_manifest(c.index, published)
-                return IndexResult(published, True, n, len(m["shards"]), m["factory"], m["reason"],
-                                   time.time() - t0, pruned, build="incremental", build_reason=decision.reason,
-                                   deltas=len(m["deltas"]), tombstones=m["tombstones"]["count"])
-            decision = Decision("full", drift)
-            self.log(f"lakelens index: {drift}; rebuilding with new training")
         trained = None
         if decision.kind == "compaction":
             choice = Choice(live["factory"], live["reason"], "IVF" in live["factory"], dict(live["search_params"]),
@@ -148,6 +145,23 @@ class IndexJob(Job):
             trained = (Path(c.index) / live_name / TRAINED).read_bytes()
         good = good.where(F.col("embedding").isNotNull()).select(*META_COLUMNS, "embedding").localCheckpoint()
         return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0)
+
+    def _from_changes(self, live: dict, source: dict, table: EmbeddingsTable, version: int):
+        """Read the change feed since the live version and finish the decision from it: the rows and
+        models it touched, the row count after it, and the index kind `auto` would now pick."""
+        c = self.conf.index
+        try:
+            changes = read_changes(self.spark, table.location, live["source"]["version"] + 1, version)
+        except LookupError as e:
+            return Decision("full", f"the change feed does not cover table versions {live['source']['version'] + 1}"
+                                    f"..{version}: {e}"), None
+        rows = live["rows"] - changes.live_before + changes.live_after
+        choice = (choose_factory(rows, live["dim"], parse_size(c.memory_budget), c.exact_max_rows, c.hnsw_max_rows)
+                  if c.factory == "auto" else None)
+        decision = decide_from_changes(c, live, changes, choice, rows)
+        self.log(f"lakelens index: {rows} rows from {c.table} (delta:{version}): {decision.kind} ({decision.reason})")
+        changes.rows_after = rows
+        return decision, changes
 
     def _roots(self, table: EmbeddingsTable, good) -> list[str]:
         """Folders thumbnails may be read from: those the embed job listed, else the rows' common folder."""
