@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LakelensError as e:  # expected failures: one line, no traceback; anything else is a bug
-        print(f"lakelens {args.command}: error: {e}", file=sys.stderr)
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"lakelens {args.command}: error: {reason}", file=sys.stderr)
         return 2
 
 

@@ -44,6 +44,15 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def _holder_soon(self) -> dict:
+        """The holder's note; a holder that has just taken the lock writes it a moment later."""
+        for _ in range(10):
+            h = self.holder()
+            if h:
+                return h
+            time.sleep(0.05)
+        return {}
+
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -55,7 +64,7 @@ class RunLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    h = self.holder()
+                    h = self._holder_soon()
                     who = (f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')} ({h.get('command')})"
                            if h else "another process")
                     raise BusyError(f"{self.what} is in use by {who}; try again when it has finished "

@@ -2,28 +2,66 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 
+import pandas as pd
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lakelens.errors import DataError
-from lakelens.ingest.paths import from_uri, glob_escape, is_local
+from lakelens.ingest.paths import from_uri, glob_escape, is_local, is_remote, root_of, to_local
 
 
-def _hadoop_status(spark: SparkSession, path: str):
-    jvm = spark._jvm
-    p = jvm.org.apache.hadoop.fs.Path(path)
-    return p.getFileSystem(spark._jsc.hadoopConfiguration()).getFileStatus(p)
+def hidden(root: str):
+    """A column: true for paths with a part below `root` (a stored folder path ending in '/') that starts
+    with '_' or '.', files and folders alike. Spark's file index skips most of those already, but keeps
+    '_' names holding '=' (partition folders) and '_metadata*' / '_common_metadata*' (Parquet summaries,
+    which its scan then drops again); lakelens skips them all, one rule. A path not spelled under `root`
+    is judged by its file name."""
+    path = F.col("path")
+    below = F.when(path.startswith(root), F.expr(f"substring(path, {len(root) + 1})")).otherwise(
+        F.regexp_extract(path, r"[^/]*$", 0))
+    return F.concat(F.lit("/"), below).rlike(r"/[_.]")
+
+
+def _stat_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """mapInPandas over (path) rows of files Spark's scan left out (zero-length ones): (path, size_bytes,
+    modified) stat'ed here, on the executor. A local file gone meanwhile is dropped. Object storage
+    cannot be stat'ed from a Python worker: such a file is zero-length (the only files the scan leaves
+    out) and gets no modification time (for an empty file only its size tells a change)."""
+    for pdf in batches:
+        paths, sizes, times = [], [], []
+        for path in pdf["path"]:
+            if is_remote(path):
+                paths.append(path)
+                sizes.append(0)
+                times.append(None)
+                continue
+            try:
+                st = os.stat(to_local(path))
+            except (OSError, DataError):
+                continue
+            paths.append(path)
+            sizes.append(st.st_size)
+            times.append(st.st_mtime_ns // 1_000_000)  # milliseconds, as Hadoop's file status has them
+        yield pd.DataFrame({"path": pd.Series(paths, dtype=object), "size_bytes": pd.Series(sizes, dtype="int64"),
+                            "modified": pd.to_datetime(pd.Series(times, dtype="float64"), unit="ms", utc=True)})
+
+
+def _uris_to_paths(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    for pdf in batches:
+        yield pd.DataFrame({"path": pd.Series([from_uri(u) for u in pdf["uri"]], dtype=object)})
 
 
 def list_files(spark: SparkSession, images: str, path_glob: str = "") -> tuple[DataFrame, int]:
     """(path, size_bytes, modified) of every file under a folder (recursive), a glob or a URI,
-    materialised, and their count. Spark's binaryFile source reads no contents when `content` is not
-    selected, but its scan drops zero-length files, so those are found by diffing the file index and
-    listed here too."""
+    materialised on the executors, and their count; names starting with '_' or '.' below the folder are
+    skipped (`hidden`). Spark's binaryFile source reads no contents when `content` is not selected, but
+    its scan drops zero-length files: those are the files of Spark's file index that the scan lacks,
+    found and stat'ed on the executors, so no per-file data is collected to the driver."""
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
     if path_glob:
         reader = reader.option("pathGlobFilter", path_glob)
@@ -33,22 +71,27 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> tuple[D
         if "PATH_NOT_FOUND" in str(e) or "Path does not exist" in str(e):
             raise DataError(f"embed.images: nothing found at {images}") from None
         raise
-    listing = (files.select("path", F.col("length").alias("size_bytes"),
-                            F.col("modificationTime").alias("modified")).localCheckpoint())
-    indexed = files.inputFiles()
-    if len(indexed) > listing.count():  # the same count once the zero-length files are added
-        # the file index spells files as URIs (file:///a%20b), the scan as stored paths (file:/a b)
-        names = [from_uri(p) for p in indexed]
-        missing = (spark.createDataFrame([(n,) for n in names], "path string")
-                   .join(listing, "path", "left_anti").collect())
-        empty = []
-        for row in missing:
-            st = _hadoop_status(spark, row["path"])
-            ms = int(st.getModificationTime())
-            empty.append((row["path"], int(st.getLen()),
-                          datetime.fromtimestamp(ms // 1000).replace(microsecond=ms % 1000 * 1000)))
-        listing = listing.unionByName(spark.createDataFrame(empty, listing.schema)).localCheckpoint()
-    return listing, len(indexed)
+    skip = hidden(root_of(images))
+    scanned = (files.select("path", F.col("length").alias("size_bytes"), F.col("modificationTime").alias("modified"),
+                            skip.alias("hidden")).localCheckpoint())
+    counts = {r["hidden"]: r["count"] for r in scanned.groupBy("hidden").count().collect()}
+    listing = scanned.where(~F.col("hidden")).drop("hidden")
+    count = counts.get(False, 0)
+    indexed = files._jdf.inputFiles()  # a JVM array: its length is one call
+    if len(indexed) > count + counts.get(True, 0):
+        # The file index's URIs (file:///a%20b) stay in the JVM: a Dataset made there and converted to
+        # stored paths (file:/a b) by Python workers never passes through the Python driver. The join
+        # is a sort-merge join: a broadcast join would collect the listing on the driver, and Spark
+        # judges it small when the files are (its estimate is their bytes, not their number).
+        jvm = spark._jvm
+        seq = jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(indexed)
+        uris = DataFrame(spark._jsparkSession.createDataset(seq, jvm.org.apache.spark.sql.Encoders.STRING()).toDF(),
+                         spark).withColumnRenamed("value", "uri")
+        missing = (uris.mapInPandas(_uris_to_paths, "path string").where(~skip)
+                   .join(listing.hint("merge"), "path", "left_anti"))
+        listing = listing.unionByName(missing.mapInPandas(_stat_files, listing.schema)).localCheckpoint()
+        count = listing.count()
+    return listing, count
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:

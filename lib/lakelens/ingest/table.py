@@ -92,9 +92,10 @@ class Plan:
 
     def chunks(self, size: int) -> Iterator[list[str]]:
         """The paths to embed, sorted, `size` at a time. They stream to the driver one partition at a
-        time (toLocalIterator), so the driver never holds more than a partition and a chunk of them."""
-        paths = (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNull())
-                 .select("path").orderBy("path"))
+        time (toLocalIterator), each partition about one chunk (range partitioning), so the driver never
+        holds more than a partition and a chunk of them, whatever the table's size."""
+        paths = (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNull()).select("path")
+                 .repartitionByRange(max(1, -(-self.to_embed // size)), "path").sortWithinPartitions("path"))
         chunk: list[str] = []
         for row in paths.toLocalIterator():
             chunk.append(row["path"])
@@ -223,7 +224,7 @@ class EmbeddingsTable:
         """Delete rows whose path is not in `listing`, in one Delta commit (MERGE ... NOT MATCHED BY SOURCE)."""
         self._set_commit_note(note)
         (DeltaTable.forPath(self.spark, self.location).alias("t")
-         .merge(listing.select("path").alias("s"), "t.path = s.path")
+         .merge(listing.select("path").hint("merge").alias("s"), "t.path = s.path")
          .whenNotMatchedBySourceDelete().execute())
 
     def table_id(self) -> str | None:
