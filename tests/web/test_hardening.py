@@ -153,14 +153,19 @@ def test_host_allowlist_and_the_warning_for_reachable_addresses(tmp_path):
     assert "--token" not in quiet and "--allowed-host" not in quiet
 
 
-def test_health_shows_no_absolute_checkpoint_path(tmp_path):
-    ckpt = tmp_path / "models" / "final.pt"
-    ckpt.parent.mkdir()
-    ckpt.write_bytes(b"weights")
+def checkpoint_index(tmp_path, ckpt):
+    """An exact index whose model key names a checkpoint file (its bytes' digest included)."""
+    ckpt.parent.mkdir(exist_ok=True)
+    ckpt.write_bytes(b"old weights")
     key = ModelSpec("lakelens-tiny", str(ckpt)).with_digest().key
     x = clustered(10, 16, clusters=2)
     build_local(tmp_path / "index", np.arange(10), x, [f"/p/{i}" for i in range(10)], Choice("Flat", "t", False),
                 model_key=key)
+    return ckpt, key, x
+
+
+def test_health_shows_no_absolute_checkpoint_path(tmp_path):
+    ckpt, key, _ = checkpoint_index(tmp_path, tmp_path / "models" / "final.pt")
     server = webindex.ThreadServer(tmp_path / "index")
     try:
         text = requests.get(server.base + "/api/health", timeout=60).text
@@ -172,12 +177,7 @@ def test_health_shows_no_absolute_checkpoint_path(tmp_path):
 
 
 def test_a_query_driver_refuses_weights_that_changed_since_the_index(tmp_path):
-    ckpt = tmp_path / "final.pt"
-    ckpt.write_bytes(b"old weights")
-    key = ModelSpec("lakelens-tiny", str(ckpt)).with_digest().key
-    x = clustered(10, 16, clusters=2)
-    build_local(tmp_path / "index", np.arange(10), x, [f"/p/{i}" for i in range(10)], Choice("Flat", "t", False),
-                model_key=key)
+    ckpt, key, x = checkpoint_index(tmp_path, tmp_path / "final.pt")
     s = Searcher.open(tmp_path / "index")
     assert s.model_spec.digest == key.rsplit("#", 1)[1]
     ckpt.write_bytes(b"new weights, same path")

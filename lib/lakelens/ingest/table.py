@@ -33,17 +33,13 @@ UDF_SCHEMA = T.StructType([
     T.StructField("error", T.StringType(), True),
 ])
 
+# The table: the UDF's columns with the id first, the model before the vector, the time last.
+_UDF = {f.name: f for f in UDF_SCHEMA.fields}
 SCHEMA = T.StructType([
     T.StructField("id", T.LongType(), False),
-    T.StructField("path", T.StringType(), False),
-    T.StructField("content_sha256", T.StringType(), True),
-    T.StructField("size_bytes", T.LongType(), False),
-    T.StructField("modified", T.TimestampType(), True),
-    T.StructField("width", T.IntegerType(), True),
-    T.StructField("height", T.IntegerType(), True),
+    *(_UDF[name] for name in ("path", "content_sha256", "size_bytes", "modified", "width", "height")),
     T.StructField("model", T.StringType(), False),
-    T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False), True),
-    T.StructField("error", T.StringType(), True),
+    _UDF["embedding"], _UDF["error"],
     T.StructField("embedded_at", T.TimestampType(), False),
 ])
 COLUMNS = [f.name for f in SCHEMA.fields]
