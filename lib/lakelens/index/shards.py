@@ -207,11 +207,12 @@ def live_meta(meta, tombstones):
     return newest[["id", "path"]].reset_index(drop=True)
 
 
-def open_version(folder: Path, manifest: dict, mmap: bool = True):
+def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None):
     """Every shard of a version ready to search: (shards, rerank, excluded, keep). `rerank[i]` holds the
     memory-mapped raw vectors of compressed shards; `excluded[i]` is a selector of the ids shard i still
     holds but that later generations replaced or deleted (None when there are none); `keep` holds the
-    Python objects those selectors point into."""
+    Python objects those selectors point into. `tomb`: the version's tombstones, when the caller has
+    read them already."""
     folder = Path(folder)
     entries = shard_entries(manifest)
     shards = []
@@ -222,7 +223,7 @@ def open_version(folder: Path, manifest: dict, mmap: bool = True):
     rerank = [tuple(np.load(f, mmap_mode="r") if i == 0 else np.load(f)
                     for i, f in enumerate(rerank_files(folder / e["file"]))) if manifest.get("rerank") else None
               for e in entries]
-    tomb = read_tombstones(folder, manifest)
+    tomb = read_tombstones(folder, manifest) if tomb is None else tomb
     excluded, keep = [], []
     for e in entries:
         dead = tomb["id"].to_numpy(np.int64)[tomb["generation"].to_numpy() > e.get("generation", 0)]

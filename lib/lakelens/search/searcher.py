@@ -81,8 +81,8 @@ class Searcher:
                                      f"{manifest['model']['key']}, not {self._expect}")
         folder = self.index_dir / version
         entries = shard_entries(manifest)
-        shards, rerank, excluded, keep = open_version(folder, manifest, self.mmap)
-        tomb = read_tombstones(folder, manifest)
+        tomb = read_tombstones(folder, manifest)  # read once: for the shards' exclusions and the live ids
+        shards, rerank, excluded, keep = open_version(folder, manifest, self.mmap, tomb)
         metas = [pd.read_parquet(folder / e["meta"], columns=["id", "path"]).assign(generation=e.get("generation", 0))
                  for e in entries if "meta" in e]
         if not metas:
