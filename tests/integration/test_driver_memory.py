@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 
 from lakelens import index as ix
 from lakelens import path_id
+from lakelens.index.meta import read_meta
 from lakelens.ingest import table as tables
 
 DIM = 128
@@ -99,8 +100,8 @@ def test_index_job_under_a_1m_result_limit(spark, tmp_path):
     version = index / manifest["version"]
     paths, ids = [], []
     for s, shard in enumerate(manifest["shards"]):
-        assert shard["meta"] == f"meta-{s:04d}.parquet" and (version / shard["file"]).is_file()
-        meta = pd.read_parquet(version / shard["meta"])  # written by the executor that built the shard
+        assert shard["meta"] == f"meta-{s:04d}.arrow" and (version / shard["file"]).is_file()
+        meta = read_meta(version / shard["meta"]).to_pandas()  # written by the executor that built the shard
         assert len(meta) == shard["count"] > 0
         assert (meta["id"] % 3 == s).all()  # pmod(id, shards)
         paths += list(meta["path"])

@@ -14,12 +14,12 @@ import pandas as pd
 from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
 from lakelens.index.incremental import TRAINED, delta_file, delta_meta_file
+from lakelens.index.meta import META_COLUMNS, write_meta
 from lakelens.index.shards import build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
 from lakelens.ingest.paths import common_root, to_stored
 
 TUNING_QUERIES = 200
-META_COLUMNS = ["id", "path", "width", "height"]
 
 
 def shard_file(s: int) -> str:
@@ -27,23 +27,20 @@ def shard_file(s: int) -> str:
 
 
 def meta_file(s: int) -> str:
-    return f"meta-{s:04d}.parquet"
+    return f"meta-{s:04d}.arrow"
 
 
 def write_shard(trained: bytes, s: int, ids: np.ndarray, vectors: np.ndarray, meta: pd.DataFrame,
                 staged: str | Path, rerank: bool, generation: int = 0) -> int:
-    """One shard's FAISS file and its metadata (id, path, width, height) in the staging folder; runs
+    """One shard's FAISS file and its metadata (id, path, width, height; Arrow, sorted by id, memory-mapped
+    by the query driver) in the staging folder; runs
     on the driver (local builds) or on an executor (the index job), so no process holds every path.
     Generation 0 is a base shard; generation G > 0 a delta shard of the G-th incremental version."""
     staged = Path(staged)
     names = (shard_file(s), meta_file(s)) if generation == 0 else (delta_file(generation, s),
                                                                    delta_meta_file(generation, s))
     count = build_shard(trained, ids, vectors, staged / names[0], rerank)
-    meta = meta.reindex(columns=META_COLUMNS)
-    meta["id"] = meta["id"].astype("int64")
-    meta["width"] = meta["width"].astype("Int32")
-    meta["height"] = meta["height"].astype("Int32")
-    meta.to_parquet(staged / names[1], index=False)
+    write_meta(staged / names[1], meta)
     return count
 
 

@@ -5,7 +5,8 @@ feed touched, and the staging of an incremental version that shares the live ver
 An incremental version of generation G holds hard links to every file of the live version (base
 shards, earlier deltas, metadata, the trained empty index), one or more delta shards of generation G
 built from the new and changed rows with the live version's trained structures (no retraining), and
-tombstones: (id, G) for every id the change feed touched, so each older shard drops its stale copy.
+tombstones: (id, G) for every id the live version held that the change feed deleted or replaced, so
+each older shard drops its stale copy.
 No Spark here (local builds and the query path import this module); reading the change feed is the
 index job's."""
 
@@ -47,7 +48,7 @@ def delta_file(generation: int, s: int) -> str:
 
 
 def delta_meta_file(generation: int, s: int) -> str:
-    return f"delta-{generation:04d}-{s:04d}.parquet"
+    return f"delta-{generation:04d}-{s:04d}.arrow"
 
 
 def link_version(src: Path, staged: Path) -> None:
@@ -63,7 +64,8 @@ def link_version(src: Path, staged: Path) -> None:
 
 
 def write_tombstones(staged: Path, previous: pd.DataFrame, ids: np.ndarray, generation: int) -> int:
-    """The previous tombstones plus (id, generation) for every touched id; returns how many there are."""
+    """The previous tombstones plus (id, generation) for every deleted or replaced id; returns how many
+    there are."""
     tomb = pd.concat([previous, pd.DataFrame({"id": ids.astype(np.int64),
                                               "generation": np.full(len(ids), generation, np.int64)})],
                      ignore_index=True)

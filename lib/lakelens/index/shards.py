@@ -196,29 +196,105 @@ def read_tombstones(folder: Path, manifest: dict):
     return pd.read_parquet(Path(folder) / name, columns=["id", "generation"])
 
 
-def live_meta(meta, tombstones):
-    """Rows (id, path, generation) of every shard -> one (id, path) row per live image, sorted by id:
-    for each id its newest generation's row, unless a tombstone at least as new removed it."""
-    newest = meta.sort_values(["id", "generation"], kind="stable").drop_duplicates("id", keep="last")
-    if len(tombstones):
-        dead = tombstones.groupby("id")["generation"].max()
-        gen = newest["id"].map(dead)
-        newest = newest[~(gen.notna() & (gen > newest["generation"]))]
-    return newest[["id", "path"]].reset_index(drop=True)
+def dead_ids(tomb, generation: int) -> np.ndarray:
+    """Ids a shard of `generation` still holds copies of that are not live there: tombstoned later."""
+    return tomb["id"].to_numpy(np.int64)[tomb["generation"].to_numpy() > generation]
 
 
-def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None):
+def _stored_chunks(shard, rerank, rows: int = 65_536):
+    """(ids, float32 vectors) of every vector a shard holds, in chunks: the raw vectors beside compressed
+    shards, or the codes of IVF-Flat's lists themselves (no copy of the index)."""
+    if rerank is not None:
+        vectors, ids = rerank
+        for i in range(0, len(ids), rows):
+            yield np.asarray(ids[i:i + rows]), np.asarray(vectors[i:i + rows], dtype=np.float32)
+        return
+    ivf = faiss.extract_index_ivf(shard)
+    lists, dim = ivf.invlists, ivf.d
+    if lists.code_size != 4 * dim:
+        raise ValueError(f"{type(ivf).__name__} codes are not raw vectors: pass the shard's raw vectors")
+    ids, vecs, taken = [], [], []
+
+    def chunk():
+        out = np.concatenate(ids), np.concatenate(vecs)  # one copy, out of views of the lists
+        for lst, codes, list_ids in taken:
+            lists.release_codes(lst, codes)
+            lists.release_ids(lst, list_ids)
+        ids.clear(), vecs.clear(), taken.clear()
+        return out
+
+    held = 0
+    for lst in range(ivf.nlist):
+        n = lists.list_size(lst)
+        if not n:
+            continue
+        codes, list_ids = lists.get_codes(lst), lists.get_ids(lst)
+        taken.append((lst, codes, list_ids))
+        vecs.append(np.frombuffer(faiss.rev_swig_ptr(codes, n * lists.code_size), dtype=np.float32).reshape(n, dim))
+        ids.append(faiss.rev_swig_ptr(list_ids, n))
+        held += n
+        if held >= rows:
+            yield chunk()
+            held = 0
+    if held:
+        yield chunk()
+
+
+def top_rows(scores: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest entries of each row and their columns, unordered. Exact, and far cheaper than a
+    partition of whole rows: the k largest lie in the k blocks of columns with the largest maxima."""
+    nq, n = scores.shape
+    k = min(k, n)
+    blocks = n // block
+    if blocks <= k:
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        return np.take_along_axis(scores, top, 1), top
+    peaks = scores[:, : blocks * block].reshape(nq, blocks, block).max(axis=2)
+    chosen = np.argpartition(-peaks, k - 1, axis=1)[:, :k]
+    cols = (chosen[:, :, None] * block + np.arange(block)).reshape(nq, -1)
+    if n > blocks * block:  # the ragged end is always a candidate
+        cols = np.concatenate([cols, np.broadcast_to(np.arange(blocks * block, n), (nq, n - blocks * block))], 1)
+    cand = np.take_along_axis(scores, cols, 1)
+    top = np.argpartition(-cand, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(cand, top, 1), np.take_along_axis(cols, top, 1)
+
+
+def exact_topk(shards: list, rerank: list, q: np.ndarray, k: int, dead: list | None = None):
+    """Exact top-k by inner product over every live vector of a set of IVF shards, as matrix products
+    over chunks of stored vectors (FAISS with nprobe = nlist scans the whole index once per query).
+    `dead[i]`: ids shard i holds that are not live there. (scores, ids), id -1 padding."""
+    nq = len(q)
+    best_s = np.full((nq, k), -np.inf, np.float32)
+    best_i = np.full((nq, k), -1, np.int64)
+    for i, shard in enumerate(shards):
+        drop = dead[i] if dead is not None and dead[i] is not None and len(dead[i]) else None
+        for ids, vecs in _stored_chunks(shard, rerank[i] if rerank else None):
+            if drop is not None:
+                keep = ~np.isin(ids, drop)
+                ids, vecs = ids[keep], vecs[keep]
+            if not len(ids):
+                continue
+            scores, top = top_rows(q @ vecs.T, k)
+            cand_s = np.concatenate([best_s, scores], axis=1)
+            cand_i = np.concatenate([best_i, ids[top]], axis=1)
+            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+    return best_s, best_i
+
+
+def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, direct_map: bool = True):
     """Every shard of a version ready to search: (shards, rerank, excluded, keep). `rerank[i]` holds the
     memory-mapped raw vectors of compressed shards; `excluded[i]` is a selector of the ids shard i still
     holds but that later generations replaced or deleted (None when there are none); `keep` holds the
     Python objects those selectors point into. `tomb`: the version's tombstones, when the caller has
-    read them already."""
+    read them already. `direct_map`: build IVF shards' id -> position tables (for id look-ups)."""
     folder = Path(folder)
     entries = shard_entries(manifest)
     shards = []
     for e in entries:
         shard, _ = load_shard(folder / e["file"], mmap)
-        prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
+        if direct_map:
+            prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
         shards.append(shard)
     rerank = [tuple(np.load(f, mmap_mode="r") if i == 0 else np.load(f)
                     for i, f in enumerate(rerank_files(folder / e["file"]))) if manifest.get("rerank") else None
@@ -226,7 +302,7 @@ def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None):
     tomb = read_tombstones(folder, manifest) if tomb is None else tomb
     excluded, keep = [], []
     for e in entries:
-        dead = tomb["id"].to_numpy(np.int64)[tomb["generation"].to_numpy() > e.get("generation", 0)]
+        dead = dead_ids(tomb, e.get("generation", 0))
         if len(dead):
             inner = faiss.IDSelectorBatch(dead)
             keep.extend([inner, dead])

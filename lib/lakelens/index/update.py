@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from lakelens.index.build import META_COLUMNS, write_shard
@@ -26,21 +26,29 @@ from lakelens.index.incremental import (
     stored_rows,
     write_tombstones,
 )
-from lakelens.index.shards import TOMBSTONES, open_version, read_tombstones, search_shards
+from lakelens.index.shards import (
+    TOMBSTONES,
+    dead_ids,
+    exact_topk,
+    open_version,
+    read_tombstones,
+    search_shards,
+    shard_entries,
+)
 from lakelens.index.versions import publish, staging_dir
 
 ROWS_PER_AUTO_SHARD = 250_000
-DRIFT_QUERIES = 200
+DRIFT_QUERIES = 100
 
 
 @dataclass
 class Changes:
     """What the change feed shows between two table versions, all computed from the feed alone."""
 
-    touched: DataFrame  # distinct ids inserted, updated or deleted (checkpointed)
-    rows: DataFrame  # each touched id's row at the end, when live and embedded (checkpointed)
-    count: int  # touched ids
-    live_before: int  # touched ids that were embedded rows before the range (so in the live index)
+    replaced: DataFrame  # ids that were embedded rows before the range (so in the live index): tombstones
+    rows: DataFrame  # each touched id's row at the end, when live and embedded (from a checkpoint)
+    count: int  # ids the feed touched
+    live_before: int  # touched ids that were embedded rows before the range
     live_after: int  # touched ids that are embedded rows at its end (the delta's rows)
     models: list  # model keys among the rows at the end
     start: int = 0  # the first table version read
@@ -48,10 +56,14 @@ class Changes:
     rows_after: int = 0  # embedded rows of the table at `end` (the live count, worked out by the job)
 
 
+# order of a feed's rows for one id: by commit, and within a commit the old image before the new one
+_CHANGE_ORDER = {"update_preimage": 0, "delete": 1, "insert": 2, "update_postimage": 3}
+
+
 def read_changes(spark, location: str, start: int, end: int) -> Changes:
-    """The change feed between Delta versions start..end, reduced per id to its first and last image,
-    never a scan of the whole table. LookupError when the feed does not cover the range (vacuumed,
-    turned off, or the table re-created)."""
+    """The change feed between Delta versions start..end, reduced per id to its first and last image in
+    one grouped pass, never a scan of the whole table. LookupError when the feed does not cover the
+    range (vacuumed, turned off, or the table re-created)."""
     try:
         feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
                 .option("endingVersion", end).load(location)
@@ -59,19 +71,25 @@ def read_changes(spark, location: str, start: int, end: int) -> Changes:
         feed = feed.localCheckpoint()
     except AnalysisException as e:
         raise LookupError(str(e).strip().splitlines()[0][:300]) from None
-    pre = F.col("_change_type") == "update_preimage"
-    # within one commit an update shows its pre-image, then its post-image
-    last = Window.partitionBy("id").orderBy(F.col("_commit_version").desc(), pre.asc())
-    first = Window.partitionBy("id").orderBy(F.col("_commit_version").asc(), pre.desc())
+    rank = F.lit(None).cast("int")
+    for kind, r in _CHANGE_ORDER.items():
+        rank = F.when(F.col("_change_type") == kind, F.lit(r)).otherwise(rank)
+    order = F.col("_commit_version").cast("long") * 4 + rank
     ok = F.col("error").isNull() & F.col("embedding").isNotNull()
-    rows = (feed.withColumn("_n", F.row_number().over(last)).where("_n = 1")
-            .where(F.col("_change_type").isin("insert", "update_postimage") & ok)
-            .select(*META_COLUMNS, "embedding", "model").localCheckpoint())
-    before = (feed.withColumn("_n", F.row_number().over(first)).where("_n = 1")
-              .where(F.col("_change_type").isin("update_preimage", "delete") & ok).count())
-    touched = feed.select("id").distinct().localCheckpoint()
-    return Changes(touched, rows, touched.count(), before, rows.count(),
-                   [r["model"] for r in rows.select("model").distinct().limit(3).collect()], start, end)
+    last_cols = [c for c in META_COLUMNS if c != "id"] + ["embedding", "model"]
+    per_id = (feed.groupBy("id").agg(
+        F.min_by(F.struct(F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("first"),
+        F.max_by(F.struct(*last_cols, F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("last"))
+        .withColumn("was_live", F.col("first.kind").isin("update_preimage", "delete") & F.col("first.ok"))
+        .withColumn("is_live", F.col("last.kind").isin("insert", "update_postimage") & F.col("last.ok"))
+        .localCheckpoint())
+    counts = per_id.agg(F.count(F.lit(1)).alias("n"),
+                        F.sum(F.col("was_live").cast("long")).alias("before"),
+                        F.sum(F.col("is_live").cast("long")).alias("after"),
+                        F.collect_set(F.when(F.col("is_live"), F.col("last.model"))).alias("models")).first()
+    rows = per_id.where("is_live").select("id", *[F.col(f"last.{c}").alias(c) for c in last_cols])
+    return Changes(per_id.where("was_live").select("id"), rows, int(counts["n"]), int(counts["before"] or 0),
+                   int(counts["after"] or 0), sorted(counts["models"])[:3], start, end)
 
 
 def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
@@ -109,7 +127,7 @@ def decide_from_changes(conf, live: dict, changes: Changes, choice, rows: int) -
     deltas = len(live.get("deltas", [])) + 1
     if deltas > conf.max_deltas:
         return Decision("compaction", f"{deltas} delta shard generations > index.max_deltas {conf.max_deltas}")
-    dead = (live.get("tombstones") or {}).get("count", 0) + changes.count
+    dead = (live.get("tombstones") or {}).get("count", 0) + changes.live_before
     held = stored_rows(live) + changes.live_after
     if held and dead / held > conf.max_deleted_fraction:
         return Decision("compaction", f"tombstones would be {dead / held:.1%} of the vectors held "
@@ -132,18 +150,21 @@ def build_deltas_fn(trained_bc, staged: str, rerank: bool, generation: int):
 
 
 def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10) -> float | None:
-    """IVF only: recall@k of the version at its nprobe against visiting every list (exact for IVF-Flat),
-    on the new vectors as queries: centroids trained on old data send new data to too few lists when the
-    distribution has moved. None for index kinds without lists."""
+    """IVF only: recall@k of the version at its nprobe against exact search over every live vector, on
+    the new vectors as queries: centroids trained on old data send new data to too few lists when the
+    distribution has moved. The exact side is matrix products over the stored vectors (a few seconds
+    for a million), not FAISS with nprobe = nlist (a pass over the whole index per query). None for
+    index kinds without lists."""
     nprobe = manifest.get("search_params", {}).get("nprobe")
     if not nprobe or not len(queries):
         return None
-    nlist = int(manifest["factory"].split(",")[0][3:])
-    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True)
+    tomb = read_tombstones(folder, manifest)
+    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
     factor = int(manifest.get("rerank") or 0)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     _, found = search_shards(shards, rerank, q, k, nprobe, None, factor, None, None, excluded)
-    _, exact = search_shards(shards, rerank, q, k, nlist, None, factor, None, None, excluded)
+    dead = [dead_ids(tomb, e.get("generation", 0)) for e in shard_entries(manifest)]
+    _, exact = exact_topk(shards, rerank, q, k, dead)
     del keep
     return float(np.mean([len(set(f) & set(e)) / max(1, len(set(e) - {-1})) for f, e in zip(found, exact)]))
 
@@ -158,7 +179,7 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes
     try:
         link_version(Path(index_dir) / live_name, staged)
         trained = (staged / TRAINED).read_bytes()
-        changed, touched, rows, n = changes.rows, changes.touched, changes.rows_after, changes.live_after
+        changed, rows, n = changes.rows, changes.rows_after, changes.live_after
         shards = max(1, math.ceil(n / ROWS_PER_AUTO_SHARD)) if n else 0
         deltas = []
         if n:
@@ -174,8 +195,8 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes
             deltas = [{"file": delta_file(generation, r["shard"]), "meta": delta_meta_file(generation, r["shard"]),
                        "count": int(r["count"]), "factory": live["factory"], "generation": generation}
                       for r in sorted(built, key=lambda r: r["shard"])]
-        # the change's ids come to the driver: bounded by the change, not by the table
-        ids = touched.toPandas()["id"].to_numpy(np.int64)
+        # the replaced and deleted ids come to the driver: bounded by the change, not by the table
+        ids = changes.replaced.toPandas()["id"].to_numpy(np.int64)
         tombs = write_tombstones(staged, read_tombstones(Path(index_dir) / live_name, live), ids, generation)
         manifest = {**live, "rows": int(rows), "source": source, "build": "incremental",
                     "build_reason": decision.reason, "generation": generation,

@@ -13,8 +13,8 @@ import pandas as pd
 
 from lakelens import index as ix
 from lakelens.errors import IndexDirError, IndexMismatchError, QueryError
+from lakelens.index.meta import MetaStore
 from lakelens.index.shards import (
-    live_meta,
     open_version,
     read_tombstones,
     reconstruct,
@@ -38,8 +38,7 @@ class _Loaded:
     manifest: dict
     shards: list
     rerank: list  # per shard: (vectors memmap sorted by id, ids sorted) when the codes are compressed
-    ids: np.ndarray  # sorted live ids, for id -> row lookups in meta
-    meta: pd.DataFrame  # id, path of the live images, in the order of `ids`
+    meta: MetaStore  # sorted live ids in RAM; their paths looked up in the shards' mapped metadata files
     excluded: list  # per shard: a FAISS selector of the ids it still holds that are not live there, or None
     keep: list  # Python references that keep the selectors' parts alive
 
@@ -83,12 +82,8 @@ class Searcher:
         entries = shard_entries(manifest)
         tomb = read_tombstones(folder, manifest)  # read once: for the shards' exclusions and the live ids
         shards, rerank, excluded, keep = open_version(folder, manifest, self.mmap, tomb)
-        metas = [pd.read_parquet(folder / e["meta"], columns=["id", "path"]).assign(generation=e.get("generation", 0))
-                 for e in entries if "meta" in e]
-        if not metas:
-            metas = [pd.read_parquet(folder / LEGACY_META, columns=["id", "path"]).assign(generation=0)]
-        meta = live_meta(pd.concat(metas, ignore_index=True), tomb)
-        return _Loaded(version, manifest, shards, rerank, meta["id"].to_numpy(np.int64), meta, excluded, keep)
+        meta = MetaStore(folder, entries, tomb, legacy=LEGACY_META)
+        return _Loaded(version, manifest, shards, rerank, meta, excluded, keep)
 
     def reload(self) -> bool:
         """Load the version CURRENT names now, if it differs from the loaded one. True if switched."""
@@ -116,15 +111,13 @@ class Searcher:
     @property
     def ids(self) -> np.ndarray:
         """Every indexed id of the live version, sorted."""
-        return self._state.ids
+        return self._state.meta.ids
 
     def __len__(self) -> int:
-        return int(len(self._state.ids))
+        return len(self._state.meta)
 
     def path_of(self, id_: int) -> str | None:
-        st = self._state
-        i = np.searchsorted(st.ids, id_)
-        return str(st.meta["path"].iloc[i]) if i < len(st.ids) and st.ids[i] == id_ else None
+        return self._state.meta.path_of(id_)
 
     # --- embedding queries ---------------------------------------------------------------------
     @property
@@ -177,8 +170,8 @@ class Searcher:
     def vector_of(self, id_: int) -> np.ndarray | None:
         """The stored vector of an indexed image (decoded, for compressed codes), or None."""
         st = self._state
-        i = np.searchsorted(st.ids, id_)
-        if i >= len(st.ids) or st.ids[i] != id_:
+        i = np.searchsorted(st.meta.ids, id_)
+        if i >= len(st.meta.ids) or st.meta.ids[i] != id_:
             return None  # not live in this version (never indexed, or deleted since)
         # the newest generation first: a changed image's current vector lives in the latest delta
         for shard, excluded in reversed(list(zip(st.shards, st.excluded))):
@@ -190,8 +183,9 @@ class Searcher:
         return None
 
     def id_paths(self) -> pd.DataFrame:
-        """(id, path) of every image of the live version, sorted by id."""
-        return self._state.meta[["id", "path"]]
+        """(id, path) of every image of the live version, sorted by id (every path in memory: for
+        whole-collection work such as evaluation, not for queries)."""
+        return self._state.meta.frame()
 
     def search_id(self, id_: int, k: int = 10, **kw) -> pd.DataFrame:
         """Images similar to an indexed image, by its id (its stored vector is the query)."""
@@ -256,7 +250,7 @@ class Searcher:
         with self._lock:
             hit = self._prefix_cache.get(key)
         if hit is None:
-            ids = st.ids[st.meta["path"].str.startswith(prefix, na=False).to_numpy()]
+            ids = st.meta.with_prefix(prefix)
             hit = (ids, faiss.IDSelectorBatch(ids) if len(ids) else None)
             with self._lock:
                 self._prefix_cache[key] = hit
@@ -273,8 +267,7 @@ class Searcher:
         if min_score is not None:
             keep &= scores >= min_score
         scores, ids = scores[keep], ids[keep]
-        rows = np.searchsorted(st.ids, ids)
-        paths = st.meta["path"].to_numpy()[np.minimum(rows, len(st.ids) - 1)] if len(st.ids) else np.array([])
+        paths = st.meta.paths(ids)
         df = pd.DataFrame({"score": scores.astype(float), "id": ids, "path": paths})
         if path_prefix:
             df = df[df["path"].str.startswith(path_prefix)]

@@ -1,0 +1,121 @@
+"""Per-shard image metadata (id, path, width, height): written beside each shard as an Arrow IPC file
+sorted by id, and read back memory-mapped, so the query driver looks paths up on demand instead of
+holding one table of every path in RAM. Versions published before these files (Parquet metadata) are
+still read, into memory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+META_COLUMNS = ["id", "path", "width", "height"]
+META_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.large_string()), ("width", pa.int32()),
+                         ("height", pa.int32())])
+
+
+def write_meta(path: str | Path, meta: pd.DataFrame) -> None:
+    """One shard's metadata, sorted by id, as one uncompressed Arrow record batch (memory-mappable)."""
+    meta = meta.reindex(columns=META_COLUMNS).sort_values("id", kind="stable")
+    table = pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False).combine_chunks()
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
+    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, META_SCHEMA) as writer:
+        writer.write_table(table, max_chunksize=max(1, len(table)))
+    os.replace(tmp, path)
+
+
+def read_meta(path: str | Path, columns=None) -> pa.Table:
+    """A shard's metadata as an Arrow table sorted by id: memory-mapped for Arrow files, read into memory
+    (and sorted) for the Parquet files of older versions."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        table = pq.read_table(path, columns=columns)
+        return table.sort_by("id").combine_chunks()
+    table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    return table.select(columns) if columns else table
+
+
+def _numpy(column) -> np.ndarray:
+    chunks = column.chunks
+    if len(chunks) == 1:
+        return chunks[0].to_numpy(zero_copy_only=False)
+    return column.to_numpy()
+
+
+class _Part:
+    __slots__ = ("generation", "ids", "paths", "alive")
+
+    def __init__(self, generation: int, ids: np.ndarray, paths, alive: np.ndarray | None):
+        self.generation, self.ids, self.paths, self.alive = generation, ids, paths, alive
+
+
+class MetaStore:
+    """The live images of a version: sorted live ids in RAM (8 bytes each), paths in the shards' mapped
+    metadata files, found by binary search in the newest shard that holds the id."""
+
+    def __init__(self, folder: Path, entries: list[dict], tombstones: pd.DataFrame, legacy: str | None = None):
+        tomb_ids = tombstones["id"].to_numpy(np.int64)
+        tomb_gen = tombstones["generation"].to_numpy(np.int64)
+        self.parts: list[_Part] = []
+        sources = [(folder / e["meta"], int(e.get("generation", 0))) for e in entries if "meta" in e]
+        if not sources and legacy:
+            sources = [(folder / legacy, 0)]
+        for file, generation in sources:
+            table = read_meta(file, ["id", "path"])
+            ids = _numpy(table.column("id")).astype(np.int64, copy=False)
+            dead = tomb_ids[tomb_gen > generation]
+            alive = ~np.isin(ids, dead) if len(dead) else None
+            self.parts.append(_Part(generation, ids, table.column("path"), alive))
+        self.parts.sort(key=lambda p: p.generation)  # stable: shards of one generation keep their order
+        live = [p.ids if p.alive is None else p.ids[p.alive] for p in self.parts]
+        self.ids = np.unique(np.concatenate(live)) if live else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(len(self.ids))
+
+    def paths(self, ids: np.ndarray) -> np.ndarray:
+        """Paths of live ids (object array; None for an id no shard holds)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(len(ids), None, dtype=object)
+        todo = np.arange(len(ids))
+        for part in reversed(self.parts):  # a changed image's live row is in the newest generation holding it
+            if not len(todo):
+                break
+            if not len(part.ids):
+                continue
+            want = ids[todo]
+            pos = np.minimum(np.searchsorted(part.ids, want), len(part.ids) - 1)
+            hit = part.ids[pos] == want
+            if hit.any():
+                out[todo[hit]] = part.paths.take(pa.array(pos[hit])).to_pylist()
+                todo = todo[~hit]
+        return out
+
+    def path_of(self, id_: int) -> str | None:
+        i = np.searchsorted(self.ids, id_)
+        if i >= len(self.ids) or self.ids[i] != id_:
+            return None
+        return self.paths(np.array([id_]))[0]
+
+    def with_prefix(self, prefix: str) -> np.ndarray:
+        """Sorted live ids whose path starts with `prefix` (a scan of the mapped path columns)."""
+        found = []
+        for part in self.parts:
+            if not len(part.ids):
+                continue
+            mask = pc.starts_with(part.paths, prefix).to_numpy(zero_copy_only=False)
+            if part.alive is not None:
+                mask &= part.alive
+            found.append(part.ids[mask])
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def frame(self) -> pd.DataFrame:
+        """(id, path) of every live image, sorted by id: all paths in memory, for whole-collection work
+        (evaluation, benchmarks), never for a query."""
+        return pd.DataFrame({"id": self.ids, "path": self.paths(self.ids)})
