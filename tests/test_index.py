@@ -219,3 +219,38 @@ def test_top_rows_equals_a_full_sort(n):
     assert np.array_equal(np.sort(values, axis=1), np.sort(scores, axis=1)[:, -min(10, n):])
     assert np.array_equal(np.take_along_axis(scores, cols, 1), values)
     assert all(len(set(row)) == len(row) for row in cols)  # no column twice
+
+
+def test_shards_built_batch_by_batch_equal_shards_built_at_once(tmp_path):
+    """The index job streams Spark's Arrow batches into the shards (several shards interleaved in one
+    partition): the files equal those of a build from whole arrays, raw vectors sorted by id."""
+    import pandas as pd
+
+    from lakelens.index.build import build_batches, write_shard
+    from lakelens.index.meta import read_meta
+    from lakelens.index.shards import rerank_files
+
+    x = clustered(900, 16, seed=3)
+    ids = random_ids(900, seed=3)
+    choice = ix.Choice("IVF8,SQ8", "test", True, {"nprobe": 8}, rerank=4)
+    trained = ix.train(16, choice, x)
+    frame = pd.DataFrame({"shard": ix.shard_of(ids, 2), "id": ids, "path": [f"file:/p/{i}.jpg" for i in range(900)],
+                          "width": 10, "height": 20, "embedding": list(x)})
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    counts = pd.concat(build_batches(trained, tmp_path / "a", True, (frame.iloc[i:i + 100] for i in range(0, 900, 100))))
+    assert dict(zip(counts["shard"], counts["count"])) == {s: int((frame["shard"] == s).sum()) for s in (0, 1)}
+    q = clustered(5, 16, seed=4)
+    for s in (0, 1):
+        part = frame[frame["shard"] == s]
+        write_shard(trained, s, part["id"].to_numpy(), np.stack(part["embedding"]), part, tmp_path / "b", True)
+        streamed, whole = (ix.load_shard(tmp_path / d / f"shard-{s:04d}.faiss", False)[0] for d in "ab")
+        assert streamed.ntotal == whole.ntotal == len(part)
+        a, b = streamed.search(q, 10), whole.search(q, 10)
+        assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0])
+        for fa, fb in zip(*(rerank_files(tmp_path / d / f"shard-{s:04d}.faiss") for d in "ab")):
+            assert np.array_equal(np.load(fa), np.load(fb))
+        vec, sorted_ids = (np.load(f) for f in rerank_files(tmp_path / "a" / f"shard-{s:04d}.faiss"))
+        assert np.array_equal(sorted_ids, np.sort(part["id"])) and np.array_equal(
+            vec, np.stack(part.set_index("id").loc[sorted_ids, "embedding"]).astype(np.float32))
+        assert read_meta(tmp_path / "a" / f"meta-{s:04d}.arrow").equals(read_meta(tmp_path / "b" / f"meta-{s:04d}.arrow"))
+    assert not list(tmp_path.glob("*/*.raw-*"))  # scratch files are gone

@@ -15,7 +15,7 @@ from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
 from lakelens.index.incremental import TRAINED, delta_file, delta_meta_file
 from lakelens.index.meta import META_COLUMNS, write_meta
-from lakelens.index.shards import build_shard, shard_of, tune_nprobe
+from lakelens.index.shards import ShardWriter, build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
 from lakelens.ingest.paths import common_root, to_stored
 
@@ -33,15 +33,40 @@ def meta_file(s: int) -> str:
 def write_shard(trained: bytes, s: int, ids: np.ndarray, vectors: np.ndarray, meta: pd.DataFrame,
                 staged: str | Path, rerank: bool, generation: int = 0) -> int:
     """One shard's FAISS file and its metadata (id, path, width, height; Arrow, sorted by id, memory-mapped
-    by the query driver) in the staging folder; runs
-    on the driver (local builds) or on an executor (the index job), so no process holds every path.
-    Generation 0 is a base shard; generation G > 0 a delta shard of the G-th incremental version."""
+    by the query driver) in the staging folder, from arrays in memory (local builds, empty shards; the
+    index job streams batches through `build_batches`). Generation 0 is a base shard; generation G > 0 a
+    delta shard of the G-th incremental version."""
     staged = Path(staged)
-    names = (shard_file(s), meta_file(s)) if generation == 0 else (delta_file(generation, s),
-                                                                   delta_meta_file(generation, s))
+    names = shard_names(s, generation)
     count = build_shard(trained, ids, vectors, staged / names[0], rerank)
     write_meta(staged / names[1], meta)
     return count
+
+
+def shard_names(s: int, generation: int = 0) -> tuple[str, str]:
+    """(FAISS file, metadata file) of shard s: a base shard (generation 0) or a delta of generation G."""
+    return (shard_file(s), meta_file(s)) if generation == 0 else (delta_file(generation, s),
+                                                                  delta_meta_file(generation, s))
+
+
+def build_batches(trained: bytes, staged: str | Path, rerank: bool, batches, generation: int = 0):
+    """Spark's mapInPandas body for building shards on an executor: batches of rows (shard, id, path,
+    width, height, embedding) -> each shard seen gets its files in the staging folder, built batch by
+    batch (memory: the shard's codes and paths, never its raw vectors); yields one (shard, count) frame
+    per shard, all that goes back to the driver."""
+    writers, metas = {}, {}
+    for pdf in batches:
+        for s, part in pdf.groupby("shard", sort=False):
+            s = int(s)
+            if s not in writers:
+                writers[s] = ShardWriter(trained, Path(staged) / shard_names(s, generation)[0], rerank)
+                metas[s] = []
+            writers[s].add(part["id"].to_numpy(np.int64), np.stack(part["embedding"].to_numpy()))
+            metas[s].append(part[META_COLUMNS])
+    for s, writer in writers.items():
+        count = writer.close()
+        write_meta(Path(staged) / shard_names(s, generation)[1], pd.concat(metas.pop(s), ignore_index=True))
+        yield pd.DataFrame({"shard": [s], "count": [count]})
 
 
 def make_manifest(model_key: str, dim: int, choice: Choice, counts: list[int], source: dict, settings: dict,

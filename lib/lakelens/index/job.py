@@ -15,10 +15,18 @@ from pyspark.sql import functions as F
 
 from lakelens.config import parse_size
 from lakelens.errors import ConfigError, DataError
-from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble, write_shard
+from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
 from lakelens.index.incremental import TRAINED, Decision
-from lakelens.index.update import ROWS_PER_AUTO_SHARD, build_incremental, decide_from_changes, precheck, read_changes
+from lakelens.index.update import (
+    ROWS_PER_AUTO_SHARD,
+    build_fn,
+    build_incremental,
+    decide_from_changes,
+    precheck,
+    read_changes,
+    shard_rows,
+)
 from lakelens.index.versions import current_version, index_lock, prune_locked, read_manifest
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
@@ -49,20 +57,6 @@ def _fingerprint(table: EmbeddingsTable, df, version: int | None) -> str:
         return f"delta:{version}"
     files = sorted(df.inputFiles())  # parquet rewrites every file on each run, so names change
     return "parquet:" + hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
-
-
-def build_partition_fn(trained_bc, staged: str, rerank: bool):
-    """applyInPandas function: all rows of one shard -> its FAISS file and metadata file in the staging
-    folder, written on the executor; only (shard, count) comes back to the driver."""
-
-    def build(pdf):
-        shard = int(pdf["shard"].iloc[0])
-        vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
-        count = write_shard(trained_bc.value, shard, pdf["id"].to_numpy(np.int64), vectors,
-                            pdf[META_COLUMNS], staged, rerank)
-        return pd.DataFrame({"shard": [shard], "count": [count]})
-
-    return build
 
 
 class IndexJob(Job):
@@ -194,10 +188,8 @@ class IndexJob(Job):
         def build(trained_bytes, staged):
             bc = spark.sparkContext.broadcast(trained_bytes)
             try:
-                built = (good.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), *META_COLUMNS,
-                                     "embedding")
-                         .groupBy("shard").applyInPandas(build_partition_fn(bc, str(staged), bool(choice.rerank)),
-                                                         "shard int, count long").collect())
+                built = (shard_rows(good, shards).mapInPandas(build_fn(bc, str(staged), bool(choice.rerank)),
+                                                              "shard int, count long").collect())
             finally:
                 bc.unpersist()
             return {r["shard"]: r["count"] for r in built}

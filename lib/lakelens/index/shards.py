@@ -30,25 +30,70 @@ def rerank_files(shard_path: str | Path) -> tuple[Path, Path]:
     return p.with_name(stem + ".vectors.npy"), p.with_name(stem + ".ids.npy")
 
 
+class ShardWriter:
+    """One shard built from batches of (ids, vectors), so no process ever holds a shard's raw vectors:
+    each batch is added to a copy of the trained empty index; with `rerank`, the raw vectors are appended
+    to a scratch file and written sorted by id at the end (queries memory-map them to re-score
+    candidates of compressed codes). `close()` writes the FAISS file and returns the vector count."""
+
+    def __init__(self, trained: bytes, path: str | Path, rerank: bool = False):
+        self.path, self.rerank = Path(path), rerank
+        index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
+        if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+            index = faiss.IndexIDMap2(index)  # Flat and HNSW keep ids beside the index
+        self.index, self.dim = index, index.d
+        self._ids: list[np.ndarray] = []
+        self._scratch = None
+        if rerank:
+            self._scratch_path = Path(f"{self.path}.raw-{uuid.uuid4().hex[:6]}")
+            self._scratch = open(self._scratch_path, "wb")
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if (ids == -1).any():
+            raise IndexDirError("id -1 is FAISS's 'no result' marker and cannot be indexed")
+        if not len(ids):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index.add_with_ids(vectors, ids)
+        self._ids.append(ids)
+        if self._scratch is not None:
+            self._scratch.write(vectors.tobytes())
+
+    def close(self) -> int:
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        if self._scratch is not None:
+            self._scratch.close()
+            try:
+                self._write_rerank(ids)
+            finally:
+                self._scratch_path.unlink(missing_ok=True)
+        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:6]}"
+        faiss.write_index(self.index, tmp)
+        os.replace(tmp, self.path)
+        return int(self.index.ntotal)
+
+    def _write_rerank(self, ids: np.ndarray, rows: int = 65_536) -> None:
+        vec_file, id_file = rerank_files(self.path)
+        order = np.argsort(ids, kind="stable")
+        raw = np.memmap(self._scratch_path, dtype=np.float32, mode="r", shape=(len(ids), self.dim)) if len(ids) \
+            else np.zeros((0, self.dim), np.float32)
+        tmp = Path(f"{vec_file}.tmp-{uuid.uuid4().hex[:6]}")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), self.dim))
+        for i in range(0, len(ids), rows):
+            out[i:i + rows] = raw[order[i:i + rows]]
+        out.flush()
+        del out, raw
+        os.replace(tmp, vec_file)
+        _atomic_save_npy(id_file, ids[order])
+
+
 def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str | Path,
                 rerank: bool = False) -> int:
-    """Add one shard's vectors (with their 64-bit ids) to a copy of the trained index and write it;
-    with `rerank`, also the raw vectors sorted by id, which queries memory-map to re-score candidates."""
-    if (ids == -1).any():
-        raise IndexDirError("id -1 is FAISS's 'no result' marker and cannot be indexed")
-    if rerank:
-        order = np.argsort(ids, kind="stable")
-        vec_file, id_file = rerank_files(path)
-        _atomic_save_npy(vec_file, np.ascontiguousarray(vectors[order], dtype=np.float32))
-        _atomic_save_npy(id_file, np.ascontiguousarray(ids[order], dtype=np.int64))
-    index = faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
-    if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
-        index = faiss.IndexIDMap2(index)  # Flat and HNSW keep ids beside the index
-    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    faiss.write_index(index, tmp)
-    os.replace(tmp, path)
-    return int(index.ntotal)
+    """A shard from arrays in memory (local builds, empty shards): one batch through ShardWriter."""
+    writer = ShardWriter(trained, path, rerank)
+    writer.add(ids, vectors)
+    return writer.close()
 
 
 NPROBE_STEPS = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from lakelens.index.build import META_COLUMNS, write_shard
+from lakelens.index.build import META_COLUMNS, build_batches
 from lakelens.index.incremental import (
     TRAINED,
     Decision,
@@ -136,15 +135,19 @@ def decide_from_changes(conf, live: dict, changes: Changes, choice, rows: int) -
                                    f"and {changes.end}")
 
 
-def build_deltas_fn(trained_bc, staged: str, rerank: bool, generation: int):
-    """applyInPandas function: the new and changed rows of one delta shard -> its files, on the executor."""
+def shard_rows(df, shards: int):
+    """Rows with their shard (pmod(id, shards)), one range partition per shard: a task streams its shard's
+    rows batch by batch into the index (Spark's Arrow batches), never a whole shard in pandas."""
+    return (df.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), *META_COLUMNS, "embedding")
+            .repartitionByRange(shards, "shard"))
 
-    def build(pdf):
-        shard = int(pdf["shard"].iloc[0])
-        vectors = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
-        count = write_shard(trained_bc.value, shard, pdf["id"].to_numpy(np.int64), vectors, pdf[META_COLUMNS],
-                            staged, rerank, generation)
-        return pd.DataFrame({"shard": [shard], "count": [count]})
+
+def build_fn(trained_bc, staged: str, rerank: bool, generation: int = 0):
+    """mapInPandas function: the rows of a partition -> their shards' files in the staging folder, written
+    on the executor; only (shard, count) comes back to the driver."""
+
+    def build(batches):
+        yield from build_batches(trained_bc.value, staged, rerank, batches, generation)
 
     return build
 
@@ -185,11 +188,9 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes
         if n:
             bc = spark.sparkContext.broadcast(trained)
             try:
-                built = (changed.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), *META_COLUMNS,
-                                        "embedding")
-                         .groupBy("shard")
-                         .applyInPandas(build_deltas_fn(bc, str(staged), bool(live.get("rerank")), generation),
-                                        "shard int, count long").collect())
+                built = (shard_rows(changed, shards)
+                         .mapInPandas(build_fn(bc, str(staged), bool(live.get("rerank")), generation),
+                                      "shard int, count long").collect())
             finally:
                 bc.unpersist()
             deltas = [{"file": delta_file(generation, r["shard"]), "meta": delta_meta_file(generation, r["shard"]),
