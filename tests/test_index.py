@@ -254,3 +254,32 @@ def test_shards_built_batch_by_batch_equal_shards_built_at_once(tmp_path):
             vec, np.stack(part.set_index("id").loc[sorted_ids, "embedding"]).astype(np.float32))
         assert read_meta(tmp_path / "a" / f"meta-{s:04d}.arrow").equals(read_meta(tmp_path / "b" / f"meta-{s:04d}.arrow"))
     assert not list(tmp_path.glob("*/*.raw-*"))  # scratch files are gone
+
+
+@pytest.mark.parametrize("factory,rerank", [("IVF32,Flat", 0), ("IVF32,SQ8", 4)])
+def test_lists_chosen_once_for_all_shards_give_the_same_results(tmp_path, factory, rerank):
+    """IVF shards of a version share one trained quantizer: searching them with one list assignment per
+    query (search_preassigned) returns what searching each shard on its own does, filters included."""
+    import faiss
+
+    from lakelens.index.shards import open_version, search_shards, shared_quantizer
+
+    x = clustered(4000, 32, seed=6)
+    index, ids, _ = build(tmp_path, x, ix.Choice(factory, "test", True, {"nprobe": 4}, rerank), shards=3)
+    shards, rr, _, _ = open_version(index / ix.current_version(index), ix.read_manifest(index))
+    quantizer = shared_quantizer(shards)
+    assert quantizer is not None
+    q = clustered(30, 32, seed=7)
+    allowed = faiss.IDSelectorBatch(ids[::3])
+    dead = faiss.IDSelectorBatch(ids[1::5])
+    excluded = [faiss.IDSelectorNot(dead)] * 3
+    for kw in ({}, {"selector": allowed}, {"excluded": excluded}, {"selector": allowed, "excluded": excluded}):
+        a = search_shards(shards, rr, q, 10, 6, factor=rerank, **kw)
+        b = search_shards(shards, rr, q, 10, 6, factor=rerank, quantizer=quantizer, **kw)
+        assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-6)
+    kept = set(ids[::3]) - set(ids[1::5])
+    assert set(b[1].ravel()) - {-1} <= kept
+    other, _, _ = build(tmp_path, clustered(4000, 32, seed=8), ix.Choice(factory, "test", True, {"nprobe": 4}, rerank),
+                        name="other")
+    foreign = open_version(other / ix.current_version(other), ix.read_manifest(other))[0]
+    assert shared_quantizer([shards[0], foreign[0]]) is None  # other centroids: each shard chooses its own lists

@@ -111,8 +111,10 @@ def tune_nprobe(staged: Path, files: list[str], choice: Choice, queries: np.ndar
     rerank = [tuple(np.load(p) for p in rerank_files(staged / f)) if choice.rerank else None for f in files]
     q = np.ascontiguousarray(queries, dtype=np.float32)
 
+    quantizer = shared_quantizer(shards)
+
     def top(nprobe):
-        _, ids = search_shards(shards, rerank, q, k + 1, nprobe=nprobe, factor=choice.rerank)
+        _, ids = search_shards(shards, rerank, q, k + 1, nprobe=nprobe, factor=choice.rerank, quantizer=quantizer)
         return [[i for i in row if i != own and i != -1][:k] for row, own in zip(ids, query_ids)]
 
     reference = top(nlist)
@@ -153,11 +155,52 @@ def search_params(index, nprobe: int | None, ef_search: int | None, selector=Non
     return faiss.SearchParameters(**sel) if sel else None
 
 
+def shared_quantizer(shards: list):
+    """The coarse quantizer of a set of IVF shards when they all share its centroids (every shard of a
+    version is built from one trained index, deltas included), else None. Assigning a query to lists
+    once for all shards, instead of once per shard, saves a pass over the centroids per shard."""
+    ivfs = []
+    for shard in shards:
+        try:
+            ivfs.append(faiss.extract_index_ivf(shard))
+        except RuntimeError:
+            return None
+    if not ivfs:
+        return None
+    first = ivfs[0]
+    centroids = first.quantizer.reconstruct_n(0, first.nlist)
+    for other in ivfs[1:]:
+        if other.nlist != first.nlist or not np.array_equal(other.quantizer.reconstruct_n(0, other.nlist), centroids):
+            return None
+    return first.quantizer
+
+
+def _search_preassigned(ivf, q: np.ndarray, k: int, assigned, params):
+    """IndexIVF.search_preassigned with per-call parameters (nprobe, selector), which FAISS's Python
+    wrapper refuses: the C++ call takes them."""
+    n = len(q)
+    scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    lists = np.ascontiguousarray(assigned[1], dtype=np.int64)
+    dist = np.ascontiguousarray(assigned[0], dtype=np.float32)
+    ivf.search_preassigned_c(n, faiss.swig_ptr(q), k, faiss.swig_ptr(lists), faiss.swig_ptr(dist),
+                             faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+    return scores, ids
+
+
 def search_shards(shards: list, rerank: list, q: np.ndarray, k: int, nprobe: int | None = None,
-                  ef_search: int | None = None, factor: int = 0, pool=None, selector=None, excluded=None):
+                  ef_search: int | None = None, factor: int = 0, pool=None, selector=None, excluded=None,
+                  quantizer=None):
     """Top-k over all shards, merged exactly by score: (scores, ids), each (len(q), k), id -1 padding.
     With `selector`, only the ids it accepts are candidates; `excluded[i]`, a selector per shard, drops
-    the ids that shard still holds but that are not live there (tombstones of an incremental version)."""
+    the ids that shard still holds but that are not live there (tombstones of an incremental version).
+    `quantizer` (from shared_quantizer): IVF shards' lists are chosen once for all of them."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    assigned = None
+    if quantizer is not None:
+        ivf = faiss.extract_index_ivf(shards[0])
+        probes = min(int(nprobe if nprobe is not None else ivf.nprobe), ivf.nlist)
+        assigned = quantizer.search(q, probes)  # (distances, lists), shared by every shard
+        nprobe = probes
 
     def one(i):
         shard = shards[i]
@@ -167,7 +210,10 @@ def search_shards(shards: list, rerank: list, q: np.ndarray, k: int, nprobe: int
             sel = excluded[i] if selector is None else faiss.IDSelectorAnd(selector, excluded[i])
             keep = sel  # the combined selector only points at its parts; they outlive this call
         params = search_params(shard, nprobe, ef_search, sel)
-        scores, ids = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
+        if assigned is not None:
+            scores, ids = _search_preassigned(faiss.extract_index_ivf(shard), q, kk, assigned, params)
+        else:
+            scores, ids = shard.search(q, kk, params=params) if params is not None else shard.search(q, kk)
         if factor and rerank[i] is not None:
             scores, ids = rerank_exact(q, ids, *rerank[i], k)
         del keep

@@ -33,6 +33,7 @@ from lakelens.index.shards import (
     read_tombstones,
     search_shards,
     shard_entries,
+    shared_quantizer,
 )
 from lakelens.index.versions import publish, staging_dir
 
@@ -165,7 +166,8 @@ def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10)
     shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
     factor = int(manifest.get("rerank") or 0)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    _, found = search_shards(shards, rerank, q, k, nprobe, None, factor, None, None, excluded)
+    _, found = search_shards(shards, rerank, q, k, nprobe, None, factor, None, None, excluded,
+                             shared_quantizer(shards))
     dead = [dead_ids(tomb, e.get("generation", 0)) for e in shard_entries(manifest)]
     _, exact = exact_topk(shards, rerank, q, k, dead)
     del keep

@@ -20,6 +20,7 @@ from lakelens.index.shards import (
     reconstruct,
     search_shards,
     shard_entries,
+    shared_quantizer,
 )
 from lakelens.ingest.embedder import Embedder
 from lakelens.models.engines import DEFAULT_ENGINE, check_engine
@@ -41,6 +42,7 @@ class _Loaded:
     meta: MetaStore  # sorted live ids in RAM; their paths looked up in the shards' mapped metadata files
     excluded: list  # per shard: a FAISS selector of the ids it still holds that are not live there, or None
     keep: list  # Python references that keep the selectors' parts alive
+    quantizer: object = None  # IVF shards' shared coarse quantizer: lists chosen once per query
 
 
 class Searcher:
@@ -83,7 +85,7 @@ class Searcher:
         tomb = read_tombstones(folder, manifest)  # read once: for the shards' exclusions and the live ids
         shards, rerank, excluded, keep = open_version(folder, manifest, self.mmap, tomb)
         meta = MetaStore(folder, entries, tomb, legacy=LEGACY_META)
-        return _Loaded(version, manifest, shards, rerank, meta, excluded, keep)
+        return _Loaded(version, manifest, shards, rerank, meta, excluded, keep, shared_quantizer(shards))
 
     def reload(self) -> bool:
         """Load the version CURRENT names now, if it differs from the loaded one. True if switched."""
@@ -260,7 +262,7 @@ class Searcher:
 
     def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search, selector=None):
         return search_shards(st.shards, st.rerank, q, k, nprobe, ef_search,
-                             int(st.manifest.get("rerank") or 0), self._pool, selector, st.excluded)
+                             int(st.manifest.get("rerank") or 0), self._pool, selector, st.excluded, st.quantizer)
 
     def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
         keep = ids != -1
