@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered  # noqa: E402  (the same generator the tests use)
-from machine import describe  # noqa: E402
+from machine import describe, latencies  # noqa: E402
 
 from lakelens import Choice, Searcher, build_local  # noqa: E402
 from lakelens.index.factory import nlist_for  # noqa: E402
@@ -54,16 +54,6 @@ class OverFetch:
             fetch = min(self.n, fetch * 4)
 
 
-def timed(fn, queries) -> dict:
-    times = []
-    for q in queries:
-        t0 = time.perf_counter()
-        fn(q)
-        times.append((time.perf_counter() - t0) * 1000)
-    t = np.array(times)
-    return {"p50_ms": round(float(np.percentile(t, 50)), 2), "p99_ms": round(float(np.percentile(t, 99)), 2)}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=300_000)
@@ -88,12 +78,12 @@ def main() -> int:
             build_local(work / name, np.arange(args.rows), x, paths, choice, model_key="lakelens-tiny@none")
             s = Searcher.open(work / name)
             before = OverFetch(s)
-            row = {"build_s": round(time.perf_counter() - t0, 1), "plain": timed(lambda v: s.search_vector(v, 10), q)}
+            row = {"build_s": round(time.perf_counter() - t0, 1), "plain": latencies(lambda v: s.search_vector(v, 10), q)}
             for label, prefix in (("no_match", "file:/photos/1999/"), ("match_0.1%", "file:/photos/2024/"),
                                   ("match_50%", "file:/photos/2023/")):
                 s.search_vector(q[0], 10, path_prefix=prefix)  # the prefix's id set, computed once and kept
-                new = timed(lambda v, p=prefix: s.search_vector(v, 10, path_prefix=p), q)
-                old = timed(lambda v, p=prefix: before(v, 10, p), q[:10])
+                new = latencies(lambda v, p=prefix: s.search_vector(v, 10, path_prefix=p), q)
+                old = latencies(lambda v, p=prefix: before(v, 10, p), q[:10])
                 row[label] = {"selector": new, "overfetch_before": old,
                               "speedup_p50": round(old["p50_ms"] / new["p50_ms"], 1),
                               "vs_plain_p50": round(new["p50_ms"] / row["plain"]["p50_ms"], 2)}

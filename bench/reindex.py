@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered, exact_topk, recall_at  # noqa: E402  (the same generator the tests use)
-from machine import describe  # noqa: E402
+from machine import describe, latencies  # noqa: E402
 
 from lakelens import IndexJob, Searcher, config, get_session, path_id  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -48,22 +48,13 @@ def frame(start, x: np.ndarray, model: str = "lakelens-tiny@none") -> pd.DataFra
                          "embedding": list(x), "error": None, "embedded_at": now})
 
 
-def latencies(s: Searcher, q: np.ndarray) -> dict:
-    times = []
-    for v in q:
-        t0 = time.perf_counter()
-        s.search_vector(v, k=10)
-        times.append((time.perf_counter() - t0) * 1000)
-    t = np.array(times)
-    return {"p50_ms": round(float(np.percentile(t, 50)), 3), "p99_ms": round(float(np.percentile(t, 99)), 3)}
-
-
 def quality(index_dir: Path, q: np.ndarray, ids: np.ndarray, vecs: np.ndarray) -> dict:
     s = Searcher.open(index_dir)
     truth = np.concatenate([exact_topk(q[i:i + 50], vecs, ids, 10)[1] for i in range(0, len(q), 50)])
     found = [f["id"].to_numpy() for f in s.search_vectors(q, k=10)]
-    latencies(s, q[:20])  # warm the memory maps
-    return {"rows": len(s), "recall@10": round(recall_at(found, truth), 4), **latencies(s, q)}
+    search = lambda v: s.search_vector(v, k=10)  # noqa: E731
+    latencies(search, q[:20])  # warm the memory maps
+    return {"rows": len(s), "recall@10": round(recall_at(found, truth), 4), **latencies(search, q)}
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered, exact_topk, recall_at  # noqa: E402  (the same generator the tests use)
-from machine import describe  # noqa: E402
+from machine import describe, latencies  # noqa: E402
 
 from lakelens import Searcher  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -44,17 +44,6 @@ from lakelens import index as ix  # noqa: E402
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def latencies(fn, queries: np.ndarray, label: str) -> dict:
-    times = []
-    for q in tqdm(queries, desc=label, leave=False):
-        t0 = time.perf_counter()
-        fn(q)
-        times.append((time.perf_counter() - t0) * 1000)
-    t = np.array(times)
-    return {"p50_ms": round(float(np.percentile(t, 50)), 3), "p99_ms": round(float(np.percentile(t, 99)), 3),
-            "mean_ms": round(float(t.mean()), 3)}
 
 
 def measure(name: str, choice: ix.Choice, ids, x, q, true_ids, work: Path, batch: int, nprobes=()) -> dict:

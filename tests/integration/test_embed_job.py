@@ -33,8 +33,16 @@ def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
     run(spark, local_conf(tmp_path / "img", tmp_path / "t"))
     df = spark.read.format("delta").load(str(tmp_path / "t"))
     assert [(f.name, f.dataType) for f in df.schema] == [(f.name, f.dataType) for f in tables.SCHEMA]
-    props = spark.sql(f"DESCRIBE DETAIL delta.`{tmp_path / 't'}`").collect()[0]["properties"]
+    detail = spark.sql(f"DESCRIBE DETAIL delta.`{tmp_path / 't'}`").collect()[0]
+    props = detail["properties"]
     assert props.get("delta.enableChangeDataFeed") == "true"
+    # the table's version, id and properties as Delta Kernel reads them from the log (no Spark job)
+    # equal what Spark's DESCRIBE HISTORY and DESCRIBE DETAIL say
+    table = tables.EmbeddingsTable(spark, str(tmp_path / "t"))
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{tmp_path / 't'}` LIMIT 1").collect()[0]["version"]
+    assert table._snapshot() == (history, detail["id"], props)
+    assert table.version() == history and table.table_id() == detail["id"]
+    assert table.image_roots() == [f"file:{tmp_path / 'img'}/"]
     rows = df.collect()
     assert len(rows) == 6
     for r in rows:

@@ -29,7 +29,7 @@ TRAINED = "trained.faiss"
 
 @dataclass
 class Decision:
-    kind: str  # noop | incremental | compaction | full
+    kind: str  # incremental | compaction | full; "changes" while only the change feed can decide
     reason: str
 
 

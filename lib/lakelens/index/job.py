@@ -101,7 +101,7 @@ class IndexJob(Job):
         source = {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
                   "table_id": table.table_id()}
         decision = Decision("full", "no live version") if not live else precheck(c, live, source, settings)
-        if decision.kind == "incremental":  # so far: the change feed tells the rest, without a table scan
+        if decision.kind == "changes":  # the change feed tells the rest, without a table scan
             decision, changes = self._from_changes(live, source, table, version)
             if decision.kind == "incremental":
                 source["image_roots"] = sorted({*live["source"].get("image_roots", []), *table.image_roots()})

@@ -294,7 +294,8 @@ def dead_ids(tomb, generation: int) -> np.ndarray:
 
 def _stored_chunks(shard, rerank, rows: int = 65_536):
     """(ids, float32 vectors) of every vector a shard holds, in chunks: the raw vectors beside compressed
-    shards, or the codes of IVF-Flat's lists themselves (no copy of the index)."""
+    shards, or the codes of IVF-Flat's lists copied into one reused buffer (a chunk is valid until the
+    next one is asked for)."""
     if rerank is not None:
         vectors, ids = rerank
         for i in range(0, len(ids), rows):
@@ -305,9 +306,14 @@ def _stored_chunks(shard, rerank, rows: int = 65_536):
     if lists.code_size != 4 * dim:
         raise ValueError(f"{type(ivf).__name__} codes are not raw vectors: pass the shard's raw vectors")
     ids, vecs, taken = [], [], []
+    buffer = None
 
     def chunk():
-        out = np.concatenate(ids), np.concatenate(vecs)  # one copy, out of views of the lists
+        nonlocal buffer
+        n = sum(len(v) for v in vecs)
+        if buffer is None or len(buffer) < n:
+            buffer = np.empty((n, dim), np.float32)  # reused: new memory would be faulted in chunk by chunk
+        out = np.concatenate(ids), np.concatenate(vecs, out=buffer[:n])  # one copy, out of views of the lists
         for lst, codes, list_ids in taken:
             lists.release_codes(lst, codes)
             lists.release_ids(lst, list_ids)
@@ -360,14 +366,14 @@ def exact_topk(shards: list, rerank: list, q: np.ndarray, k: int, dead: list | N
     for i, shard in enumerate(shards):
         drop = dead[i] if dead is not None and dead[i] is not None and len(dead[i]) else None
         for ids, vecs in _stored_chunks(shard, rerank[i] if rerank else None):
-            if drop is not None:
-                keep = ~np.isin(ids, drop)
-                ids, vecs = ids[keep], vecs[keep]
             if not len(ids):
                 continue
-            scores, top = top_rows(q @ vecs.T, k)
+            scores = q @ vecs.T
+            if drop is not None:
+                scores[:, np.isin(ids, drop)] = -np.inf  # not live in this shard
+            scores, top = top_rows(scores, k)
             cand_s = np.concatenate([best_s, scores], axis=1)
-            cand_i = np.concatenate([best_i, ids[top]], axis=1)
+            cand_i = np.concatenate([best_i, np.where(np.isneginf(scores), -1, ids[top])], axis=1)
             order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
             best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
     return best_s, best_i

@@ -64,25 +64,23 @@ def read_changes(spark, location: str, start: int, end: int) -> Changes:
     """The change feed between Delta versions start..end, reduced per id to its first and last image in
     one grouped pass, never a scan of the whole table. LookupError when the feed does not cover the
     range (vacuumed, turned off, or the table re-created)."""
-    try:
-        feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
-                .option("endingVersion", end).load(location)
-                .select(*META_COLUMNS, "embedding", "model", "error", "_change_type", "_commit_version"))
-        feed = feed.localCheckpoint()
-    except AnalysisException as e:
-        raise LookupError(str(e).strip().splitlines()[0][:300]) from None
     rank = F.lit(None).cast("int")
     for kind, r in _CHANGE_ORDER.items():
         rank = F.when(F.col("_change_type") == kind, F.lit(r)).otherwise(rank)
     order = F.col("_commit_version").cast("long") * 4 + rank
     ok = F.col("error").isNull() & F.col("embedding").isNotNull()
     last_cols = [c for c in META_COLUMNS if c != "id"] + ["embedding", "model"]
-    per_id = (feed.groupBy("id").agg(
-        F.min_by(F.struct(F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("first"),
-        F.max_by(F.struct(*last_cols, F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("last"))
-        .withColumn("was_live", F.col("first.kind").isin("update_preimage", "delete") & F.col("first.ok"))
-        .withColumn("is_live", F.col("last.kind").isin("insert", "update_postimage") & F.col("last.ok"))
-        .localCheckpoint())
+    try:
+        feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
+                .option("endingVersion", end).load(location))
+        per_id = (feed.groupBy("id").agg(
+            F.min_by(F.struct(F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("first"),
+            F.max_by(F.struct(*last_cols, F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("last"))
+            .withColumn("was_live", F.col("first.kind").isin("update_preimage", "delete") & F.col("first.ok"))
+            .withColumn("is_live", F.col("last.kind").isin("insert", "update_postimage") & F.col("last.ok"))
+            .localCheckpoint())  # the feed is read once, here
+    except AnalysisException as e:
+        raise LookupError(str(e).strip().splitlines()[0][:300]) from None
     counts = per_id.agg(F.count(F.lit(1)).alias("n"),
                         F.sum(F.col("was_live").cast("long")).alias("before"),
                         F.sum(F.col("is_live").cast("long")).alias("after"),
@@ -93,7 +91,8 @@ def read_changes(spark, location: str, start: int, end: int) -> Changes:
 
 
 def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
-    """Reasons for a full build that need no data: kind 'incremental' means 'ask the change feed'."""
+    """Reasons for a full build that need no data; kind 'changes' when none applies: the change feed
+    decides the rest (decide_from_changes)."""
     old = live["source"]
     if conf.full:
         return Decision("full", "a full build was asked for (--full)")
@@ -112,7 +111,7 @@ def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
     if source["version"] < old["version"]:
         return Decision("full", f"table version {source['version']} is older than the live version's "
                                 f"{old['version']}")
-    return Decision("incremental", "")
+    return Decision("changes", "no reason for a full build without reading the change feed")
 
 
 def decide_from_changes(conf, live: dict, changes: Changes, choice, rows: int) -> Decision:
@@ -137,8 +136,9 @@ def decide_from_changes(conf, live: dict, changes: Changes, choice, rows: int) -
 
 
 def shard_rows(df, shards: int):
-    """Rows with their shard (pmod(id, shards)), one range partition per shard: a task streams its shard's
-    rows batch by batch into the index (Spark's Arrow batches), never a whole shard in pandas."""
+    """Rows with their shard (pmod(id, shards)), range-partitioned by shard into `shards` partitions
+    (about one shard a task; a task given several builds each): a task streams its rows batch by batch
+    into the shards (Spark's Arrow batches), never a whole shard in pandas."""
     return (df.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), *META_COLUMNS, "embedding")
             .repartitionByRange(shards, "shard"))
 

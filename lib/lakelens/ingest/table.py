@@ -150,10 +150,26 @@ class EmbeddingsTable:
             reader = reader.option("versionAsOf", version)
         return reader.load(self.location)
 
+    def _snapshot(self) -> tuple[int, str, dict] | None:
+        """(version, table id, properties) of the latest Delta version, read from the log by Delta Kernel
+        (shipped with delta-spark) on the driver: no Spark job, which DESCRIBE HISTORY and DESCRIBE DETAIL
+        each cost. None where Kernel cannot read it; callers then ask Spark."""
+        jvm = self.spark._jvm
+        try:
+            engine = jvm.io.delta.kernel.defaults.engine.DefaultEngine.create(self.spark._jsc.hadoopConfiguration())
+            snap = jvm.io.delta.kernel.Table.forPath(engine, self.location).getLatestSnapshot(engine)
+            meta = snap.getMetadata()
+            return int(snap.getVersion()), str(meta.getId()), dict(meta.getConfiguration())
+        except Exception:  # an older Kernel API, or a table feature Kernel cannot read: Spark's way
+            return None
+
     def version(self) -> int | None:
         """The latest Delta version, or None for Parquet / a missing table."""
         if self.format != "delta" or not self.exists():
             return None
+        snap = self._snapshot()
+        if snap is not None:
+            return snap[0]
         return DeltaTable.forPath(self.spark, self.location).history(1).collect()[0]["version"]
 
     def create_if_missing(self, image_roots: list[str] = ()) -> None:
@@ -227,13 +243,18 @@ class EmbeddingsTable:
         """Delta's id of the table: a table re-created at the same location gets a new one."""
         if self.format != "delta" or not self.exists():
             return None
+        snap = self._snapshot()
+        if snap is not None:
+            return snap[1]
         return DeltaTable.forPath(self.spark, self.location).detail().select("id").first()[0]
 
     def image_roots(self) -> list[str]:
         """The folders the embed job has listed into this table (Delta table property)."""
         if self.format != "delta" or not self.exists():
             return []
-        props = DeltaTable.forPath(self.spark, self.location).detail().select("properties").first()[0] or {}
+        snap = self._snapshot()
+        props = snap[2] if snap is not None else \
+            DeltaTable.forPath(self.spark, self.location).detail().select("properties").first()[0] or {}
         try:
             return list(json.loads(props.get(ROOTS_PROPERTY, "[]")))
         except ValueError:
