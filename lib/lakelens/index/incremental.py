@@ -63,14 +63,13 @@ def link_version(src: Path, staged: Path) -> None:
             shutil.copy2(f, staged / f.name)
 
 
-def write_tombstones(staged: Path, previous: pd.DataFrame, ids: np.ndarray, generation: int) -> int:
-    """The previous tombstones plus (id, generation) for every deleted or replaced id; returns how many
-    there are."""
+def write_tombstones(staged: Path, previous: pd.DataFrame, ids: np.ndarray, generation: int) -> pd.DataFrame:
+    """The previous tombstones plus (id, generation) for every deleted or replaced id; returns them all."""
     tomb = pd.concat([previous, pd.DataFrame({"id": ids.astype(np.int64),
                                               "generation": np.full(len(ids), generation, np.int64)})],
                      ignore_index=True)
     tomb.to_parquet(staged / TOMBSTONES, index=False)
-    return len(tomb)
+    return tomb
 
 
 def stored_rows(manifest: dict) -> int:

@@ -372,11 +372,15 @@ def exact_topk(shards: list, rerank: list, q: np.ndarray, k: int, dead: list | N
             if drop is not None:
                 scores[:, np.isin(ids, drop)] = -np.inf  # not live in this shard
             scores, top = top_rows(scores, k)
-            cand_s = np.concatenate([best_s, scores], axis=1)
-            cand_i = np.concatenate([best_i, np.where(np.isneginf(scores), -1, ids[top])], axis=1)
-            order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-            best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+            best_s, best_i = merge_topk((best_s, best_i), (scores, np.where(np.isneginf(scores), -1, ids[top])), k)
     return best_s, best_i
+
+
+def merge_topk(a: tuple, b: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two (scores, ids) top lists of the same queries -> the top k of both, by score."""
+    scores, ids = np.concatenate([a[0], b[0]], axis=1), np.concatenate([a[1], b[1]], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, direct_map: bool = True):

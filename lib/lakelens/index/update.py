@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from lakelens.index.shards import (
     TOMBSTONES,
     dead_ids,
     exact_topk,
+    merge_topk,
     open_version,
     read_tombstones,
     search_shards,
@@ -153,23 +155,36 @@ def build_fn(trained_bc, staged: str, rerank: bool, generation: int = 0):
     return build
 
 
-def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10) -> float | None:
+def exact_over(folder: Path, manifest: dict, tomb, q: np.ndarray, k: int = 10):
+    """Exact top-k of queries over the live vectors of a version's shards (`tomb`: its tombstones)."""
+    shards, rerank, _, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
+    dead = [dead_ids(tomb, e.get("generation", 0)) for e in shard_entries(manifest)]
+    result = exact_topk(shards, rerank, q, k, dead)
+    del keep
+    return result
+
+
+def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10, live_exact=None) -> float | None:
     """IVF only: recall@k of the version at its nprobe against exact search over every live vector, on
     the new vectors as queries: centroids trained on old data send new data to too few lists when the
-    distribution has moved. The exact side is matrix products over the stored vectors (a few seconds
-    for a million), not FAISS with nprobe = nlist (a pass over the whole index per query). None for
-    index kinds without lists."""
+    distribution has moved. The exact side is matrix products over the stored vectors, not FAISS with
+    nprobe = nlist (a pass over the whole index per query). `live_exact`: a future of the exact side
+    over the shards the version shares with the live one (started beside the delta build); the newest
+    deltas are added here. None for index kinds without lists."""
     nprobe = manifest.get("search_params", {}).get("nprobe")
     if not nprobe or not len(queries):
         return None
     tomb = read_tombstones(folder, manifest)
-    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
-    factor = int(manifest.get("rerank") or 0)
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    _, found = search_shards(shards, rerank, q, k, nprobe, None, factor, None, None, excluded,
-                             shared_quantizer(shards))
-    dead = [dead_ids(tomb, e.get("generation", 0)) for e in shard_entries(manifest)]
-    _, exact = exact_topk(shards, rerank, q, k, dead)
+    if live_exact is None:
+        _, exact = exact_over(folder, manifest, tomb, q, k)
+    else:
+        newest = {**manifest, "shards": [],
+                  "deltas": [d for d in manifest.get("deltas", []) if d["generation"] == manifest["generation"]]}
+        _, exact = merge_topk(live_exact.result(), exact_over(folder, newest, tomb, q, k), k)
+    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
+    _, found = search_shards(shards, rerank, q, k, nprobe, None, int(manifest.get("rerank") or 0), None, None,
+                             excluded, shared_quantizer(shards))
     del keep
     return float(np.mean([len(set(f) & set(e)) / max(1, len(set(e) - {-1})) for f, e in zip(found, exact)]))
 
@@ -178,45 +193,55 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes
                       decision: Decision, min_recall: float,
                       log: Callable[[str], None]) -> tuple[str | None, str]:
     """Stage and publish an incremental version over `live`. Returns (version, "") or, when the drift
-    probe fails, (None, the reason for a full rebuild) with nothing published."""
+    probe fails, (None, the reason for a full rebuild) with nothing published. The drift probe's costly
+    part, exact search over the live version's vectors, runs in a thread while Spark builds the deltas."""
     generation = int(live.get("generation", 0)) + 1
     staged = staging_dir(index_dir)
     try:
-        link_version(Path(index_dir) / live_name, staged)
-        trained = (staged / TRAINED).read_bytes()
-        changed, rows, n = changes.rows, changes.rows_after, changes.live_after
-        shards = max(1, math.ceil(n / ROWS_PER_AUTO_SHARD)) if n else 0
-        deltas = []
-        if n:
-            bc = spark.sparkContext.broadcast(trained)
-            try:
-                built = (shard_rows(changed, shards)
-                         .mapInPandas(build_fn(bc, str(staged), bool(live.get("rerank")), generation),
-                                      "shard int, count long").collect())
-            finally:
-                bc.unpersist()
-            deltas = [{"file": delta_file(generation, r["shard"]), "meta": delta_meta_file(generation, r["shard"]),
-                       "count": int(r["count"]), "factory": live["factory"], "generation": generation}
-                      for r in sorted(built, key=lambda r: r["shard"])]
-        # the replaced and deleted ids come to the driver: bounded by the change, not by the table
-        ids = changes.replaced.toPandas()["id"].to_numpy(np.int64)
-        tombs = write_tombstones(staged, read_tombstones(Path(index_dir) / live_name, live), ids, generation)
-        manifest = {**live, "rows": int(rows), "source": source, "build": "incremental",
-                    "build_reason": decision.reason, "generation": generation,
-                    "deltas": [*live.get("deltas", []), *deltas],
-                    "tombstones": {"file": TOMBSTONES, "count": int(tombs)}}
-        if n:
-            probe = (changed.limit(DRIFT_QUERIES).select("embedding").toPandas()["embedding"])
-            recall = drift_recall(staged, manifest, np.stack(probe.to_numpy()) if len(probe) else np.zeros((0, 1)))
-            if recall is not None:
-                manifest["drift_recall"] = round(recall, 4)
-                log(f"lakelens index: drift probe recall@10 {recall:.3f} (target {min_recall})")
-                if recall < min_recall:
-                    shutil.rmtree(staged, ignore_errors=True)
-                    return None, (f"drift: recall@10 of the new rows at nprobe "
-                                  f"{manifest['search_params']['nprobe']} is {recall:.3f} < index.min_recall "
-                                  f"{min_recall}")
-        return publish(index_dir, staged, manifest), ""
+        with ThreadPoolExecutor(1) as pool:
+            return _build_incremental(spark, index_dir, live_name, live, changes, source, decision, min_recall,
+                                      log, generation, staged, pool)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def _build_incremental(spark, index_dir, live_name, live, changes, source, decision, min_recall, log, generation,
+                       staged, pool):
+    link_version(Path(index_dir) / live_name, staged)
+    trained = (staged / TRAINED).read_bytes()
+    changed, rows, n = changes.rows, changes.rows_after, changes.live_after
+    # the replaced and deleted ids come to the driver: bounded by the change, not by the table
+    ids = changes.replaced.toPandas()["id"].to_numpy(np.int64)
+    tomb = write_tombstones(staged, read_tombstones(Path(index_dir) / live_name, live), ids, generation)
+    queries, live_exact = np.zeros((0, live["dim"]), np.float32), None
+    if n and live.get("search_params", {}).get("nprobe"):  # IVF: the drift probe's queries are new rows
+        probe = changed.limit(DRIFT_QUERIES).select("embedding").toPandas()["embedding"]
+        queries = np.ascontiguousarray(np.stack(probe.to_numpy()), dtype=np.float32)
+        live_exact = pool.submit(exact_over, staged, live, tomb, queries)
+    shards = max(1, math.ceil(n / ROWS_PER_AUTO_SHARD)) if n else 0
+    deltas = []
+    if n:
+        bc = spark.sparkContext.broadcast(trained)
+        try:
+            built = (shard_rows(changed, shards)
+                     .mapInPandas(build_fn(bc, str(staged), bool(live.get("rerank")), generation),
+                                  "shard int, count long").collect())
+        finally:
+            bc.unpersist()
+        deltas = [{"file": delta_file(generation, r["shard"]), "meta": delta_meta_file(generation, r["shard"]),
+                   "count": int(r["count"]), "factory": live["factory"], "generation": generation}
+                  for r in sorted(built, key=lambda r: r["shard"])]
+    manifest = {**live, "rows": int(rows), "source": source, "build": "incremental",
+                "build_reason": decision.reason, "generation": generation,
+                "deltas": [*live.get("deltas", []), *deltas],
+                "tombstones": {"file": TOMBSTONES, "count": len(tomb)}}
+    recall = drift_recall(staged, manifest, queries, live_exact=live_exact) if live_exact is not None else None
+    if recall is not None:
+        manifest["drift_recall"] = round(recall, 4)
+        log(f"lakelens index: drift probe recall@10 {recall:.3f} (target {min_recall})")
+        if recall < min_recall:
+            shutil.rmtree(staged, ignore_errors=True)
+            return None, (f"drift: recall@10 of the new rows at nprobe {manifest['search_params']['nprobe']} "
+                          f"is {recall:.3f} < index.min_recall {min_recall}")
+    return publish(index_dir, staged, manifest), ""
