@@ -78,8 +78,12 @@ def measure(name: str, choice: ix.Choice, ids, x, q, true_ids, work: Path, batch
 CHUNK = 50_000  # rows per generated chunk: chunk c is clustered(CHUNK, dim, seed=1000 + c), on any machine
 
 
-def chunk_vectors(c: int, rows: int, dim: int) -> np.ndarray:
-    return clustered(min(CHUNK, rows - c * CHUNK), dim, clusters=1000, noise=0.4, seed=1000 + c, centres_seed=0)
+def chunk_vectors(c: int, rows: int, dim: int, tests: str = str(ROOT / "tests")) -> np.ndarray:
+    if tests not in sys.path:  # on an executor too: Spark ships this function, not the tests folder
+        sys.path.insert(0, tests)
+    from conftest import clustered as mixture
+
+    return mixture(min(CHUNK, rows - c * CHUNK), dim, clusters=1000, noise=0.4, seed=1000 + c, centres_seed=0)
 
 
 def chunk_path(i: int) -> str:
@@ -87,28 +91,37 @@ def chunk_path(i: int) -> str:
 
 
 def write_table(spark, table: Path, rows: int, dim: int) -> None:
-    """The vectors as an embeddings table, generated and written on the executors (nothing per row
-    passes through the driver)."""
-    from datetime import datetime
-
-    import pandas as pd
+    """The vectors as an embeddings table, generated and written on the executors as Arrow batches
+    (nothing per row passes through the driver or through pandas objects)."""
+    import pyarrow as pa
 
     from lakelens import path_id
     from lakelens.ingest.table import SCHEMA
 
     def gen(batches):
-        now = datetime(2026, 1, 1)
-        for pdf in batches:
-            for c in pdf["id"]:
+        from datetime import datetime
+
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        schema = to_arrow_schema(SCHEMA, timezone="UTC")
+        now = pa.scalar(datetime(2026, 1, 1), schema.field("modified").type)
+        for batch in batches:
+            for c in batch.column("id").to_pylist():
                 x = chunk_vectors(int(c), rows, dim)
-                paths = [chunk_path(int(c) * CHUNK + i) for i in range(len(x))]
-                yield pd.DataFrame({"id": [path_id(p) for p in paths], "path": paths, "content_sha256": "0" * 64,
-                                    "size_bytes": 100_000, "modified": now, "width": 640, "height": 480,
-                                    "model": "lakelens-tiny@none", "embedding": list(x), "error": None,
-                                    "embedded_at": now})
+                n = len(x)
+                paths = [chunk_path(int(c) * CHUNK + i) for i in range(n)]
+                embedding = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * dim),
+                                                     pa.array(x.reshape(-1)))
+                columns = {"id": pa.array([path_id(p) for p in paths], pa.int64()), "path": pa.array(paths),
+                           "content_sha256": pa.array(["0" * 64] * n), "size_bytes": pa.array([100_000] * n, pa.int64()),
+                           "modified": pa.array([now] * n, now.type), "width": pa.array([640] * n, pa.int32()),
+                           "height": pa.array([480] * n, pa.int32()), "model": pa.array(["lakelens-tiny@none"] * n),
+                           "embedding": embedding, "error": pa.nulls(n, pa.string()),
+                           "embedded_at": pa.array([now] * n, now.type)}
+                yield pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
     chunks = -(-rows // CHUNK)
-    spark.range(chunks, numPartitions=chunks).mapInPandas(gen, SCHEMA).write.format("delta").save(str(table))
+    spark.range(chunks, numPartitions=chunks).mapInArrow(gen, SCHEMA).write.format("delta").save(str(table))
 
 
 def truth(q: np.ndarray, rows: int, dim: int, k: int = 10) -> np.ndarray:

@@ -94,13 +94,13 @@ def cmd_search(args) -> int:
 
     searcher = Searcher.open(args.index, engine=args.engine)
     kw = {"min_score": args.min_score, "path_prefix": args.prefix, "nprobe": args.nprobe,
-          "ef_search": args.ef_search}
-    if args.image:
-        results = searcher.search_image(args.image, args.k, **kw)
-    elif args.query is not None:
-        results = searcher.search_text(args.query, args.k, **kw)
-    else:
-        raise QueryError("give a query text or --image FILE")
+          "ef_search": args.ef_search, "offset": args.offset}
+    if args.image is None and args.query is None:
+        raise QueryError("give a query text, --image FILE, or both")
+    weights = None
+    if args.weights:
+        weights = [w for w in args.weights.split(",")]
+    results = searcher.search(text=args.query, image=args.image, k=args.k, weights=weights, **kw)
     notes = results.attrs.get("notes", [])
     if args.json:
         print(json.dumps({"index_version": searcher.version, "model": searcher.manifest["model"]["key"],
@@ -212,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("search", help="query an index by text or by image")
-    p.add_argument("query", nargs="?", help="query text")
+    p.add_argument("query", nargs="?", help='query text; "beach + sunset - people" adds and subtracts terms')
     p.add_argument("--index", required=True, help="the index folder")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    p.add_argument("--image", help="search by this image file instead of text")
+    p.add_argument("--offset", type=int, default=0, help="skip this many results first (the next page)")
+    p.add_argument("--image", help="search by this image file (with a query text too: both, combined)")
+    p.add_argument("--weights", help="text and image weights when both are given, e.g. 0.7,0.3 (default equal)")
     p.add_argument("--min-score", type=float, help="drop results scoring below this")
     p.add_argument("--prefix", help="only results whose path starts with this")
     p.add_argument("--nprobe", type=int, help="IVF lists to visit (overrides the manifest's)")

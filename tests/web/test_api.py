@@ -206,3 +206,27 @@ def test_serve_command_refuses_a_missing_index_and_bad_settings(tmp_path, capsys
     assert "index folder not found" in capsys.readouterr().err
     assert main(["serve", "--index", str(tmp_path), "--threads", "0"]) == 2
     assert "--threads >= 1" in capsys.readouterr().err
+
+
+def test_pages_arithmetic_and_text_with_image(site):
+    """offset pages join up to one list; q may add and subtract terms; an upload may carry a text and
+    weights; bad values are 400s that name the parameter."""
+    whole = get(site, "/api/search", q="a red circle + on the left", k=9).json()
+    assert any("query arithmetic" in n for n in whole["notes"])
+    pages = [get(site, "/api/search", q="a red circle + on the left", k=3, offset=o).json() for o in (0, 3, 6)]
+    assert [r["id"] for p in pages for r in p["results"]] == [r["id"] for r in whole["results"]]
+    assert [r["rank"] for r in pages[2]["results"]] == [7, 8, 9] and pages[1]["query"]["offset"] == 3
+    with open(site.paths[9], "rb") as f:
+        data = f.read()
+    post = lambda **form: requests.post(site.base + "/api/search/image", files={"image": ("q.jpg", data)},  # noqa: E731
+                                        data=form, timeout=60)
+    image_only = post(k="3").json()
+    leaning = post(k="3", q="a blue square", weights="0.05,0.95").json()  # mostly the image: it stays first
+    assert leaning["results"][0]["id"] == image_only["results"][0]["id"] == str(int(site.ids[9]))
+    assert leaning["query"]["text"] == "a blue square" and leaning["query"]["weights"] == [0.05, 0.95]
+    assert leaning["results"][0]["score"] < image_only["results"][0]["score"]  # the text moved the query
+    assert "weights" in reason(post(q="x", weights="1,-1"), 400)
+    assert "weights" in reason(post(q="x", weights="a,b"), 400)
+    assert "offset" in reason(get(site, "/api/search", q="x", offset="-1"), 400)
+    assert "offset" in reason(get(site, "/api/search", q="x", offset="9001"), 400)
+    assert "cancel out" in reason(get(site, "/api/search", q="cat - cat"), 400)

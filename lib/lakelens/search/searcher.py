@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,46 @@ RESULT_COLUMNS = ["rank", "score", "id", "path"]
 COMMON_PREFIX = 0.05  # a prefix held by this share of the images or more is filtered after the search
 QUERY_MAX_PIXELS = 16_000_000  # query images: a bound of their own, far below the embed job's
 LEGACY_META = "meta.parquet"  # one metadata file for all shards (versions published before per-shard files)
+
+
+_OPERATOR = re.compile(r"(?:^|\s)([+-])\s+")
+
+
+def parse_terms(text: str) -> list[tuple[int, str]]:
+    """Query arithmetic: "beach + sunset - people" -> [(1, 'beach'), (1, 'sunset'), (-1, 'people')]. An
+    operator is a + or - with spaces after it (and before it, unless it starts the query)."""
+    if not isinstance(text, str) or not text.strip():
+        raise QueryError("empty query text")
+    trailing = re.search(r"(?:^|\s)([+-])$", text.strip())
+    if trailing:
+        raise QueryError(f"query arithmetic: nothing after {trailing.group(1)!r} in {text!r}")
+    pieces = _OPERATOR.split(" " + text.strip())
+    terms, sign = [], 1
+    if pieces[0].strip():
+        terms.append((1, pieces[0].strip()))
+    for op, term in zip(pieces[1::2], pieces[2::2]):
+        sign = 1 if op == "+" else -1
+        if not term.strip():
+            raise QueryError(f"query arithmetic: nothing after {op!r} in {text!r}")
+        terms.append((sign, term.strip()))
+    if not terms:
+        raise QueryError(f"query arithmetic: no terms in {text!r}")
+    if all(s < 0 for s, _ in terms):
+        raise QueryError(f"query arithmetic: {text!r} only subtracts; give at least one term to add")
+    return terms
+
+
+def check_weights(weights, n: int) -> list[float]:
+    """Weights of a query's parts (text, image): finite, not negative, not all zero; default equal."""
+    if weights is None:
+        return [1.0] * n
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise QueryError(f"weights must be numbers, got {weights!r}") from None
+    if len(w) != n or not all(np.isfinite(x) and x >= 0 for x in w) or not sum(w) > 0:
+        raise QueryError(f"weights: give {n} finite numbers >= 0, not all zero (one per query part), got {weights!r}")
+    return w
 
 
 @dataclass
@@ -131,6 +172,25 @@ class Searcher:
                                       max_pixels=self.query_max_pixels)
         return self._embedder
 
+    def embed_query(self, text: str) -> tuple[np.ndarray, list[str]]:
+        """A text query's vector, with query arithmetic: "beach + sunset - people" is the sum of the
+        terms' unit vectors, signed, normalised (operators need spaces around them, so "t-shirt" and
+        "black-and-white" stay words). One term is embedded as it is."""
+        terms = parse_terms(text)
+        if len(terms) == 1 and terms[0][0] > 0:
+            return self.embed_text(terms[0][1])
+        notes, total = [], None
+        for sign, term in terms:
+            vec, term_notes = self.embed_text(term)
+            notes += term_notes
+            vec = sign * vec / max(float(np.linalg.norm(vec)), 1e-12)
+            total = vec if total is None else total + vec
+        norm = float(np.linalg.norm(total))
+        if norm < 1e-6:
+            raise QueryError("the query's terms cancel out: nothing is left to search for")
+        notes.append("query arithmetic: " + " ".join(f"{'+' if s > 0 else '-'}{t!r}" for s, t in terms))
+        return (total / norm).astype(np.float32), notes
+
     def embed_text(self, text: str) -> tuple[np.ndarray, list[str]]:
         if not isinstance(text, str) or not text.strip():
             raise QueryError("empty query text")
@@ -161,8 +221,32 @@ class Searcher:
 
     # --- search --------------------------------------------------------------------------------
     def search_text(self, text: str, k: int = 10, **kw) -> pd.DataFrame:
-        vec, notes = self.embed_text(text)
+        """Images for a text query; "a + b - c" combines terms (embed_query)."""
+        vec, notes = self.embed_query(text)
         out = self.search_vector(vec, k, **kw)
+        out.attrs["notes"] = notes + out.attrs.get("notes", [])
+        return out
+
+    def search(self, text: str | None = None, image: str | Path | bytes | None = None, k: int = 10,
+               weights: tuple | list | None = None, **kw) -> pd.DataFrame:
+        """A text, an image, or both: the query vector is weights[0] x text + weights[1] x image (unit
+        vectors; default equal weights), normalised. The text may use query arithmetic."""
+        parts, notes = [], []
+        if text is not None:
+            vec, notes = self.embed_query(text)
+            parts.append(vec)
+        if image is not None:
+            parts.append(self.embed_image(image))
+        if not parts:
+            raise QueryError("give a text, an image, or both")
+        w = check_weights(weights, len(parts))
+        total = sum(wi * p / max(float(np.linalg.norm(p)), 1e-12) for wi, p in zip(w, parts))
+        norm = float(np.linalg.norm(total))
+        if norm < 1e-6:
+            raise QueryError("the weighted text and image cancel out: nothing is left to search for")
+        if len(parts) == 2:
+            notes = notes + [f"text and image combined with weights {w[0]:g} and {w[1]:g}"]
+        out = self.search_vector((total / norm).astype(np.float32), k, **kw)
         out.attrs["notes"] = notes + out.attrs.get("notes", [])
         return out
 
@@ -197,17 +281,31 @@ class Searcher:
         return self.search_vector(vec, k, **kw)
 
     def search_vector(self, vector, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
-                      nprobe: int | None = None, ef_search: int | None = None) -> pd.DataFrame:
+                      nprobe: int | None = None, ef_search: int | None = None, offset: int = 0) -> pd.DataFrame:
         return self.search_vectors(np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector, k,
-                                   min_score, path_prefix, nprobe, ef_search)[0]
+                                   min_score, path_prefix, nprobe, ef_search, offset)[0]
 
     def search_vectors(self, vectors, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
-                       nprobe: int | None = None, ef_search: int | None = None) -> list[pd.DataFrame]:
-        """A batch of query vectors -> one result frame each (rank, score, id, path)."""
+                       nprobe: int | None = None, ef_search: int | None = None, offset: int = 0) -> list[pd.DataFrame]:
+        """A batch of query vectors -> one result frame each (rank, score, id, path). `offset` skips the
+        first results (pages: offset = page x k); ranks count from the top of the whole list."""
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+            raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k + offset > MAX_K:
+            raise QueryError(f"k must be an integer between 1 and {MAX_K} (k + offset at most {MAX_K}), "
+                             f"got k={k!r}, offset={offset!r}")
+        if not offset:
+            return self._search_vectors(vectors, k, min_score, path_prefix, nprobe, ef_search)
+        frames = self._search_vectors(vectors, k + offset, min_score, path_prefix, nprobe, ef_search)
+        for i, f in enumerate(frames):
+            page = f.iloc[offset:].reset_index(drop=True)
+            page.attrs = f.attrs
+            frames[i] = page
+        return frames
+
+    def _search_vectors(self, vectors, k, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
         st = self._state  # one consistent version for the whole call, even if reload() runs meanwhile
         dim = st.manifest["dim"]
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k > MAX_K:
-            raise QueryError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != dim:
             raise QueryError(f"query vectors must have shape (n, {dim}), got {q.shape}")

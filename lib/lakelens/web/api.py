@@ -1,4 +1,6 @@
-"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/health, /thumb/<id>."""
+"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/health, /thumb/<id>.
+Every search takes k, offset (the next page), min_score and prefix; q may use query arithmetic
+("beach + sunset - people"); /api/search/image takes q and weights too (text and image combined)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 class Limits:
     default_k: int = 20
     max_k: int = 1000  # a page or API client never needs more; keeps one request's work bounded
+    max_offset: int = 9000  # k + offset stays within the Searcher's bound (MAX_K)
     max_upload_bytes: int = 10 * 1024 * 1024
     max_query_chars: int = 2000
     max_prefix_chars: int = 4096
@@ -82,9 +85,32 @@ def parse_query(value, limits: Limits) -> str:
     return value
 
 
+def parse_offset(value, limits: Limits) -> int:
+    if value is None or value == "":
+        return 0
+    try:
+        offset = int(str(value).strip())
+    except ValueError:
+        raise QueryError(f"offset must be an integer between 0 and {limits.max_offset}, got {value!r}") from None
+    if not 0 <= offset <= limits.max_offset:
+        raise QueryError(f"offset must be an integer between 0 and {limits.max_offset}, got {offset}")
+    return offset
+
+
+def parse_weights(value) -> list[float] | None:
+    """'0.7,0.3' -> [0.7, 0.3]: the text's and the image's weights (the Searcher checks them)."""
+    if value is None or value == "":
+        return None
+    try:
+        return [float(x) for x in str(value).split(",")]
+    except ValueError:
+        raise QueryError(f"weights must be two numbers separated by a comma, e.g. 0.7,0.3; got {value!r}") from None
+
+
 def search_options(args, limits: Limits) -> dict:
     return {"k": parse_k(args.get("k"), limits), "min_score": parse_min_score(args.get("min_score")),
-            "path_prefix": parse_prefix(args.get("prefix"), limits)}
+            "path_prefix": parse_prefix(args.get("prefix"), limits),
+            "offset": parse_offset(args.get("offset"), limits)}
 
 
 def thumb_url(id_: int, version: str) -> str:
@@ -167,8 +193,12 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         data = f.stream.read(limits.max_upload_bytes + 1)
         if len(data) > limits.max_upload_bytes:
             return error(413, f"image is larger than the {limits.max_upload_bytes} byte limit")
+        text = request.values.get("q")
+        text = parse_query(text, limits) if text not in (None, "") else None  # text and image together
+        weights = parse_weights(request.values.get("weights"))
         s = live.get()
-        return answer(s, s.search_image(data, **opts), {"image": f.filename or "", **opts})
+        query = {"image": f.filename or "", **({"text": text, "weights": weights} if text else {}), **opts}
+        return answer(s, s.search(text=text, image=data, weights=weights, **opts), query)
 
     @server.get("/api/similar/<id_text>")
     def similar(id_text):
