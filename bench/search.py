@@ -8,7 +8,8 @@ With --job, or above 2M rows: the scale run. A Delta table of the vectors writte
 the executors), the index job with the memory budget, then the Searcher in a fresh process: build time,
 index size, resident memory (anonymous and file-backed pages), single-query p50/p99 and recall@10 against
 exact search (numpy, over regenerated vectors) on a sample of queries. When the disk cannot hold the
-asked rows (table, the job's checkpoint and shuffle, raw vectors: about 4.5x the vectors), the most it holds, at least 5M, is
+asked rows (table, the job's checkpoint and shuffle, raw vectors, scratch copies and codes: about 5.5x
+the vectors, with 15% of the free space spare), the most it holds, at least 5M, is
 run and said. Writes bench/results/search_job.json.
 
     .venv/bin/python bench/search.py [--rows 1000000] [--dim 512] [--queries 300]
@@ -178,16 +179,19 @@ def run_job(args) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lakelens-search-job-"))
     free = shutil.disk_usage(work).free
-    need = lambda n: int(n * args.dim * 4 * 4.5)  # noqa: E731  table, checkpoint, shuffle, raw vectors
+    # at the peak: the table, the job's checkpoint and shuffle, the raw vectors for re-ranking, the
+    # shards' scratch copies and codes: about 5.5x the vectors; 15% of the free space is left spare
+    need = lambda n: int(n * args.dim * 4 * 5.5 / 0.85)  # noqa: E731
     rows = args.rows
     if need(rows) > free:
-        rows = max(5_000_000, int(free / (args.dim * 4 * 4.5)) // 1_000_000 * 1_000_000)
+        rows = max(5_000_000, int(free * 0.85 / (args.dim * 4 * 5.5)) // 1_000_000 * 1_000_000)
     results = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "machine": describe(),
                "rows_asked": args.rows, "rows": rows, "dim": args.dim, "memory_budget": args.budget,
                "disk_free_gb": round(free / 1e9, 1)}
     if rows != args.rows:
         results["rows_note"] = (f"{args.rows} rows need about {need(args.rows) / 1e9:.0f} GB of disk (table, "
-                                f"checkpoint, shuffle, raw vectors); {free / 1e9:.0f} GB free: ran {rows}")
+                                f"checkpoint, shuffle, raw vectors, scratch, codes; 15% spare); {free / 1e9:.0f} GB "
+                                f"free: ran {rows}")
     print(f"[bench] {results['machine']}\n[bench] {rows} x {args.dim} ({results.get('rows_note', 'as asked')})",
           flush=True)
     conf = config.load(ROOT / "conf" / "local.yaml", ["spark.extra={spark.driver.memory: 6g, "

@@ -89,9 +89,31 @@ def cmd_refresh(args) -> int:
     return 0
 
 
+def search_batch(args) -> int:
+    """`lakelens search --queries FILE --out RESULTS`: every query of a file, as a Spark job."""
+    from lakelens.search.batch import run_batch
+    from lakelens.spark import get_session
+
+    if not (args.queries and args.out):
+        raise QueryError("a batch search needs both --queries FILE and --out RESULTS")
+    if args.query is not None or args.image:
+        raise QueryError("give either a query (text or --image) or --queries FILE, not both")
+    conf = config.load(args.conf, args.set, spark={"master": args.master})
+    spark, owned = get_session(conf.spark)
+    try:
+        print(json.dumps(run_batch(spark, args.index, args.queries, args.out, args.k, args.engine,
+                                   fmt=args.out_format)), flush=True)
+    finally:
+        if owned:
+            spark.stop()
+    return 0
+
+
 def cmd_search(args) -> int:
     from lakelens.search import Searcher
 
+    if args.queries or args.out:
+        return search_batch(args)
     searcher = Searcher.open(args.index, engine=args.engine)
     kw = {"min_score": args.min_score, "path_prefix": args.prefix, "nprobe": args.nprobe,
           "ef_search": args.ef_search, "offset": args.offset}
@@ -225,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=ENGINE_CHOICES,
                    help="engine embedding the query (default onnx-int8: image queries in int8, text in fp32)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--queries", help="batch: a file of queries (text, one a line; or CSV/Parquet with a "
+                                     "'query' column), searched as a Spark job")
+    p.add_argument("--out", help="batch: where to write (query_id, query, rank, id, path, score, error) rows")
+    p.add_argument("--out-format", choices=["delta", "parquet"], default="delta", help="batch: table format")
+    add_common(p)
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")
     p.add_argument("--index", required=True, help="the index folder")

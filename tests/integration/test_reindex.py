@@ -3,6 +3,7 @@ tombstones from the change feed) against full rebuilds, compaction, and each rea
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime
 
 import numpy as np
@@ -105,6 +106,21 @@ def test_incremental_ivf_keeps_recall_and_compaction_equals_a_full_build(spark, 
     create(spark, table, rows_for(0, 2400, seed=3))
     ivf = ("index.factory=IVF24,Flat", "index.shards=2")
     index(spark, table, inc, *ivf)
+    # a reader in a loop while incremental and compaction versions are published: never an error
+    reader, errors, seen, stop = Searcher.open(inc), [], set(), threading.Event()
+    probe = clustered(1, DIM, clusters=20, seed=12, centres_seed=0)[0]
+
+    def read():
+        while not stop.is_set():
+            try:
+                reader.reload()
+                seen.add((reader.version, len(reader.search_vector(probe, k=5))))
+            except Exception as e:  # noqa: BLE001  any error is a failure of atomic publishing
+                errors.append(repr(e))
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=read)
+    thread.start()
     change_one_percent(spark, table, 2400, seed=4)
     assert index(spark, table, inc, *ivf).build == "incremental"
     index(spark, table, full, *ivf, "index.full=true")
@@ -121,6 +137,9 @@ def test_incremental_ivf_keeps_recall_and_compaction_equals_a_full_build(spark, 
     m = ix.read_manifest(inc)
     assert result.build == m["build"] == "compaction" and "max_deltas" in m["build_reason"]
     assert m["deltas"] == [] and m["tombstones"] is None
+    stop.set()
+    thread.join()
+    assert errors == [] and {v for v, _ in seen} >= {"v0001", "v0003"} and {n for _, n in seen} == {5}
     v3, v2 = ix.read_manifest(inc, "v0003"), ix.read_manifest(inc, "v0002")
     assert (inc / "v0003" / "trained.faiss").read_bytes() == (inc / "v0002" / "trained.faiss").read_bytes()
     assert v3["rows"] == sum(s["count"] for s in v3["shards"]) and v2["factory"] == v3["factory"]

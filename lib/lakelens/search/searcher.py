@@ -61,6 +61,25 @@ def parse_terms(text: str) -> list[tuple[int, str]]:
     return terms
 
 
+def query_vector(embed_text, text: str) -> tuple[np.ndarray, list[str]]:
+    """A text query's vector and notes, with query arithmetic; `embed_text(term) -> (vector, notes)`.
+    The Searcher and the batch query job embed queries with this one function."""
+    terms = parse_terms(text)
+    if len(terms) == 1 and terms[0][0] > 0:
+        return embed_text(terms[0][1])
+    notes, total = [], None
+    for sign, term in terms:
+        vec, term_notes = embed_text(term)
+        notes += term_notes
+        vec = sign * vec / max(float(np.linalg.norm(vec)), 1e-12)
+        total = vec if total is None else total + vec
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise QueryError("the query's terms cancel out: nothing is left to search for")
+    notes.append("query arithmetic: " + " ".join(f"{'+' if s > 0 else '-'}{t!r}" for s, t in terms))
+    return (total / norm).astype(np.float32), notes
+
+
 def check_weights(weights, n: int) -> list[float]:
     """Weights of a query's parts (text, image): finite, not negative, not all zero; default equal."""
     if weights is None:
@@ -176,20 +195,7 @@ class Searcher:
         """A text query's vector, with query arithmetic: "beach + sunset - people" is the sum of the
         terms' unit vectors, signed, normalised (operators need spaces around them, so "t-shirt" and
         "black-and-white" stay words). One term is embedded as it is."""
-        terms = parse_terms(text)
-        if len(terms) == 1 and terms[0][0] > 0:
-            return self.embed_text(terms[0][1])
-        notes, total = [], None
-        for sign, term in terms:
-            vec, term_notes = self.embed_text(term)
-            notes += term_notes
-            vec = sign * vec / max(float(np.linalg.norm(vec)), 1e-12)
-            total = vec if total is None else total + vec
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-6:
-            raise QueryError("the query's terms cancel out: nothing is left to search for")
-        notes.append("query arithmetic: " + " ".join(f"{'+' if s > 0 else '-'}{t!r}" for s, t in terms))
-        return (total / norm).astype(np.float32), notes
+        return query_vector(self.embed_text, text)
 
     def embed_text(self, text: str) -> tuple[np.ndarray, list[str]]:
         if not isinstance(text, str) or not text.strip():
