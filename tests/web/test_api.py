@@ -60,7 +60,7 @@ def test_health_reports_version_model_and_count(site):
 def test_text_search_rows_are_ranked_and_their_thumbnails_load(site):
     body = get(site, "/api/search", q="a red circle", k=7).json()
     assert (body["index_version"], body["model"]["name"], body["notes"]) == ("v0001", "lakelens-tiny", [])
-    assert body["query"] == {"text": "a red circle", "k": 7, "min_score": None, "path_prefix": None}
+    assert body["query"] == {"text": "a red circle", "k": 7, "min_score": None, "path_prefix": None, "offset": 0}
     rows = body["results"]
     assert [r["rank"] for r in rows] == list(range(1, 8))
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)

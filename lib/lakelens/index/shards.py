@@ -3,6 +3,7 @@ re-rank compressed codes from raw vectors, reconstruct a stored vector, and tune
 
 from __future__ import annotations
 
+import mmap as mmap_module
 import os
 import re
 import threading
@@ -107,8 +108,10 @@ def tune_nprobe(staged: Path, files: list[str], choice: Choice, queries: np.ndar
     if not m or not len(queries):
         return dict(choice.search_params)
     nlist = int(m.group(1))
-    shards = [faiss.read_index(str(staged / f)) for f in files]
-    rerank = [tuple(np.load(p) for p in rerank_files(staged / f)) if choice.rerank else None for f in files]
+    # memory-mapped, as the query driver opens them: the raw vectors of a large index exceed RAM
+    shards = [load_shard(staged / f, True)[0] for f in files]
+    rerank = [tuple(np.load(p, mmap_mode="r") for p in rerank_files(staged / f)) if choice.rerank else None
+              for f in files]
     q = np.ascontiguousarray(queries, dtype=np.float32)
 
     quantizer = shared_quantizer(shards)
@@ -258,8 +261,13 @@ def prepare_direct_map(shard) -> None:
                 inner.set_direct_map_type(faiss.DirectMap.Hashtable)
 
 
-def reconstruct(shard, id_: int) -> np.ndarray | None:
-    """The stored vector of `id_` in one shard (decoded, for compressed codes), or None if not held."""
+def reconstruct(shard, id_: int, rerank=None) -> np.ndarray | None:
+    """The stored vector of `id_` in one shard, or None if not held: from the raw vectors beside
+    compressed shards (exact), else from the index (its id -> position table built on first use)."""
+    if rerank is not None:
+        vectors, ids = rerank
+        i = int(np.searchsorted(ids, id_))
+        return np.array(vectors[i], dtype=np.float32) if i < len(ids) and ids[i] == id_ else None
     prepare_direct_map(shard)
     try:
         return faiss.downcast_index(shard).reconstruct(id_)
@@ -383,12 +391,23 @@ def merge_topk(a: tuple, b: tuple, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, direct_map: bool = True):
+def map_raw_vectors(path: Path) -> np.ndarray:
+    """A shard's raw vectors, memory-mapped for random reads of a few rows (re-ranking, id look-ups):
+    no read-ahead, which would bring in far more of the file than the rows asked for."""
+    vectors = np.load(path, mmap_mode="r")
+    mapped = getattr(vectors, "_mmap", None)
+    if mapped is not None and hasattr(mapped, "madvise"):
+        mapped.madvise(mmap_module.MADV_RANDOM)
+    return vectors
+
+
+def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, direct_map: bool = False):
     """Every shard of a version ready to search: (shards, rerank, excluded, keep). `rerank[i]` holds the
     memory-mapped raw vectors of compressed shards; `excluded[i]` is a selector of the ids shard i still
     holds but that later generations replaced or deleted (None when there are none); `keep` holds the
     Python objects those selectors point into. `tomb`: the version's tombstones, when the caller has
-    read them already. `direct_map`: build IVF shards' id -> position tables (for id look-ups)."""
+    read them already. `direct_map`: build IVF shards' id -> position tables now (otherwise the first id
+    look-up does, under a lock)."""
     folder = Path(folder)
     entries = shard_entries(manifest)
     shards = []
@@ -397,9 +416,8 @@ def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, dir
         if direct_map:
             prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
         shards.append(shard)
-    rerank = [tuple(np.load(f, mmap_mode="r") if i == 0 else np.load(f)
-                    for i, f in enumerate(rerank_files(folder / e["file"]))) if manifest.get("rerank") else None
-              for e in entries]
+    rerank = [(map_raw_vectors(rerank_files(folder / e["file"])[0]), np.load(rerank_files(folder / e["file"])[1]))
+              if manifest.get("rerank") else None for e in entries]
     tomb = read_tombstones(folder, manifest) if tomb is None else tomb
     excluded, keep = [], []
     for e in entries:

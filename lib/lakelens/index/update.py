@@ -157,7 +157,7 @@ def build_fn(trained_bc, staged: str, rerank: bool, generation: int = 0):
 
 def exact_over(folder: Path, manifest: dict, tomb, q: np.ndarray, k: int = 10):
     """Exact top-k of queries over the live vectors of a version's shards (`tomb`: its tombstones)."""
-    shards, rerank, _, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
+    shards, rerank, _, keep = open_version(folder, manifest, mmap=True, tomb=tomb)
     dead = [dead_ids(tomb, e.get("generation", 0)) for e in shard_entries(manifest)]
     result = exact_topk(shards, rerank, q, k, dead)
     del keep
@@ -182,7 +182,7 @@ def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10,
         newest = {**manifest, "shards": [],
                   "deltas": [d for d in manifest.get("deltas", []) if d["generation"] == manifest["generation"]]}
         _, exact = merge_topk(live_exact.result(), exact_over(folder, newest, tomb, q, k), k)
-    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb, direct_map=False)
+    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb)
     _, found = search_shards(shards, rerank, q, k, nprobe, None, int(manifest.get("rerank") or 0), None, None,
                              excluded, shared_quantizer(shards))
     del keep

@@ -79,7 +79,7 @@ def _opened(folder: str, manifest_text: str):
     from lakelens.index.shards import open_version, shard_entries
 
     manifest = json.loads(manifest_text)
-    shards, rerank, excluded, keep = open_version(Path(folder), manifest, mmap=True, direct_map=False)
+    shards, rerank, excluded, keep = open_version(Path(folder), manifest, mmap=True)
     metas = []
     for e in shard_entries(manifest):
         table = read_meta(Path(folder) / e["meta"], ["id", "path"])

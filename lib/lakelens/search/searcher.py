@@ -260,16 +260,16 @@ class Searcher:
         return self.search_vector(self.embed_image(image), k, **kw)
 
     def vector_of(self, id_: int) -> np.ndarray | None:
-        """The stored vector of an indexed image (decoded, for compressed codes), or None."""
+        """The stored vector of an indexed image (exact: the raw vectors beside compressed codes), or None."""
         st = self._state
         i = np.searchsorted(st.meta.ids, id_)
         if i >= len(st.meta.ids) or st.meta.ids[i] != id_:
             return None  # not live in this version (never indexed, or deleted since)
         # the newest generation first: a changed image's current vector lives in the latest delta
-        for shard, excluded in reversed(list(zip(st.shards, st.excluded))):
+        for shard, excluded, raw in reversed(list(zip(st.shards, st.excluded, st.rerank or [None] * len(st.shards)))):
             if excluded is not None and not excluded.is_member(int(id_)):
                 continue
-            vec = reconstruct(shard, int(id_))
+            vec = reconstruct(shard, int(id_), raw)
             if vec is not None:
                 return vec
         return None
