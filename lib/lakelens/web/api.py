@@ -45,16 +45,21 @@ def public_model(manifest: dict) -> dict:
 
 
 # --- parameters (shared with the page's callbacks) ---------------------------------------------
-def parse_k(value, limits: Limits) -> int:
+def parse_int(value, name: str, low: int, high: int, default: int) -> int:
+    """An integer parameter within [low, high]; `default` when absent; QueryError naming it otherwise."""
     if value is None or value == "":
-        return limits.default_k
+        return default
     try:
-        k = int(str(value).strip())
+        n = int(str(value).strip())
     except ValueError:
-        raise QueryError(f"k must be an integer between 1 and {limits.max_k}, got {value!r}") from None
-    if not 1 <= k <= limits.max_k:
-        raise QueryError(f"k must be an integer between 1 and {limits.max_k}, got {k}")
-    return k
+        raise QueryError(f"{name} must be an integer between {low} and {high}, got {value!r}") from None
+    if not low <= n <= high:
+        raise QueryError(f"{name} must be an integer between {low} and {high}, got {n}")
+    return n
+
+
+def parse_k(value, limits: Limits) -> int:
+    return parse_int(value, "k", 1, limits.max_k, limits.default_k)
 
 
 def parse_min_score(value) -> float | None:
@@ -86,15 +91,7 @@ def parse_query(value, limits: Limits) -> str:
 
 
 def parse_offset(value, limits: Limits) -> int:
-    if value is None or value == "":
-        return 0
-    try:
-        offset = int(str(value).strip())
-    except ValueError:
-        raise QueryError(f"offset must be an integer between 0 and {limits.max_offset}, got {value!r}") from None
-    if not 0 <= offset <= limits.max_offset:
-        raise QueryError(f"offset must be an integer between 0 and {limits.max_offset}, got {offset}")
-    return offset
+    return parse_int(value, "offset", 0, limits.max_offset, 0)
 
 
 def parse_weights(value) -> list[float] | None:
