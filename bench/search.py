@@ -186,7 +186,8 @@ def run_job(args) -> int:
     if need(rows) > free:
         rows = max(5_000_000, int(free * 0.85 / (args.dim * 4 * 5.5)) // 1_000_000 * 1_000_000)
     results = {"what": __doc__.split("\n\n")[2].replace("\n", " "), "machine": describe(),
-               "rows_asked": args.rows, "rows": rows, "dim": args.dim, "memory_budget": args.budget,
+               "rows_asked": args.rows, "rows": rows, "dim": args.dim, "queries": args.queries,
+               "memory_budget": args.budget,
                "disk_free_gb": round(free / 1e9, 1)}
     if rows != args.rows:
         results["rows_note"] = (f"{args.rows} rows need about {need(args.rows) / 1e9:.0f} GB of disk (table, "
