@@ -4,6 +4,7 @@ tombstones from the change feed) against full rebuilds, compaction, and each rea
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime
 
 import numpy as np
@@ -137,6 +138,9 @@ def test_incremental_ivf_keeps_recall_and_compaction_equals_a_full_build(spark, 
     m = ix.read_manifest(inc)
     assert result.build == m["build"] == "compaction" and "max_deltas" in m["build_reason"]
     assert m["deltas"] == [] and m["tombstones"] is None
+    deadline = time.monotonic() + 60
+    while "v0003" not in {v for v, _ in seen} and time.monotonic() < deadline:
+        time.sleep(0.05)  # the reader's next loop switches to the compacted version
     stop.set()
     thread.join()
     assert errors == [] and {v for v, _ in seen} >= {"v0001", "v0003"} and {n for _, n in seen} == {5}

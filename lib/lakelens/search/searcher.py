@@ -46,7 +46,7 @@ def parse_terms(text: str) -> list[tuple[int, str]]:
     if trailing:
         raise QueryError(f"query arithmetic: nothing after {trailing.group(1)!r} in {text!r}")
     pieces = _OPERATOR.split(" " + text.strip())
-    terms, sign = [], 1
+    terms = []
     if pieces[0].strip():
         terms.append((1, pieces[0].strip()))
     for op, term in zip(pieces[1::2], pieces[2::2]):
