@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import webindex
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
+
+from lakelens.search import MAX_K
+from lakelens.web.app import next_k
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; setup.sh installs them
@@ -83,6 +87,16 @@ def set_input(driver, element_id: str, text: str) -> None:
         box.send_keys(text)
 
 
+def blur(driver) -> None:
+    """Click outside the inputs: a debounced input (the query box, the slider's number) commits its value."""
+    driver.find_element(By.TAG_NAME, "h1").click()
+
+
+def remove_image(driver) -> None:
+    driver.find_element(By.ID, "remove-image").click()
+    wait_for(driver, lambda d: "none" in d.find_element(By.ID, "image-row").get_attribute("class"), "no query image")
+
+
 def search(driver, query: str, status_starts: str) -> None:
     """Type a new query, press Enter, and wait for the status line this search writes (each query text
     is new, so the status line changes even when the results do not)."""
@@ -131,7 +145,9 @@ def test_search_click_similar_upload_and_hostile_names(site, browser, tmp_path):
     wait_for(d, thumbs_loaded, "thumbnails of similar images")
     d.save_screenshot(str(tmp_path / "similar.png"))
 
-    # uploading an indexed image finds that image first
+    # uploading an indexed image (with no text: the image alone) finds that image first
+    set_input(d, "query", "")
+    blur(d)
     upload = site.paths[7]
     d.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(upload)
     wait_for(d, lambda d: status(d).startswith("5 results for uploaded image"), "upload results")
@@ -139,6 +155,7 @@ def test_search_click_similar_upload_and_hostile_names(site, browser, tmp_path):
     assert hits(d)[0].get_attribute("data-id") == str(int(site.ids[7]))
     wait_for(d, thumbs_loaded, "thumbnails of upload results")
     d.save_screenshot(str(tmp_path / "upload.png"))
+    remove_image(d)  # the text searches below search the text alone
 
     # file names with markup: the path-prefix filter finds exactly them; they show as text, nothing runs
     img_dir = str(Path(site.paths[0]).parent)
@@ -160,3 +177,115 @@ def test_search_click_similar_upload_and_hostile_names(site, browser, tmp_path):
     assert hits(d) == [] and d.find_element(By.CSS_SELECTOR, "#results .empty").text == "No results"
     assert d.execute_script("return typeof window.__xss") == "undefined"
     assert all((tmp_path / f).stat().st_size > 10_000 for f in ("text.png", "similar.png", "upload.png"))
+
+
+def api(site, method: str, path: str, **kw) -> list[dict]:
+    """The JSON API's results for the same inputs (its own request, with the server's token)."""
+    r = requests.request(method, site.base + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60, **kw)
+    assert r.status_code == 200, r.text
+    return r.json()["results"]
+
+
+def shown(driver) -> list[tuple[int, str, float]]:
+    """(rank, id, score) of every result card, in page order (one script call, not three per card)."""
+    rows = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#results .hit'))"
+        ".map(c => [c.dataset.rank, c.dataset.id, c.querySelector('.score').textContent]);")
+    return [(int(rank), id_, float(re.search(r"score (-?[\d.]+)", score).group(1))) for rank, id_, score in rows]
+
+
+def assert_same(page: list, rows: list[dict]) -> None:
+    assert [(r, i) for r, i, _ in page] == [(r["rank"], r["id"]) for r in rows]
+    assert all(abs(score - r["score"]) < 6e-5 for (_, _, score), r in zip(page, rows))  # 4 decimals shown
+
+
+def scroll_to_end(driver) -> None:
+    driver.execute_script("window.scrollTo(0, document.documentElement.scrollHeight)")
+
+
+def more(driver):
+    return driver.find_element(By.CSS_SELECTOR, "#results .more")
+
+
+def set_balance(driver, value: str) -> None:
+    """Type the image's weight into the slider's number box; it commits when the box loses focus."""
+    set_input_element(driver.find_element(By.CSS_SELECTOR, "#weights input"), value)
+    blur(driver)
+    wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#weights [role=slider]").get_attribute("aria-valuenow")
+             == value, f"the slider at {value}")
+
+
+def set_input_element(box, text: str) -> None:
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.BACKSPACE)
+    box.send_keys(text)
+
+
+def test_pages_stop_at_the_searchers_bound():
+    assert next_k(20, 0) == 20 and next_k(20, 40) == 20
+    assert next_k(1000, MAX_K - 300) == 300  # the last page asks only for what k + offset allows
+    assert next_k(20, MAX_K) == 0
+
+
+def test_scroll_loads_next_pages_text_and_image_with_weights(site, browser):
+    d = browser
+    d.get(site.base + "/?token=" + TOKEN)
+    wait_for(d, lambda d: d.find_elements(By.ID, "query"), "the page")
+
+    # query arithmetic that only subtracts: a readable message on the page, not a failed callback
+    set_input(d, "query", "- a red circle")
+    d.find_element(By.ID, "query").send_keys(Keys.ENTER)
+    wait_for(d, lambda d: "only subtracts" in d.find_element(By.CSS_SELECTOR, "#status .error").text, "the error")
+    assert hits(d) == []
+
+    # arithmetic, then scrolling: each scroll to the end appends the next page (offset = cards shown),
+    # the very ranks and ids the API gives for offset 20 and 40, until the 43 images run out
+    q = "a red circle + a blue square"
+    expected = [r for offset in (0, 20, 40) for r in api(site, "GET", "/api/search",
+                                                        params={"q": q, "k": 20, "offset": offset})]
+    assert len(expected) == len(site.ids) == 43
+    search(d, q, "20 results for")
+    assert_same(shown(d), expected[:20])
+    assert more(d).get_attribute("class") == "more open" and "scroll down for more" in more(d).text
+    scroll_to_end(d)
+    wait_for(d, lambda d: len(hits(d)) >= 40, "the second page")
+    page = shown(d)
+    assert_same(page, expected[:len(page)])
+    scroll_to_end(d)
+    wait_for(d, lambda d: more(d).get_attribute("class") == "more done", "the end of the results")
+    assert_same(shown(d), expected)
+    assert more(d).text == "end of results" and status(d).startswith(f"43 results for “{q}”")
+    wait_for(d, thumbs_loaded, "thumbnails of every page")
+
+    # a text and an image with weights 0.3 / 0.7: the page's results are the API's for the same inputs
+    d.execute_script("window.scrollTo(0, 0)")
+    text, image = "a blue square", site.paths[3]
+    search(d, text, "20 results for")
+    set_balance(d, "0.7")  # no image yet: nothing is searched
+    d.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(image)
+    wait_for(d, lambda d: "combined with weights 0.3 and 0.7" in status(d), "the text and image results")
+    assert status(d).startswith(f"20 results for “{text}” and uploaded image {Path(image).name}")
+
+    def combined(weights: str, offset: int = 0) -> list[dict]:
+        with open(image, "rb") as f:
+            return api(site, "POST", "/api/search/image", files={"image": (Path(image).name, f)},
+                       data={"q": text, "weights": weights, "k": "20", "offset": str(offset)})
+
+    top = combined("0.3,0.7")
+    assert_same(shown(d), top)
+    assert top != api(site, "GET", "/api/search", params={"q": text, "k": 20})  # the image counts
+    scroll_to_end(d)  # the next page of the same text, image and weights
+    wait_for(d, lambda d: len(hits(d)) >= 40, "the second page of text and image")
+    assert_same(shown(d)[:40], top + combined("0.3,0.7", offset=20))
+
+    # moving the slider searches again with the new balance; its second page comes on scrolling too
+    # (a new search: the page asked for at 20 cards of the last one does not stand in for it)
+    d.execute_script("window.scrollTo(0, 0)")
+    set_balance(d, "0.2")
+    wait_for(d, lambda d: "combined with weights 0.8 and 0.2" in status(d), "results for the new weights")
+    top = combined("0.8,0.2")
+    assert_same(shown(d), top)
+    scroll_to_end(d)
+    wait_for(d, lambda d: len(hits(d)) >= 40, "the second page for the new weights")
+    assert_same(shown(d)[:40], top + combined("0.8,0.2", offset=20))
+    remove_image(d)
