@@ -101,16 +101,30 @@ class FinetuneConfig:
 
 
 @dataclass
+class DedupConfig:
+    table: str = ""  # the embeddings table
+    out: str = ""  # the duplicates table (Delta): group, id, path, similarity, representative
+    index: str = ""  # search this index's live version (scales); empty: exact blockwise search of the table
+    format: str = "delta"  # the embeddings table's format
+    threshold: float = 0.97  # cosine similarity at or above which two images are near copies
+    guard: float = 0.92  # every member of a group is at least this similar to its representative (no chains)
+    neighbors: int = 32  # index path: nearest neighbours looked at per image (pairs over the threshold among them)
+    block_rows: int = 4096  # exact path: rows per block of the blockwise self-join
+    full: bool = False  # search every image again instead of only new and changed ones
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
 
 
 # Allowed values and lower bounds, checked after every load; the key names the failing setting.
-CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet"),
+CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet"), "dedup.format": ("delta", "parquet"),
            "embed.engine": ("torch", "torch-bf16", "onnx", "onnx-int8"), "embed.device": ("auto", "cpu", "cuda")}
 MINIMUMS = {
     "spark.shuffle_partitions": 1,
@@ -139,6 +153,10 @@ MINIMUMS = {
     "index.max_deltas": 1,
     "index.max_deleted_fraction": 0.0,
     "index.min_recall": 0.0,
+    "dedup.threshold": -1.0,
+    "dedup.guard": -1.0,
+    "dedup.neighbors": 1,
+    "dedup.block_rows": 1,
 }
 
 
@@ -207,6 +225,10 @@ def _validate(conf: Config) -> None:
         value = getattr(getattr(conf, section), name)
         if value < low:
             raise ConfigError(f"{key}: must be >= {low}, got {value}")
+    if not conf.dedup.threshold <= 1:
+        raise ConfigError(f"dedup.threshold: a cosine similarity, at most 1, got {conf.dedup.threshold}")
+    if not conf.dedup.guard <= conf.dedup.threshold:
+        raise ConfigError(f"dedup.guard: must not exceed dedup.threshold ({conf.dedup.threshold}), got {conf.dedup.guard}")
     if not conf.finetune.val_fraction < 1:
         raise ConfigError(f"finetune.val_fraction: must be below 1, got {conf.finetune.val_fraction}")
 

@@ -31,6 +31,7 @@ MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
 COMMON_PREFIX = 0.05  # a prefix held by this share of the images or more is filtered after the search
 QUERY_MAX_PIXELS = 16_000_000  # query images: a bound of their own, far below the embed job's
+GROUPS_FILE = "duplicates.arrow"  # written beside the index by `lakelens dedup --index` (lakelens.dedup.job)
 LEGACY_META = "meta.parquet"  # one metadata file for all shards (versions published before per-shard files)
 
 
@@ -123,6 +124,7 @@ class Searcher:
         self._pool = ThreadPoolExecutor(threads or 4)
         self._embedder = None
         self._prefix_cache: dict = {}
+        self._groups = None  # (file stamp, Arrow table) of the duplicate groups
         self._expect = expect_model.key if isinstance(expect_model, ModelSpec) else expect_model
         self._state = self._load(ix.current_version(self.index_dir))
 
@@ -287,27 +289,102 @@ class Searcher:
         return self.search_vector(vec, k, **kw)
 
     def search_vector(self, vector, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
-                      nprobe: int | None = None, ef_search: int | None = None, offset: int = 0) -> pd.DataFrame:
+                      nprobe: int | None = None, ef_search: int | None = None, offset: int = 0,
+                      collapse_duplicates: bool = False) -> pd.DataFrame:
         return self.search_vectors(np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector, k,
-                                   min_score, path_prefix, nprobe, ef_search, offset)[0]
+                                   min_score, path_prefix, nprobe, ef_search, offset, collapse_duplicates)[0]
 
     def search_vectors(self, vectors, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
-                       nprobe: int | None = None, ef_search: int | None = None, offset: int = 0) -> list[pd.DataFrame]:
+                       nprobe: int | None = None, ef_search: int | None = None, offset: int = 0,
+                       collapse_duplicates: bool = False) -> list[pd.DataFrame]:
         """A batch of query vectors -> one result frame each (rank, score, id, path). `offset` skips the
-        first results (pages: offset = page x k); ranks count from the top of the whole list."""
+        first results (pages: offset = page x k); ranks count from the top of the whole list.
+        `collapse_duplicates`: one result per duplicate group (`lakelens dedup --index`), its best hit,
+        with a `duplicates` column counting the group's other members."""
         if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
             raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k + offset > MAX_K:
             raise QueryError(f"k must be an integer between 1 and {MAX_K} (k + offset at most {MAX_K}), "
                              f"got k={k!r}, offset={offset!r}")
-        if not offset:
+        if collapse_duplicates:
+            frames = self._collapsed(vectors, k + offset, min_score, path_prefix, nprobe, ef_search)
+        elif not offset:
             return self._search_vectors(vectors, k, min_score, path_prefix, nprobe, ef_search)
-        frames = self._search_vectors(vectors, k + offset, min_score, path_prefix, nprobe, ef_search)
+        else:
+            frames = self._search_vectors(vectors, k + offset, min_score, path_prefix, nprobe, ef_search)
         for i, f in enumerate(frames):
             page = f.iloc[offset:].reset_index(drop=True)
             page.attrs = f.attrs
             frames[i] = page
         return frames
+
+    def _collapsed(self, vectors, want, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
+        """The first `want` results with one per duplicate group: searched deeper (x4, doubling while
+        groups eat the list) until enough distinct groups or the whole index."""
+        groups = self.duplicate_groups_table()
+        g_ids, g_group = groups.column("id").to_numpy(), groups.column("group").to_numpy()
+        sizes = dict(zip(*np.unique(g_group, return_counts=True)))
+        fetch = min(MAX_K, 4 * want)
+        while True:
+            frames = self._search_vectors(vectors, fetch, min_score, path_prefix, nprobe, ef_search)
+            out, short = [], False
+            for f in frames:
+                ids = f["id"].to_numpy(np.int64)
+                pos = np.clip(np.searchsorted(g_ids, ids), 0, max(len(g_ids) - 1, 0))
+                member = (g_ids[pos] == ids) if len(g_ids) else np.zeros(len(ids), bool)
+                key = np.where(member, g_group[pos] if len(g_ids) else ids, ids)
+                _, first = np.unique(key, return_index=True)
+                keep = np.sort(first)[:want]
+                c = f.iloc[keep].reset_index(drop=True)
+                c["rank"] = np.arange(1, len(c) + 1)
+                c["duplicates"] = [int(sizes.get(g, 1)) - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
+                c.attrs = f.attrs
+                out.append(c)
+                short |= len(c) < want and len(f) == fetch
+            if not short or fetch >= min(MAX_K, len(self)):
+                return out
+            fetch = min(MAX_K, 2 * fetch)
+
+    def duplicate_groups_table(self):
+        """The duplicate groups `lakelens dedup --index` wrote beside the index (id, group, path, similarity,
+        representative; sorted by id), memory-mapped; re-read when the file is replaced."""
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        path = self.index_dir / GROUPS_FILE
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise QueryError(f"no duplicate groups for {self.index_dir}: run lakelens dedup --index {self.index_dir} "
+                             "first") from None
+        key = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            cached = self._groups
+        if cached is None or cached[0] != key:
+            table = ipc.open_file(pa.memory_map(str(path))).read_all()
+            cached = (key, table)
+            with self._lock:
+                self._groups = cached
+        return cached[1]
+
+    def duplicate_groups(self, offset: int = 0, limit: int = 20) -> dict:
+        """Groups of near copies, largest first: {"total", "groups": [{"group", "size", "members": [...]}],
+        "index_version", "notes"}; members are (id, path, similarity, representative), representative first."""
+        t = self.duplicate_groups_table()
+        df = t.select(["group", "id", "path", "similarity", "representative"]).to_pandas()
+        sizes = df.groupby("group").size().sort_values(ascending=False, kind="stable")
+        order = sorted(sizes.index, key=lambda g: (-sizes[g], g))
+        page = order[offset:offset + limit]
+        groups = []
+        for g in page:
+            part = df[df["group"] == g].sort_values(["representative", "similarity"], ascending=False)
+            groups.append({"group": int(g), "size": int(sizes[g]),
+                           "members": [{"id": int(r.id), "path": r.path, "similarity": round(float(r.similarity), 4),
+                                        "representative": bool(r.representative)} for r in part.itertuples()]})
+        made_for = (t.schema.metadata or {}).get(b"index_version", b"").decode()
+        notes = [] if made_for == self.version else [
+            f"the groups were made for index version {made_for}; the live version is {self.version}"]
+        return {"total": len(order), "offset": offset, "groups": groups, "index_version": made_for, "notes": notes}
 
     def _search_vectors(self, vectors, k, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
         st = self._state  # one consistent version for the whole call, even if reload() runs meanwhile

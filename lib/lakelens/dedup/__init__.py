@@ -1,0 +1,1 @@
+"""Near-duplicate groups of the embeddings table (`lakelens dedup`)."""
