@@ -230,3 +230,49 @@ def test_pages_arithmetic_and_text_with_image(site):
     assert "offset" in reason(get(site, "/api/search", q="x", offset="-1"), 400)
     assert "offset" in reason(get(site, "/api/search", q="x", offset="9001"), 400)
     assert "cancel out" in reason(get(site, "/api/search", q="cat - cat"), 400)
+
+
+def test_duplicates_api_page_and_collapsed_results(site):
+    """Groups written beside the index (as `lakelens dedup --index` writes them) are listed by the API and
+    the page, largest first, and collapse search results to one per group."""
+    import pyarrow as pa
+
+    from lakelens.dedup.job import write_groups_arrow
+    from lakelens.search.searcher import GROUPS_FILE
+
+    assert "lakelens dedup" in reason(get(site, "/api/duplicates"), 400)
+    hostile = next(i for i, u in enumerate(site.uris) if "__xss=2" in u)  # a name with markup in it
+    ids = [int(site.ids[i]) for i in (0, 1, 2, 5, hostile)]
+    groups = pa.table({"group": [ids[0]] * 3 + [ids[3]] * 2, "id": ids,
+                       "path": [site.uris[i] for i in (0, 1, 2, 5, hostile)],
+                       "similarity": pa.array([1.0, 0.99, 0.98, 1.0, 0.975], pa.float32()),
+                       "representative": [True, False, False, True, False]})
+    write_groups_arrow(groups, site.index, site.version, 0)
+    try:
+        listed = get(site, "/api/duplicates").json()
+        assert listed["total"] == 2 and listed["notes"] == []
+        assert [g["size"] for g in listed["groups"]] == [3, 2] and listed["groups"][0]["group"] == str(ids[0])
+        first = listed["groups"][0]["members"]
+        assert [m["id"] for m in first] == [str(i) for i in ids[:3]] and first[0]["representative"]
+        assert get(site, first[1]["thumb"]).headers["Content-Type"] == "image/jpeg"
+        assert get(site, "/api/duplicates", offset=1, limit=1).json()["groups"][0]["size"] == 2
+        assert "limit" in reason(get(site, "/api/duplicates", limit=0), 400)
+
+        plain = get(site, f"/api/similar/{ids[1]}", k=20).json()["results"]
+        collapsed = get(site, f"/api/similar/{ids[1]}", k=5, collapse_duplicates="true").json()["results"]
+        group_of = {str(i): str(g) for i, g in zip(ids, groups.column("group").to_pylist())}
+        seen, expected = set(), []
+        for r in plain:  # the first hit of each group stands for it
+            key = group_of.get(r["id"], r["id"])
+            if key not in seen:
+                seen.add(key)
+                expected.append(r["id"])
+        assert [r["id"] for r in collapsed] == expected[:5] and [r["rank"] for r in collapsed] == [1, 2, 3, 4, 5]
+        assert collapsed[0]["id"] == str(ids[1]) and collapsed[0]["duplicates"] == 2
+        assert "collapse_duplicates" in reason(get(site, "/api/search", q="x", collapse_duplicates="maybe"), 400)
+
+        page = get(site, "/duplicates")
+        assert page.status_code == 200 and page.text.count("class='group'") == 2
+        assert "<script>window.__xss" not in page.text and "&lt;script&gt;window.__xss=2" in page.text
+    finally:
+        (site.index / GROUPS_FILE).unlink()

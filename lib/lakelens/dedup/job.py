@@ -398,15 +398,18 @@ class DedupJob(Job):
 
 
 def write_groups_file(groups: DataFrame, index_dir: Path, index_version: str, table_version) -> Path:
-    """The groups beside the index for the query driver (collapse_duplicates, /api/duplicates): an Arrow
-    file sorted by id, replaced atomically."""
+    """The groups beside the index for the query driver (collapse_duplicates, /api/duplicates)."""
+    return write_groups_arrow(groups.orderBy("id").toArrow(), index_dir, index_version, table_version)
+
+
+def write_groups_arrow(table, index_dir: Path, index_version: str, table_version) -> Path:
+    """(group, id, path, similarity, representative) rows as an Arrow file sorted by id, replaced atomically."""
     import pyarrow as pa
     import pyarrow.ipc as ipc
 
-    t = groups.orderBy("id").toArrow()
-    t = t.replace_schema_metadata({"index_version": index_version, "table_version": str(table_version)})
-    target = index_dir / GROUPS_FILE
-    tmp = index_dir / f".{GROUPS_FILE}.tmp"
+    t = table.sort_by("id").replace_schema_metadata({"index_version": index_version, "table_version": str(table_version)})
+    target = Path(index_dir) / GROUPS_FILE
+    tmp = Path(index_dir) / f".{GROUPS_FILE}.tmp"
     with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, t.schema) as writer:
         writer.write_table(t)
     tmp.replace(target)

@@ -1,6 +1,7 @@
-"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/health, /thumb/<id>.
-Every search takes k, offset (the next page), min_score and prefix; q may use query arithmetic
-("beach + sunset - people"); /api/search/image takes q and weights too (text and image combined)."""
+"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/duplicates,
+/api/health, /thumb/<id>. Every search takes k, offset (the next page), min_score, prefix and
+collapse_duplicates; q may use query arithmetic ("beach + sunset - people"); /api/search/image takes q and
+weights too (text and image combined)."""
 
 from __future__ import annotations
 
@@ -104,10 +105,22 @@ def parse_weights(value) -> list[float] | None:
         raise QueryError(f"weights must be two numbers separated by a comma, e.g. 0.7,0.3; got {value!r}") from None
 
 
+def parse_flag(value, name: str) -> bool:
+    text = "" if value is None else str(value).strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise QueryError(f"{name} must be true or false (1 or 0), got {value!r}")
+
+
 def search_options(args, limits: Limits) -> dict:
-    return {"k": parse_k(args.get("k"), limits), "min_score": parse_min_score(args.get("min_score")),
+    opts = {"k": parse_k(args.get("k"), limits), "min_score": parse_min_score(args.get("min_score")),
             "path_prefix": parse_prefix(args.get("prefix"), limits),
             "offset": parse_offset(args.get("offset"), limits)}
+    if parse_flag(args.get("collapse_duplicates"), "collapse_duplicates"):
+        opts["collapse_duplicates"] = True  # one result per duplicate group (lakelens dedup --index)
+    return opts
 
 
 def thumb_url(id_: int, version: str) -> str:
@@ -117,8 +130,12 @@ def thumb_url(id_: int, version: str) -> str:
 
 def rows(results, version: str) -> list[dict]:
     # ids are 64-bit: as JSON numbers JavaScript would round them, so they travel as decimal strings
-    return [{"rank": int(r.rank), "score": round(float(r.score), 6), "id": str(int(r.id)), "path": str(r.path),
-             "thumb": thumb_url(int(r.id), version)} for r in results.itertuples()]
+    out = [{"rank": int(r.rank), "score": round(float(r.score), 6), "id": str(int(r.id)), "path": str(r.path),
+            "thumb": thumb_url(int(r.id), version)} for r in results.itertuples()]
+    if "duplicates" in results.columns:  # collapsed: how many other copies each result stands for
+        for row, n in zip(out, results["duplicates"]):
+            row["duplicates"] = int(n)
+    return out
 
 
 def host_name(host: str) -> str:
@@ -205,6 +222,19 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         if s.path_of(id_) is None:
             raise ThumbError(404, f"id {id_} is not in index {s.version}")
         return answer(s, s.search_id(id_, **opts), {"id": str(id_), **opts})
+
+    @server.get("/api/duplicates")
+    def duplicates():
+        offset = parse_int(request.args.get("offset"), "offset", 0, 10**9, 0)
+        limit = parse_int(request.args.get("limit"), "limit", 1, 500, 20)
+        s = live.get()
+        found = s.duplicate_groups(offset, limit)
+        for group in found["groups"]:
+            for m in group["members"]:
+                m["thumb"] = thumb_url(m["id"], s.version)
+                m["id"] = str(m["id"])
+            group["group"] = str(group["group"])
+        return jsonify({"index_version": s.version, **found})
 
     @server.get("/thumb/<id_text>")
     def thumb(id_text):

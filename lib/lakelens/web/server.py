@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from lakelens.web import api
+from lakelens.web import api, duplicates
 from lakelens.web.api import LOOPBACK_HOSTS, Limits
 from lakelens.web.app import build_page
 from lakelens.web.live import LiveSearcher
@@ -29,6 +29,7 @@ def create_app(index_dir: str | Path, limits: Limits | None = None, live: LiveSe
     server.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes * 4 // 3 + 64 * 1024
     thumbs = ThumbCache(limits.thumb_cache, limits.thumb_side, max_pixels=limits.max_pixels, s3=s3)
     api.register(server, live, limits, thumbs)
+    duplicates.register(server, live)
     app = build_page(server, live, limits)
     app.live, app.limits, app.thumbs = live, limits, thumbs
     return app
