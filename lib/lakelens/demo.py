@@ -1,6 +1,7 @@
 """The offline end-to-end demo: a captioned image set -> Spark embed job (Delta) -> index -> eval with the
 random-init model; fine-tune on the training split; embed, index and eval again; example queries and a
-contact sheet."""
+contact sheet. `shapes-pt`: English and Portuguese captions, and a model folder (`local-dir:`) whose
+tokenizer the demo trains on them (Hugging Face `tokenizers`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lakelens import config
 from lakelens.index.job import IndexJob
 from lakelens.ingest.embed_job import EmbedJob
 from lakelens.ingest.paths import to_local
+from lakelens.models import local_dir
 from lakelens.models.registry import ModelSpec
 from lakelens.search import Searcher
 from lakelens.spark import get_session
@@ -22,21 +24,26 @@ from lakelens.train.datasets import write_fashion_mnist
 from lakelens.train.eval_run import read_captions, run_eval
 from lakelens.train.finetune import finetune
 
-DATASETS = ("shapes", "fashion-mnist")
+DATASETS = ("shapes", "shapes-pt", "fashion-mnist")
 # Per data set: the metric the demo reports, and the example text queries it shows.
-HEADLINE = {"shapes": "t2i_recall@10", "fashion-mnist": "t2i_precision@10"}
+HEADLINE = {"shapes": "t2i_recall@10", "shapes-pt": "t2i_recall@10", "fashion-mnist": "t2i_precision@10"}
 QUERIES = {"shapes": ["a large red circle on the left of a grey background",
                       "a small blue star on the top of a striped background",
                       "a large yellow triangle on the bottom of a dotted background"],
+           "shapes-pt": ["um grande círculo vermelho à esquerda", "uma pequena estrela azul no centro",
+                         "um grande triângulo amarelo em baixo num fundo pontilhado",
+                         "a large red circle on the left"],
            "fashion-mnist": ["a photo of a sneaker", "a photo of a trouser", "a photo of a bag",
                              "a photo of a dress"]}
-DEFAULT_SIZES = {"shapes": (3000, 1000, 5), "fashion-mnist": (12000, 2000, 4)}  # train, held-out, epochs
+DEFAULT_SIZES = {"shapes": (3000, 1000, 5), "shapes-pt": (1500, 1000, 5),  # train, held-out, epochs
+                 "fashion-mnist": (12000, 2000, 4)}
 
 
 def _write_data(dataset: str, train_dir: Path, images: Path, n_train: int, n_images: int) -> tuple[Path, Path]:
-    if dataset == "shapes":
-        train = synth.write_dataset(train_dir, n_train, seed=1)
-        held_out = synth.write_dataset(images, n_images, seed=2)
+    if dataset.startswith("shapes"):
+        langs = synth.LANGS if dataset == "shapes-pt" else ("en",)  # shapes-pt: an en and a pt caption per image
+        train = synth.write_dataset(train_dir, n_train, seed=1, langs=langs)
+        held_out = synth.write_dataset(images, n_images, seed=2, langs=langs)
     else:
 
         train = write_fashion_mnist(train_dir, "train", n_train, seed=1, varied_captions=True)
@@ -101,6 +108,12 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
     train_captions, captions = _write_data(dataset, out_dir / "train", images, n_train, n_images)
     sections = {"spark": {"master": master}, "embed": {"images": str(images), "table": str(table)},
                 "index": {"table": str(table), "index": str(index_dir)}}
+    if dataset == "shapes-pt":
+        tokenizer = local_dir.train_tokenizer(read_captions(str(train_captions))["caption"], vocab_size=1000)
+        folder = local_dir.write_model_folder(out_dir / "model-folder", tokenizer)
+        print(f"[demo] a tokenizer of {tokenizer.get_vocab_size()} pieces trained on the training captions; "
+              f"model {folder}")
+        sections["model"] = {"name": folder, "pretrained": "none"}
     conf = config.load(conf_path, list(overrides), **sections)
     spec = ModelSpec.from_config(conf.model)
     phases = {}
@@ -113,7 +126,7 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
         print("[demo] the embed job again: nothing changed, so nothing is embedded")
         rerun = EmbedJob(spark=spark, conf=conf).launch()
 
-        print(f"[demo] fine-tuning {spec.name} on {n_train} image-caption pairs ({epochs} epochs)")
+        print(f"[demo] fine-tuning {spec.name} on the captions of {n_train} training images ({epochs} epochs)")
         t = time.time()
         ft_conf = config.load(conf_path, list(overrides), **sections,
                               finetune={"out": str(out_dir / "model"), "epochs": epochs})
@@ -122,7 +135,8 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
 
         print(f"[demo] embed job + index job + eval with the fine-tuned weights {tuned.final_checkpoint}")
         t = time.time()
-        conf = config.load(conf_path, list(overrides), **sections, model={"pretrained": tuned.final_checkpoint})
+        conf = config.load(conf_path, list(overrides), **{**sections, "model": {**sections.get("model", {}),
+                                                                               "pretrained": tuned.final_checkpoint}})
         after = _embed_index_eval(spark, conf, captions, eval_dir, "after")
         phases["after_seconds"] = round(time.time() - t, 1)
     finally:
@@ -157,6 +171,8 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"[demo] {head} on the held-out images: random init {b:.3f} -> fine-tuned {a:.3f}"
           + (f" ({a / b:.1f}x)" if b else ""))
+    for lang, m in after["metrics"].get("by_lang", {}).items():
+        print(f"[demo]   {lang}: {head} random init {before['metrics']['by_lang'][lang][head]:.3f} -> fine-tuned {m[head]:.3f}")
     print(f"[demo] metrics: {eval_dir}/before.json, after.json; recall plot {eval_dir}/recall.png; "
           f"training curves {tuned.out}/training.png; contact sheet {sheet}")
     print(f"[demo] done in {result['seconds']} s")

@@ -46,12 +46,12 @@ COLUMNS = [f.name for f in SCHEMA.fields]
 
 
 def read_pairs(spark: SparkSession, path: str, version: int = -1):
-    """A Delta table of (path, caption[, label][, split]) pairs, as pandas, at `version` (-1: latest)."""
+    """A Delta table of (path, caption[, label][, split][, lang]) pairs, as pandas, at `version` (-1: latest)."""
     reader = spark.read.format("delta")
     if version >= 0:
         reader = reader.option("versionAsOf", version)
     df = reader.load(path)
-    keep = [c for c in ("path", "caption", "label", "split") if c in df.columns]
+    keep = [c for c in ("path", "caption", "label", "split", "lang") if c in df.columns]
     return df.select(*keep).toPandas()
 
 

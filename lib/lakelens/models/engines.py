@@ -23,6 +23,7 @@ import numpy as np
 
 from lakelens.config import CHOICES, ConfigError, EmbedConfig
 from lakelens.ingest.images import Transform
+from lakelens.models import local_dir
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec
 from lakelens.train import synth
@@ -151,11 +152,14 @@ def default_cache_dir() -> Path:
 
 
 def weights_fingerprint(spec: ModelSpec) -> dict:
-    """What identifies the weights: the spec, plus size and mtime of a local checkpoint file."""
+    """What identifies the weights: the spec, plus size and mtime of a local checkpoint file (and of a
+    model folder's config and tokenizer)."""
     out = {"spec": spec.key}
     stamp = models.weights_stamp(spec)  # the same stamp that keys models.load's cache
     if stamp:
         out.update(size=stamp[0], mtime_ns=stamp[1])
+    if local_dir.is_local_dir(spec.name):
+        out["folder"] = list(local_dir.folder_stamp(local_dir.folder_of(spec.name)))
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from lakelens.config import ModelConfig
 from lakelens.errors import ConfigError, IndexMismatchError, ModelLoadError
 from lakelens.ingest.images import Transform
+from lakelens.models import local_dir
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 RANDOM_INIT = "none"
@@ -84,11 +85,16 @@ class ModelSpec:
     @classmethod
     def from_config(cls, conf: ModelConfig) -> ModelSpec:
         pretrained = (conf.pretrained or RANDOM_INIT).strip()
+        name = conf.name.strip()
+        if local_dir.is_local_dir(name):
+            name = local_dir.normalise(name)
+            if pretrained.lower() == local_dir.FOLDER_WEIGHTS:  # the folder's own weights, by file name
+                pretrained = str(local_dir.folder_checkpoint(local_dir.folder_of(name)))
         if pretrained.lower() == RANDOM_INIT:
             pretrained = RANDOM_INIT
         elif _looks_like_path(pretrained):
             pretrained = str(Path(pretrained).expanduser().resolve())
-        spec = cls(conf.name.strip(), pretrained)
+        spec = cls(name, pretrained)
         return spec.with_digest() if spec.is_checkpoint and Path(pretrained).is_file() else spec
 
     @classmethod
@@ -124,8 +130,13 @@ class ModelSpec:
         """Raise ConfigError for an unknown architecture or pretrained tag, before any worker starts.
         Names and checkpoint paths are checked without importing open_clip (and torch); pretrained tags
         need open_clip's registry."""
+        if local_dir.is_local_dir(self.name):
+            local_dir.check_folder(local_dir.folder_of(self.name))
+            if self.pretrained != RANDOM_INIT and not self.is_checkpoint:
+                raise ConfigError(f"model.pretrained: {self.pretrained!r} for a local-dir model; allowed: "
+                                  f"{local_dir.FOLDER_WEIGHTS} (the folder's weights file), a checkpoint path, or none")
         models = known_architectures()
-        if self.name not in models and not self.name.startswith("hf-hub:"):
+        if self.name not in models and not self.name.startswith(("hf-hub:", local_dir.PREFIX)):
             raise ConfigError(f"model.name: unknown open_clip architecture {self.name!r}; "
                               f"known: {', '.join(models[:12])}, ... (open_clip.list_models())")
         if self.pretrained == RANDOM_INIT or self.name.startswith("hf-hub:"):
@@ -176,6 +187,8 @@ def _create(spec: ModelSpec):
     import torch
 
     oc = _open_clip()
+    if local_dir.is_local_dir(spec.name):
+        return _create_local_dir(spec)
     if spec.pretrained == RANDOM_INIT:
         # fork_rng keeps the caller's RNG state untouched; the seed makes every process build the same weights
         with torch.random.fork_rng(devices=[]):
@@ -199,6 +212,39 @@ def _create(spec: ModelSpec):
             f"(config key model.pretrained).") from e
 
 
+def _create_local_dir(spec: ModelSpec):
+    """A model folder's architecture, random init (seed 0) or the weights of spec.pretrained; its text tower
+    is never fetched from the hub (its weights come with the checkpoint)."""
+    import torch
+
+    oc = _open_clip()
+    try:
+        with local_dir.offline(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            created = oc.create_model_and_transforms(spec.name, load_weights=False, pretrained_text=False)
+            if spec.is_checkpoint:
+                oc.load_checkpoint(created[0], spec.pretrained)
+            return created
+    except Exception as e:
+        raise ModelLoadError(f"could not load the model folder {local_dir.folder_of(spec.name)}"
+                             + (f" with the weights {spec.pretrained}" if spec.is_checkpoint else "")
+                             + f": {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def tokenizer_of(spec: ModelSpec):
+    """open_clip's tokenizer for the architecture; a model folder's Hugging Face tokenizer, from the folder."""
+    if not local_dir.is_local_dir(spec.name):
+        return _open_clip().get_tokenizer(spec.name)
+    folder = local_dir.folder_of(spec.name)
+    local_dir.check_folder(folder)
+    try:
+        with local_dir.offline():
+            return _open_clip().get_tokenizer(spec.name)
+    except Exception as e:
+        raise ModelLoadError(f"could not load the tokenizer of the model folder {folder} "
+                             f"({local_dir.TOKENIZER_FILE}, tokenizer_config.json): {type(e).__name__}: {str(e)[:300]}") from e
+
+
 def weights_stamp(spec: ModelSpec) -> tuple:
     """Size and mtime of a checkpoint file, so a file rewritten in place (a new fine-tune into the same
     folder) is loaded afresh instead of served stale from the cache."""
@@ -215,7 +261,10 @@ def load(spec: ModelSpec) -> LoadedModel:
     """Build (once per process) the model for `spec`; Spark's reused Python workers keep it between tasks.
     A spec with a digest loads only the weights of that digest."""
     spec.check_weights()
-    return _load(spec, weights_stamp(spec))
+    stamp = weights_stamp(spec)
+    if local_dir.is_local_dir(spec.name):
+        stamp += local_dir.folder_stamp(local_dir.folder_of(spec.name))
+    return _load(spec, stamp)
 
 
 @functools.lru_cache(maxsize=4)
@@ -227,7 +276,7 @@ def _load(spec: ModelSpec, stamp: tuple) -> LoadedModel:
     image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
     dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
         else int(model.visual.output_dim)
-    tokenizer = _open_clip().get_tokenizer(spec.name)
+    tokenizer = tokenizer_of(spec)
     return LoadedModel(spec, model, preprocess, tokenizer, image_size, dim)
 
 

@@ -28,7 +28,7 @@ def _is_delta(path: str) -> bool:
 
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
-    optionally label and split."""
+    optionally label, split and lang (the caption's language, e.g. en, pt)."""
     if _is_delta(path):
         # Spark only for Delta captions tables: CSV and Parquet evaluations never start a JVM
         from lakelens.ingest.table import read_pairs
@@ -53,7 +53,8 @@ def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
 
 def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dict:
     """Text->image and image->text Recall@K over the captioned images, top-K accuracy, precision@K by
-    label, and the ANN index's recall against exact search on the same text queries."""
+    label, and the ANN index's recall against exact search on the same text queries. With a `lang`
+    column, every metric also per language under `by_lang` (image->text among that language's captions)."""
     searcher = Searcher.open(index_dir)
     captions = captions.reset_index(drop=True)
     uris = captions["path"].map(to_stored)
@@ -71,32 +72,60 @@ def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dic
     text_vecs = np.concatenate([searcher.embedder.embed_texts(captions["caption"].iloc[i:i + 256].tolist())
                                 for i in range(0, len(captions), 256)])
     col = {uri: j for j, uri in enumerate(images)}
-    targets = np.array([col[u] if present[col[u]] else -1 for u in uris])
+    image_of = np.array([col[u] for u in uris])
+    present = np.array(present)
     scores = text_vecs @ image_vecs.T
-    scores[:, ~np.array(present)] = -np.inf  # images missing from the index cannot be retrieved
-    t2i = ev.recall_at_k(ev.ranks_of_targets(scores, targets), ks)
-    caption_rows = {}
-    for i, u in enumerate(uris):
-        caption_rows.setdefault(col[u], []).append(i)
-    i2t_ranks = ev.best_ranks(scores.T, [caption_rows[j] if present[j] else [-1] for j in range(len(images))])
-    i2t = ev.recall_at_k(i2t_ranks, ks)
+    scores[:, ~present] = -np.inf  # images missing from the index cannot be retrieved
     kmax = max(ks)
     exact_ids = np.array([path_to_id.get(u, -1) for u in images], dtype=np.int64)  # no float round trip
     exact_top = [exact_ids[np.argsort(-row, kind="stable")[:kmax]] for row in scores]
     ann_top = [f["id"].to_numpy() for f in searcher.search_vectors(text_vecs, k=kmax)]
-    metrics = {"queries": int(len(captions)), "images": int(len(images)),
-               "missing_images": int(len(images) - sum(present)), "index_version": searcher.version,
-               "model": searcher.manifest["model"]["key"]}
-    for k in ks:
-        metrics[f"t2i_recall@{k}"] = t2i[k]
-        metrics[f"t2i_top{k}_accuracy"] = t2i[k]
-        metrics[f"i2t_recall@{k}"] = i2t[k]
+    labels = None
     if "label" in captions.columns:
         image_labels = captions.assign(uri=uris).drop_duplicates("uri").set_index("uri").loc[images, "label"]
-        prec = ev.precision_at_k(scores, captions["label"].tolist(), image_labels.tolist(), ks)
-        metrics.update({f"t2i_precision@{k}": prec[k] for k in ks})
-    metrics[f"ann_recall@{kmax}"] = ev.ann_recall(ann_top, exact_top, kmax)
+        labels = (captions["label"].tolist(), image_labels.tolist())
+
+    def metrics_of(rows: np.ndarray) -> dict:
+        """The metrics of the caption rows `rows` as queries (and, image->text, as the candidates)."""
+        sub = scores[rows]
+        targets = np.where(present[image_of[rows]], image_of[rows], -1)
+        t2i = ev.recall_at_k(ev.ranks_of_targets(sub, targets), ks)
+        caption_rows: dict[int, list[int]] = {}
+        for pos, j in enumerate(image_of[rows]):
+            caption_rows.setdefault(int(j), []).append(pos)
+        queried = sorted(caption_rows)  # images with a caption among the rows
+        i2t = ev.recall_at_k(ev.best_ranks(sub.T[queried], [caption_rows[j] if present[j] else [-1] for j in queried]), ks)
+        out = {"queries": int(len(rows)), "images": int(len(queried)),
+               "missing_images": int(sum(not present[j] for j in queried))}
+        for k in ks:
+            out[f"t2i_recall@{k}"] = t2i[k]
+            out[f"t2i_top{k}_accuracy"] = t2i[k]
+            out[f"i2t_recall@{k}"] = i2t[k]
+        if labels is not None:
+            prec = ev.precision_at_k(sub, [labels[0][i] for i in rows], labels[1], ks)
+            out.update({f"t2i_precision@{k}": prec[k] for k in ks})
+        out[f"ann_recall@{kmax}"] = ev.ann_recall([ann_top[i] for i in rows], [exact_top[i] for i in rows], kmax)
+        return out
+
+    overall = metrics_of(np.arange(len(captions)))
+    metrics = {**{k: overall[k] for k in ("queries", "images", "missing_images")}, "index_version": searcher.version,
+               "model": searcher.manifest["model"]["key"], **overall}
+    if "lang" in captions.columns:
+        langs = captions["lang"].fillna("").astype(str).str.strip()
+        metrics["by_lang"] = {lang: metrics_of(np.flatnonzero(langs.to_numpy() == lang))
+                              for lang in sorted(set(langs))}
     return metrics
+
+
+def format_by_lang(metrics: dict, ks=(1, 5, 10)) -> str:
+    """The per-language table of `lakelens eval` (text), one row per language and one for all."""
+    rows = [("all", metrics)] + sorted(metrics.get("by_lang", {}).items())
+    names = [f"t2i_recall@{k}" for k in ks] + [f"i2t_recall@{k}" for k in ks]
+    names += [n for n in (f"t2i_precision@{max(ks)}",) if n in metrics]
+    lines = ["lang   queries  " + "  ".join(f"{n:>16}" for n in names)]
+    for lang, m in rows:
+        lines.append(f"{lang or '(none)':<6} {m['queries']:>7}  " + "  ".join(f"{m[n]:>16.3f}" for n in names))
+    return "\n".join(lines)
 
 
 def run_eval(index_dir: str, captions_path: str, ks=(1, 5, 10), out: str | None = None,
@@ -106,7 +135,10 @@ def run_eval(index_dir: str, captions_path: str, ks=(1, 5, 10), out: str | None 
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(metrics, indent=2) + "\n")
     if plot:
-        ev.plot_recall({"text -> image": {k: metrics[f"t2i_recall@{k}"] for k in ks},
-                        "image -> text": {k: metrics[f"i2t_recall@{k}"] for k in ks}}, plot,
+        curves = {"text -> image": {k: metrics[f"t2i_recall@{k}"] for k in ks},
+                  "image -> text": {k: metrics[f"i2t_recall@{k}"] for k in ks}}
+        curves.update({f"text -> image, {lang}": {k: m[f"t2i_recall@{k}"] for k in ks}
+                       for lang, m in metrics.get("by_lang", {}).items()})
+        ev.plot_recall(curves, plot,
                        f"Recall@K, {metrics['model']} ({metrics['queries']} captions)")
     return metrics

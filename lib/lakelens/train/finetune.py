@@ -72,6 +72,7 @@ class Split:
     tokens: object  # (n, context) int tensor
     captions: list[str]
     paths: list[str]
+    langs: list[str] | None = None  # the caption's language per pair, from the pairs' `lang` column
 
 
 @dataclass
@@ -95,7 +96,8 @@ def _prepare(df: pd.DataFrame, loaded, progress: bool) -> tuple[Split, int]:
     ok = [e is None for e in errors]
     kept = df[ok]
     tokens = loaded.tokenizer(kept["caption"].astype(str).tolist())
-    return Split(imgs, tokens, kept["caption"].tolist(), kept["path"].tolist()), len(df) - int(sum(ok))
+    langs = kept["lang"].fillna("").astype(str).str.strip().tolist() if "lang" in kept.columns else None
+    return Split(imgs, tokens, kept["caption"].tolist(), kept["path"].tolist(), langs), len(df) - int(sum(ok))
 
 
 def _lr_at(step: int, total: int, conf: FinetuneConfig) -> float:
@@ -106,7 +108,9 @@ def _lr_at(step: int, total: int, conf: FinetuneConfig) -> float:
 
 
 def evaluate_split(model, split: Split, batch_size: int, ks=(1, 5, 10)) -> dict:
-    """Held-out contrastive loss (mean over fixed batches) and text->image Recall@K over the whole split."""
+    """Held-out contrastive loss (mean over fixed batches) and text->image Recall@K over the whole split's
+    images (an image with several captions is one candidate); with languages, also per language
+    (val_<lang>_t2i_recall@K)."""
     import torch
     from open_clip.loss import ClipLoss
 
@@ -124,14 +128,21 @@ def evaluate_split(model, split: Split, batch_size: int, ks=(1, 5, 10)) -> dict:
             img_vecs.append(img.numpy())
             txt_vecs.append(txt.numpy())
     model.train(was_training)
-    scores = np.concatenate(txt_vecs) @ np.concatenate(img_vecs).T
+    first = {p: i for i, p in reversed(list(enumerate(split.paths)))}  # each image once, by its first pair
+    columns = sorted(first.values())
+    col_of = {split.paths[i]: c for c, i in enumerate(columns)}
+    scores = np.concatenate(txt_vecs) @ np.concatenate(img_vecs)[columns].T
     # A caption's own image, or any image with the same caption, counts as a hit.
-    by_caption: dict[str, list[int]] = {}
-    for j, c in enumerate(split.captions):
-        by_caption.setdefault(c, []).append(j)
-    recall = ev.recall_at_k(ev.best_ranks(scores, [by_caption[c] for c in split.captions]), ks)
+    by_caption: dict[str, set[int]] = {}
+    for c, p in zip(split.captions, split.paths):
+        by_caption.setdefault(c, set()).add(col_of[p])
+    ranks = ev.best_ranks(scores, [sorted(by_caption[c]) for c in split.captions])
     out = {"val_loss": loss_sum / max(1, loss_n)}
-    out.update({f"val_t2i_recall@{k}": recall[k] for k in ks})
+    out.update({f"val_t2i_recall@{k}": v for k, v in ev.recall_at_k(ranks, ks).items()})
+    if split.langs and len(set(split.langs)) > 1:
+        langs = np.array(split.langs)
+        for lang in sorted(set(split.langs)):
+            out.update({f"val_{lang}_t2i_recall@{k}": v for k, v in ev.recall_at_k(ranks[langs == lang], ks).items()})
     return out
 
 

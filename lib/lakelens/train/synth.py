@@ -18,6 +18,17 @@ SIZES = {"small": 0.22, "large": 0.42}
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
              "center": (0.5, 0.5)}
 BACKGROUNDS = {"grey": (128, 128, 128), "striped": None, "dotted": None}
+LANGS = ("en", "pt")
+# Portuguese words: colours and sizes agree with the shape's gender (masculine, feminine form).
+PT_COLORS = {"red": ("vermelho", "vermelha"), "green": ("verde", "verde"), "blue": ("azul", "azul"),
+             "yellow": ("amarelo", "amarela"), "purple": ("roxo", "roxa"), "orange": ("laranja", "laranja"),
+             "black": ("preto", "preta"), "white": ("branco", "branca")}
+PT_SHAPES = {"circle": ("círculo", "m"), "square": ("quadrado", "m"), "triangle": ("triângulo", "m"),
+             "star": ("estrela", "f")}
+PT_SIZES = {"small": ("pequeno", "pequena"), "large": ("grande", "grande")}
+PT_POSITIONS = {"left": "à esquerda", "right": "à direita", "top": "em cima", "bottom": "em baixo",
+                "center": "no centro"}
+PT_BACKGROUNDS = {"grey": "cinzento", "striped": "listrado", "dotted": "pontilhado"}  # o fundo: masculine
 
 
 @dataclass
@@ -31,6 +42,20 @@ class Sample:
     @property
     def caption(self) -> str:
         return f"a {self.size} {self.color} {self.shape} on the {self.position} of a {self.background} background"
+
+    @property
+    def caption_pt(self) -> str:
+        """The caption in Portuguese: "um grande círculo vermelho à esquerda num fundo cinzento"."""
+        noun, gender = PT_SHAPES[self.shape]
+        form = 0 if gender == "m" else 1
+        article = ("um", "uma")[form]
+        return (f"{article} {PT_SIZES[self.size][form]} {noun} {PT_COLORS[self.color][form]} "
+                f"{PT_POSITIONS[self.position]} num fundo {PT_BACKGROUNDS[self.background]}")
+
+    def caption_in(self, lang: str) -> str:
+        if lang not in LANGS:
+            raise ValueError(f"caption language must be one of {', '.join(LANGS)}, not {lang!r}")
+        return self.caption if lang == "en" else self.caption_pt
 
 
 def _background(kind: str, px: int, rng: random.Random) -> Image.Image:
@@ -75,9 +100,11 @@ def samples(n: int, seed: int = 0) -> list[Sample]:
                    rng.choice(list(POSITIONS)), rng.choice(list(BACKGROUNDS))) for _ in range(n)]
 
 
-def write_dataset(folder: str | Path, n: int, seed: int = 0, px: int = 96, start: int = 0) -> Path:
+def write_dataset(folder: str | Path, n: int, seed: int = 0, px: int = 96, start: int = 0,
+                  langs: tuple[str, ...] = ("en",)) -> Path:
     """Write n images (JPEG and PNG) under `folder` and their captions (path, caption, label) beside it,
-    in FOLDER.captions.csv, so the image folder holds images only."""
+    in FOLDER.captions.csv, so the image folder holds images only. With several `langs`, every image has
+    one caption per language and the table a `lang` column."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -85,11 +112,15 @@ def write_dataset(folder: str | Path, n: int, seed: int = 0, px: int = 96, start
         name = f"img{i:06d}.{'png' if i % 4 == 0 else 'jpg'}"
         img = render(s, px, seed=seed * 1_000_003 + i)
         img.save(folder / name, quality=92) if name.endswith("jpg") else img.save(folder / name)
-        rows.append({"path": str((folder / name).resolve()), "caption": s.caption, "label": f"{s.color} {s.shape}"})
+        for lang in langs:
+            rows.append({"path": str((folder / name).resolve()), "caption": s.caption_in(lang),
+                         "label": f"{s.color} {s.shape}", "lang": lang})
     captions = folder.parent / f"{folder.name}.captions.csv"
     new = not captions.exists() or start == 0
     with open(captions, "w" if new else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["path", "caption", "label"])
+        with_lang = tuple(langs) != ("en",)
+        w = csv.DictWriter(f, fieldnames=["path", "caption", "label"] + (["lang"] if with_lang else []),
+                           extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerows(rows)
