@@ -1,4 +1,4 @@
-"""`lakelens embed | index | search | eval | finetune | serve | jars | demo`: the command line over the jobs and the library."""
+"""`lakelens embed | index | search | dedup | eval | finetune | serve | jars | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
 def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="folder (recursive), glob or Hadoop URI of the images")
     p.add_argument("--table", help="path or URI of the embeddings table")
-    p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or lakelens-tiny")
-    p.add_argument("--pretrained", help="open_clip pretrained tag, local checkpoint path, or none")
+    p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or lakelens-tiny, or local-dir:FOLDER")
+    p.add_argument("--pretrained", help="open_clip pretrained tag, local checkpoint path, folder (local-dir), or none")
     p.add_argument("--format", choices=("delta", "parquet"), help="table format (default delta)")
     p.add_argument("--batch-size", type=int, help="images per model batch and per Arrow batch")
     p.add_argument("--chunk-size", type=int, help="files per committed chunk")
@@ -89,6 +89,18 @@ def cmd_refresh(args) -> int:
     return 0
 
 
+def cmd_dedup(args) -> int:
+    from lakelens.dedup.job import DedupJob
+
+    conf = config.load(
+        args.conf, args.set, spark={"master": args.master},
+        dedup={"table": args.table, "out": args.out, "index": args.index, "threshold": args.threshold,
+               "guard": args.guard, "format": args.format, "full": True if args.full else None})
+    result = DedupJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True)).launch()
+    print(json.dumps(result.to_dict()), flush=True)
+    return 0
+
+
 def search_batch(args) -> int:
     """`lakelens search --queries FILE --out RESULTS`: every query of a file, as a Spark job."""
     from lakelens.search.batch import run_batch
@@ -138,7 +150,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from lakelens.train.eval_run import run_eval
+    from lakelens.train.eval_run import format_by_lang, run_eval
 
     try:
         ks = tuple(sorted({int(k) for k in args.k.split(",")}))
@@ -149,6 +161,8 @@ def cmd_eval(args) -> int:
     conf = config.load(args.conf, args.set, spark={"master": args.master})
     metrics = run_eval(args.index, args.captions, ks, args.out, args.plot, conf.spark)
     print(json.dumps(metrics, indent=2))
+    if "by_lang" in metrics:  # the JSON on stdout stays machine-readable; the table is for people
+        print(format_by_lang(metrics, ks), file=sys.stderr)
     return 0
 
 
@@ -253,18 +267,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-format", choices=["delta", "parquet"], default="delta", help="batch: table format")
     add_common(p)
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("dedup", help="groups of exact and near copies in the embeddings table (Spark), as a Delta "
+                                     "table; with --index also the map the query driver collapses results with")
+    p.add_argument("--table", help="the embeddings table")
+    p.add_argument("--out", help="the duplicates table to write: group, id, path, similarity, representative")
+    p.add_argument("--index", help="search each image over this index's live version (scales; default: an exact "
+                                   "blockwise self-join of the table)")
+    p.add_argument("--threshold", type=float, help="cosine similarity of near copies (default 0.97)")
+    p.add_argument("--guard", type=float, help="every member at least this similar to its group's representative "
+                                               "(default 0.92)")
+    p.add_argument("--format", choices=("delta", "parquet"), help="the table's format (default delta)")
+    p.add_argument("--full", action="store_true", help="search every image again, not only new and changed ones")
+    add_common(p)
+    p.set_defaults(func=cmd_dedup)
     p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")
     p.add_argument("--index", required=True, help="the index folder")
-    p.add_argument("--captions", required=True, help="CSV or Parquet with path, caption[, label]")
+    p.add_argument("--captions", required=True,
+                   help="Delta, CSV or Parquet with path, caption[, label][, lang]; lang adds metrics per language")
     p.add_argument("-k", default="1,5,10", help="comma-separated K values (default 1,5,10)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--plot", help="write a PNG plot of recall against K here")
     add_common(p)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("finetune", help="fine-tune the model on image-caption pairs (contrastive CLIP loss)")
-    p.add_argument("--pairs", help="Delta table, Parquet or CSV with path, caption[, label][, split]")
-    p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or lakelens-tiny")
-    p.add_argument("--pretrained", help="starting weights: open_clip tag, checkpoint path, or none")
+    p.add_argument("--pairs", help="Delta table, Parquet or CSV with path, caption[, label][, split][, lang]")
+    p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or lakelens-tiny, or local-dir:FOLDER")
+    p.add_argument("--pretrained", help="starting weights: open_clip tag, checkpoint path, folder (local-dir), or none")
     p.add_argument("--out", help="output folder: checkpoints/, final.pt, history.json, training.png")
     p.add_argument("--epochs", type=int, help="epochs to train (default 5)")
     p.add_argument("--batch-size", type=int, help="pairs per step (default 64)")
@@ -295,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="offline end to end: captioned images, embed, index, eval, fine-tune, again")
-    p.add_argument("--dataset", default="shapes", choices=("shapes", "fashion-mnist"),
-                   help="generated captioned shapes (default) or Fashion-MNIST from Debian's package")
+    p.add_argument("--dataset", default="shapes", choices=("shapes", "shapes-pt", "fashion-mnist"),
+                   help="generated captioned shapes (default), the same with English and Portuguese captions and "
+                        "a tokenizer trained on them (shapes-pt), or Fashion-MNIST from Debian's package")
     p.add_argument("--out", default="build/demo", help="working folder (default build/demo)")
     p.add_argument("--train", type=int, help="training pairs (default 3000 shapes, 12000 Fashion-MNIST)")
     p.add_argument("--images", type=int, help="held-out images to index and evaluate (default 1000 / 2000)")
