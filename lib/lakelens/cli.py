@@ -273,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the duplicates table to write: group, id, path, similarity, representative")
     p.add_argument("--index", help="search each image over this index's live version (scales; default: an exact "
                                    "blockwise self-join of the table)")
-    p.add_argument("--threshold", type=float, help="cosine similarity of near copies (default 0.97)")
+    p.add_argument("--threshold", type=float, help="cosine similarity of near copies (default 0.99)")
     p.add_argument("--guard", type=float, help="every member at least this similar to its group's representative "
-                                               "(default 0.92)")
+                                               "(default 0.96)")
     p.add_argument("--format", choices=("delta", "parquet"), help="the table's format (default delta)")
     p.add_argument("--full", action="store_true", help="search every image again, not only new and changed ones")
     add_common(p)

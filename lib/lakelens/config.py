@@ -106,8 +106,8 @@ class DedupConfig:
     out: str = ""  # the duplicates table (Delta): group, id, path, similarity, representative
     index: str = ""  # search this index's live version (scales); empty: exact blockwise search of the table
     format: str = "delta"  # the embeddings table's format
-    threshold: float = 0.97  # cosine similarity at or above which two images are near copies
-    guard: float = 0.92  # every member of a group is at least this similar to its representative (no chains)
+    threshold: float = 0.99  # cosine similarity at or above which two images are near copies
+    guard: float = 0.96  # every member of a group is at least this similar to its representative (no chains)
     neighbors: int = 32  # index path: nearest neighbours looked at per image (pairs over the threshold among them)
     block_rows: int = 4096  # exact path: rows per block of the blockwise self-join
     full: bool = False  # search every image again instead of only new and changed ones
