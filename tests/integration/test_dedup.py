@@ -4,7 +4,9 @@ groups from the index path, an incremental re-run, and collapsed search results.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.ipc as ipc
@@ -12,6 +14,7 @@ from conftest import ROOT
 from delta.tables import DeltaTable
 
 from lakelens import IndexJob, Searcher, config, path_id
+from lakelens.cli import main
 from lakelens.dedup.job import DedupJob, label_components
 from lakelens.ingest.table import SCHEMA, EmbeddingsTable
 from lakelens.search.searcher import GROUPS_FILE
@@ -57,7 +60,9 @@ def groups_of(spark, out):
 
 
 def dedup_conf(table, out, *overrides):
-    return config.load(ROOT / "conf" / "local.yaml", [f"dedup.table={table}", f"dedup.out={out}", *overrides])
+    # the constructed set is built around these: near copies at 0.975 and more, the guard at 0.92
+    return config.load(ROOT / "conf" / "local.yaml", [f"dedup.table={table}", f"dedup.out={out}", "dedup.threshold=0.97",
+                                                     "dedup.guard=0.92", *overrides])
 
 
 def test_components_of_a_pair_graph():
@@ -69,16 +74,18 @@ def test_components_of_a_pair_graph():
         **{i: 3 for i in range(3, 11)}, **{i: 20 for i in (20, 21, 22, 23)}, -5: -5, 40: -5}
 
 
-def test_dedup_groups_guard_incremental_and_index(spark, tmp_path):
+def test_dedup_groups_guard_incremental_and_index(spark, tmp_path, capsys):
     items = constructed()
     table = tmp_path / "table"
     DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
         .property("delta.enableChangeDataFeed", "true").execute()
     EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows(items), SCHEMA))
 
-    # exact blockwise path (blocks of 8 rows: pairs inside one block and across blocks)
+    # exact blockwise path (blocks of 8 rows: pairs inside one block and across blocks), by the command
     out = tmp_path / "dups"
-    result = DedupJob(spark=spark, conf=dedup_conf(table, out, "dedup.block_rows=8"), log=print).launch()
+    assert main(["dedup", "--table", str(table), "--out", str(out), "--threshold", "0.97", "--guard", "0.92",
+                 "--conf", str(ROOT / "conf" / "local.yaml"), "--set", "dedup.block_rows=8"]) == 0
+    result = SimpleNamespace(**json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     expected = [("a1", ("a0", "a1", "a2")), ("c2", ("c1", "c2", "c3")), ("c4", ("c4", "c5")), ("e0", ("e0", "e1"))]
     got, df = groups_of(spark, out)
     assert got == expected
