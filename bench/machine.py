@@ -1,6 +1,6 @@
-"""What machine a benchmark ran on: the CPU's name and the flags that decide kernels, and its measured
-fp32 matmul rate (numpy, all cores), so every number can be read beside them; and the one latency loop
-the benchmarks share."""
+"""What machine a benchmark ran on: the CPU's name and the flags that decide kernels (AVX2, AVX-512,
+VNNI, AVX512-BF16, AMX), and its measured matrix product rates (numpy fp32; torch fp32, bf16 and int8;
+all cores), so every number can be read beside them; and the one latency loop the benchmarks share."""
 
 from __future__ import annotations
 
@@ -30,7 +30,39 @@ def describe() -> dict:
         best = min(best, time.perf_counter() - t)
     return {"cpu": name.group(1).strip() if name else platform.processor(), "cores": os.cpu_count(),
             "flags": [f for f in FLAGS if f in flags], "matmul_fp32_gflops": round(2 * 2048 ** 3 / best / 1e9, 1),
+            **torch_rates(),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+
+
+def _best_rate(fn, ops: float, seconds: float = 1.0) -> float:
+    fn()
+    best, t0 = float("inf"), time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return round(ops / best / 1e9, 1)
+
+
+def torch_rates(n: int = 2048) -> dict:
+    """Matrix product rates in torch (the kernels the engines use), all threads: fp32, bf16 and int8
+    (int8 x int8 -> int32, `torch._int_mm`: VNNI where the CPU has it), in G(FL)OP/s; None when this
+    torch has no such kernel here."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    a = torch.randn(n, n)
+    out = {"torch_threads": torch.get_num_threads(),
+           "torch_matmul_fp32_gflops": _best_rate(lambda: a @ a, 2 * n ** 3)}
+    b = a.bfloat16()
+    out["torch_matmul_bf16_gflops"] = _best_rate(lambda: b @ b, 2 * n ** 3)
+    q = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+    try:
+        out["torch_matmul_int8_gops"] = _best_rate(lambda: torch._int_mm(q, q), 2 * n ** 3)
+    except (RuntimeError, AttributeError):
+        out["torch_matmul_int8_gops"] = None
+    return out
 
 
 def latencies(fn, items, label: str | None = None) -> dict:
