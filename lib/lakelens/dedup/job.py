@@ -68,21 +68,11 @@ def index_search_fn(folder: str, manifest_text: str, k: int, threshold: float):
     neighbours in that shard (tombstoned rows excluded, compressed codes re-ranked exactly)."""
 
     def search(batches):
-        from lakelens.index.shards import search_shards
-        from lakelens.search.batch import _opened
+        from lakelens.search.batch import shard_hits
 
-        manifest, shards, rerank, excluded, _, _ = _opened(folder, manifest_text)
-        params = manifest.get("search_params", {})
-        factor = int(manifest.get("rerank") or 0)
-        for pdf in batches:
-            for s, part in pdf.groupby("shard", sort=False):
-                s = int(s)
-                q = np.stack(part["embedding"].to_numpy()).astype(np.float32)
-                scores, ids = search_shards([shards[s]], [rerank[s] if rerank else None], q, k + 1,
-                                            params.get("nprobe"), params.get("efSearch"), factor, None, None,
-                                            [excluded[s]])
-                rows, cols = np.nonzero((ids != -1) & (scores >= threshold))
-                yield _pairs(part["id"].to_numpy()[rows], ids[rows, cols], scores[rows, cols])
+        for part, _, scores, ids, _ in shard_hits(batches, folder, manifest_text, k + 1, column="embedding"):
+            rows, cols = np.nonzero((ids != -1) & (scores >= threshold))
+            yield _pairs(part["id"].to_numpy()[rows], ids[rows, cols], scores[rows, cols])
 
     return search
 

@@ -87,33 +87,39 @@ def _opened(folder: str, manifest_text: str):
     return manifest, shards, rerank, excluded, keep, metas
 
 
+def shard_hits(batches, folder: str, manifest_text: str, k: int, column: str = "vector"):
+    """For mapInPandas bodies over (vector, shard) rows: each shard's rows searched in that shard (its
+    tombstoned rows excluded, compressed codes re-ranked) -> (rows, shard, scores, ids, (meta ids, paths)).
+    The batch query job and the dedup job search with it."""
+    from lakelens.index.shards import search_shards
+
+    manifest, shards, rerank, excluded, _, metas = _opened(folder, manifest_text)
+    params = manifest.get("search_params", {})
+    factor = int(manifest.get("rerank") or 0)
+    for pdf in batches:
+        for s, part in pdf.groupby("shard", sort=False):
+            s = int(s)
+            q = np.stack(part[column].to_numpy()).astype(np.float32)
+            scores, ids = search_shards([shards[s]], [rerank[s] if rerank else None], q, k, params.get("nprobe"),
+                                        params.get("efSearch"), factor, None, None, [excluded[s]])
+            yield part, s, scores, ids, metas[s]
+
+
 def search_fn(folder: str, manifest_text: str, k: int):
     """mapInPandas: (query, shard) pairs -> each query's top k in that shard, with paths."""
 
     def search(batches):
         import pyarrow as pa
 
-        from lakelens.index.shards import search_shards
-
-        manifest, shards, rerank, excluded, _, metas = _opened(folder, manifest_text)
-        params = manifest.get("search_params", {})
-        factor = int(manifest.get("rerank") or 0)
-        for pdf in batches:
-            for s, part in pdf.groupby("shard", sort=False):
-                s = int(s)
-                q = np.stack(part["vector"].to_numpy()).astype(np.float32)
-                scores, ids = search_shards([shards[s]], [rerank[s] if rerank else None], q, k,
-                                            params.get("nprobe"), params.get("efSearch"), factor, None, None,
-                                            [excluded[s]])
-                hit = ids != -1
-                rows, cols = np.nonzero(hit)
-                meta_ids, meta_paths = metas[s]
-                found = ids[rows, cols]
-                pos = np.searchsorted(meta_ids, found)
-                yield pd.DataFrame({"query_id": part["query_id"].to_numpy()[rows],
-                                    "query": part["query"].to_numpy()[rows], "id": found,
-                                    "path": meta_paths.take(pa.array(pos)).to_pylist() if len(pos) else [],
-                                    "score": scores[rows, cols].astype(np.float32)})
+        for part, _, scores, ids, meta in shard_hits(batches, folder, manifest_text, k):
+            rows, cols = np.nonzero(ids != -1)
+            meta_ids, meta_paths = meta
+            found = ids[rows, cols]
+            pos = np.searchsorted(meta_ids, found)
+            yield pd.DataFrame({"query_id": part["query_id"].to_numpy()[rows],
+                                "query": part["query"].to_numpy()[rows], "id": found,
+                                "path": meta_paths.take(pa.array(pos)).to_pylist() if len(pos) else [],
+                                "score": scores[rows, cols].astype(np.float32)})
 
     return search
 
