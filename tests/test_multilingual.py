@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lakelens import Embedder, ModelLoadError, ModelSpec, path_id
+from lakelens import Embedder, IndexMismatchError, ModelLoadError, ModelSpec, path_id
 from lakelens import index as ix
 from lakelens.cli import main
 from lakelens.config import ConfigError, FinetuneConfig, ModelConfig
@@ -62,7 +62,8 @@ def test_portuguese_captions_agree_in_gender():
 def test_hf_tokenizer_folder_loads_offline(folder, tokenizer, no_network):
     models.clear_cache()
     spec = ModelSpec.from_config(ModelConfig(f"local-dir:{folder}", "none"))
-    assert spec.key == f"local-dir:{folder.resolve()}@none"
+    # the key carries a digest of the folder's config and tokenizer: another vocabulary is another model
+    assert spec.key == f"local-dir:{folder.resolve()}@none#{spec.digest}" and len(spec.digest) == 16
     loaded = models.load(spec)
     tokens = loaded.tokenizer([QUERY_PT, "a large red circle on the left"])
     assert tokens.shape == (2, 32) and tokens.dtype == torch.int64
@@ -85,6 +86,17 @@ def test_hf_tokenizer_folder_loads_offline(folder, tokenizer, no_network):
         assert all(torch.equal(v, weights[k]) for k, v in loaded.model.state_dict().items())
     finally:
         (folder / "open_clip_pytorch_model.bin").unlink()
+
+    # a tokenizer rewritten in place: a new key, and vectors of the old one are refused
+    original = (folder / "tokenizer.json").read_bytes()
+    try:
+        (folder / "tokenizer.json").write_bytes(original.replace(b"</w>", b"</W>"))
+        assert ModelSpec.from_config(ModelConfig(f"local-dir:{folder}", "none")).key != spec.key
+        with pytest.raises(IndexMismatchError, match="model folder .* changed"):
+            spec.check_weights()
+    finally:
+        (folder / "tokenizer.json").write_bytes(original)
+    spec.check_weights()  # restored: the same model again
 
 
 def test_model_folder_missing_files_say_what_goes_where(folder, tmp_path):

@@ -12,6 +12,7 @@ the offline proof of the whole path (bench/multilingual.py, `lakelens demo --dat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -95,6 +96,18 @@ def folder_stamp(folder: Path) -> tuple:
         except OSError:
             out += [-1, -1]
     return tuple(out)
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 (16 hex digits) of the folder's model config and tokenizer files: part of the model key, so
+    vectors made with another vocabulary in the same folder never pass for this one's."""
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json"):
+        path = folder / name
+        h.update(name.encode() + b"\0")
+        h.update(path.read_bytes() if path.is_file() else b"(absent)")
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def folder_checkpoint(folder: Path) -> Path:

@@ -95,6 +95,8 @@ class ModelSpec:
         elif _looks_like_path(pretrained):
             pretrained = str(Path(pretrained).expanduser().resolve())
         spec = cls(name, pretrained)
+        if local_dir.is_local_dir(name) and local_dir.folder_of(name).is_dir():
+            return spec.with_digest()
         return spec.with_digest() if spec.is_checkpoint and Path(pretrained).is_file() else spec
 
     @classmethod
@@ -105,7 +107,16 @@ class ModelSpec:
         return cls(name, pretrained or RANDOM_INIT, digest)
 
     def with_digest(self) -> ModelSpec:
-        return ModelSpec(self.name, self.pretrained, checkpoint_digest(self.pretrained))
+        return ModelSpec(self.name, self.pretrained, self.current_digest())
+
+    def current_digest(self) -> str:
+        """The checkpoint's digest; for a model folder, one digest over it and the folder's config and
+        tokenizer files (a new vocabulary in the same folder is another model)."""
+        weights = checkpoint_digest(self.pretrained) if self.is_checkpoint else ""
+        if not local_dir.is_local_dir(self.name):
+            return weights
+        folder = local_dir.folder_digest(local_dir.folder_of(self.name))
+        return hashlib.sha256(f"{weights}|{folder}".encode()).hexdigest()[:DIGEST_CHARS]
 
     @property
     def key(self) -> str:
@@ -115,12 +126,14 @@ class ModelSpec:
     def check_weights(self) -> None:
         """Raise IndexMismatchError when the checkpoint's bytes are no longer those this spec names (a
         fine-tune wrote new weights to the same path): vectors of old and new weights do not compare."""
-        if self.is_checkpoint and self.digest:
-            now = checkpoint_digest(self.pretrained)
+        if (self.is_checkpoint or local_dir.is_local_dir(self.name)) and self.digest:
+            now = self.current_digest()
             if now != self.digest:
+                what = (f"the weights at {self.pretrained}" if not local_dir.is_local_dir(self.name) else
+                        f"the model folder {local_dir.folder_of(self.name)} (config, tokenizer or weights)")
                 raise IndexMismatchError(
-                    f"the weights at {self.pretrained} changed (digest {now}) since these vectors were made with "
-                    f"digest {self.digest}: re-embed and re-index with the new weights, or restore the old file")
+                    f"{what} changed (digest {now}) since these vectors were made with digest {self.digest}: "
+                    "re-embed and re-index with the new model, or restore the old files")
 
     @property
     def is_checkpoint(self) -> bool:
