@@ -9,7 +9,8 @@
    (bench/results/dedup-pr.png), and the default threshold's precision and recall, per transform too.
    The dedup job then runs on a Delta table of those vectors (exact path) at the default threshold;
    its groups' pairs are scored against the truth.
-2. Rate: the dedup job on 100,000 x 512 clustered unit vectors with 2% near copies planted (cosine about 0.994 to their originals), exact
+2. Rate: the dedup job on 100,000 x 512 clustered unit vectors with 2% near copies planted (cosine about
+   0.994 to their originals), exact
    blockwise path and index path (the index job's auto index), wall seconds and images/s.
 
 Writes bench/results/dedup.json.
