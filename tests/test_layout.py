@@ -3,9 +3,11 @@ import circles), and the public API names what users need."""
 
 from __future__ import annotations
 
+import os
 import pkgutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lakelens
@@ -42,11 +44,13 @@ def test_every_module_imports_on_its_own():
     assert {"lakelens.ingest.embed_job", "lakelens.index.job", "lakelens.search.searcher", "lakelens.web.app"} <= set(names)
     # one fresh interpreter per module: a circle shows up as an ImportError of a partly initialised module
     script = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
-    failures = []
-    for name in names:
+
+    def check(name: str) -> str | None:
         run = subprocess.run([sys.executable, "-c", script, name], capture_output=True, text=True, timeout=300)
-        if run.returncode:
-            failures.append(f"{name}: {run.stderr.strip().splitlines()[-1]}")
+        return f"{name}: {run.stderr.strip().splitlines()[-1]}" if run.returncode else None
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:  # the interpreters are separate processes
+        failures = [f for f in pool.map(check, names) if f]
     assert failures == []
 
 
