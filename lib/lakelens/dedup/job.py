@@ -204,6 +204,7 @@ def components(edges: DataFrame) -> DataFrame:
 
 
 GROUP_ROWS = "group long, id long, path string, similarity float, representative boolean, split boolean"
+GROUP_ROWS_COLS = [field.split()[0] for field in GROUP_ROWS.split(", ")]
 
 
 def guard_fn(guard: float):
@@ -220,9 +221,9 @@ def guard_fn(guard: float):
                                                                 ascending=[False, False, True, True])
         ids = members["id"].to_numpy(np.int64)
         vecs = np.stack(members["embedding"].to_numpy()).astype(np.float32)
-        where = {int(i): n for n, i in enumerate(ids)}
-        a = np.array([where.get(int(x), -1) for x in pairs["a"]], np.int64)
-        b = np.array([where.get(int(x), -1) for x in pairs["b"]], np.int64)
+        by_id = np.argsort(ids)  # both ends of a component's pairs are among its members
+        a = by_id[np.searchsorted(ids, pairs["a"].to_numpy(np.int64), sorter=by_id)]
+        b = by_id[np.searchsorted(ids, pairs["b"].to_numpy(np.int64), sorter=by_id)]
         group = np.zeros(len(ids), np.int64)
         grouped = np.zeros(len(ids), bool)  # ids are signed 64-bit: no id can mark "no group"
         similarity = np.zeros(len(ids), np.float32)
@@ -251,9 +252,6 @@ def guard_fn(guard: float):
                              "representative": grouped & (group == ids), "split": split})
 
     return run
-
-
-GROUP_ROWS_COLS = ["group", "id", "path", "similarity", "representative", "split"]
 
 
 def groups_with_guard(edges: DataFrame, rows: DataFrame, guard: float) -> DataFrame:
@@ -287,13 +285,13 @@ class DedupJob(Job):
         table = EmbeddingsTable(spark, c.table, c.format)
         if not table.exists():
             raise DataError(f"dedup.table: no {c.format} table at {c.table}")
-        index_version, manifest = None, None
+        index_version, manifest, table_id = None, None, table.table_id()
         if c.index:
             index_version = ix.current_version(c.index)
             if index_version is None:
                 raise ix.IndexDirError(f"dedup.index: no published index in {c.index}")
             manifest = ix.read_manifest(c.index, index_version)
-            same_table = (manifest["source"].get("table_id") == table.table_id() if manifest["source"].get("table_id")
+            same_table = (manifest["source"].get("table_id") == table_id if manifest["source"].get("table_id")
                           else manifest["source"]["table"] == table.location)
             if not same_table:
                 raise DataError(f"dedup.index: {c.index} indexes {manifest['source']['table']}, not {table.location}")
@@ -303,7 +301,7 @@ class DedupJob(Job):
         ok = F.col("error").isNull() & F.col("embedding").isNotNull()
         rows = (table.read(version).where(ok)
                 .select("id", "path", "content_sha256", "size_bytes", "width", "height", "embedding"))
-        state = {"table": table.location, "table_id": table.table_id(), "index": str(Path(c.index).resolve()) if c.index else "",
+        state = {"table": table.location, "table_id": table_id, "index": str(Path(c.index).resolve()) if c.index else "",
                  "threshold": c.threshold, "neighbors": c.neighbors if c.index else 0}
         previous = self._previous_state(c.out) if not c.full else None
         mode, reason = "full", "--full" if c.full else "no earlier run"
@@ -334,7 +332,6 @@ class DedupJob(Job):
             touched = spark.range(0).select(F.col("id").cast("long"))
             queries = rows.limit(0)
         n = rows.count()
-        dim = len(rows.select("embedding").first()["embedding"]) if n else 0
         searched = n if queries is None else queries.count()
         self.log(f"lakelens dedup: {mode} ({reason}): searching {searched} of {n} images "
                  f"({'index ' + index_version if c.index else 'exact blockwise'}; threshold {c.threshold})")
@@ -343,14 +340,15 @@ class DedupJob(Job):
         elif c.index:
             near = near_pairs_index(spark, rows if queries is None else queries, c.index, index_version, manifest, c)
         else:
+            dim = len(rows.select("embedding").first()["embedding"])
             near = near_pairs_exact(spark, rows, queries, n, dim, c)
-        near = near.groupBy("a", "b").agg(F.max("similarity").alias("similarity"))
-        if mode == "incremental":
-            kept = (spark.read.format("delta").load(pairs_path(c.out))
-                    .join(touched.withColumnRenamed("id", "a"), "a", "left_anti")
-                    .join(touched.withColumnRenamed("id", "b"), "b", "left_anti").select("a", "b", "similarity"))
-            near = kept.unionByName(near).groupBy("a", "b").agg(F.max("similarity").alias("similarity"))
-        near = near.localCheckpoint()
+        if mode == "incremental":  # the pairs found before, among images this run did not touch
+            near = near.unionByName(spark.read.format("delta").load(pairs_path(c.out))
+                                    .join(touched.withColumnRenamed("id", "a"), "a", "left_anti")
+                                    .join(touched.withColumnRenamed("id", "b"), "b", "left_anti")
+                                    .select("a", "b", "similarity"))
+        # a pair found from both of its images (index path), or found before and again, once
+        near = near.groupBy("a", "b").agg(F.max("similarity").alias("similarity")).localCheckpoint()
         near.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(pairs_path(c.out))
         edges = (near.unionByName(exact_copy_pairs(rows)).groupBy("a", "b").agg(F.max("similarity").alias("similarity"))
                  .localCheckpoint())
@@ -389,7 +387,7 @@ class DedupJob(Job):
 
 def write_groups_file(groups: DataFrame, index_dir: Path, index_version: str, table_version) -> Path:
     """The groups beside the index for the query driver (collapse_duplicates, /api/duplicates)."""
-    return write_groups_arrow(groups.orderBy("id").toArrow(), index_dir, index_version, table_version)
+    return write_groups_arrow(groups.toArrow(), index_dir, index_version, table_version)
 
 
 def write_groups_arrow(table, index_dir: Path, index_version: str, table_version) -> Path:

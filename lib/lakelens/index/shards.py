@@ -110,8 +110,7 @@ def tune_nprobe(staged: Path, files: list[str], choice: Choice, queries: np.ndar
     nlist = int(m.group(1))
     # memory-mapped, as the query driver opens them: the raw vectors of a large index exceed RAM
     shards = [load_shard(staged / f, True)[0] for f in files]
-    rerank = [tuple(np.load(p, mmap_mode="r") for p in rerank_files(staged / f)) if choice.rerank else None
-              for f in files]
+    rerank = [load_raw_vectors(staged / f) if choice.rerank else None for f in files]
     q = np.ascontiguousarray(queries, dtype=np.float32)
 
     quantizer = shared_quantizer(shards)
@@ -401,6 +400,12 @@ def map_raw_vectors(path: Path) -> np.ndarray:
     return vectors
 
 
+def load_raw_vectors(shard_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The raw vectors beside a compressed shard (memory-mapped, map_raw_vectors) and their sorted ids."""
+    vectors, ids = rerank_files(shard_path)
+    return map_raw_vectors(vectors), np.load(ids)
+
+
 def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, direct_map: bool = False):
     """Every shard of a version ready to search: (shards, rerank, excluded, keep). `rerank[i]` holds the
     memory-mapped raw vectors of compressed shards; `excluded[i]` is a selector of the ids shard i still
@@ -416,8 +421,7 @@ def open_version(folder: Path, manifest: dict, mmap: bool = True, tomb=None, dir
         if direct_map:
             prepare_direct_map(shard)  # id look-ups (similar-image queries) only read it afterwards
         shards.append(shard)
-    rerank = [(map_raw_vectors(rerank_files(folder / e["file"])[0]), np.load(rerank_files(folder / e["file"])[1]))
-              if manifest.get("rerank") else None for e in entries]
+    rerank = [load_raw_vectors(folder / e["file"]) if manifest.get("rerank") else None for e in entries]
     tomb = read_tombstones(folder, manifest) if tomb is None else tomb
     excluded, keep = [], []
     for e in entries:

@@ -12,6 +12,7 @@ the offline proof of the whole path (bench/multilingual.py, `lakelens demo --dat
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -85,11 +86,14 @@ def check_folder(folder: Path) -> dict:
     return model_cfg
 
 
+FOLDER_FILES = (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json")  # what defines a folder's model, weights aside
+
+
 def folder_stamp(folder: Path) -> tuple:
-    """Size and mtime of the folder's config and tokenizer: a folder rewritten in place (a new tokenizer)
-    is loaded afresh and gets new ONNX graphs, not those of the old vocabulary."""
+    """Size and mtime of the folder's config and tokenizer files: a folder rewritten in place (a new
+    tokenizer) is loaded afresh and gets new ONNX graphs, not those of the old vocabulary."""
     out = []
-    for name in (CONFIG_FILE, TOKENIZER_FILE):
+    for name in FOLDER_FILES:
         try:
             st = os.stat(folder / name)
             out += [st.st_size, st.st_mtime_ns]
@@ -100,10 +104,16 @@ def folder_stamp(folder: Path) -> tuple:
 
 def folder_digest(folder: Path) -> str:
     """sha256 (16 hex digits) of the folder's model config and tokenizer files: part of the model key, so
-    vectors made with another vocabulary in the same folder never pass for this one's."""
+    vectors made with another vocabulary in the same folder never pass for this one's. Read once per
+    version of the files (queries check it every time)."""
+    return _folder_digest(str(folder), folder_stamp(folder))
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_digest(folder: str, stamp: tuple) -> str:
     h = hashlib.sha256()
-    for name in (CONFIG_FILE, TOKENIZER_FILE, "tokenizer_config.json"):
-        path = folder / name
+    for name in FOLDER_FILES:
+        path = Path(folder) / name
         h.update(name.encode() + b"\0")
         h.update(path.read_bytes() if path.is_file() else b"(absent)")
         h.update(b"\0")

@@ -106,6 +106,33 @@ class _Loaded:
     quantizer: object = None  # IVF shards' shared coarse quantizer: lists chosen once per query
 
 
+@dataclass
+class DuplicateGroups:
+    """The groups file of an index (`duplicates.arrow`, sorted by id) and what queries look up in it."""
+
+    stamp: tuple  # the file's mtime and size when read
+    table: object  # pyarrow Table: group, id, path, similarity, representative
+    ids: np.ndarray  # sorted
+    group: np.ndarray  # of each id
+    size: dict  # group -> its members
+    order: list  # groups, largest first, then by group id
+
+    @classmethod
+    def of(cls, table, stamp: tuple) -> DuplicateGroups:
+        ids, group = table.column("id").to_numpy(), table.column("group").to_numpy()
+        names, counts = np.unique(group, return_counts=True)
+        size = {int(g): int(n) for g, n in zip(names, counts)}
+        return cls(stamp, table, ids, group, size, sorted(size, key=lambda g: (-size[g], g)))
+
+    def key_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's group, or the id itself where it is in none; and whether it is in one."""
+        if not len(self.ids):
+            return ids, np.zeros(len(ids), bool)
+        pos = np.clip(np.searchsorted(self.ids, ids), 0, len(self.ids) - 1)
+        member = self.ids[pos] == ids
+        return np.where(member, self.group[pos], ids), member
+
+
 class Searcher:
     """Searches the live version of an index folder. `reload()` switches to a newer published version;
     a query running meanwhile finishes on the version it started with."""
@@ -124,7 +151,7 @@ class Searcher:
         self._pool = ThreadPoolExecutor(threads or 4)
         self._embedder = None
         self._prefix_cache: dict = {}
-        self._groups = None  # (file stamp, Arrow table) of the duplicate groups
+        self._groups: DuplicateGroups | None = None
         self._expect = expect_model.key if isinstance(expect_model, ModelSpec) else expect_model
         self._state = self._load(ix.current_version(self.index_dir))
 
@@ -321,23 +348,18 @@ class Searcher:
     def _collapsed(self, vectors, want, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
         """The first `want` results with one per duplicate group: searched deeper (x4, doubling while
         groups eat the list) until enough distinct groups or the whole index."""
-        groups = self.duplicate_groups_table()
-        g_ids, g_group = groups.column("id").to_numpy(), groups.column("group").to_numpy()
-        sizes = dict(zip(*np.unique(g_group, return_counts=True)))
+        dups = self._duplicates()
         fetch = min(MAX_K, 4 * want)
         while True:
             frames = self._search_vectors(vectors, fetch, min_score, path_prefix, nprobe, ef_search)
             out, short = [], False
             for f in frames:
-                ids = f["id"].to_numpy(np.int64)
-                pos = np.clip(np.searchsorted(g_ids, ids), 0, max(len(g_ids) - 1, 0))
-                member = (g_ids[pos] == ids) if len(g_ids) else np.zeros(len(ids), bool)
-                key = np.where(member, g_group[pos] if len(g_ids) else ids, ids)
+                key, member = dups.key_of(f["id"].to_numpy(np.int64))
                 _, first = np.unique(key, return_index=True)
                 keep = np.sort(first)[:want]
                 c = f.iloc[keep].reset_index(drop=True)
                 c["rank"] = np.arange(1, len(c) + 1)
-                c["duplicates"] = [int(sizes.get(g, 1)) - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
+                c["duplicates"] = [dups.size[g] - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
                 c.attrs = f.attrs
                 out.append(c)
                 short |= len(c) < want and len(f) == fetch
@@ -345,9 +367,9 @@ class Searcher:
                 return out
             fetch = min(MAX_K, 2 * fetch)
 
-    def duplicate_groups_table(self):
-        """The duplicate groups `lakelens dedup --index` wrote beside the index (id, group, path, similarity,
-        representative; sorted by id), memory-mapped; re-read when the file is replaced."""
+    def _duplicates(self) -> DuplicateGroups:
+        """The duplicate groups `lakelens dedup --index` wrote beside the index, read once per version of
+        the file (memory-mapped; re-read when it is replaced)."""
         import pyarrow as pa
         import pyarrow.ipc as ipc
 
@@ -357,34 +379,36 @@ class Searcher:
         except FileNotFoundError:
             raise QueryError(f"no duplicate groups for {self.index_dir}: run lakelens dedup --index {self.index_dir} "
                              "first") from None
-        key = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._groups
-        if cached is None or cached[0] != key:
-            table = ipc.open_file(pa.memory_map(str(path))).read_all()
-            cached = (key, table)
+        if cached is None or cached.stamp != stamp:
+            cached = DuplicateGroups.of(ipc.open_file(pa.memory_map(str(path))).read_all(), stamp)
             with self._lock:
                 self._groups = cached
-        return cached[1]
+        return cached
 
     def duplicate_groups(self, offset: int = 0, limit: int = 20) -> dict:
         """Groups of near copies, largest first: {"total", "groups": [{"group", "size", "members": [...]}],
         "index_version", "notes"}; members are (id, path, similarity, representative), representative first."""
-        t = self.duplicate_groups_table()
-        df = t.select(["group", "id", "path", "similarity", "representative"]).to_pandas()
-        sizes = df.groupby("group").size().sort_values(ascending=False, kind="stable")
-        order = sorted(sizes.index, key=lambda g: (-sizes[g], g))
-        page = order[offset:offset + limit]
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        dups = self._duplicates()
+        page = dups.order[offset:offset + limit]
+        t = dups.table
+        rows = t.filter(pc.is_in(t["group"], pa.array(page, pa.int64()))).to_pandas()
+        by_group = dict(tuple(rows.groupby("group")))
         groups = []
         for g in page:
-            part = df[df["group"] == g].sort_values(["representative", "similarity"], ascending=False)
-            groups.append({"group": int(g), "size": int(sizes[g]),
+            part = by_group[g].sort_values(["representative", "similarity"], ascending=False)
+            groups.append({"group": int(g), "size": dups.size[g],
                            "members": [{"id": int(r.id), "path": r.path, "similarity": round(float(r.similarity), 4),
                                         "representative": bool(r.representative)} for r in part.itertuples()]})
         made_for = (t.schema.metadata or {}).get(b"index_version", b"").decode()
         notes = [] if made_for == self.version else [
             f"the groups were made for index version {made_for}; the live version is {self.version}"]
-        return {"total": len(order), "offset": offset, "groups": groups, "index_version": made_for, "notes": notes}
+        return {"total": len(dups.order), "offset": offset, "groups": groups, "index_version": made_for, "notes": notes}
 
     def _search_vectors(self, vectors, k, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
         st = self._state  # one consistent version for the whole call, even if reload() runs meanwhile
