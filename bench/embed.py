@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import best_rate  # bench/ is on the path: this script's folder
 from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,13 +103,7 @@ def compute_bounds(model_name: str) -> dict:
     out = {}
     for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 512)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        best, t0 = float("inf"), time.perf_counter()
-        while time.perf_counter() - t0 < 3.0:  # the best of many: the machine's rate, not its load
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        out[f"matmul_{name}_gflops"] = round(2 * n ** 3 / best / 1e9, 1)
+        out[f"matmul_{name}_gflops"] = best_rate(lambda: a @ b, 2 * n ** 3, 3.0)
     out["bf16_native"] = engines.bf16_supported()
     loaded = models.load(models.ModelSpec(model_name))
     # nn.MultiheadAttention's fused inference path is invisible to FlopCounterMode (it would miss the

@@ -22,19 +22,15 @@ def describe() -> dict:
     found = re.search(r"Flags:\s*(.+)", text)
     flags = set(found.group(1).split()) if found else set()
     a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
-    a @ a
-    best, t0 = float("inf"), time.perf_counter()
-    while time.perf_counter() - t0 < 2.0:  # the best of many: the machine's rate, not its load
-        t = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t)
     return {"cpu": name.group(1).strip() if name else platform.processor(), "cores": os.cpu_count(),
-            "flags": [f for f in FLAGS if f in flags], "matmul_fp32_gflops": round(2 * 2048 ** 3 / best / 1e9, 1),
+            "flags": [f for f in FLAGS if f in flags], "matmul_fp32_gflops": best_rate(lambda: a @ a, 2 * 2048 ** 3, 2.0),
             **torch_rates(),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
 
 
-def _best_rate(fn, ops: float, seconds: float = 1.0) -> float:
+def best_rate(fn, ops: float, seconds: float = 1.0) -> float:
+    """G(FL)OP/s of `fn` doing `ops` operations: the best of as many calls as fit in `seconds` after one
+    warm-up (the machine's rate, not its load)."""
     fn()
     best, t0 = float("inf"), time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -54,12 +50,12 @@ def torch_rates(n: int = 2048) -> dict:
         return {}
     a = torch.randn(n, n)
     out = {"torch_threads": torch.get_num_threads(),
-           "torch_matmul_fp32_gflops": _best_rate(lambda: a @ a, 2 * n ** 3)}
+           "torch_matmul_fp32_gflops": best_rate(lambda: a @ a, 2 * n ** 3)}
     b = a.bfloat16()
-    out["torch_matmul_bf16_gflops"] = _best_rate(lambda: b @ b, 2 * n ** 3)
+    out["torch_matmul_bf16_gflops"] = best_rate(lambda: b @ b, 2 * n ** 3)
     q = torch.randint(-128, 128, (n, n), dtype=torch.int8)
     try:
-        out["torch_matmul_int8_gops"] = _best_rate(lambda: torch._int_mm(q, q), 2 * n ** 3)
+        out["torch_matmul_int8_gops"] = best_rate(lambda: torch._int_mm(q, q), 2 * n ** 3)
     except (RuntimeError, AttributeError):
         out["torch_matmul_int8_gops"] = None
     return out
