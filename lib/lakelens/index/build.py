@@ -14,6 +14,7 @@ import pandas as pd
 from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
 from lakelens.index.incremental import TRAINED, delta_file, delta_meta_file
+from lakelens.index.keyword import build_keywords
 from lakelens.index.meta import META_COLUMNS, write_meta
 from lakelens.index.shards import ShardWriter, build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
@@ -89,11 +90,12 @@ def assemble(index_dir: str | Path, *, dim: int, choice: Choice, shards: int, ro
              sample: np.ndarray | None, probe: tuple[np.ndarray, np.ndarray],
              build: Callable[[bytes, Path], dict], source: dict, settings: dict, prune: int = 0,
              log: Callable[[str], None] = lambda _: None, trained: bytes | None = None, kind: str = "full",
-             why: str = "", **extra) -> tuple[str, Choice, list[str]]:
+             why: str = "", finish: Callable[[Path], dict] | None = None, **extra) -> tuple[str, Choice, list[str]]:
     """Train (unless `trained`, the empty trained index of a compaction, is given), build the shards with
     `build(trained, staged) -> {shard: count}`, tune, publish and prune. The caller holds the folder's
     lock (versions.index_lock). The trained empty index is kept in the version, so later incremental
-    versions encode their deltas with it. Returns (version, the choice with its tuned parameters, pruned)."""
+    versions encode their deltas with it. `finish(staged) -> manifest entries` adds parts (the keyword
+    index) before publishing. Returns (version, the choice with its tuned parameters, pruned)."""
     trained = train(dim, choice, sample) if trained is None else trained
     staged = staging_dir(index_dir)
     try:
@@ -113,6 +115,8 @@ def assemble(index_dir: str | Path, *, dim: int, choice: Choice, shards: int, ro
             log(f"lakelens index: tuned {choice.search_params}")
         manifest = make_manifest(model_key, dim, choice, [counts[s] for s in range(shards)], source, settings,
                                  build=kind, build_reason=why or choice.reason, **extra)
+        if finish is not None:
+            manifest.update(finish(staged))
         version = publish(index_dir, staged, manifest)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -123,9 +127,10 @@ def assemble(index_dir: str | Path, *, dim: int, choice: Choice, shards: int, ro
 
 def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, paths: list[str],
                 choice: Choice, shards: int = 1, model_key: str = "", train_sample: int = 100_000,
-                source: dict | None = None, sizes: tuple | None = None) -> str:
+                source: dict | None = None, sizes: tuple | None = None, keywords=None, vocab=None) -> str:
     """Build and publish a version from in-memory arrays, without Spark (benchmarks, tests, notebooks):
-    the assembly path of the index job, with the shards built in this process."""
+    the assembly path of the index job, with the shards built in this process. `keywords`: documents
+    (id, path, [TagRow], [(caption, score)]) for the version's keyword index (lakelens.index.keyword)."""
     ids = np.asarray(ids, dtype=np.int64)
     vectors = np.asarray(vectors, dtype=np.float32)
     meta = pd.DataFrame({"id": ids, "path": list(paths),
@@ -150,5 +155,8 @@ def build_local(index_dir: str | Path, ids: np.ndarray, vectors: np.ndarray, pat
             sample=sample, probe=(vectors[probe], ids[probe]), build=build,
             source=source or {"table": None, "format": None, "version": None, "fingerprint": None,
                               "image_roots": [common_root(sorted({to_stored(p) for p in paths}))] if len(paths) else []},
-            settings={})
+            settings={},
+            finish=None if keywords is None else lambda staged: {"keywords": {
+                **build_keywords(staged, keywords, vocab), "table": None, "tags_version": None,
+                "vocab": vocab.digest if vocab else None}})
     return version

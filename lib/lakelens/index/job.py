@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,9 @@ from lakelens.config import parse_size
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
-from lakelens.index.incremental import TRAINED, Decision
+from lakelens.index.incremental import TRAINED, Decision, link_version
+from lakelens.index.keyword_job import load_vocab_file, stage_full, stage_incremental, tags_version
+from lakelens.index.shards import TOMBSTONES
 from lakelens.index.update import (
     ROWS_PER_AUTO_SHARD,
     build_fn,
@@ -27,7 +30,7 @@ from lakelens.index.update import (
     read_changes,
     shard_rows,
 )
-from lakelens.index.versions import current_version, index_lock, prune_locked, read_manifest
+from lakelens.index.versions import current_version, index_lock, prune_locked, publish, read_manifest, staging_dir
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.spark import Job
@@ -89,9 +92,19 @@ class IndexJob(Job):
         settings = {"factory": c.factory, "shards": c.shards, "memory_budget": c.memory_budget}
         live_name = current_version(c.index)
         live = read_manifest(c.index, live_name) if live_name else None
+        self._tags = None
+        if c.tags:
+            if c.format != "delta":
+                raise ConfigError("index.tags: a keyword index needs a Delta embeddings table (index.format delta)")
+            location = c.tags.rstrip("/")
+            vocab = load_vocab_file(c.vocab)
+            self._tags = {"table": location, "tags_version": tags_version(spark, location),
+                          "vocab": vocab.digest if vocab else None}
         if live and not (c.force or c.full):
             if live["source"]["fingerprint"] == fingerprint and live["source"]["table"] == table.location \
                     and live.get("settings") == settings:
+                if self._tags and not self._keywords_current(live):
+                    return self._keywords_only(live_name, live, df, t0)
                 self.log(f"lakelens index: {c.table} unchanged since {live_name} ({fingerprint}); nothing to do")
                 pruned = prune_locked(c.index, c.prune) if c.prune else []
                 return IndexResult(live_name, False, live["rows"], len(live["shards"]), live["factory"],
@@ -105,8 +118,19 @@ class IndexJob(Job):
             decision, changes = self._from_changes(live, source, table, version)
             if decision.kind == "incremental":
                 source["image_roots"] = sorted({*live["source"].get("image_roots", []), *table.image_roots()})
+                rows_at = table.read(version).where(F.col("error").isNull() & F.col("embedding").isNotNull())
+                finish = None
+                if self._tags:
+                    def finish(staged, touched):
+                        kw = live.get("keywords")
+                        if kw:
+                            return {"keywords": stage_incremental(
+                                spark, staged, Path(c.index) / live_name, kw, rows_at, touched, self._tags["table"],
+                                self._tags["tags_version"], c.vocab, self.log)}
+                        return {"keywords": stage_full(spark, staged, rows_at, self._tags["table"],
+                                                       self._tags["tags_version"], c.vocab, self.log)}
                 published, drift = build_incremental(spark, c.index, live_name, live, changes, source, decision,
-                                                     c.min_recall, self.log)
+                                                     c.min_recall, self.log, finish)
                 if published:
                     pruned = prune_locked(c.index, c.prune) if c.prune else []
                     self.log(f"lakelens index: published {published} (incremental, {time.time() - t0:.1f} s)")
@@ -139,6 +163,39 @@ class IndexJob(Job):
             trained = (Path(c.index) / live_name / TRAINED).read_bytes()
         good = good.where(F.col("embedding").isNotNull()).select(*META_COLUMNS, "embedding").localCheckpoint()
         return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0)
+
+    def _keywords_current(self, live: dict) -> bool:
+        kw = live.get("keywords") or {}
+        return all(kw.get(key) == self._tags[key] for key in ("table", "tags_version", "vocab"))
+
+    def _keywords_only(self, live_name: str, live: dict, df, t0: float) -> IndexResult:
+        """The vectors are current but the tags changed: a version that shares every file of the live one
+        (hard links) and re-indexes the images whose tags changed."""
+        c = self.conf.index
+        staged = staging_dir(c.index)
+        try:
+            link_version(Path(c.index) / live_name, staged)
+            if (Path(c.index) / live_name / TOMBSTONES).is_file():
+                shutil.copy2(Path(c.index) / live_name / TOMBSTONES, staged / TOMBSTONES)
+            rows = df.where(F.col("error").isNull() & F.col("embedding").isNotNull())
+            kw = live.get("keywords")
+            touched = self.spark.createDataFrame([], "id long")
+            entry = (stage_incremental(self.spark, staged, Path(c.index) / live_name, kw, rows, touched,
+                                       self._tags["table"], self._tags["tags_version"], c.vocab, self.log)
+                     if kw else stage_full(self.spark, staged, rows, self._tags["table"], self._tags["tags_version"],
+                                           c.vocab, self.log))
+            why = "the tags changed" if kw else "a keyword index was asked for (--tags)"
+            published = publish(c.index, staged, {**live, "build": "incremental", "build_reason": why,
+                                                  "keywords": entry})
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        pruned = prune_locked(c.index, c.prune) if c.prune else []
+        self.log(f"lakelens index: published {published} (vectors shared with {live_name}; {why}, "
+                 f"{time.time() - t0:.1f} s)")
+        return IndexResult(published, True, live["rows"], len(live["shards"]), live["factory"], live["reason"],
+                           time.time() - t0, pruned, build="incremental", build_reason=why,
+                           deltas=len(live.get("deltas", [])), tombstones=(live.get("tombstones") or {}).get("count", 0))
 
     def _from_changes(self, live: dict, source: dict, table: EmbeddingsTable, version: int):
         """Read the change feed since the live version and finish the decision from it: the rows and
@@ -197,7 +254,10 @@ class IndexJob(Job):
         published, choice, pruned = assemble(
             c.index, dim=dim, choice=choice, shards=shards, rows=n, model_key=model_key, sample=sample,
             probe=probe, build=build, prune=c.prune, log=self.log, settings=settings, source=source,
-            trained=trained, kind=decision.kind, why=decision.reason, build_seconds=round(time.time() - t0, 2))
+            trained=trained, kind=decision.kind, why=decision.reason, build_seconds=round(time.time() - t0, 2),
+            finish=(lambda staged: {"keywords": stage_full(spark, staged, good, self._tags["table"],
+                                                           self._tags["tags_version"], c.vocab, self.log)})
+            if self._tags else None)
         self.log(f"lakelens index: published {published} ({decision.kind}, {n} vectors, {shards} shards, "
                  f"{time.time() - t0:.1f} s){'; pruned ' + ', '.join(pruned) if pruned else ''}")
         return IndexResult(published, True, n, shards, choice.factory, choice.reason, time.time() - t0, pruned,

@@ -49,10 +49,10 @@ def _numpy(column) -> np.ndarray:
 
 
 class _Part:
-    __slots__ = ("generation", "ids", "paths", "alive")
+    __slots__ = ("generation", "ids", "paths", "alive", "table")
 
-    def __init__(self, generation: int, ids: np.ndarray, paths, alive: np.ndarray | None):
-        self.generation, self.ids, self.paths, self.alive = generation, ids, paths, alive
+    def __init__(self, generation: int, ids: np.ndarray, paths, alive: np.ndarray | None, table: pa.Table):
+        self.generation, self.ids, self.paths, self.alive, self.table = generation, ids, paths, alive, table
 
 
 class MetaStore:
@@ -67,11 +67,11 @@ class MetaStore:
         if not sources and legacy:
             sources = [(folder / legacy, 0)]
         for file, generation in sources:
-            table = read_meta(file, ["id", "path"])
+            table = read_meta(file)
             ids = _numpy(table.column("id")).astype(np.int64, copy=False)
             dead = tomb_ids[tomb_gen > generation]
             alive = ~np.isin(ids, dead) if len(dead) else None
-            self.parts.append(_Part(generation, ids, table.column("path"), alive))
+            self.parts.append(_Part(generation, ids, table.column("path"), alive, table))
         self.parts.sort(key=lambda p: p.generation)  # stable: shards of one generation keep their order
         live = [p.ids if p.alive is None else p.ids[p.alive] for p in self.parts]
         self.ids = np.unique(np.concatenate(live)) if live else np.zeros(0, np.int64)
@@ -103,6 +103,16 @@ class MetaStore:
             return None
         return self.paths(np.array([id_]))[0]
 
+    def sizes(self, id_: int) -> dict:
+        """width and height of a live image (None where unknown)."""
+        for part in reversed(self.parts):
+            i = int(np.searchsorted(part.ids, id_)) if len(part.ids) else 0
+            if i < len(part.ids) and part.ids[i] == id_ and (part.alive is None or part.alive[i]):
+                row = {c: part.table.column(c)[i].as_py() if c in part.table.column_names else None
+                       for c in ("width", "height")}
+                return row
+        return {"width": None, "height": None}
+
     def with_prefix(self, prefix: str) -> np.ndarray:
         """Sorted live ids whose path starts with `prefix` (a scan of the mapped path columns)."""
         found = []
@@ -110,6 +120,18 @@ class MetaStore:
             if not len(part.ids):
                 continue
             mask = pc.starts_with(part.paths, prefix).to_numpy(zero_copy_only=False)
+            if part.alive is not None:
+                mask &= part.alive
+            found.append(part.ids[mask])
+        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+
+    def with_substring(self, text: str) -> np.ndarray:
+        """Sorted live ids whose path holds `text` (path: filters; a scan of the mapped path columns)."""
+        found = []
+        for part in self.parts:
+            if not len(part.ids):
+                continue
+            mask = pc.match_substring(part.paths, text).to_numpy(zero_copy_only=False)
             if part.alive is not None:
                 mask &= part.alive
             found.append(part.ids[mask])

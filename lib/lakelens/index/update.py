@@ -190,24 +190,25 @@ def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10,
 
 
 def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes: Changes, source: dict,
-                      decision: Decision, min_recall: float,
-                      log: Callable[[str], None]) -> tuple[str | None, str]:
+                      decision: Decision, min_recall: float, log: Callable[[str], None],
+                      finish: Callable | None = None) -> tuple[str | None, str]:
     """Stage and publish an incremental version over `live`. Returns (version, "") or, when the drift
     probe fails, (None, the reason for a full rebuild) with nothing published. The drift probe's costly
-    part, exact search over the live version's vectors, runs in a thread while Spark builds the deltas."""
+    part, exact search over the live version's vectors, runs in a thread while Spark builds the deltas.
+    `finish(staged, touched ids) -> manifest entries` adds the keyword part before publishing."""
     generation = int(live.get("generation", 0)) + 1
     staged = staging_dir(index_dir)
     try:
         with ThreadPoolExecutor(1) as pool:
             return _build_incremental(spark, index_dir, live_name, live, changes, source, decision, min_recall,
-                                      log, generation, staged, pool)
+                                      log, generation, staged, pool, finish)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
 
 def _build_incremental(spark, index_dir, live_name, live, changes, source, decision, min_recall, log, generation,
-                       staged, pool):
+                       staged, pool, finish):
     link_version(Path(index_dir) / live_name, staged)
     trained = (staged / TRAINED).read_bytes()
     changed, rows, n = changes.rows, changes.rows_after, changes.live_after
@@ -244,4 +245,7 @@ def _build_incremental(spark, index_dir, live_name, live, changes, source, decis
             shutil.rmtree(staged, ignore_errors=True)
             return None, (f"drift: recall@10 of the new rows at nprobe {manifest['search_params']['nprobe']} "
                           f"is {recall:.3f} < index.min_recall {min_recall}")
+    manifest.pop("keywords", None)
+    if finish is not None:
+        manifest.update(finish(staged, changes.replaced.select("id").unionByName(changed.select("id"))))
     return publish(index_dir, staged, manifest), ""

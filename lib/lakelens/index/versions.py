@@ -83,9 +83,10 @@ def publish(index_dir: str | Path, staged: Path, manifest: dict) -> str:
         name = f"v{number:04d}"
         (staged / MANIFEST).write_text(json.dumps({**manifest, "version": name, "published_at": time.time()},
                                                   indent=2) + "\n")
-        for f in staged.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in staged.rglob("*"):  # the keyword index is a folder of its own
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         try:
             os.rename(staged, d / name)
             break

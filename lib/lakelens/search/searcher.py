@@ -14,6 +14,7 @@ import pandas as pd
 
 from lakelens import index as ix
 from lakelens.errors import IndexDirError, IndexMismatchError, QueryError
+from lakelens.index.keyword import KEYWORD_DIR
 from lakelens.index.meta import MetaStore
 from lakelens.index.shards import (
     open_version,
@@ -26,9 +27,12 @@ from lakelens.index.shards import (
 from lakelens.ingest.embedder import Embedder
 from lakelens.models.engines import DEFAULT_ENGINE, check_engine
 from lakelens.models.registry import ModelSpec
+from lakelens.search.keyword_side import KeywordSide, allowed_ids, browse, decorate, need
+from lakelens.search.query import RRF_K, ParsedQuery, check_mode, parse_query, rrf
 
 MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
+HYBRID_DEPTH = 100  # each side's list fused by RRF: at least this deep (and twice the results asked for)
 COMMON_PREFIX = 0.05  # a prefix held by this share of the images or more is filtered after the search
 QUERY_MAX_PIXELS = 16_000_000  # query images: a bound of their own, far below the embed job's
 GROUPS_FILE = "duplicates.arrow"  # written beside the index by `lakelens dedup --index` (lakelens.dedup.job)
@@ -81,6 +85,20 @@ def query_vector(embed_text, text: str) -> tuple[np.ndarray, list[str]]:
     return (total / norm).astype(np.float32), notes
 
 
+def check_page(k, offset) -> None:
+    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+        raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k + offset > MAX_K:
+        raise QueryError(f"k must be an integer between 1 and {MAX_K} (k + offset at most {MAX_K}), "
+                         f"got k={k!r}, offset={offset!r}")
+
+
+def _ranks(ids: pd.Series, ranked) -> pd.Series:
+    """Each id's rank (from 1) in a ranked id list, or None where it is not in it."""
+    pos = {int(i): r for r, i in enumerate(np.asarray(ranked, np.int64), start=1)}
+    return pd.Series([pos.get(int(i)) for i in ids], index=ids.index, dtype=object)
+
+
 def check_weights(weights, n: int) -> list[float]:
     """Weights of a query's parts (text, image): finite, not negative, not all zero; default equal."""
     if weights is None:
@@ -104,6 +122,7 @@ class _Loaded:
     excluded: list  # per shard: a FAISS selector of the ids it still holds that are not live there, or None
     keep: list  # Python references that keep the selectors' parts alive
     quantizer: object = None  # IVF shards' shared coarse quantizer: lists chosen once per query
+    keywords: KeywordSide | None = None  # BM25 index, tags and captions (lakelens index --tags), if built
 
 
 @dataclass
@@ -174,7 +193,8 @@ class Searcher:
         tomb = read_tombstones(folder, manifest)  # read once: for the shards' exclusions and the live ids
         shards, rerank, excluded, keep = open_version(folder, manifest, self.mmap, tomb)
         meta = MetaStore(folder, entries, tomb, legacy=LEGACY_META)
-        return _Loaded(version, manifest, shards, rerank, meta, excluded, keep, shared_quantizer(shards))
+        keywords = KeywordSide(folder) if manifest.get("keywords") and (folder / KEYWORD_DIR).is_dir() else None
+        return _Loaded(version, manifest, shards, rerank, meta, excluded, keep, shared_quantizer(shards), keywords)
 
     def reload(self) -> bool:
         """Load the version CURRENT names now, if it differs from the loaded one. True if switched."""
@@ -255,34 +275,130 @@ class Searcher:
         return result.embedding
 
     # --- search --------------------------------------------------------------------------------
-    def search_text(self, text: str, k: int = 10, **kw) -> pd.DataFrame:
-        """Images for a text query; "a + b - c" combines terms (embed_query)."""
-        vec, notes = self.embed_query(text)
-        out = self.search_vector(vec, k, **kw)
+    @property
+    def default_mode(self) -> str:
+        """hybrid where the live version has a keyword index, else vector."""
+        return "hybrid" if self._state.keywords is not None else "vector"
+
+    def search_text(self, text: str, k: int = 10, mode: str | None = None, tags=(), not_tags=(), **kw) -> pd.DataFrame:
+        """Images for a text query in the query syntax (free words, "phrases", tag:dog, -tag:cat, path:2024/;
+        "a + b - c" combines terms on the vector side). mode: vector | keyword | hybrid (reciprocal rank
+        fusion of both lists, k = 60); default hybrid where the version has a keyword index, else vector."""
+        return self.search(text=text, k=k, mode=mode, tags=tags, not_tags=not_tags, **kw)
+
+    def search(self, text: str | None = None, image: str | Path | bytes | None = None, k: int = 10,
+               weights: tuple | list | None = None, mode: str | None = None, tags=(), not_tags=(),
+               **kw) -> pd.DataFrame:
+        """A text, an image, or both: the query vector is weights[0] x text + weights[1] x image (unit
+        vectors; default equal weights), normalised. The text may use the query syntax (search_text); the
+        keyword side (mode keyword or hybrid) scores the text's words."""
+        q = parse_query(text, tags, not_tags)
+        mode = check_mode(mode or self.default_mode)
+        parts, notes = [], []
+        if q.has_text and mode != "keyword":
+            vec, notes = self.embed_query(q.text)
+            parts.append(vec)
+        if image is not None:
+            if mode == "keyword":
+                raise QueryError("mode keyword searches words; an image query needs mode vector or hybrid")
+            parts.append(self.embed_image(image))
+        if not parts and not q.has_text and not q.has_filters:
+            raise QueryError("give a text, an image, or both")
+        vec = None
+        if parts:
+            w = check_weights(weights, len(parts))
+            total = sum(wi * p / max(float(np.linalg.norm(p)), 1e-12) for wi, p in zip(w, parts))
+            norm = float(np.linalg.norm(total))
+            if norm < 1e-6:
+                raise QueryError("the weighted text and image cancel out: nothing is left to search for")
+            if len(parts) == 2:
+                notes = notes + [f"text and image combined with weights {w[0]:g} and {w[1]:g}"]
+            vec = (total / norm).astype(np.float32)
+        out = self._query(q, vec, mode, k, **kw)
         out.attrs["notes"] = notes + out.attrs.get("notes", [])
         return out
 
-    def search(self, text: str | None = None, image: str | Path | bytes | None = None, k: int = 10,
-               weights: tuple | list | None = None, **kw) -> pd.DataFrame:
-        """A text, an image, or both: the query vector is weights[0] x text + weights[1] x image (unit
-        vectors; default equal weights), normalised. The text may use query arithmetic."""
-        parts, notes = [], []
-        if text is not None:
-            vec, notes = self.embed_query(text)
-            parts.append(vec)
-        if image is not None:
-            parts.append(self.embed_image(image))
-        if not parts:
-            raise QueryError("give a text, an image, or both")
-        w = check_weights(weights, len(parts))
-        total = sum(wi * p / max(float(np.linalg.norm(p)), 1e-12) for wi, p in zip(w, parts))
-        norm = float(np.linalg.norm(total))
-        if norm < 1e-6:
-            raise QueryError("the weighted text and image cancel out: nothing is left to search for")
-        if len(parts) == 2:
-            notes = notes + [f"text and image combined with weights {w[0]:g} and {w[1]:g}"]
-        out = self.search_vector((total / norm).astype(np.float32), k, **kw)
-        out.attrs["notes"] = notes + out.attrs.get("notes", [])
+    def _query(self, q: ParsedQuery, vec, mode: str, k: int = 10, min_score: float | None = None,
+               path_prefix: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
+               offset: int = 0, collapse_duplicates: bool = False) -> pd.DataFrame:
+        check_page(k, offset)
+        st = self._state
+        prefix = self._prefix_ids(st, path_prefix)[0] if path_prefix else None
+        allowed = allowed_ids(st.keywords, st.version, st.meta, q, prefix)
+        words = bool(q.free or q.phrases)
+        if mode == "keyword" and not words and not q.has_filters:
+            raise QueryError("mode keyword needs words to search for")
+        if vec is not None and (mode == "vector" or not words):
+            out = self.search_vectors(vec[None, :], k, min_score, None, nprobe, ef_search, offset, collapse_duplicates,
+                                      allowed=allowed)[0]
+            return decorate(st.keywords, out)
+        want = (4 if collapse_duplicates else 1) * (k + offset)
+        if not words:  # filters only: browse what they allow
+            scores, ids = browse(st.keywords, q, allowed)
+            frame = self._frame(st, scores[:want], ids[:want], want, None, None)
+        else:
+            side = need(st.keywords, st.version, f"mode {mode}")
+            limited = allowed if (q.paths or q.not_paths or path_prefix) else None
+            depth = want if mode == "keyword" else min(MAX_K, max(2 * want, HYBRID_DEPTH))
+            kw_scores, kw_ids = side.index.search(q.free, q.phrases, q.tags, q.not_tags, depth, limited)
+            if mode == "keyword":
+                frame = self._frame(st, kw_scores, kw_ids, want, None, None)
+            else:
+                vec_frame = self.search_vectors(vec[None, :], depth, min_score, None, nprobe, ef_search,
+                                                allowed=allowed)[0]
+                ids, fused = rrf([vec_frame["id"].to_numpy(np.int64), kw_ids], RRF_K)
+                frame = self._frame(st, fused[:want], ids[:want], want, None, None)
+                frame["vector_rank"] = _ranks(frame["id"], vec_frame["id"])
+                frame["keyword_rank"] = _ranks(frame["id"], kw_ids)
+                frame.attrs["notes"] = vec_frame.attrs.get("notes", [])
+        if collapse_duplicates:
+            frame = self._collapse_frame(frame, k + offset)
+        page = frame.iloc[offset:offset + k].reset_index(drop=True)
+        page.attrs = {"notes": frame.attrs.get("notes", [])}
+        return decorate(st.keywords, page)
+
+    def _collapse_frame(self, frame: pd.DataFrame, want: int) -> pd.DataFrame:
+        """One row per duplicate group (its best), for lists that are not a single vector search."""
+        dups = self._duplicates()
+        key, member = dups.key_of(frame["id"].to_numpy(np.int64))
+        _, first = np.unique(key, return_index=True)
+        keep = np.sort(first)[:want]
+        c = frame.iloc[keep].reset_index(drop=True)
+        c["rank"] = np.arange(1, len(c) + 1)
+        c["duplicates"] = [dups.size[g] - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
+        c.attrs = frame.attrs
+        return c
+
+    def tag_counts(self, text: str | None = None, tags=(), not_tags=(), limit: int = 50, depth: int = 1000,
+                   mode: str | None = None) -> dict:
+        """Images per tag in the live version (facets), most first: over every image, or over the images a
+        query allows (its filters; with words, its best `depth` results)."""
+        st = self._state
+        side = need(st.keywords, st.version, "tag counts")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_K:
+            raise QueryError(f"limit must be an integer between 1 and {MAX_K}, got {limit!r}")
+        q = parse_query(text, tags, not_tags)
+        if q.has_text:
+            ids = np.sort(self.search(text=text, k=min(depth, MAX_K), mode=mode, tags=tags, not_tags=not_tags)["id"]
+                          .to_numpy(np.int64))
+            scope = "results"
+        else:
+            ids = allowed_ids(side, st.version, st.meta, q, None)
+            scope = "all" if ids is None else "filtered"
+        total = len(st.meta) if ids is None else len(ids)
+        return {"version": st.version, "scope": scope, "images": int(total), "tags": side.tags.counts(ids, limit)}
+
+    def details(self, id_: int) -> dict:
+        """One indexed image: path, size, its tags with scores and its caption (the page's large view)."""
+        st = self._state
+        path = self.path_of(int(id_))
+        if path is None:
+            raise QueryError(f"id {id_} is not in index {st.version}")
+        out = {"id": int(id_), "path": path, "version": st.version, "tags": [], "caption": None}
+        out.update(st.meta.sizes(int(id_)))
+        if st.keywords is not None:
+            out["tags"] = st.keywords.tags.details(int(id_))
+            out["caption"] = st.keywords.tags.captions_of([int(id_)])[0]
         return out
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
@@ -317,41 +433,42 @@ class Searcher:
 
     def search_vector(self, vector, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
                       nprobe: int | None = None, ef_search: int | None = None, offset: int = 0,
-                      collapse_duplicates: bool = False) -> pd.DataFrame:
+                      collapse_duplicates: bool = False, allowed: np.ndarray | None = None) -> pd.DataFrame:
         return self.search_vectors(np.asarray(vector)[None, :] if np.ndim(vector) == 1 else vector, k,
-                                   min_score, path_prefix, nprobe, ef_search, offset, collapse_duplicates)[0]
+                                   min_score, path_prefix, nprobe, ef_search, offset, collapse_duplicates,
+                                   allowed=allowed)[0]
 
     def search_vectors(self, vectors, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
                        nprobe: int | None = None, ef_search: int | None = None, offset: int = 0,
-                       collapse_duplicates: bool = False) -> list[pd.DataFrame]:
+                       collapse_duplicates: bool = False, allowed: np.ndarray | None = None) -> list[pd.DataFrame]:
         """A batch of query vectors -> one result frame each (rank, score, id, path). `offset` skips the
         first results (pages: offset = page x k); ranks count from the top of the whole list.
         `collapse_duplicates`: one result per duplicate group (`lakelens dedup --index`), its best hit,
-        with a `duplicates` column counting the group's other members."""
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-            raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k + offset > MAX_K:
-            raise QueryError(f"k must be an integer between 1 and {MAX_K} (k + offset at most {MAX_K}), "
-                             f"got k={k!r}, offset={offset!r}")
+        with a `duplicates` column counting the group's other members. `allowed`: sorted ids the results
+        must be among (a query's filters)."""
+        check_page(k, offset)
+        if path_prefix:
+            prefixed = self._prefix_ids(self._state, path_prefix)[0]
+            allowed = prefixed if allowed is None else np.intersect1d(allowed, prefixed, assume_unique=True)
         if collapse_duplicates:
-            frames = self._collapsed(vectors, k + offset, min_score, path_prefix, nprobe, ef_search)
+            frames = self._collapsed(vectors, k + offset, min_score, allowed, nprobe, ef_search)
         elif not offset:
-            return self._search_vectors(vectors, k, min_score, path_prefix, nprobe, ef_search)
+            return self._search_vectors(vectors, k, min_score, allowed, nprobe, ef_search)
         else:
-            frames = self._search_vectors(vectors, k + offset, min_score, path_prefix, nprobe, ef_search)
+            frames = self._search_vectors(vectors, k + offset, min_score, allowed, nprobe, ef_search)
         for i, f in enumerate(frames):
             page = f.iloc[offset:].reset_index(drop=True)
             page.attrs = f.attrs
             frames[i] = page
         return frames
 
-    def _collapsed(self, vectors, want, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
+    def _collapsed(self, vectors, want, min_score, allowed, nprobe, ef_search) -> list[pd.DataFrame]:
         """The first `want` results with one per duplicate group: searched deeper (x4, doubling while
         groups eat the list) until enough distinct groups or the whole index."""
         dups = self._duplicates()
         fetch = min(MAX_K, 4 * want)
         while True:
-            frames = self._search_vectors(vectors, fetch, min_score, path_prefix, nprobe, ef_search)
+            frames = self._search_vectors(vectors, fetch, min_score, allowed, nprobe, ef_search)
             out, short = [], False
             for f in frames:
                 key, member = dups.key_of(f["id"].to_numpy(np.int64))
@@ -410,7 +527,7 @@ class Searcher:
             f"the groups were made for index version {made_for}; the live version is {self.version}"]
         return {"total": len(dups.order), "offset": offset, "groups": groups, "index_version": made_for, "notes": notes}
 
-    def _search_vectors(self, vectors, k, min_score, path_prefix, nprobe, ef_search) -> list[pd.DataFrame]:
+    def _search_vectors(self, vectors, k, min_score, allowed, nprobe, ef_search) -> list[pd.DataFrame]:
         st = self._state  # one consistent version for the whole call, even if reload() runs meanwhile
         dim = st.manifest["dim"]
         q = np.asarray(vectors, dtype=np.float32)
@@ -421,29 +538,28 @@ class Searcher:
         q = np.ascontiguousarray(q)
         params = st.manifest.get("search_params", {})
         notes, selector, fetch = [], None, min(len(self) or 1, k)
-        if path_prefix:
-            matching, prefix_selector = self._prefix_ids(st, path_prefix)
-            if len(matching) < k:
-                notes.append(f"only {len(matching)} indexed image(s) have a path under the prefix")
-            if not len(matching):
+        if allowed is not None:
+            if len(allowed) < k:
+                notes.append(f"only {len(allowed)} indexed image(s) match the filters")
+            if not len(allowed):
                 return [self._with_notes(self._frame(st, np.zeros(0, np.float32), np.zeros(0, np.int64), k,
-                                                     min_score, path_prefix), notes) for _ in q]
-            share = len(matching) / max(1, len(self))
+                                                     min_score, allowed), notes) for _ in q]
+            share = len(allowed) / max(1, len(self))
             if share >= COMMON_PREFIX:
-                # a common prefix: a plain search deep enough to hold k matches is cheaper than testing
+                # a common filter: a plain search deep enough to hold k matches is cheaper than testing
                 # every scanned id against a large set; the selector below covers the rare shortfall
                 fetch = min(len(self), int(np.ceil(4 * k / share)))
-                frames = self._run(st, q, fetch, k, min_score, path_prefix, nprobe, ef_search, None, params, notes)
-                if all(len(f) >= min(k, len(matching)) for f in frames):
+                frames = self._run(st, q, fetch, k, min_score, allowed, nprobe, ef_search, None, params, notes)
+                if all(len(f) >= min(k, len(allowed)) for f in frames):
                     return frames
-            # a rare prefix: the filter runs inside FAISS's scan, so cost and results stay those of a k search
-            selector, fetch = prefix_selector, min(fetch, len(matching))
-        return self._run(st, q, fetch, k, min_score, path_prefix, nprobe, ef_search, selector, params, notes)
+            # a rare filter: it runs inside FAISS's scan, so cost and results stay those of a k search
+            selector, fetch = self._selector(st, allowed), min(fetch, len(allowed))
+        return self._run(st, q, fetch, k, min_score, allowed, nprobe, ef_search, selector, params, notes)
 
-    def _run(self, st, q, fetch, k, min_score, path_prefix, nprobe, ef_search, selector, params, notes):
+    def _run(self, st, q, fetch, k, min_score, allowed, nprobe, ef_search, selector, params, notes):
         scores, ids = self._search_shards(st, q, fetch, params.get("nprobe") if nprobe is None else nprobe,
                                           params.get("efSearch") if ef_search is None else ef_search, selector)
-        return [self._with_notes(self._frame(st, s, i, k, min_score, path_prefix), notes) for s, i in zip(scores, ids)]
+        return [self._with_notes(self._frame(st, s, i, k, min_score, allowed), notes) for s, i in zip(scores, ids)]
 
     @staticmethod
     def _with_notes(frame: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
@@ -451,13 +567,19 @@ class Searcher:
         return frame
 
     def _prefix_ids(self, st: _Loaded, prefix: str) -> tuple[np.ndarray, object]:
-        """Ids of the indexed paths that start with `prefix`, and a FAISS selector of them (the last few
-        prefixes are remembered: building the selector costs about as much as a search)."""
-        key = (st.version, prefix)
+        """Ids of the indexed paths that start with `prefix`, remembered for the last few prefixes."""
+        return self._cached(("prefix", st.version, prefix), lambda: st.meta.with_prefix(prefix))
+
+    def _selector(self, st: _Loaded, allowed: np.ndarray):
+        """A FAISS selector of allowed ids (building one costs about as much as a search: remembered)."""
+        key = ("selector", st.version, len(allowed), hash(allowed.tobytes()))
+        return self._cached(key, lambda: allowed)[1]
+
+    def _cached(self, key, ids_of) -> tuple[np.ndarray, object]:
         with self._lock:
             hit = self._prefix_cache.get(key)
         if hit is None:
-            ids = st.meta.with_prefix(prefix)
+            ids = ids_of()
             hit = (ids, faiss.IDSelectorBatch(ids) if len(ids) else None)
             with self._lock:
                 self._prefix_cache[key] = hit
@@ -469,16 +591,16 @@ class Searcher:
         return search_shards(st.shards, st.rerank, q, k, nprobe, ef_search,
                              int(st.manifest.get("rerank") or 0), self._pool, selector, st.excluded, st.quantizer)
 
-    def _frame(self, st: _Loaded, scores, ids, k, min_score, path_prefix) -> pd.DataFrame:
+    def _frame(self, st: _Loaded, scores, ids, k, min_score, allowed) -> pd.DataFrame:
         keep = ids != -1
         if min_score is not None:
             keep &= scores >= min_score
-        scores, ids = scores[keep], ids[keep]
+        if allowed is not None and len(ids):
+            pos = np.clip(np.searchsorted(allowed, ids), 0, max(0, len(allowed) - 1))
+            keep &= (allowed[pos] == ids) if len(allowed) else False
+        scores, ids = scores[keep][:k], ids[keep][:k]
         paths = st.meta.paths(ids)
-        df = pd.DataFrame({"score": scores.astype(float), "id": ids, "path": paths})
-        if path_prefix:
-            df = df[df["path"].str.startswith(path_prefix)]
-        df = df.head(k).reset_index(drop=True)
+        df = pd.DataFrame({"score": np.asarray(scores, float), "id": ids, "path": paths})
         df.insert(0, "rank", np.arange(1, len(df) + 1))
         return df[RESULT_COLUMNS]
 

@@ -1,0 +1,105 @@
+"""The Spark side of an index version's keyword part (lakelens index --tags TAGS): each indexed image's tags
+and captions from the tags table, streamed to the driver, which writes the BM25 index and the tag files into
+the version's staging folder before it is published (so they appear atomically with the vectors).
+An incremental version deletes and re-adds only the images whose rows or tags changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from lakelens.errors import ConfigError, DataError
+from lakelens.index.keyword import TagRow, build_keywords
+
+DOC_PARTITIONS = 16  # the driver pulls one partition at a time (toLocalIterator): memory is one partition's
+
+
+def tags_version(spark: SparkSession, location: str) -> int:
+    if not DeltaTable.isDeltaTable(spark, location):
+        raise DataError(f"index.tags: no tags table (Delta) at {location}; make one with lakelens tag")
+    return int(DeltaTable.forPath(spark, location).history(1).select("version").first()[0])
+
+
+def load_vocab_file(path: str):
+    if not path:
+        return None
+    from lakelens.tags.vocab import load_vocab  # tags/ owns vocabularies; only needed when one is given
+
+    if not Path(path).is_file():
+        raise ConfigError(f"index.vocab: no vocabulary file at {path}")
+    return load_vocab(path)
+
+
+def _docs(rows: DataFrame, tags: DataFrame) -> Iterator[tuple]:
+    per_id = (tags.groupBy("id").agg(
+        F.collect_list(F.when(F.col("source") != "caption", F.struct("tag", "score", "source"))).alias("tags"),
+        F.collect_list(F.when(F.col("source") == "caption", F.struct("tag", "score"))).alias("captions")))
+    docs = (rows.select("id", "path").join(per_id, "id", "left").repartition(DOC_PARTITIONS, "id"))
+    for r in docs.toLocalIterator(prefetchPartitions=True):
+        tag_rows = [TagRow(t["tag"], t["score"], t["source"]) for t in (r["tags"] or [])]
+        captions = [(c["tag"], c["score"]) for c in (r["captions"] or [])]
+        yield int(r["id"]), r["path"], tag_rows, captions
+
+
+def read_tags_at(spark: SparkSession, location: str, version: int) -> DataFrame:
+    return spark.read.format("delta").option("versionAsOf", version).load(location)
+
+
+def changed_tag_ids(spark: SparkSession, location: str, start: int, end: int) -> DataFrame:
+    """Ids whose tag rows changed between tags-table versions start..end (its change feed); LookupError
+    when the feed does not cover the range."""
+    try:
+        return (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
+                .option("endingVersion", end).load(location).select("id").distinct().localCheckpoint())
+    except AnalysisException as e:
+        raise LookupError(str(e).strip().splitlines()[0][:300]) from None
+
+
+def stage_full(spark: SparkSession, staged: Path, rows: DataFrame, location: str, version: int, vocab_path: str,
+               log) -> dict:
+    """The keyword part of a full build: every indexed row's document."""
+    vocab = load_vocab_file(vocab_path)
+    info = build_keywords(staged, _docs(rows, read_tags_at(spark, location, version)), vocab)
+    log(f"lakelens index: keyword index of {info['documents']} images ({info['tag_rows']} tag terms, "
+        f"{info['captions']} captions) from {location}@{version}")
+    return {**info, "table": location, "tags_version": version, "vocab": vocab.digest if vocab else None}
+
+
+def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live_kw: dict, table_rows: DataFrame,
+                      touched: DataFrame, location: str, version: int, vocab_path: str, log) -> dict:
+    """Re-index only what changed: ids `touched` by the embeddings' change (column id), plus ids whose tags
+    changed since the live version's tags version. `table_rows`: the table's rows at the new version (only
+    the touched ids' rows are read). A tags table that was re-created or vacuumed, or another vocabulary,
+    gets a full keyword build."""
+    vocab = load_vocab_file(vocab_path)
+    digest = vocab.digest if vocab else None
+    reason = None
+    if live_kw.get("table") != location:
+        reason = "another tags table"
+    elif live_kw.get("vocab") != digest:
+        reason = "another vocabulary"
+    elif version < live_kw.get("tags_version", -1):
+        reason = "the tags table is older than the live version's"
+    ids = touched.select("id")
+    if reason is None and version > live_kw["tags_version"]:
+        try:
+            ids = ids.unionByName(changed_tag_ids(spark, location, live_kw["tags_version"] + 1, version))
+        except LookupError as e:
+            reason = f"the tags table's change feed does not cover its versions since the live one: {e}"
+    if reason is not None:
+        log(f"lakelens index: full keyword build ({reason})")
+        return stage_full(spark, staged, table_rows, location, version, vocab_path, log)
+    ids = ids.distinct().localCheckpoint()
+    gone = np.asarray(ids.toPandas()["id"].to_numpy(np.int64))  # bounded by the change, not the table
+    rows = table_rows.join(ids, "id", "left_semi")
+    tags = read_tags_at(spark, location, version).join(ids, "id", "left_semi")
+    info = build_keywords(staged, _docs(rows, tags), vocab, base=live_folder, delete_ids=gone)
+    log(f"lakelens index: keyword index updated: {info['deleted']} images re-indexed, {info['added']} live "
+        f"({info['documents']} documents)")
+    return {**info, "table": location, "tags_version": version, "vocab": digest}
