@@ -138,3 +138,20 @@ def test_version_without_keywords_says_how_to_build_them(tmp_path):
     with pytest.raises(QueryError, match="lakelens index --tags"):
         s.search(text="tag:dog")
     assert "tags" not in s.search_vector(v[0], k=2).columns
+
+
+def test_cli_search_modes_tags_and_json_rows(tagged, capsys):
+    import json
+
+    from lakelens.cli import main
+
+    s = tagged[0]
+    assert main(["search", "--index", str(s.index_dir), "--tag", "dog", "--tag=-cat", "--json", "-k", "3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "hybrid" and len(out["results"]) == 3
+    assert all(r["tags"] == ["dog"] and r["caption"].startswith("a photo of a dog") for r in out["results"])
+    assert main(["search", "--index", str(s.index_dir), '"number 12"', "--mode", "keyword"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith('img12_dog.jpg  [dog]  "a photo of a dog number 12"')
+    assert main(["search", "--index", str(s.index_dir), "tag:", "--mode", "keyword"]) == 2
+    assert "tag: needs a value" in capsys.readouterr().err
