@@ -1,4 +1,4 @@
-"""`lakelens embed | index | search | dedup | eval | finetune | serve | jars | demo`: the command line."""
+"""`lakelens embed | index | search | dedup | tag | eval | finetune | serve | jars | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -101,6 +101,53 @@ def cmd_dedup(args) -> int:
     return 0
 
 
+def cmd_tag(args) -> int:
+    from lakelens.tags.job import TagJob
+
+    conf = config.load(
+        args.conf, args.set, spark={"master": args.master},
+        tag={"table": args.table, "tags": args.tags, "vocab": args.vocab, "format": args.format,
+             "threshold": args.threshold, "max_tags": args.max_tags, "templates": args.templates,
+             "thresholds": args.thresholds, "target_precision": args.target_precision,
+             "min_positives": args.min_positives, "full": True if args.full else None})
+    job = TagJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True))
+    if args.calibrate:
+        report = job.calibrate(args.calibrate, out=args.out)
+        print(json.dumps({k: report[k] for k in ("labelled_images", "micro", "macro", "status_counts",
+                                                 "thresholds_file")}), flush=True)
+        return 0
+    if args.out:
+        raise ConfigError("--out is for --calibrate (where to write its report)")
+    print(json.dumps(job.launch().to_dict()), flush=True)
+    return 0
+
+
+def cmd_eval_tags(args, conf) -> dict:
+    """`lakelens eval --labels LABELS (--tags TAGS | --index INDEX --vocab FILE)`: tag metrics."""
+    from lakelens.tags import calibrate as cal
+    from lakelens.tags.evaluate import evaluate_index_tags, evaluate_tags_table, read_labels
+    from lakelens.tags.vocab import load_vocab
+
+    vocab = load_vocab(args.vocab) if args.vocab else None
+    if args.tags:
+        from lakelens.spark import get_session
+
+        spark, owned = get_session(conf.spark)
+        try:
+            report = evaluate_tags_table(spark, args.tags, read_labels(args.labels, spark=spark), vocab, args.source)
+        finally:
+            if owned:
+                spark.stop()
+    elif args.index and vocab is not None:
+        t = conf.tag
+        report = evaluate_index_tags(args.index, read_labels(args.labels, conf.spark), vocab, t.threshold, t.max_tags,
+                                     t.templates, t.thresholds or None)
+    else:
+        raise ConfigError("eval --labels: give --tags TAGS (a tags table), or --index INDEX with --vocab FILE")
+    print(cal.format_table(report), file=sys.stderr)
+    return report
+
+
 def search_batch(args) -> int:
     """`lakelens search --queries FILE --out RESULTS`: every query of a file, as a Spark job."""
     from lakelens.search.batch import run_batch
@@ -159,7 +206,19 @@ def cmd_eval(args) -> int:
     if not ks or min(ks) < 1:
         raise ConfigError(f"-k: values must be >= 1, got {args.k!r}")
     conf = config.load(args.conf, args.set, spark={"master": args.master})
-    metrics = run_eval(args.index, args.captions, ks, args.out, args.plot, conf.spark)
+    if not (args.captions or args.labels):
+        raise ConfigError("eval: give --captions (retrieval metrics), --labels (tag metrics), or both")
+    if args.captions and not args.index:
+        raise ConfigError("eval --captions: --index is required")
+    metrics = run_eval(args.index, args.captions, ks, None if args.labels else args.out, args.plot,
+                       conf.spark) if args.captions else {}
+    if args.labels:
+        metrics["tags"] = cmd_eval_tags(args, conf)
+        if args.out:
+            from pathlib import Path
+
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     if "by_lang" in metrics:  # the JSON on stdout stays machine-readable; the table is for people
         print(format_by_lang(metrics, ks), file=sys.stderr)
@@ -280,10 +339,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="search every image again, not only new and changed ones")
     add_common(p)
     p.set_defaults(func=cmd_dedup)
-    p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images")
-    p.add_argument("--index", required=True, help="the index folder")
-    p.add_argument("--captions", required=True,
+    p = sub.add_parser("tag", help="zero-shot tags of the embeddings table's stored vectors against a vocabulary, "
+                                   "into the tags table (Spark); or --calibrate per-tag thresholds on labelled images")
+    p.add_argument("--table", help="the embeddings table")
+    p.add_argument("--vocab", help="vocabulary CSV: tag[, prompts][, synonyms][, parent] (e.g. conf/vocab/photo.csv)")
+    p.add_argument("--tags", help="the tags table to write (Delta): id, path, tag, score, source, model, vocab")
+    p.add_argument("--format", choices=("delta", "parquet"), help="the embeddings table's format (default delta)")
+    p.add_argument("--threshold", type=float, help="global cosine threshold where no calibrated one applies (default 0.25)")
+    p.add_argument("--max-tags", type=int, help="tags kept per image, best first (default 10; 0: no cap)")
+    p.add_argument("--templates", choices=("simple", "openai"), help="prompt templates (default simple)")
+    p.add_argument("--thresholds", help="calibrated thresholds file (default VOCAB.thresholds.json beside the vocabulary)")
+    p.add_argument("--full", action="store_true", help="score every image again, not only new and changed ones")
+    p.add_argument("--calibrate", metavar="LABELS",
+                   help="instead of tagging: per-tag thresholds from a labels table (path, tags; CSV tags split by |)")
+    p.add_argument("--target-precision", type=float, help="calibration: precision each tag's threshold reaches (0.9)")
+    p.add_argument("--min-positives", type=int, help="calibration: fewer labelled images keep the global threshold (5)")
+    p.add_argument("--out", help="calibration: where to write the report JSON (default VOCAB.calibration.json)")
+    add_common(p)
+    p.set_defaults(func=cmd_tag)
+    p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images; "
+                                    "per-tag precision, recall and F1 of tags on labelled images")
+    p.add_argument("--index", help="the index folder")
+    p.add_argument("--captions",
                    help="Delta, CSV or Parquet with path, caption[, label][, lang]; lang adds metrics per language")
+    p.add_argument("--labels", help="tag metrics: Delta, CSV or Parquet with path, tags (CSV: tags split by |)")
+    p.add_argument("--tags", help="tag metrics of this tags table's rows (else zero-shot tags from --index and --vocab)")
+    p.add_argument("--vocab", help="tag metrics: the vocabulary (synonyms and parents of label words)")
+    p.add_argument("--source", default="zero-shot", help="tag metrics: the tags table's source to evaluate")
     p.add_argument("-k", default="1,5,10", help="comma-separated K values (default 1,5,10)")
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--plot", help="write a PNG plot of recall against K here")

@@ -114,6 +114,21 @@ class DedupConfig:
 
 
 @dataclass
+class TagConfig:
+    table: str = ""  # the embeddings table whose stored vectors are scored
+    tags: str = ""  # the tags table (Delta): id, path, tag, score, source, model, vocab
+    vocab: str = ""  # the vocabulary file (CSV: tag[, prompts][, synonyms][, parent]), e.g. conf/vocab/photo.csv
+    format: str = "delta"  # the embeddings table's format
+    threshold: float = 0.25  # cosine at or above which a tag is kept, where no calibrated threshold applies
+    max_tags: int = 10  # tags kept per image, best first; 0: no cap
+    templates: str = "simple"  # prompt templates of tags without prompts: simple (7) | openai (80)
+    thresholds: str = ""  # calibrated thresholds file; empty: VOCAB.thresholds.json beside the vocabulary
+    target_precision: float = 0.9  # calibration: per tag, the lowest threshold with this precision on the labels
+    min_positives: int = 5  # calibration: tags with fewer labelled images keep `threshold`
+    full: bool = False  # score every image again instead of only new and changed ones
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,10 +136,12 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
 
 
 # Allowed values and lower bounds, checked after every load; the key names the failing setting.
 CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet"), "dedup.format": ("delta", "parquet"),
+           "tag.format": ("delta", "parquet"), "tag.templates": ("simple", "openai"),
            "embed.engine": ("torch", "torch-bf16", "onnx", "onnx-int8"), "embed.device": ("auto", "cpu", "cuda")}
 MINIMUMS = {
     "spark.shuffle_partitions": 1,
@@ -157,6 +174,10 @@ MINIMUMS = {
     "dedup.guard": -1.0,
     "dedup.neighbors": 1,
     "dedup.block_rows": 1,
+    "tag.threshold": -1.0,
+    "tag.max_tags": 0,
+    "tag.target_precision": 0.0,
+    "tag.min_positives": 1,
 }
 
 
@@ -229,6 +250,10 @@ def _validate(conf: Config) -> None:
         raise ConfigError(f"dedup.threshold: a cosine similarity, at most 1, got {conf.dedup.threshold}")
     if not conf.dedup.guard <= conf.dedup.threshold:
         raise ConfigError(f"dedup.guard: must not exceed dedup.threshold ({conf.dedup.threshold}), got {conf.dedup.guard}")
+    if not conf.tag.threshold <= 1:
+        raise ConfigError(f"tag.threshold: a cosine similarity, at most 1, got {conf.tag.threshold}")
+    if not 0 < conf.tag.target_precision <= 1:
+        raise ConfigError(f"tag.target_precision: a precision in (0, 1], got {conf.tag.target_precision}")
     if not conf.finetune.val_fraction < 1:
         raise ConfigError(f"finetune.val_fraction: must be below 1, got {conf.finetune.val_fraction}")
 
