@@ -132,11 +132,18 @@ def test_search_click_similar_upload_and_hostile_names(site, browser, tmp_path):
     search(d, "a blue square", "5 results for")
     assert len(hits(d)) == 5
 
-    # clicking a result searches by that image: it is its own top match (exact index, its stored vector)
+    # clicking a result opens it large (path, size; this index has no tags or captions); its "more like
+    # this" searches by that image: it is its own top match (exact index, its stored vector)
     target = hits(d)[2]
     target_id, target_path = target.get_attribute("data-id"), target.find_element(By.CLASS_NAME, "path").text
-    target.click()
+    target.find_element(By.TAG_NAME, "img").click()
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#viewer.open #more-like-this"), "the large view")
+    assert d.find_element(By.ID, "viewer-path").text == target_path
+    assert d.find_element(By.ID, "viewer-size").text == "96 × 96 px"
+    assert d.find_element(By.ID, "viewer-tags").text == "no tags" and d.find_element(By.ID, "viewer-caption").text == ""
+    d.find_element(By.ID, "more-like-this").click()
     wait_for(d, lambda d: status(d).startswith("5 results for images similar to"), "similar results")
+    assert "viewer closed" in d.find_element(By.ID, "viewer").get_attribute("class")
     assert target_path in status(d)
     first = hits(d)[0]
     assert first.get_attribute("data-id") == target_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,10 @@ def test_health_reports_version_model_and_count(site):
 def test_text_search_rows_are_ranked_and_their_thumbnails_load(site):
     body = get(site, "/api/search", q="a red circle", k=7).json()
     assert (body["index_version"], body["model"]["name"], body["notes"]) == ("v0001", "lakelens-tiny", [])
-    assert body["query"] == {"text": "a red circle", "k": 7, "min_score": None, "path_prefix": None, "offset": 0}
+    assert body["query"] == {"text": "a red circle", "k": 7, "min_score": None, "path_prefix": None, "offset": 0,
+                             "mode": "vector", "tags": [], "not_tags": []}  # no keyword index: vector by default
     rows = body["results"]
+    assert all(r["tags"] == [] and r["caption"] is None and "vector_rank" not in r for r in rows)
     assert [r["rank"] for r in rows] == list(range(1, 8))
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     by_id = {str(i): u for i, u in zip(site.ids, site.uris)}
@@ -126,6 +129,9 @@ def test_uploads_over_the_limit_are_refused_with_413(site):
     ({"q": ""}, "empty query"), ({"q": "  \t"}, "empty query"), ({}, "empty query"),
     ({"q": "x", "min_score": "abc"}, "min_score"), ({"q": "x", "min_score": "nan"}, "min_score"),
     ({"q": "x", "min_score": "2"}, "min_score"), ({"q": "x" * 2001}, "longer than 2000"),
+    ({"q": "x", "mode": "fast"}, "mode must be one of vector, keyword, hybrid"), ({"q": "x", "tag": "-"}, "tag must name"),
+    ({"q": "x", "tag": ["a"] * 33}, "at most 32 tag"), ({"q": "x", "mode": "keyword"}, "has none: build it with"),
+    ({"tag": "red"}, "has none: build it with"),
 ])
 def test_malformed_parameters_are_400_with_a_reason(site, params, words):
     assert words in reason(get(site, "/api/search", **params), 400)
@@ -276,3 +282,88 @@ def test_duplicates_api_page_and_collapsed_results(site):
         assert "<script>window.__xss" not in page.text and "&lt;script&gt;window.__xss=2" in page.text
     finally:
         (site.index / GROUPS_FILE).unlink()
+
+
+# --- an index with tags and captions (webindex.keyword_docs) ------------------------------------------
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory):
+    data = webindex.build(tmp_path_factory.mktemp("tagged"), keywords=True)
+    server = webindex.ThreadServer(data.index)
+    data.base = server.base
+    data.tags_of = {str(id_): [t.tag for t in sorted(tags, key=lambda t: -t.score)] for id_, _, tags, _ in data.docs}
+    data.caption_of = {str(id_): caps[0][0] for id_, _, _, caps in data.docs}
+    yield data
+    server.close()
+
+
+def test_modes_and_tag_filters_rows_carry_tags_captions_and_ranks(tagged):
+    r = get(tagged, "/api/search", q="red circle", k=20)
+    assert r.status_code == 200 and "NaN" not in r.text
+    body = r.json()
+    assert body["query"]["mode"] == "hybrid"  # the default where the version has a keyword index
+    rows = body["results"]
+    for row in rows:
+        assert row["tags"] == tagged.tags_of[row["id"]] and row["caption"] == tagged.caption_of[row["id"]]
+        ranks = [row["vector_rank"], row["keyword_rank"]]
+        assert all(x is None or (isinstance(x, int) and x >= 1) for x in ranks) and ranks != [None, None]
+    assert any(row["keyword_rank"] is None for row in get(tagged, "/api/search", q="red circle", k=43).json()["results"])
+    vector = get(tagged, "/api/search", q="red circle", k=5, mode="VECTOR").json()
+    assert vector["query"]["mode"] == "vector" and all("keyword_rank" not in row for row in vector["results"])
+    keyword = get(tagged, "/api/search", q="triangle", k=43, mode="keyword").json()["results"]
+    assert {row["id"] for row in keyword} == {i for i, t in tagged.tags_of.items() if "triangle" in t}
+
+    # tag=red&tag=-circle (no q): every red image that is not a circle, and only those
+    wanted = {i for i, t in tagged.tags_of.items() if "red" in t and "circle" not in t}
+    browsed = get(tagged, "/api/search", tag=["red", "-circle"], k=50).json()
+    assert (browsed["query"]["tags"], browsed["query"]["not_tags"], browsed["query"]["text"]) == (["red"], ["circle"], None)
+    assert {row["id"] for row in browsed["results"]} == wanted and wanted
+    assert {row["id"] for row in get(tagged, "/api/search", q="tag:red -tag:circle", k=50).json()["results"]} == wanted
+    both = get(tagged, "/api/search", q="a shape", tag="red", k=50).json()["results"]
+    assert {row["id"] for row in both} == {i for i, t in tagged.tags_of.items() if "red" in t}
+    similar = get(tagged, f"/api/similar/{tagged.ids[5]}", k=3).json()["results"]  # by id: tags and captions too
+    assert all(row["tags"] == tagged.tags_of[row["id"]] and row["caption"] for row in similar)
+    assert "both asked for and excluded" in reason(get(tagged, "/api/search", tag=["red", "-red"]), 400)
+
+
+def test_tag_counts_are_the_documents_counts(tagged):
+    every = Counter(t for tags in tagged.tags_of.values() for t in tags)
+    found = get(tagged, "/api/tags", limit=500).json()
+    assert (found["index_version"], found["scope"], found["images"]) == ("v0001", "all", 43)
+    assert {c["tag"]: c["count"] for c in found["tags"]} == every
+    assert [c["count"] for c in found["tags"]] == sorted(every.values(), reverse=True)
+    assert webindex.HOSTILE_TAG in every  # tags come back verbatim, as JSON text
+
+    red = [t for t in tagged.tags_of.values() if "red" in t and "small" not in t]
+    filtered = get(tagged, "/api/tags", tag=["red", "-small"], limit=500).json()
+    assert (filtered["scope"], filtered["images"]) == ("filtered", len(red))
+    assert {c["tag"]: c["count"] for c in filtered["tags"]} == Counter(t for tags in red for t in tags)
+
+    results = get(tagged, "/api/search", q="star", mode="keyword", k=1000).json()["results"]
+    scoped = get(tagged, "/api/tags", q="star", mode="keyword", limit=500).json()
+    assert (scoped["scope"], scoped["images"]) == ("results", len(results))
+    assert {c["tag"]: c["count"] for c in scoped["tags"]} == Counter(t for row in results for t in row["tags"])
+    assert len(get(tagged, "/api/tags", limit=3).json()["tags"]) == 3
+    assert "limit" in reason(get(tagged, "/api/tags", limit=0), 400)
+    assert "mode must be" in reason(get(tagged, "/api/tags", q="x", mode="nope"), 400)
+
+
+def test_tags_need_a_keyword_index(site):
+    assert "has none: build it with lakelens index --tags" in reason(get(site, "/api/tags"), 400)
+
+
+def test_image_details_and_large_view(tagged):
+    hostile = next(i for i, u in zip(tagged.ids, tagged.uris) if u.endswith(webindex.HOSTILE[0]))
+    d = get(tagged, f"/api/image/{hostile}").json()
+    assert (d["id"], d["index_version"], d["width"], d["height"]) == (str(hostile), "v0001", 96, 96)
+    assert d["path"].endswith(webindex.HOSTILE[0]) and d["caption"] == webindex.HOSTILE_CAPTION
+    doc = next(tags for id_, _, tags, _ in tagged.docs if id_ == hostile)
+    assert d["tags"] == [{"tag": t.tag, "score": round(t.score, 4)} for t in sorted(doc, key=lambda t: -t.score)]
+    big_id, _ = tagged.by_name["big.png"]
+    big = get(tagged, f"/api/image/{big_id}").json()
+    assert (big["width"], big["height"]) == (600, 600)
+    assert Image.open(io.BytesIO(get(tagged, big["large"]).content)).size == (600, 600)  # up to 1024 px a side
+    assert Image.open(io.BytesIO(get(tagged, big["thumb"]).content)).size == (256, 256)
+    assert "size must be large" in reason(get(tagged, f"/thumb/{big_id}", size="huge"), 400)
+    unknown = next(i for i in range(1, 1000) if i not in set(tagged.ids.tolist()))
+    assert "not in index v0001" in reason(get(tagged, f"/api/image/{unknown}"), 404)
+    assert "64-bit integer" in reason(get(tagged, "/api/image/12abc"), 400)

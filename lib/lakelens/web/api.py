@@ -1,7 +1,8 @@
-"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/duplicates,
-/api/health, /thumb/<id>. Every search takes k, offset (the next page), min_score, prefix and
-collapse_duplicates; q may use query arithmetic ("beach + sunset - people"); /api/search/image takes q and
-weights too (text and image combined)."""
+"""JSON API on the page's Flask server: /api/search, /api/search/image, /api/similar/<id>, /api/tags,
+/api/image/<id>, /api/duplicates, /api/health, /thumb/<id>. Every search takes k, offset (the next page),
+min_score, prefix and collapse_duplicates; q may use the query syntax (tag:dog, -tag:cat, path:2024/,
+"phrases") and query arithmetic ("beach + sunset - people"); /api/search and /api/search/image take mode
+(vector | keyword | hybrid) and tag (repeatable; tag=-cat excludes), /api/search/image q and weights too."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from lakelens.search import QueryError
+from lakelens.search import MAX_K, QueryError
+from lakelens.search.query import MODES
 from lakelens.web.live import LiveSearcher
 from lakelens.web.thumbs import ThumbCache, ThumbError, parse_id
 
@@ -30,8 +32,13 @@ class Limits:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_query_chars: int = 2000
     max_prefix_chars: int = 4096
+    max_tags: int = 32  # tag= parameters of one request
+    max_tag_chars: int = 200
+    max_facets: int = 500  # /api/tags?limit=
     thumb_side: int = 256
     thumb_cache: int = 2048
+    large_side: int = 1024  # the page's large view of one image (/thumb/<id>?size=large)
+    large_cache: int = 64
     max_pixels: int = 16_000_000  # query images and thumbnails: decoded only up to this many pixels
     token: str = ""  # when set, every request must carry it (Authorization: Bearer, ?token= once, or the cookie)
     allowed_hosts: tuple = ()  # Host header names served; empty: any
@@ -114,6 +121,41 @@ def parse_flag(value, name: str) -> bool:
     raise QueryError(f"{name} must be true or false (1 or 0), got {value!r}")
 
 
+def parse_mode(value) -> str | None:
+    """vector | keyword | hybrid; None (the index's default) when absent."""
+    if value is None or value == "":
+        return None
+    mode = str(value).strip().lower()
+    if mode not in MODES:
+        raise QueryError(f"mode must be one of {', '.join(MODES)}, got {value!r}")
+    return mode
+
+
+def parse_tags(values, limits: Limits) -> tuple[list[str], list[str]]:
+    """tag=dog&tag=-cat -> (["dog"], ["cat"]): the tags results must carry and those they must not."""
+    values = list(values or [])
+    if len(values) > limits.max_tags:
+        raise QueryError(f"at most {limits.max_tags} tag parameters, got {len(values)}")
+    tags, not_tags = [], []
+    for value in values:
+        text = str(value).strip()
+        name = text[1:].strip() if text.startswith("-") else text
+        if not name:
+            raise QueryError(f"tag must name a tag (tag=dog, or tag=-dog to exclude it), got {value!r}")
+        if len(name) > limits.max_tag_chars:
+            raise QueryError(f"tag is longer than {limits.max_tag_chars} characters")
+        (not_tags if text.startswith("-") else tags).append(name)
+    return tags, not_tags
+
+
+def parse_text(args, limits: Limits, tags: list[str], not_tags: list[str]) -> str | None:
+    """q, which may be left out when tag filters are given (the images with those tags, best first)."""
+    value = args.get("q")
+    if (value is None or not str(value).strip()) and (tags or not_tags):
+        return None
+    return parse_query(value, limits)
+
+
 def search_options(args, limits: Limits) -> dict:
     opts = {"k": parse_k(args.get("k"), limits), "min_score": parse_min_score(args.get("min_score")),
             "path_prefix": parse_prefix(args.get("prefix"), limits),
@@ -128,14 +170,57 @@ def thumb_url(id_: int, version: str) -> str:
     return f"/thumb/{id_}?v={version}"
 
 
+def optional_int(value) -> int | None:
+    """A rank that may be absent (None, or NaN where pandas filled a gap): JSON null, never NaN."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return int(value)
+
+
 def rows(results, version: str) -> list[dict]:
     # ids are 64-bit: as JSON numbers JavaScript would round them, so they travel as decimal strings
     out = [{"rank": int(r.rank), "score": round(float(r.score), 6), "id": str(int(r.id)), "path": str(r.path),
             "thumb": thumb_url(int(r.id), version)} for r in results.itertuples()]
+    # every row has tags and caption (empty and null in a version without a keyword index), so clients
+    # need not know which versions have them
+    tags = results["tags"] if "tags" in results.columns else [[]] * len(out)
+    captions = results["caption"] if "caption" in results.columns else [None] * len(out)
+    for row, t, c in zip(out, tags, captions):
+        row["tags"] = [str(x) for x in t] if isinstance(t, (list, tuple)) else []
+        row["caption"] = c if isinstance(c, str) else None
+    for name in ("vector_rank", "keyword_rank"):  # hybrid mode: each side's rank, null where a side missed it
+        if name in results.columns:
+            for row, v in zip(out, results[name]):
+                row[name] = optional_int(v)
     if "duplicates" in results.columns:  # collapsed: how many other copies each result stands for
         for row, n in zip(out, results["duplicates"]):
             row["duplicates"] = int(n)
     return out
+
+
+def has_keywords(searcher) -> bool:
+    """Whether the live version has tags, captions and a keyword index (its default mode is hybrid then)."""
+    return searcher.default_mode == "hybrid"
+
+
+def with_keywords(searcher, results):
+    """Tags and captions for results the Searcher leaves them off (searches by an image's id)."""
+    if "tags" in results.columns or not has_keywords(searcher):
+        return results
+    found = [searcher.details(int(i)) for i in results["id"]]
+    results["tags"] = [[t["tag"] for t in d["tags"]] for d in found]
+    results["caption"] = [d["caption"] for d in found]
+    return results
+
+
+def image_details(searcher, id_: int) -> dict:
+    """One image for the API and the page's large view: path, size, tags with scores, caption."""
+    if searcher.path_of(id_) is None:
+        raise ThumbError(404, f"id {id_} is not in index {searcher.version}")
+    d = searcher.details(id_)
+    return {"id": str(id_), "path": d["path"], "index_version": d["version"], "width": d.get("width"),
+            "height": d.get("height"), "tags": d["tags"], "caption": d["caption"],
+            "thumb": thumb_url(id_, d["version"]), "large": thumb_url(id_, d["version"]) + "&size=large"}
 
 
 def host_name(host: str) -> str:
@@ -191,12 +276,17 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
                         "dim": m["dim"], "factory": m["factory"], "shards": len(m["shards"]),
                         "published_at": m.get("published_at"), "reload_error": live.last_error})
 
+    def keyword_options(args, s) -> dict:
+        tags, not_tags = parse_tags(args.getlist("tag"), limits)
+        return {"mode": parse_mode(args.get("mode")) or s.default_mode, "tags": tags, "not_tags": not_tags}
+
     @server.get("/api/search")
     def search_text():
         opts = search_options(request.args, limits)
-        q = parse_query(request.args.get("q"), limits)
         s = live.get()
-        return answer(s, s.search_text(q, **opts), {"text": q, **opts})
+        kw = keyword_options(request.args, s)
+        q = parse_text(request.args, limits, kw["tags"], kw["not_tags"])
+        return answer(s, s.search(text=q, **kw, **opts), {"text": q, **kw, **opts})
 
     @server.post("/api/search/image")
     def search_image():
@@ -211,8 +301,9 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         text = parse_query(text, limits) if text not in (None, "") else None  # text and image together
         weights = parse_weights(request.values.get("weights"))
         s = live.get()
-        query = {"image": f.filename or "", **({"text": text, "weights": weights} if text else {}), **opts}
-        return answer(s, s.search(text=text, image=data, weights=weights, **opts), query)
+        kw = keyword_options(request.values, s)
+        query = {"image": f.filename or "", **({"text": text, "weights": weights} if text else {}), **kw, **opts}
+        return answer(s, s.search(text=text, image=data, weights=weights, **kw, **opts), query)
 
     @server.get("/api/similar/<id_text>")
     def similar(id_text):
@@ -221,7 +312,25 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         s = live.get()
         if s.path_of(id_) is None:
             raise ThumbError(404, f"id {id_} is not in index {s.version}")
-        return answer(s, s.search_id(id_, **opts), {"id": str(id_), **opts})
+        return answer(s, with_keywords(s, s.search_id(id_, **opts)), {"id": str(id_), **opts})
+
+    @server.get("/api/tags")
+    def tags():
+        """Images per tag (facets), most first: over the whole version, the images the filters allow, or
+        (with q) the query's best `depth` results."""
+        limit = parse_int(request.args.get("limit"), "limit", 1, limits.max_facets, 50)
+        depth = parse_int(request.args.get("depth"), "depth", 1, MAX_K, 1000)
+        s = live.get()
+        kw = keyword_options(request.args, s)
+        q = request.args.get("q")
+        q = parse_query(q, limits) if q not in (None, "") else None
+        found = s.tag_counts(q, kw["tags"], kw["not_tags"], limit=limit, depth=depth, mode=kw["mode"])
+        return jsonify({"index_version": found["version"], "scope": found["scope"], "images": found["images"],
+                        "tags": found["tags"], "query": {"text": q, **kw, "limit": limit, "depth": depth}})
+
+    @server.get("/api/image/<id_text>")
+    def image(id_text):
+        return jsonify(image_details(live.get(), parse_id(id_text)))
 
     @server.get("/api/duplicates")
     def duplicates():
@@ -236,9 +345,14 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
             group["group"] = str(group["group"])
         return jsonify({"index_version": s.version, **found})
 
+    large = ThumbCache(limits.large_cache, limits.large_side, max_pixels=limits.max_pixels, s3=thumbs.s3)
+
     @server.get("/thumb/<id_text>")
     def thumb(id_text):
-        data = thumbs.get(live.get(), parse_id(id_text))
+        size = request.args.get("size", "")
+        if size not in ("", "large"):
+            raise QueryError(f"size must be large or left out, got {size!r}")
+        data = (large if size else thumbs).get(live.get(), parse_id(id_text))
         return data, 200, {"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=3600",
                            "X-Content-Type-Options": "nosniff"}
 

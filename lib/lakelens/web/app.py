@@ -1,10 +1,14 @@
-"""The search page (Dash): query box, K / min-score / path-prefix controls, a query image (alone or with the
-text, balanced by a weights slider), and a thumbnail grid that loads the next page when scrolled to its end."""
+"""The search page (Dash): query box, mode (vector / keyword / hybrid), K / min-score / path-prefix controls, a
+query image (alone or with the text, balanced by a weights slider), a thumbnail grid with tag chips and captions
+that loads the next page when scrolled to its end, tag facets beside it, and a large view of one image.
+The search lives in the page's URL (urlstate): a reload or a shared link shows it again, and the browser's back
+button returns to the search before."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,48 +18,33 @@ from dash import ALL, MATCH, Dash, Input, Output, Patch, State, ctx, dcc, html, 
 from dash.exceptions import PreventUpdate
 
 from lakelens.search import MAX_K, QueryError
-from lakelens.web.api import Limits, parse_k, parse_min_score, parse_prefix, parse_query, thumb_url
+from lakelens.search.query import MODES
+from lakelens.web.api import (
+    Limits,
+    has_keywords,
+    image_details,
+    parse_k,
+    parse_min_score,
+    parse_mode,
+    parse_prefix,
+    parse_query,
+    parse_tags,
+    with_keywords,
+)
 from lakelens.web.live import LiveSearcher
+from lakelens.web.thumbs import ThumbError, parse_id
+from lakelens.web.urlstate import PageQuery, from_url, to_url
+from lakelens.web.views import CSS, chunk, facets, more_line, plural, result_grid, viewer_body
+
+FACETS = 30  # tags listed beside the results
 
 log = logging.getLogger(__name__)
-
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 0; background: #f6f6f4; color: #222; }
-.page { max-width: 1200px; margin: 0 auto; padding: 16px 24px; }
-h1 { font-size: 22px; margin: 4px 0 12px; }
-.controls { display: flex; flex-wrap: wrap; gap: 10px 18px; align-items: center; margin-bottom: 8px; }
-.controls label { font-size: 13px; color: #555; display: flex; align-items: center; gap: 6px; white-space: nowrap; }
-.search-row .dash-input-container { flex: 1 1 380px; }
-#query { font-size: 16px; padding: 6px 8px; }
-#search { font-size: 15px; padding: 6px 16px; }
-.options .dash-input-container { width: 120px; }
-.options .prefix .dash-input-container { width: 340px; }
-#upload { margin: 10px 0; padding: 10px; border: 1px dashed #999; border-radius: 6px; text-align: center;
-          font-size: 13px; color: #555; cursor: pointer; }
-.image-row { font-size: 13px; color: #555; }
-.image-row.none #remove-image { display: none; }
-.image-row .weights > div { width: 380px; }  /* wider than 300 px: Dash shows the number box */
-#status { margin: 8px 0; font-size: 14px; min-height: 20px; }
-#status .error { color: #b00020; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; }
-.chunk { display: contents; }
-.hit { background: #fff; border-radius: 6px; padding: 6px; cursor: pointer; box-shadow: 0 1px 2px #0002; }
-.hit:hover { box-shadow: 0 0 0 2px #3a6ee8; }
-.hit img { width: 100%; height: 160px; object-fit: contain; background: #eee; display: block; }
-.hit .score { font-size: 12px; color: #333; margin-top: 4px; font-variant-numeric: tabular-nums; }
-.hit .path { font-size: 11px; color: #666; overflow-wrap: anywhere; max-height: 3.6em; overflow: hidden; }
-.more { display: flex; gap: 12px; align-items: center; justify-content: center; margin: 16px 0;
-        font-size: 13px; color: #777; }
-.more.done button { display: none; }
-.empty { color: #777; font-style: italic; padding: 20px 0; }
-footer { margin-top: 24px; font-size: 12px; color: #888; }
-"""
 
 # Scrolling near the end of the results clicks their "Load more" button: the next page comes from the
 # server callback, appended in place. Only a scroll asks, so a page shorter than the window never loads
 # on its own (the button is in view there). `asked` remembers the search (its element's id) and the card
 # count a request was made at, so one page is asked for once however many scroll events arrive before it.
-SCROLL_JS = """
+PAGE_JS = """
 addEventListener('scroll', function () {
   var more = document.querySelector('#results .more.open');
   if (!more || more.getBoundingClientRect().top > innerHeight + 200) return;
@@ -64,12 +53,15 @@ addEventListener('scroll', function () {
   more.dataset.asked = mark;
   more.querySelector('button').click();
 }, {passive: true});
+addEventListener('keydown', function (e) {
+  if (e.key === 'Escape' && document.querySelector('#viewer.open')) document.getElementById('viewer-close').click();
+});
 """
 
 INDEX_STRING = """<!DOCTYPE html>
 <html>
   <head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>""" + CSS + """</style></head>
-  <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}<script>""" + SCROLL_JS + """</script></footer></body>
+  <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}<script>""" + PAGE_JS + """</script></footer></body>
 </html>"""
 
 
@@ -109,54 +101,9 @@ def next_k(k: int, shown: int) -> int:
     return max(0, min(k, MAX_K - shown))
 
 
-def plural(n: int) -> str:
-    return f"{n} result{'s' if n != 1 else ''}"
-
-
-def more_line(shown: int, done: bool) -> str:
-    if not done:
-        return "scroll down for more"
-    if shown >= MAX_K:
-        return f"the first {MAX_K:,} results are shown, the most one search returns"
-    return "end of results"
-
-
-def cards(results, version: str) -> list:
-    out = []
-    for r in results.itertuples():
-        id_text, path = str(int(r.id)), str(r.path)
-        # paths are shown as text children and attributes: React escapes both, so a file name with
-        # markup in it renders as those characters and never as HTML
-        out.append(html.Div(
-            id={"type": "hit", "index": id_text}, className="hit", n_clicks=0,
-            title=f"find images similar to {path}", **{"data-id": id_text, "data-rank": str(int(r.rank))},
-            children=[html.Img(src=thumb_url(int(r.id), version), alt=path.rsplit("/", 1)[-1]),
-                      html.Div(f"#{int(r.rank)} · score {float(r.score):.4f}", className="score"),
-                      html.Div(path, className="path")]))
-    return out
-
-
-def chunk(results, version: str):
-    # one page of cards; `display: contents` puts them straight into the grid
-    return html.Div(className="chunk", children=cards(results, version))
-
-
-def result_grid(results, version: str, qid: str, state: dict):
-    """The first page of a search. Everything a later page touches carries the search's own id (qid),
-    so a page that arrives after a new search has replaced this one finds nothing to update."""
-    if results.empty:
-        return html.Div("No results", className="empty")
-    done = state["done"]
-    return [html.Div(id={"type": "pages", "query": qid}, className="grid", children=[chunk(results, version)]),
-            html.Div(id={"type": "more", "query": qid}, className="more done" if done else "more open", children=[
-                html.Button("Load more", id={"type": "load", "query": qid}, n_clicks=0),
-                html.Span(more_line(len(results), done), id={"type": "more-note", "query": qid})]),
-            dcc.Store(id={"type": "state", "query": qid}, data=state)]
-
-
 def _clicked_hit() -> str | None:
-    """The id of the result card the user clicked, or None when the trigger was not a real click
-    (new cards appearing in the grid fire the pattern-matching input with n_clicks 0)."""
+    """The id of the result the user clicked, or None when the trigger was not a real click (new cards
+    appearing in the grid fire the pattern-matching input with n_clicks 0)."""
     for t in ctx.triggered:
         component, _, prop = t["prop_id"].rpartition(".")
         if prop == "n_clicks" and component.startswith("{") and t["value"]:
@@ -170,20 +117,65 @@ def run_query(s, query: dict, upload, opts: dict, limits: Limits):
         id_ = int(query["id"])
         if s.path_of(id_) is None:
             raise QueryError(f"image {id_} is no longer in index {s.version}")
-        return s.search_id(id_, **opts)
+        return with_keywords(s, s.search_id(id_, **opts))
+    kw = {"mode": query["mode"], "tags": query["tags"], "not_tags": query["not_tags"]}
     if query["kind"] == "image":
-        return s.search(text=query["text"], image=decode_upload(upload, limits), weights=query["weights"], **opts)
-    return s.search_text(query["text"], **opts)
+        return s.search(text=query["text"], image=decode_upload(upload, limits), weights=query["weights"], **kw, **opts)
+    return s.search(text=query["text"], **kw, **opts)
 
 
 def describe(s, query: dict) -> list:
     if query["kind"] == "id":
         return ["images similar to ", html.Span(s.path_of(int(query["id"])) or query["id"], className="q")]
+    filters = [f"tag:{t}" for t in query["tags"]] + [f"-tag:{t}" for t in query["not_tags"]]
+    shown = [" with ", html.Span(" ".join(filters), className="q")] if filters else []
     text = ["“", html.Span(query["text"], className="q"), "”"] if query["text"] is not None else []
     if query["kind"] == "text":
-        return text
+        return [*text, *shown] if text else ["images", *shown]
     image = ["uploaded image ", html.Span(query["filename"], className="q")]
-    return [*text, " and ", *image] if text else image
+    return [*text, " and ", *image, *shown] if text else [*image, *shown]
+
+
+def page_query(s, pq: PageQuery, upload, balance, filename: str | None, limits: Limits) -> tuple[dict, dict]:
+    """The search a page query asks for (kind id, image or text) and its options, checked as the API checks them."""
+    opts = {"k": parse_k(pq.k, limits), "min_score": parse_min_score(pq.min_score),
+            "path_prefix": parse_prefix(pq.prefix, limits)}
+    if pq.similar is not None:
+        try:
+            return {"kind": "id", "id": str(parse_id(pq.similar))}, opts
+        except ThumbError:
+            raise QueryError(f"similar must be an image id (a decimal 64-bit integer), got {pq.similar!r}") from None
+    tags, not_tags = parse_tags(pq.tags, limits)
+    query = {"mode": parse_mode(pq.mode) or s.default_mode, "tags": tags, "not_tags": not_tags}
+    has_text = bool(pq.q and pq.q.strip())
+    text = parse_query(pq.q, limits) if has_text or not (tags or not_tags or upload) else None
+    if upload:  # an attached image is part of every search until it is removed
+        return {**query, "kind": "image", "text": text, "weights": balance_weights(balance) if has_text else None,
+                "image": upload_digest(upload), "filename": filename or ""}, opts
+    return {**query, "kind": "text", "text": text}, opts
+
+
+def tag_facets(s, query: dict) -> dict | None:
+    """Tag counts beside the results: of the text query's best results, or of what the filters allow."""
+    if not has_keywords(s):
+        return None
+    if query["kind"] == "id":
+        return s.tag_counts(limit=FACETS)
+    text = query["text"] if query["kind"] == "text" else None
+    return s.tag_counts(text, query["tags"], query["not_tags"], limit=FACETS, mode=query["mode"])
+
+
+def box_values(s, pq: PageQuery, limits: Limits) -> tuple:
+    """The query box, mode and options as a URL sets them (a value the URL gets wrong is left as it is)."""
+    def number(value, kind, default):
+        if value is None:
+            return default
+        try:
+            return kind(value)
+        except ValueError:
+            return no_update
+    return (pq.q or "", pq.mode if pq.mode in MODES else s.default_mode, number(pq.k, int, limits.default_k),
+            number(pq.min_score, float, None), pq.prefix or "")
 
 
 def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
@@ -193,14 +185,21 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
 
     def layout():
         s = live.get()
+        words = has_keywords(s)
         return html.Div(className="page", children=[
+            dcc.Location(id="url", refresh=False),
             html.H1("lakelens image search"),
             html.Div(className="controls search-row", children=[
-                dcc.Input(id="query", type="text", placeholder="describe an image, e.g. a red circle",
-                          debounce=True, n_submit=0, autoFocus=True),
+                dcc.Input(id="query", type="text", placeholder="describe an image, e.g. a red circle  (tag:red, "
+                          "-tag:square, path:2024/, \"a phrase\")", debounce=True, n_submit=0, autoFocus=True),
                 html.Button("Search", id="search", n_clicks=0),
             ]),
             html.Div(className="controls options", children=[
+                html.Label(["mode", dcc.RadioItems(
+                    id="mode", value=s.default_mode, inline=True, className="mode",
+                    options=[{"label": m, "value": m, "disabled": m != "vector" and not words} for m in MODES])],
+                    title="vector: by meaning; keyword: tags, captions and path words; hybrid: both, fused"
+                    + ("" if words else " (this index has no keyword index: lakelens index --tags)")),
                 html.Label(["K", dcc.Input(id="k", type="number", min=1, max=limits.max_k, step=1,
                                            value=limits.default_k)]),
                 html.Label(["min score", dcc.Input(id="min-score", type="number", min=-1, max=1, step=0.01)]),
@@ -218,7 +217,14 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
                            className="weights", title="the weights of the text and the image when both are searched"),
             ]),
             html.Div(id="status"),
-            html.Div(id="results"),
+            html.Div(className="main", children=[
+                html.Aside(id="facets", children=facets(s.tag_counts(limit=FACETS) if words else None, PageQuery())),
+                html.Div(id="results")]),
+            html.Div(id="viewer", className="viewer closed", children=[
+                html.Div(id="viewer-backdrop", className="backdrop", n_clicks=0),
+                html.Div(className="dialog", role="dialog", children=[
+                    html.Button("×", id="viewer-close", n_clicks=0, title="close (Esc)"),
+                    html.Div(id="viewer-body", style={"display": "contents"})])]),
             html.Footer(id="index-info",
                         children=f"index {s.version} · {len(s)} images · model {s.manifest['model']['name']}"),
         ])
@@ -237,47 +243,75 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
     def remove_image(_clicks):
         return None, None
 
-    @app.callback(Output("results", "children"), Output("status", "children"),
-                  Input("search", "n_clicks"), Input("query", "n_submit"), Input("upload", "contents"),
-                  Input("weights", "value"), Input({"type": "hit", "index": ALL}, "n_clicks"),
+    @app.callback(Output("url", "search"), Output("results", "children"), Output("status", "children"),
+                  Output("facets", "children"), Output("query", "value"), Output("mode", "value"),
+                  Output("k", "value"), Output("min-score", "value"), Output("prefix", "value"),
+                  Input("search", "n_clicks"), Input("query", "n_submit"), Input("mode", "value"),
+                  Input("url", "search"), Input("upload", "contents"), Input("weights", "value"),
                   State("query", "value"), State("k", "value"), State("min-score", "value"),
                   State("prefix", "value"), State("upload", "filename"), prevent_initial_call=True)
-    def run_search(_clicks, _submits, upload, balance, _hit_clicks, text, k, min_score, prefix, filename):
-        trigger = ctx.triggered_id
-        hit = _clicked_hit() if isinstance(trigger, dict) else None
-        if isinstance(trigger, dict) and hit is None:
-            raise PreventUpdate
-        if trigger == "upload" and not upload:
-            raise PreventUpdate  # the image was removed: the results shown stay until the next search
-        has_text = bool(text and text.strip())
-        if trigger == "weights" and not (upload and has_text):
-            raise PreventUpdate  # the balance matters only while a text and an image are searched together
-        s = live.get()
+    def run_search(_clicks, _submits, mode, search, upload, balance, text, k, min_score, prefix, filename):
+        """A search from the page's inputs (its URL pushed: the back button returns to the one before), or
+        from the URL (a link followed, a page opened or reloaded, back or forward: the inputs set from it)."""
+        trigger, here, s = ctx.triggered_id, from_url(search), live.get()
+        url, boxes = no_update, (no_update,) * 5
+        from_boxes = PageQuery(q=text or "", mode=mode, tags=here.tags,
+                               k=None if k in (None, "") or k == limits.default_k else str(k),
+                               min_score=None if min_score in (None, "") else str(min_score), prefix=prefix or None)
+        if trigger in ("search", "query"):
+            pq = from_boxes
+            url = to_url(pq) if to_url(pq) != (search or "") else no_update
+        elif trigger == "mode":
+            if here.empty or here.similar is not None or (here.mode or s.default_mode) == mode:
+                raise PreventUpdate  # nothing searched yet, or a search the mode does not change
+            pq = dataclasses.replace(here, mode=mode)
+            url = to_url(pq)
+        elif trigger == "url":
+            pq, boxes = here, box_values(s, here, limits)
+            if pq.empty:  # back to the page as it opens
+                return (no_update, [], "", facets(tag_facets(s, {"kind": "id"}), pq), *boxes)
+            upload = None if pq.similar is not None else upload
+        else:  # the query image attached or removed, or the text/image balance moved
+            if trigger == "upload" and not upload:
+                raise PreventUpdate  # the image was removed: the results shown stay until the next search
+            if trigger == "weights" and not (upload and text and text.strip()):
+                raise PreventUpdate  # the balance matters only while a text and an image are searched together
+            pq = dataclasses.replace(from_boxes, similar=None)
         try:
-            opts = {"k": parse_k(k, limits), "min_score": parse_min_score(min_score),
-                    "path_prefix": parse_prefix(prefix, limits)}
-            if hit is not None:
-                query = {"kind": "id", "id": hit}
-            elif upload:  # an attached image is part of every search until it is removed
-                query = {"kind": "image", "text": parse_query(text, limits) if has_text else None,
-                         "weights": balance_weights(balance) if has_text else None,
-                         "image": upload_digest(upload), "filename": filename or ""}
-            else:
-                query = {"kind": "text", "text": parse_query(text, limits)}
+            query, opts = page_query(s, pq, upload, balance, filename, limits)
             results = run_query(s, query, upload, opts, limits)
             what = describe(s, query)
+            counts = tag_facets(s, query)
         except QueryError as e:
-            return [], html.Span(str(e), className="error")
+            return url, [], html.Span(str(e), className="error"), [], *boxes
         except Exception as e:  # shown on the page rather than as a silent failed callback
             log.exception("search failed")
-            return [], html.Span(f"search failed: {type(e).__name__}", className="error")
+            return url, [], html.Span(f"search failed: {type(e).__name__}", className="error"), [], *boxes
         n, qid = len(results), uuid.uuid4().hex
-        state = {"query": query, "opts": opts, "version": s.version, "shown": n, "pages": 1,
+        state = {"query": query, "opts": opts, "version": s.version, "shown": n, "pages": 1, "url": to_url(pq),
                  "done": n < opts["k"] or next_k(opts["k"], n) == 0}
         count = html.Span(plural(n) if n else "No results", id={"type": "count", "query": qid})
         notes = [html.Div(note, className="note") for note in results.attrs.get("notes", [])]
-        return (result_grid(results, s.version, qid, state),
-                [html.Span([count, " for ", *what, f" · index {s.version}"]), *notes])
+        mode_note = "" if query["kind"] == "id" else f" · {query['mode']}"
+        return (url, result_grid(results, s.version, qid, state, pq),
+                [html.Span([count, " for ", *what, f"{mode_note} · index {s.version}"]), *notes],
+                facets(counts, pq), *boxes)
+
+    @app.callback(Output("viewer", "className"), Output("viewer-body", "children"),
+                  Input({"type": "hit", "index": ALL}, "n_clicks"), Input("viewer-close", "n_clicks"),
+                  Input("viewer-backdrop", "n_clicks"), Input("url", "search"), prevent_initial_call=True)
+    def view(_hits, _close, _backdrop, search):
+        """A click on a result opens it large; closing it, or any new search, closes it."""
+        hit = _clicked_hit() if isinstance(ctx.triggered_id, dict) else None
+        if isinstance(ctx.triggered_id, dict) and hit is None:
+            raise PreventUpdate
+        if hit is None:
+            return "viewer closed", []
+        try:
+            found = image_details(live.get(), int(hit))
+        except (ThumbError, QueryError) as e:
+            return "viewer open", [html.Div(str(e), className="error")]
+        return "viewer open", viewer_body(found, from_url(search))
 
     @app.callback(Output({"type": "pages", "query": MATCH}, "children"),
                   Output({"type": "state", "query": MATCH}, "data"),
@@ -312,7 +346,7 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
         if len(results):
             # assigned to the page's own slot, not appended: a page asked for twice is shown once
             pages = Patch()
-            pages[state["pages"]] = chunk(results, s.version)
+            pages[state["pages"]] = chunk(results, s.version, from_url(state["url"]))
         shown += len(results)
         done = len(results) < asked or next_k(state["opts"]["k"], shown) == 0
         return (pages, {**state, "shown": shown, "pages": state["pages"] + 1, "done": done}, plural(shown),
