@@ -320,6 +320,10 @@ def test_modes_and_tag_filters_rows_carry_tags_captions_and_ranks(tagged):
     assert {row["id"] for row in get(tagged, "/api/search", q="tag:red -tag:circle", k=50).json()["results"]} == wanted
     both = get(tagged, "/api/search", q="a shape", tag="red", k=50).json()["results"]
     assert {row["id"] for row in both} == {i for i, t in tagged.tags_of.items() if "red" in t}
+    with open(tagged.paths[9], "rb") as f:  # an image query narrowed by tags: form fields, as on /api/search
+        up = requests.post(tagged.base + "/api/search/image", files={"image": ("q.jpg", f)},
+                           data={"tag": ["red", "-circle"], "k": "50", "mode": "hybrid"}, timeout=60).json()
+    assert {row["id"] for row in up["results"]} == wanted and up["query"]["mode"] == "hybrid"
     similar = get(tagged, f"/api/similar/{tagged.ids[5]}", k=3).json()["results"]  # by id: tags and captions too
     assert all(row["tags"] == tagged.tags_of[row["id"]] and row["caption"] for row in similar)
     assert "both asked for and excluded" in reason(get(tagged, "/api/search", tag=["red", "-red"]), 400)
