@@ -276,6 +276,11 @@ class Searcher:
 
     # --- search --------------------------------------------------------------------------------
     @property
+    def has_keywords(self) -> bool:
+        """Whether the live version has a keyword index, tags and captions (lakelens index --tags)."""
+        return self._state.keywords is not None
+
+    @property
     def default_mode(self) -> str:
         """hybrid where the live version has a keyword index, else vector."""
         return "hybrid" if self._state.keywords is not None else "vector"
@@ -329,9 +334,8 @@ class Searcher:
         if mode == "keyword" and not words and not q.has_filters:
             raise QueryError("mode keyword needs words to search for")
         if vec is not None and (mode == "vector" or not words):
-            out = self.search_vectors(vec[None, :], k, min_score, None, nprobe, ef_search, offset, collapse_duplicates,
-                                      allowed=allowed)[0]
-            return decorate(st.keywords, out)
+            return self.search_vectors(vec[None, :], k, min_score, None, nprobe, ef_search, offset, collapse_duplicates,
+                                       allowed=allowed)[0]
         want = (4 if collapse_duplicates else 1) * (k + offset)
         if not words:  # filters only: browse what they allow
             scores, ids = browse(st.keywords, q, allowed)
@@ -447,6 +451,12 @@ class Searcher:
         with a `duplicates` column counting the group's other members. `allowed`: sorted ids the results
         must be among (a query's filters)."""
         check_page(k, offset)
+        side = self._state.keywords
+        return [decorate(side, f) for f in self._vector_pages(vectors, k, min_score, path_prefix, nprobe, ef_search,
+                                                              offset, collapse_duplicates, allowed)]
+
+    def _vector_pages(self, vectors, k, min_score, path_prefix, nprobe, ef_search, offset, collapse_duplicates,
+                      allowed) -> list[pd.DataFrame]:
         if path_prefix:
             prefixed = self._prefix_ids(self._state, path_prefix)[0]
             allowed = prefixed if allowed is None else np.intersect1d(allowed, prefixed, assume_unique=True)

@@ -199,18 +199,8 @@ def rows(results, version: str) -> list[dict]:
 
 
 def has_keywords(searcher) -> bool:
-    """Whether the live version has tags, captions and a keyword index (its default mode is hybrid then)."""
-    return searcher.default_mode == "hybrid"
-
-
-def with_keywords(searcher, results):
-    """Tags and captions for results the Searcher leaves them off (searches by an image's id)."""
-    if "tags" in results.columns or not has_keywords(searcher):
-        return results
-    found = [searcher.details(int(i)) for i in results["id"]]
-    results["tags"] = [[t["tag"] for t in d["tags"]] for d in found]
-    results["caption"] = [d["caption"] for d in found]
-    return results
+    """Whether the live version has tags, captions and a keyword index."""
+    return searcher.has_keywords
 
 
 def image_details(searcher, id_: int) -> dict:
@@ -312,7 +302,7 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         s = live.get()
         if s.path_of(id_) is None:
             raise ThumbError(404, f"id {id_} is not in index {s.version}")
-        return answer(s, with_keywords(s, s.search_id(id_, **opts)), {"id": str(id_), **opts})
+        return answer(s, s.search_id(id_, **opts), {"id": str(id_), **opts})
 
     @server.get("/api/tags")
     def tags():

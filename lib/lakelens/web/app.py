@@ -29,7 +29,6 @@ from lakelens.web.api import (
     parse_prefix,
     parse_query,
     parse_tags,
-    with_keywords,
 )
 from lakelens.web.live import LiveSearcher
 from lakelens.web.thumbs import ThumbError, parse_id
@@ -117,7 +116,7 @@ def run_query(s, query: dict, upload, opts: dict, limits: Limits):
         id_ = int(query["id"])
         if s.path_of(id_) is None:
             raise QueryError(f"image {id_} is no longer in index {s.version}")
-        return with_keywords(s, s.search_id(id_, **opts))
+        return s.search_id(id_, **opts)
     kw = {"mode": query["mode"], "tags": query["tags"], "not_tags": query["not_tags"]}
     if query["kind"] == "image":
         return s.search(text=query["text"], image=decode_upload(upload, limits), weights=query["weights"], **kw, **opts)
