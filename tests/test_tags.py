@@ -130,3 +130,19 @@ def test_truth_matrix_resolves_synonyms_and_ancestors(tmp_path):
     assert truth.tolist() == [[True, True, False], [True, False, True], [False, False, False]]
     assert unknown == ["unicorn"]
     assert cal.split_labels("a| b |") == ["a", "b"] and cal.split_labels(None) == [] and cal.split_labels(["x"]) == ["x"]
+
+
+def test_tag_config_and_command_errors_name_the_key(tmp_path, capsys):
+    from lakelens import config
+    from lakelens.cli import main
+
+    for override, key in (("tag.templates=fancy", "tag.templates"), ("tag.threshold=1.5", "tag.threshold"),
+                          ("tag.max_tags=-1", "tag.max_tags"), ("tag.target_precision=0", "tag.target_precision"),
+                          ("tag.format=csv", "tag.format")):
+        with pytest.raises(ConfigError, match=key):
+            config.load(None, [override])
+    assert main(["tag", "--table", str(tmp_path / "t"), "--tags", str(tmp_path / "tags")]) == 2
+    assert "lakelens tag: error: tag.vocab: required" in capsys.readouterr().err
+    bad = write(tmp_path, "tag,parent\ncat,pet\n")
+    assert main(["tag", "--table", str(tmp_path / "t"), "--tags", str(tmp_path / "x"), "--vocab", str(bad)]) == 2
+    assert f"{bad}, line 2, column 'parent': unknown parent 'pet'" in capsys.readouterr().err

@@ -23,6 +23,9 @@ _EXPORTS = {
     "build_local": "lakelens.index.build", "Choice": "lakelens.index.factory",
     # Spark jobs
     "EmbedJob": "lakelens.ingest.embed_job", "IndexJob": "lakelens.index.job", "get_session": "lakelens.spark",
+    "TagJob": "lakelens.tags.job",
+    # tag vocabularies (no Spark)
+    "load_vocab": "lakelens.tags.vocab", "tag_vectors": "lakelens.tags.vocab",
     # training and evaluation
     "finetune": "lakelens.train.finetune", "evaluate_index": "lakelens.train.eval_run",
     "read_captions": "lakelens.train.eval_run",
