@@ -146,3 +146,31 @@ def test_tag_config_and_command_errors_name_the_key(tmp_path, capsys):
     bad = write(tmp_path, "tag,parent\ncat,pet\n")
     assert main(["tag", "--table", str(tmp_path / "t"), "--tags", str(tmp_path / "x"), "--vocab", str(bad)]) == 2
     assert f"{bad}, line 2, column 'parent': unknown parent 'pet'" in capsys.readouterr().err
+
+
+def test_eval_tag_metrics_from_an_index_and_a_vocabulary(tmp_path, capsys):
+    import json
+
+    from lakelens import Choice, build_local
+    from lakelens.cli import main
+    from lakelens.models.registry import ModelSpec
+    from lakelens.tags.vocab import tag_vectors
+
+    vocab_file = ROOT / "conf" / "vocab" / "shapes.csv"
+    vocab = load_vocab(vocab_file)
+    text = tag_vectors(vocab, ModelSpec("lakelens-tiny"))
+    # image i is tag i's own text vector; its label is tag i, written as a synonym for "purple" (4)
+    paths = [f"file:/lake/im{i}.jpg" for i in range(6)]
+    build_local(str(tmp_path / "index"), np.arange(6), text[:6], paths, Choice("Flat", "t", False),
+                model_key="lakelens-tiny@none")
+    labels = tmp_path / "labels.csv"
+    words = [vocab.tags[i] if i != 4 else "violet" for i in range(6)]
+    labels.write_text("path,tags\n" + "".join(f"{p},{w}\n" for p, w in zip(paths, words)) + "file:/elsewhere.jpg,red\n")
+    out = tmp_path / "m.json"
+    assert main(["eval", "--labels", str(labels), "--index", str(tmp_path / "index"), "--vocab", str(vocab_file),
+                 "--set", "tag.max_tags=1", "--set", "tag.threshold=-1", "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)["tags"]
+    assert report["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0} and report["labelled_tags"] == 6
+    assert report["per_tag"]["purple"]["support"] == 1 and json.loads(out.read_text())["tags"]["micro"]["f1"] == 1.0
+    assert main(["eval", "--labels", str(labels)]) == 2
+    assert "give --tags TAGS" in capsys.readouterr().err
