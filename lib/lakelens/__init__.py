@@ -21,6 +21,8 @@ _EXPORTS = {
     # query driver and the embedder core
     "Searcher": "lakelens.search.searcher", "Embedder": "lakelens.ingest.embedder",
     "build_local": "lakelens.index.build", "Choice": "lakelens.index.factory",
+    # captions: the core (no Spark) and its job
+    "Captioner": "lakelens.tags.captions", "CaptionJob": "lakelens.tags.caption_job",
     # Spark jobs
     "EmbedJob": "lakelens.ingest.embed_job", "IndexJob": "lakelens.index.job", "get_session": "lakelens.spark",
     "TagJob": "lakelens.tags.job",

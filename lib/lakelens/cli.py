@@ -1,4 +1,4 @@
-"""`lakelens embed | index | search | dedup | tag | eval | finetune | serve | jars | demo`: the command line."""
+"""`lakelens embed | index | search | dedup | tag | caption | eval | finetune | serve | jars | demo`: the command line."""
 
 from __future__ import annotations
 
@@ -97,6 +97,19 @@ def cmd_dedup(args) -> int:
         dedup={"table": args.table, "out": args.out, "index": args.index, "threshold": args.threshold,
                "guard": args.guard, "format": args.format, "full": True if args.full else None})
     result = DedupJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True)).launch()
+    print(json.dumps(result.to_dict()), flush=True)
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from lakelens.tags.caption_job import CaptionJob
+
+    conf = config.load(
+        args.conf, args.set, spark={"master": args.master},
+        caption={"table": args.table, "tags": args.tags, "model": args.model, "pretrained": args.pretrained,
+                 "format": args.format, "max_tokens": args.max_tokens, "beams": args.beams,
+                 "batch_size": args.batch_size, "full": True if args.full else None})
+    result = CaptionJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True)).launch()
     print(json.dumps(result.to_dict()), flush=True)
     return 0
 
@@ -357,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="calibration: where to write the report JSON (default VOCAB.calibration.json)")
     add_common(p)
     p.set_defaults(func=cmd_tag)
+    p = sub.add_parser("caption", help="a generated caption per embedded image (a CoCa model, Spark), into the tags "
+                                       "table with source caption; re-runs caption only new and changed images")
+    p.add_argument("--table", help="the embeddings table")
+    p.add_argument("--tags", help="the tags table to write (Delta): id, path, tag = the caption, score, source, model")
+    p.add_argument("--model", help="the caption model: a CoCa architecture, e.g. lakelens-tiny-coca or coca_ViT-B-32 "
+                                   "(default: the config's model)")
+    p.add_argument("--pretrained", help="its weights: open_clip tag, checkpoint path (e.g. a fine-tune's final.pt), or none")
+    p.add_argument("--format", choices=("delta", "parquet"), help="the embeddings table's format (default delta)")
+    p.add_argument("--max-tokens", type=int, help="longest caption in tokens, start and end included (default 20)")
+    p.add_argument("--beams", type=int, help="1: greedy decoding (default); more: beam search")
+    p.add_argument("--batch-size", type=int, help="images per model batch (default 16)")
+    p.add_argument("--full", action="store_true", help="caption every image again, not only new and changed ones")
+    add_common(p)
+    p.set_defaults(func=cmd_caption)
     p = sub.add_parser("eval", help="Recall@K, top-K accuracy and precision@K of an index on captioned images; "
                                     "per-tag precision, recall and F1 of tags on labelled images")
     p.add_argument("--index", help="the index folder")
@@ -371,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG plot of recall against K here")
     add_common(p)
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("finetune", help="fine-tune the model on image-caption pairs (contrastive CLIP loss)")
+    p = sub.add_parser("finetune", help="fine-tune the model on image-caption pairs (contrastive CLIP loss; a CoCa "
+                                        "model also learns to write captions, CoCaLoss)")
     p.add_argument("--pairs", help="Delta table, Parquet or CSV with path, caption[, label][, split][, lang]")
     p.add_argument("--model", help="open_clip architecture, e.g. ViT-B-32 or lakelens-tiny, or local-dir:FOLDER")
     p.add_argument("--pretrained", help="starting weights: open_clip tag, checkpoint path, folder (local-dir), or none")

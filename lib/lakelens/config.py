@@ -129,6 +129,21 @@ class TagConfig:
 
 
 @dataclass
+class CaptionConfig:
+    table: str = ""  # the embeddings table: its rows without error are captioned
+    tags: str = ""  # the tags table (Delta) the captions are written to, source = caption
+    format: str = "delta"  # the embeddings table's format (parquet: no change feed, every run is full)
+    model: str = ""  # a CoCa architecture (or local-dir:FOLDER); empty: model.name
+    pretrained: str = ""  # its weights; empty: model.pretrained when caption.model is empty, else none
+    max_tokens: int = 20  # longest caption in tokens, start and end included
+    beams: int = 1  # 1: greedy decoding; more: beam search
+    batch_size: int = 16  # images per model batch and per Arrow batch
+    partitions: int = 0  # tasks; 0: two per core
+    max_pixels: int = 89_478_485
+    full: bool = False  # caption every image again instead of only new and changed ones
+
+
+@dataclass
 class Config:
     spark: SparkConfig = field(default_factory=SparkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,11 +152,13 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tag: TagConfig = field(default_factory=TagConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
 
 
 # Allowed values and lower bounds, checked after every load; the key names the failing setting.
 CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet"), "dedup.format": ("delta", "parquet"),
            "tag.format": ("delta", "parquet"), "tag.templates": ("simple", "openai"),
+           "caption.format": ("delta", "parquet"),
            "embed.engine": ("torch", "torch-bf16", "onnx", "onnx-int8"), "embed.device": ("auto", "cpu", "cuda")}
 MINIMUMS = {
     "spark.shuffle_partitions": 1,
@@ -178,6 +195,11 @@ MINIMUMS = {
     "tag.max_tags": 0,
     "tag.target_precision": 0.0,
     "tag.min_positives": 1,
+    "caption.max_tokens": 2,
+    "caption.beams": 1,
+    "caption.batch_size": 1,
+    "caption.partitions": 0,
+    "caption.max_pixels": 1,
 }
 
 

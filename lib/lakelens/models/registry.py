@@ -164,10 +164,16 @@ class ModelSpec:
                               f"allowed: {', '.join(tags) or '(none)'}, a checkpoint path, or none")
 
 
+def is_coca(model) -> bool:
+    """True for open_clip's CoCa (a CLIP with a text decoder that writes captions): its encode_image and
+    encode_text give the contrastive vectors like any CLIP's, so it embeds and indexes as one."""
+    return hasattr(model, "text_decoder") and hasattr(model, "_encode_image")
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    model: Any  # open_clip CLIP module in eval mode
+    model: Any  # open_clip CLIP (or CoCa, see is_coca) module in eval mode
     preprocess: Callable  # PIL image -> CHW float tensor
     tokenizer: Callable
     image_size: int
@@ -196,6 +202,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def init_decoder(model) -> None:
+    """Give a CoCa's text decoder output projection its initial weights. open_clip allocates it with
+    torch.empty and never runs the decoder's init_parameters, so at random init it holds whatever memory it
+    got (zeros here, so no gradient reaches the decoder until it grows): not the same in every process, and
+    slow to train. Drawn from the seeded generator like the rest, with the std open_clip's init would use."""
+    import torch
+
+    if not is_coca(model):
+        return
+    proj = model.text_decoder.text_projection
+    with torch.no_grad():
+        torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
+
+
 def _create(spec: ModelSpec):
     import torch
 
@@ -206,7 +226,9 @@ def _create(spec: ModelSpec):
         # fork_rng keeps the caller's RNG state untouched; the seed makes every process build the same weights
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            return oc.create_model_and_transforms(spec.name, pretrained=None)
+            created = oc.create_model_and_transforms(spec.name, pretrained=None)
+            init_decoder(created[0])
+            return created
     try:
         if not spec.is_checkpoint and not _hub_reachable():
             # Fail in seconds instead of minutes of retries; weights already in the local cache still load.
@@ -235,6 +257,7 @@ def _create_local_dir(spec: ModelSpec):
         with local_dir.offline(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             created = oc.create_model_and_transforms(spec.name, load_weights=False, pretrained_text=False)
+            init_decoder(created[0])
             if spec.is_checkpoint:
                 oc.load_checkpoint(created[0], spec.pretrained)
             return created

@@ -1,5 +1,6 @@
 """Contrastive (CLIP) fine-tuning on image-caption pairs: held-out split, per-epoch evaluation and
-checkpoints, resumable after a kill; its final.pt loads as `model.pretrained` everywhere."""
+checkpoints, resumable after a kill; its final.pt loads as `model.pretrained` everywhere. A CoCa model
+trains with open_clip's CoCaLoss instead: the same contrastive loss plus its text decoder's caption loss."""
 
 from __future__ import annotations
 
@@ -22,13 +23,30 @@ from lakelens.ingest import images
 from lakelens.ingest.embedder import prepare
 from lakelens.ingest.paths import to_local, to_stored
 from lakelens.models import registry as models
-from lakelens.models.registry import ModelSpec
+from lakelens.models.registry import ModelSpec, is_coca
 from lakelens.train import metrics as ev
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final.pt"
 # Settings that must match for a resumed run to continue the same training.
 _RESUME_KEYS = ("model", "pretrained", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "data")
+# open_clip's training defaults for CoCa (--coca-caption-loss-weight, --coca-contrastive-loss-weight)
+CAPTION_LOSS_WEIGHT = 2.0
+CONTRASTIVE_LOSS_WEIGHT = 1.0
+
+
+def coca_losses(model, images, tokens, loss_fn) -> tuple:
+    """(contrastive, caption) losses of a CoCa on a batch, each times its weight, as open_clip's training
+    passes them: the model's forward pass gives the features, the decoder's logits and the shifted labels."""
+    out = model(images, tokens)
+    return loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"])
+
+
+def coca_loss_fn(model):
+    from open_clip.loss import CoCaLoss
+
+    return CoCaLoss(caption_loss_weight=CAPTION_LOSS_WEIGHT, clip_loss_weight=CONTRASTIVE_LOSS_WEIGHT,
+                    pad_id=getattr(model, "pad_id", 0))
 
 
 def split_pairs(pairs: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -110,18 +128,25 @@ def _lr_at(step: int, total: int, conf: FinetuneConfig) -> float:
 def evaluate_split(model, split: Split, batch_size: int, ks=(1, 5, 10)) -> dict:
     """Held-out contrastive loss (mean over fixed batches) and text->image Recall@K over the whole split's
     images (an image with several captions is one candidate); with languages, also per language
-    (val_<lang>_t2i_recall@K)."""
+    (val_<lang>_t2i_recall@K); for a CoCa also its held-out caption loss (val_caption_loss, unweighted
+    cross-entropy per token)."""
     import torch
     from open_clip.loss import ClipLoss
 
     loss_fn = ClipLoss()
+    coca = coca_loss_fn(model) if is_coca(model) else None
     was_training = model.training
     model.eval()
-    loss_sum, loss_n, img_vecs, txt_vecs = 0.0, 0, [], []
+    loss_sum, loss_n, img_vecs, txt_vecs, caption_sum = 0.0, 0, [], [], 0.0
     with torch.inference_mode():
         for start in range(0, len(split.captions), batch_size):
-            img = model.encode_image(split.images[start:start + batch_size].float(), normalize=True)
-            txt = model.encode_text(split.tokens[start:start + batch_size], normalize=True)
+            if coca is not None:
+                out = model(split.images[start:start + batch_size].float(), split.tokens[start:start + batch_size])
+                img, txt = out["image_features"], out["text_features"]
+                caption_sum += float(coca.caption_loss(out["logits"].permute(0, 2, 1), out["labels"])) * len(img)
+            else:
+                img = model.encode_image(split.images[start:start + batch_size].float(), normalize=True)
+                txt = model.encode_text(split.tokens[start:start + batch_size], normalize=True)
             if len(img) > 1:  # a lone pair has nothing to contrast with
                 loss_sum += float(loss_fn(img, txt, model.logit_scale.exp())) * len(img)
                 loss_n += len(img)
@@ -138,6 +163,8 @@ def evaluate_split(model, split: Split, batch_size: int, ks=(1, 5, 10)) -> dict:
         by_caption.setdefault(c, set()).add(col_of[p])
     ranks = ev.best_ranks(scores, [sorted(by_caption[c]) for c in split.captions])
     out = {"val_loss": loss_sum / max(1, loss_n)}
+    if coca is not None:
+        out["val_caption_loss"] = caption_sum / max(1, len(split.captions))
     out.update({f"val_t2i_recall@{k}": v for k, v in ev.recall_at_k(ranks, ks).items()})
     if split.langs and len(set(split.langs)) > 1:
         langs = np.array(split.langs)
@@ -168,7 +195,8 @@ def _settings(conf: FinetuneConfig, spec: ModelSpec, data_fingerprint: str) -> d
 def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume: bool = True,
              progress: bool = True, log: Callable[[str], None] = print,
              on_step: Callable[[int, int], None] | None = None) -> FinetuneResult:
-    """Train `spec`'s model on `pairs` (path, caption) with open_clip's ClipLoss; evaluate on the held-out
+    """Train `spec`'s model on `pairs` (path, caption) with open_clip's ClipLoss (a CoCa: CoCaLoss, whose
+    contrastive and weighted caption parts are summed; train_loss is that sum); evaluate on the held-out
     split before training and after each epoch; write checkpoints/epoch_NNN.pt each epoch and final.pt.
     `on_step(epoch, step)` is called after every optimiser step (tests use it to crash on purpose)."""
     import torch
@@ -223,12 +251,13 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
         history.append({"epoch": 0, "train_loss": None, **evaluate_split(model, val, conf.batch_size)})
         log(f"[finetune] before training: {_fmt(history[-1])}")
 
+    coca = coca_loss_fn(model) if is_coca(model) else None
     loss_fn = ClipLoss()
     model.train()
     for epoch in range(start_epoch + 1, conf.epochs + 1):
         t0 = time.time()
         order = torch.randperm(len(train.captions), generator=torch.Generator().manual_seed(conf.seed * 7919 + epoch))
-        running, seen = 0.0, 0
+        running, seen, caption_running = 0.0, 0, 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{conf.epochs}", unit="step",
                    disable=not progress, mininterval=2)
         for step in bar:
@@ -238,9 +267,14 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
             global_step = (epoch - 1) * steps_per_epoch + step
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(global_step, total_steps, conf)
-            img = model.encode_image(train.images[idx].float(), normalize=True)
-            txt = model.encode_text(train.tokens[idx], normalize=True)
-            loss = loss_fn(img, txt, model.logit_scale.exp())
+            if coca is not None:
+                contrastive, caption = coca_losses(model, train.images[idx].float(), train.tokens[idx], coca)
+                loss = contrastive + caption
+                caption_running += float(caption.detach()) / CAPTION_LOSS_WEIGHT * len(idx)
+            else:
+                img = model.encode_image(train.images[idx].float(), normalize=True)
+                txt = model.encode_text(train.tokens[idx], normalize=True)
+                loss = loss_fn(img, txt, model.logit_scale.exp())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -252,8 +286,10 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
             if on_step:
                 on_step(epoch, step)
         bar.close()
-        history.append({"epoch": epoch, "train_loss": running / max(1, seen), "seconds": round(time.time() - t0, 1),
-                        **evaluate_split(model, val, conf.batch_size)})
+        row = {"epoch": epoch, "train_loss": running / max(1, seen), "seconds": round(time.time() - t0, 1)}
+        if coca is not None:
+            row["train_caption_loss"] = caption_running / max(1, seen)
+        history.append({**row, **evaluate_split(model, val, conf.batch_size)})
         log(f"[finetune] epoch {epoch}: {_fmt(history[-1])}")
         meta = {"epoch": epoch, "settings": settings, "history": json.dumps(history), "model": spec.name}
         _atomic_save({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "lakelens": meta},
@@ -287,8 +323,10 @@ def plot_history(history: list[dict], path: Path, title: str) -> Path:
     a.plot(epochs, [h["val_loss"] for h in history], marker="o", label="held-out")
     trained = [h for h in history if h.get("train_loss") is not None]
     a.plot([h["epoch"] for h in trained], [h["train_loss"] for h in trained], marker=".", label="training")
+    if "val_caption_loss" in history[0]:  # a CoCa: its decoder's loss too
+        a.plot(epochs, [h["val_caption_loss"] for h in history], marker="s", label="held-out caption")
     a.set_xlabel("epoch")
-    a.set_ylabel("contrastive loss")
+    a.set_ylabel("contrastive loss" + (" / caption loss" if "val_caption_loss" in history[0] else ""))
     a.legend()
     for key in [k for k in history[0] if k.startswith("val_t2i_recall@")]:
         b.plot(epochs, [h[key] for h in history], marker="o", label=key.replace("val_t2i_", "text->image "))

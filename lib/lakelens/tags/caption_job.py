@@ -1,0 +1,173 @@
+"""`lakelens caption` (jobs/caption.py): a generated caption per embedded image, as rows of the tags table.
+
+Reads the embeddings table's rows without error, reads their image files (binaryFile, as the embed job
+does), writes captions with a CoCa model on the executors (`captions.Captioner`, cached per Python
+worker) and replaces the `caption` rows of those images in the tags table: tag = the caption's text,
+score = the CLIP cosine between the image and its caption, model = the caption model's key, vocab = null.
+
+Incremental: the run state (the embeddings table, its Delta version, the model key and the decoding
+settings) rides in the tags table's commit. A re-run captions only the images the change feed shows as
+new or changed since that version and drops the captions of images gone or failed; another caption model
+or other settings caption everything again."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from lakelens.config import CaptionConfig, ModelConfig
+from lakelens.errors import ConfigError, DataError
+from lakelens.index.update import read_changes
+from lakelens.ingest.listing import file_splits, read_files
+from lakelens.ingest.paths import is_local, to_local
+from lakelens.ingest.table import EmbeddingsTable, path_id_col
+from lakelens.models import engines
+from lakelens.models import registry as models
+from lakelens.models.registry import ModelSpec
+from lakelens.spark import Job
+from lakelens.tags import table as tags_table
+
+SOURCE = "caption"
+UDF_SCHEMA = "path string, tag string, score float, error string"
+STATE_KEYS = ("table", "table_id", "model", "max_tokens", "beams")
+
+
+@dataclass
+class CaptionResult:
+    table_version: int | None
+    mode: str  # full | incremental | none
+    reason: str
+    model: str  # the caption model's key
+    captioned: int  # images given a caption this run
+    failed: int  # images read but not captioned (undecodable): no row
+    missing: int  # files of the table not found any more: no row
+    dropped: int  # images whose caption rows went without a new one (deleted, failed at embedding)
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def caption_spec(c: CaptionConfig, model: ModelConfig) -> ModelSpec:
+    """caption.model / caption.pretrained, else the config's model section."""
+    name = c.model or model.name
+    pretrained = c.pretrained or (model.pretrained if not c.model else "none")
+    return ModelSpec.from_config(ModelConfig(name=name, pretrained=pretrained))
+
+
+def check_coca(spec: ModelSpec, max_tokens: int) -> None:
+    """ConfigError on the driver, before any task starts, for an architecture without a text decoder or
+    captions longer than its text context (the Captioner checks again where the config is not known)."""
+    spec.validate()
+    cfg = models._open_clip().get_model_config(spec.name) if not spec.name.startswith(("hf-hub:", "local-dir:")) else None
+    if cfg is None:
+        return
+    if "multimodal_cfg" not in cfg:
+        raise ConfigError(f"caption.model: {spec.name} has no text decoder, so it cannot write captions; use a CoCa "
+                          "architecture (lakelens-tiny-coca, coca_ViT-B-32, ...)")
+    context = int(cfg.get("text_cfg", {}).get("context_length", 77))
+    if max_tokens > context:
+        raise ConfigError(f"caption.max_tokens: at most {spec.name}'s text context ({context}), got {max_tokens}")
+
+
+def partition_captioner(spec: ModelSpec, c: CaptionConfig):
+    """The mapInPandas function: binaryFile batches (path, content, ...) -> (path, tag, score, error)."""
+    settings = (c.max_tokens, c.beams, c.batch_size)
+    max_pixels = c.max_pixels
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from lakelens.tags.captions import cached_captioner
+
+        captioner = cached_captioner(spec, *settings, threads=engines.task_cpus(), max_pixels=max_pixels)
+        for pdf in batches:
+            out = captioner(pdf["content"].tolist())
+            yield pd.DataFrame({"path": pdf["path"], "tag": [o.text for o in out],
+                                "score": [o.score for o in out], "error": [o.error for o in out]})
+
+    return run
+
+
+class CaptionJob(Job):
+    """`CaptionJob(spark=None, conf=None).launch()` -> CaptionResult."""
+
+    def __init__(self, spark=None, conf=None, log: Callable[[str], None] = print):
+        super().__init__(spark, conf)
+        self.log = log
+
+    def run(self) -> CaptionResult:
+        t0 = time.time()
+        c = self.conf.caption
+        if not c.table:
+            raise ConfigError("caption.table: required (the embeddings table; --table)")
+        if not c.tags:
+            raise ConfigError("caption.tags: required (the tags table to write; --tags)")
+        spec = caption_spec(c, self.conf.model)
+        check_coca(spec, c.max_tokens)  # before a session starts
+        spark = self.spark
+        table = EmbeddingsTable(spark, c.table, c.format)
+        if not table.exists():
+            raise DataError(f"caption.table: no {c.format} table at {c.table}")
+        version = table.version()
+        state = {"table": table.location, "table_id": table.table_id(), "model": spec.key,
+                 "max_tokens": c.max_tokens, "beams": c.beams}
+        previous = None if c.full else tags_table.last_state(spark, c.tags, SOURCE)
+        mode, reason = "full", "--full" if c.full else "no earlier caption run"
+        if previous is not None:
+            if previous.get("model") != spec.key:
+                reason = f"the caption model changed ({previous.get('model')} -> {spec.key})"
+            elif any(previous.get(k) != state[k] for k in STATE_KEYS):
+                reason = "the embeddings table or the decoding settings differ from the last run's"
+            elif version is None:
+                reason = "a Parquet table has no change feed"
+            elif previous.get("version") is None or previous["version"] > version:
+                reason = f"the last run read a later table version ({previous.get('version')})"
+            elif previous["version"] == version:
+                return CaptionResult(version, "none", f"the table is unchanged since the last run (version {version})",
+                                     spec.key, 0, 0, 0, 0, round(time.time() - t0, 1))
+            else:
+                mode, reason = "incremental", f"changes of table versions {previous['version'] + 1}..{version}"
+        ok = F.col("error").isNull() & F.col("embedding").isNotNull()
+        todo, touched = table.read(version).where(ok).select("id", "path"), None
+        if mode == "incremental":
+            try:
+                changes = read_changes(spark, table.location, previous["version"] + 1, version)
+            except LookupError as e:
+                mode, reason = "full", f"the change feed does not cover the range ({e})"
+            else:
+                todo = changes.rows.select("id", "path")
+                touched = changes.replaced.select("id").unionByName(todo.select("id")).distinct().localCheckpoint()
+        paths = [r["path"] for r in todo.select("path").distinct().collect()]
+        present = [p for p in paths if not is_local(p) or os.path.isfile(to_local(p))]
+        self.log(f"lakelens caption: {mode} ({reason}): captioning {len(present)} images with {spec.key}"
+                 + (f"; {len(paths) - len(present)} files are gone" if len(present) < len(paths) else ""))
+        rows = self._caption(present, spec)
+        counts = rows.agg(F.count("tag").alias("ok"), F.count("error").alias("failed")).first()
+        captions = (rows.where(F.col("error").isNull())
+                    .select(path_id_col().alias("id"), "path", "tag", "score", F.lit(SOURCE).alias("source"),
+                            F.lit(spec.key).alias("model"), F.lit(None).cast("string").alias("vocab")))
+        dropped = 0
+        if touched is not None:
+            dropped = touched.join(captions.select("id"), "id", "left_anti").count()
+        tags_table.replace_rows(spark, c.tags, captions, touched, SOURCE, {**state, "version": version})
+        result = CaptionResult(version, mode, reason, spec.key, int(counts["ok"]), int(counts["failed"]),
+                               len(paths) - len(present), dropped, round(time.time() - t0, 1))
+        self.log(f"lakelens caption: {result.captioned} captioned, {result.failed} failed, {result.missing} gone, "
+                 f"{result.dropped} dropped ({result.seconds} s)")
+        return result
+
+    def _caption(self, paths: list[str], spec: ModelSpec) -> DataFrame:
+        spark = self.spark
+        if not paths:
+            return spark.createDataFrame([], UDF_SCHEMA)
+        c = self.conf.caption
+        splits = max(1, min(len(paths), c.partitions or 2 * spark.sparkContext.defaultParallelism))
+        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))  # image bytes: small batches
+        with file_splits(spark, len(paths), splits):  # the scan is planned by the action, so it runs inside
+            files = read_files(spark, paths).select("path", "content")
+            return files.mapInPandas(partition_captioner(spec, c), UDF_SCHEMA).localCheckpoint(eager=True)

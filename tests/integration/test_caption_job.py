@@ -1,0 +1,63 @@
+"""`lakelens caption` on Spark local[2] with real Delta: captions of a handful of embedded images land in the
+tags table (source caption, the Captioner's own text and score), an unchanged re-run commits nothing, and an
+added image is captioned alone while the other captions stay as they were."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import ROOT
+from delta.tables import DeltaTable
+
+from lakelens import EmbedJob, config, path_id
+from lakelens.cli import main
+from lakelens.models.registry import ModelSpec
+from lakelens.tags.caption_job import CaptionJob
+from lakelens.tags.captions import Captioner
+from lakelens.train import synth
+
+COCA = "lakelens-tiny-coca"
+
+
+def captions_of(spark, tags):
+    df = spark.read.format("delta").load(str(tags)).toPandas()
+    return df, {Path(p).name: (t, s) for p, t, s in zip(df["path"], df["tag"], df["score"])}
+
+
+def test_caption_job_writes_captions_and_is_incremental(spark, tmp_path, local_conf, capsys):
+    images, table, tags = tmp_path / "images", tmp_path / "table", tmp_path / "tags"
+    synth.write_dataset(images, 3, seed=3, px=64)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")  # an embedding error: never captioned
+    # one task at a time: one Python worker loads torch and both models, as it would stay warm between runs
+    embed_conf = local_conf(images, table, "embed.engine=torch", "embed.partitions=1")
+    EmbedJob(spark=spark, conf=embed_conf, log=lambda *_: None).launch()
+
+    # first run through the command line: every embedded image
+    assert main(["caption", "--table", str(table), "--tags", str(tags), "--model", COCA, "--max-tokens", "8",
+                 "--conf", str(ROOT / "conf" / "local.yaml"), "--set", "caption.partitions=1"]) == 0
+    assert '"mode": "full"' in capsys.readouterr().out
+    df, first = captions_of(spark, tags)
+    assert sorted(first) == ["img000000.png", "img000001.jpg", "img000002.jpg"]
+    assert set(df["source"]) == {"caption"} and set(df["model"]) == {f"{COCA}@none"} and df["vocab"].isna().all()
+    assert sorted(df["id"]) == sorted(path_id(p) for p in df["path"])  # the embeddings table's ids
+    # the Spark rows are the Captioner's own output on the same files
+    local = Captioner(ModelSpec(COCA), max_tokens=8)([(images / name).read_bytes() for name in sorted(first)])
+    for name, caption in zip(sorted(first), local):
+        assert first[name][0] == caption.text and abs(first[name][1] - caption.score) < 1e-4
+
+    conf = config.load(ROOT / "conf" / "local.yaml", [f"caption.table={table}", f"caption.tags={tags}",
+                                                      f"caption.model={COCA}", "caption.max_tokens=8",
+                                                      "caption.partitions=1"])
+    before = DeltaTable.forPath(spark, str(tags)).history(1).first()["version"]
+    again = CaptionJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert again.mode == "none" and again.captioned == 0
+    assert DeltaTable.forPath(spark, str(tags)).history(1).first()["version"] == before  # nothing committed
+
+    synth.write_dataset(images, 1, seed=4, px=64, start=3)  # one new image
+    EmbedJob(spark=spark, conf=embed_conf, log=lambda *_: None).launch()
+    added = CaptionJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (added.mode, added.captioned, added.failed, added.dropped) == ("incremental", 1, 0, 0)
+    df, now = captions_of(spark, tags)
+    assert len(df) == 4 and {k: v for k, v in now.items() if k != "img000003.jpg"} == first
+    assert now["img000003.jpg"][0] == Captioner(ModelSpec(COCA), max_tokens=8)([(images / "img000003.jpg")
+                                                                                  .read_bytes()])[0].text
