@@ -68,7 +68,8 @@ def cmd_index(args) -> int:
         args.conf, args.set, spark={"master": args.master},
         index={"table": args.table, "index": args.index, "shards": args.shards, "factory": args.factory,
                "memory_budget": args.memory_budget, "version": args.version, "prune": args.prune,
-               "format": args.format, "force": True if args.force else None, "full": True if args.full else None})
+               "format": args.format, "force": True if args.force else None, "full": True if args.full else None,
+               "tags": args.tags, "vocab": args.vocab})
     result = IndexJob(conf=conf).launch()
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -82,7 +83,8 @@ def cmd_refresh(args) -> int:
         args.conf, args.set, spark={"master": args.master},
         model={"name": args.model, "pretrained": args.pretrained},
         embed={"images": args.images, "table": args.table, "format": args.format},
-        index={"index": args.index, "full": True if args.full else None, "prune": args.prune})
+        index={"index": args.index, "full": True if args.full else None, "prune": args.prune, "tags": args.tags},
+        tag={"vocab": args.vocab})
     # progress goes to stderr; stdout carries the one JSON line a scheduler parses
     result = RefreshJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True)).launch()
     print(result.line(), flush=True)
@@ -189,23 +191,32 @@ def cmd_search(args) -> int:
     searcher = Searcher.open(args.index, engine=args.engine)
     kw = {"min_score": args.min_score, "path_prefix": args.prefix, "nprobe": args.nprobe,
           "ef_search": args.ef_search, "offset": args.offset}
-    if args.image is None and args.query is None:
-        raise QueryError("give a query text, --image FILE, or both")
+    if args.image is None and args.query is None and not args.tag:
+        raise QueryError("give a query text, --image FILE, or both (or --tag T to browse a tag)")
     weights = None
     if args.weights:
         weights = [w for w in args.weights.split(",")]
-    results = searcher.search(text=args.query, image=args.image, k=args.k, weights=weights, **kw)
+    tags = [t for t in args.tag or [] if not t.startswith("-")]
+    not_tags = [t[1:] for t in args.tag or [] if t.startswith("-")]
+    results = searcher.search(text=args.query, image=args.image, k=args.k, weights=weights, mode=args.mode,
+                              tags=tags, not_tags=not_tags, **kw)
     notes = results.attrs.get("notes", [])
     if args.json:
+        rows = results.to_dict("records")
+        for r in rows:
+            r.setdefault("tags", [])
+            r.setdefault("caption", None)
         print(json.dumps({"index_version": searcher.version, "model": searcher.manifest["model"]["key"],
-                          "notes": notes, "results": results.to_dict("records")}))
+                          "mode": args.mode or searcher.default_mode, "notes": notes, "results": rows}))
     else:
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
         if results.empty:
             print("no results")
-        for r in results.itertuples():
-            print(f"{r.rank:>3}  {r.score:.4f}  {r.path}")
+        for r in results.to_dict("records"):
+            extra = f"  [{', '.join(r['tags'])}]" if r.get("tags") else ""
+            extra += f"  \"{r['caption']}\"" if r.get("caption") else ""
+            print(f"{r['rank']:>3}  {r['score']:.4f}  {r['path']}{extra}")
     return 0
 
 
@@ -304,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", type=int, help="keep only the K newest versions afterwards")
     p.add_argument("--force", action="store_true", help="build even if the table has not changed")
     p.add_argument("--full", action="store_true", help="rebuild and retrain instead of an incremental version")
+    p.add_argument("--tags", help="the tags table (lakelens tag / caption): each version gets a BM25 keyword index "
+                                  "of the images' tags, captions and path words")
+    p.add_argument("--vocab", help="the vocabulary file whose synonyms and parents are indexed with each tag")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_common(p)
     p.set_defaults(func=cmd_index)
@@ -317,10 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("delta", "parquet"), help="table format (default delta)")
     p.add_argument("--full", action="store_true", help="rebuild the index instead of an incremental version")
     p.add_argument("--prune", type=int, help="keep only the K newest index versions afterwards")
+    p.add_argument("--vocab", help="tag new and changed images with this vocabulary (lakelens tag) before indexing")
+    p.add_argument("--tags", help="the tags table the tags go to and the index's keyword side reads")
     add_common(p)
     p.set_defaults(func=cmd_refresh)
     p = sub.add_parser("search", help="query an index by text or by image")
-    p.add_argument("query", nargs="?", help='query text; "beach + sunset - people" adds and subtracts terms')
+    p.add_argument("query", nargs="?", help='query text: words, "quoted phrases", tag:dog, -tag:cat, path:2024/; '
+                                            '"beach + sunset - people" adds and subtracts terms (vector side)')
+    p.add_argument("--mode", choices=("vector", "keyword", "hybrid"),
+                   help="vector, keyword (BM25 over tags, captions, paths) or hybrid (both, fused by reciprocal "
+                        "rank); default hybrid where the index has a keyword index, else vector")
+    p.add_argument("--tag", action="append", metavar="T",
+                   help="only images with tag T (repeat for more; --tag=-T excludes T)")
     p.add_argument("--index", required=True, help="the index folder")
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument("--offset", type=int, default=0, help="skip this many results first (the next page)")

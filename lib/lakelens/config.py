@@ -84,6 +84,8 @@ class IndexConfig:
     max_deltas: int = 10  # delta shard generations before a compaction merges them into base shards
     max_deleted_fraction: float = 0.2  # tombstones / vectors held before a compaction
     min_recall: float = 0.9  # IVF drift probe: below this recall@10 of new rows, retrain (full build)
+    tags: str = ""  # the tags table (Delta, lakelens tag / caption): each version gets a keyword index of it
+    vocab: str = ""  # the vocabulary file whose synonyms and parents the keyword index adds to each tag
 
 
 @dataclass

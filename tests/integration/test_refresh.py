@@ -38,9 +38,15 @@ def test_refresh_script_json_line_exit_codes_and_lock(tmp_path, monkeypatch):
     assert last_json(again.stdout)["index"]["build"] == "none"
 
     write_images(img, 1, seed=5, start=100)
-    third = last_json(run(tmp_path, img, table, index).stdout)
+    # with a vocabulary, the refresh tags between embedding and indexing and the version gets a keyword index
+    tags = tmp_path / "tags"
+    third = last_json(run(tmp_path, img, table, index, "--vocab", ROOT / "conf" / "vocab" / "shapes.csv",
+                          "--tags", tags, "--set", "tag.threshold=-1", "--set", "tag.max_tags=2").stdout)
     assert third["embed"]["embedded"] == 1 and third["index"]["build"] == "incremental"
     assert third["index"]["rows"] == 7 and third["index"]["version"] == "v0002"
+    assert third["tag"]["scored"] == 7 and third["tag"]["tag_rows"] == 14 and "tag" in third["seconds"]
+    manifest = json.loads((index / "v0002" / "manifest.json").read_text())
+    assert manifest["keywords"]["documents"] == 7 and manifest["keywords"]["tag_rows"] >= 14
 
     # a second scheduled run while one is running exits at once, non-zero, with one clear line
     monkeypatch.setenv("LAKELENS_LOCK_DIR", str(tmp_path / "locks"))

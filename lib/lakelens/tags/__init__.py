@@ -1,0 +1,1 @@
+"""Tags: vocabularies, the tag job, calibration, captions (CoCa) and the tags table."""
