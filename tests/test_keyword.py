@@ -96,7 +96,7 @@ def tagged(tmp_path_factory):
 
 def test_searcher_filters_and_browse(tagged):
     s, v, ids, kind, paths = tagged
-    assert s.default_mode == "hybrid"
+    assert s.default_mode == "vector" and s.has_keywords
     dogs_2024 = {int(ids[j]) for j in range(len(ids)) if kind[j] == "dog" and "2024/" in paths[j]}
     browsed = s.search(text="tag:dog path:2024/", k=100)
     assert set(browsed["id"]) == dogs_2024
@@ -148,7 +148,7 @@ def test_cli_search_modes_tags_and_json_rows(tagged, capsys):
     s = tagged[0]
     assert main(["search", "--index", str(s.index_dir), "--tag", "dog", "--tag=-cat", "--json", "-k", "3"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["mode"] == "hybrid" and len(out["results"]) == 3
+    assert out["mode"] == "vector" and len(out["results"]) == 3
     assert all(r["tags"] == ["dog"] and r["caption"].startswith("a photo of a dog") for r in out["results"])
     assert main(["search", "--index", str(s.index_dir), '"number 12"', "--mode", "keyword"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -57,7 +57,7 @@ def cmd_demo(args) -> int:
     from lakelens.demo import run_demo
 
     run_demo(out=args.out, dataset=args.dataset, n_train=args.train, n_images=args.images, epochs=args.epochs,
-             conf_path=args.conf, overrides=args.set, master=args.master)
+             conf_path=args.conf, overrides=args.set, master=args.master, captions=not args.no_captions)
     return 0
 
 
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             '"beach + sunset - people" adds and subtracts terms (vector side)')
     p.add_argument("--mode", choices=("vector", "keyword", "hybrid"),
                    help="vector, keyword (BM25 over tags, captions, paths) or hybrid (both, fused by reciprocal "
-                        "rank); default hybrid where the index has a keyword index, else vector")
+                        "rank); default vector")
     p.add_argument("--tag", action="append", metavar="T",
                    help="only images with tag T (repeat for more; --tag=-T excludes T)")
     p.add_argument("--index", required=True, help="the index folder")
@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", help="YAML config: S3 settings (spark.extra fs.s3a.*) for thumbnails of s3a:// images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("demo", help="offline end to end: captioned images, embed, index, eval, fine-tune, again")
+    p = sub.add_parser("demo", help="offline end to end: captioned images, embed, index, eval, fine-tune, again; "
+                                    "tags, captions and a keyword index")
     p.add_argument("--dataset", default="shapes", choices=("shapes", "shapes-pt", "fashion-mnist"),
                    help="generated captioned shapes (default), the same with English and Portuguese captions and "
                         "a tokenizer trained on them (shapes-pt), or Fashion-MNIST from Debian's package")
@@ -462,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, help="training pairs (default 3000 shapes, 12000 Fashion-MNIST)")
     p.add_argument("--images", type=int, help="held-out images to index and evaluate (default 1000 / 2000)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default 5 shapes, 4 Fashion-MNIST)")
+    p.add_argument("--no-captions", action="store_true",
+                   help="skip the caption model (a small CoCa fine-tuned on the training captions, a few minutes)")
     add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser

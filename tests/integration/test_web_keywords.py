@@ -61,15 +61,15 @@ def test_chips_facets_url_state_back_button_and_large_view(tagged, browser):  # 
     d = browser
     d.get(tagged.base + "/")
     wait_for(d, lambda d: "in all 43 images" in d.find_element(By.ID, "facets").text, "the facets of every image")
-    assert d.find_element(By.CSS_SELECTOR, "#mode input:checked").get_attribute("value") == "hybrid"
+    assert d.find_element(By.CSS_SELECTOR, "#mode input:checked").get_attribute("value") == "vector"
 
     # a text query in the default mode: each result's chips and caption are the API's (tags best first)
     set_input(d, "query", "red circle")
     d.find_element(By.ID, "query").send_keys(Keys.ENTER)
-    wait_for(d, lambda d: status(d).startswith("20 results for “red circle” · hybrid"), "hybrid results")
+    wait_for(d, lambda d: status(d).startswith("20 results for “red circle” · vector"), "vector results")
     first = api(tagged, q="red circle")
     same_as_api(d, first)
-    assert url_args(d) == {"q": ["red circle"], "mode": ["hybrid"]}
+    assert url_args(d) == {"q": ["red circle"], "mode": ["vector"]}
     first_url = d.current_url
 
     # a facet narrows the search to its tag: every result carries it; the facets count within the results
@@ -104,7 +104,7 @@ def test_chips_facets_url_state_back_button_and_large_view(tagged, browser):  # 
     wait_for(d, lambda d: d.current_url == circle_url and "with tag:circle ·" in status(d), "back to tag:circle")
     same_as_api(d, circles)
     d.back()
-    wait_for(d, lambda d: d.current_url == first_url and "“red circle” · hybrid" in status(d), "back to no filters")
+    wait_for(d, lambda d: d.current_url == first_url and "“red circle” · vector" in status(d), "back to no filters")
     same_as_api(d, first)
 
     # the mode selector searches again in that mode

@@ -297,16 +297,17 @@ def tagged(tmp_path_factory):
 
 
 def test_modes_and_tag_filters_rows_carry_tags_captions_and_ranks(tagged):
-    r = get(tagged, "/api/search", q="red circle", k=20)
+    assert get(tagged, "/api/search", q="red circle", k=5).json()["query"]["mode"] == "vector"  # the default
+    r = get(tagged, "/api/search", q="red circle", k=20, mode="hybrid")
     assert r.status_code == 200 and "NaN" not in r.text
     body = r.json()
-    assert body["query"]["mode"] == "hybrid"  # the default where the version has a keyword index
     rows = body["results"]
     for row in rows:
         assert row["tags"] == tagged.tags_of[row["id"]] and row["caption"] == tagged.caption_of[row["id"]]
         ranks = [row["vector_rank"], row["keyword_rank"]]
         assert all(x is None or (isinstance(x, int) and x >= 1) for x in ranks) and ranks != [None, None]
-    assert any(row["keyword_rank"] is None for row in get(tagged, "/api/search", q="red circle", k=43).json()["results"])
+    assert any(row["keyword_rank"] is None
+               for row in get(tagged, "/api/search", q="red circle", k=43, mode="hybrid").json()["results"])
     vector = get(tagged, "/api/search", q="red circle", k=5, mode="VECTOR").json()
     assert vector["query"]["mode"] == "vector" and all("keyword_rank" not in row for row in vector["results"])
     keyword = get(tagged, "/api/search", q="triangle", k=43, mode="keyword").json()["results"]

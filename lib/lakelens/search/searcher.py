@@ -282,13 +282,15 @@ class Searcher:
 
     @property
     def default_mode(self) -> str:
-        """hybrid where the live version has a keyword index, else vector."""
-        return "hybrid" if self._state.keywords is not None else "vector"
+        """vector: on held-out shapes, hybrid (RRF of vectors and BM25 over generated captions and tags)
+        ranked below vectors alone (BENCHMARKS.md, "Keyword and hybrid search"); keyword and hybrid are
+        asked for by name. Filters (tag:, path:) work in every mode."""
+        return "vector"
 
     def search_text(self, text: str, k: int = 10, mode: str | None = None, tags=(), not_tags=(), **kw) -> pd.DataFrame:
         """Images for a text query in the query syntax (free words, "phrases", tag:dog, -tag:cat, path:2024/;
         "a + b - c" combines terms on the vector side). mode: vector | keyword | hybrid (reciprocal rank
-        fusion of both lists, k = 60); default hybrid where the version has a keyword index, else vector."""
+        fusion of both lists, k = 60); default vector (default_mode)."""
         return self.search(text=text, k=k, mode=mode, tags=tags, not_tags=not_tags, **kw)
 
     def search(self, text: str | None = None, image: str | Path | bytes | None = None, k: int = 10,
