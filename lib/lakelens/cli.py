@@ -57,7 +57,7 @@ def cmd_demo(args) -> int:
     from lakelens.demo import run_demo
 
     run_demo(out=args.out, dataset=args.dataset, n_train=args.train, n_images=args.images, epochs=args.epochs,
-             conf_path=args.conf, overrides=args.set, master=args.master, captions=not args.no_captions)
+             conf_path=args.conf, overrides=args.set, master=args.master, with_captions=not args.no_captions)
     return 0
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from lakelens import config
 from lakelens.index.job import IndexJob
 from lakelens.ingest.embed_job import EmbedJob
-from lakelens.ingest.paths import to_local
+from lakelens.ingest.paths import path_id, to_local, to_stored
 from lakelens.models import local_dir
 from lakelens.models.registry import ModelSpec
 from lakelens.search import Searcher
 from lakelens.spark import get_session
+from lakelens.tags.caption_job import CaptionJob
+from lakelens.tags.job import TagJob
 from lakelens.train import metrics as ev
 from lakelens.train import synth
 from lakelens.train.datasets import write_fashion_mnist
@@ -35,6 +37,12 @@ QUERIES = {"shapes": ["a large red circle on the left of a grey background",
                          "a large red circle on the left"],
            "fashion-mnist": ["a photo of a sneaker", "a photo of a trouser", "a photo of a bag",
                              "a photo of a dress"]}
+VOCABS = {"shapes": "shapes.csv", "shapes-pt": "shapes.csv", "fashion-mnist": "fashion-mnist.csv"}
+CAPTION_MODEL = "lakelens-tiny-coca"
+CAPTION_PAIRS, CAPTION_EPOCHS = 1500, 4  # the caption model's budget (bench/captions.py: 2000 pairs, 4 epochs)
+# the hybrid query the demo shows: words for both sides, a tag filter for the keyword side's tags
+HYBRID = {"shapes": "a red circle on a striped background", "shapes-pt": "um círculo vermelho num fundo listrado",
+          "fashion-mnist": "a photo of a sneaker"}
 DEFAULT_SIZES = {"shapes": (3000, 1000, 5), "shapes-pt": (1500, 1000, 5),  # train, held-out, epochs
                  "fashion-mnist": (12000, 2000, 4)}
 
@@ -81,6 +89,51 @@ def contact_sheet(rows: list[tuple[str, object]], path: Path, thumb: int = 96, t
     return path
 
 
+def _tags_captions_keywords(spark, conf_path, overrides, sections: dict, dataset: str, out_dir: Path,
+                            train_captions: Path, caption_epochs: int) -> dict:
+    """Zero-shot tags from the stored vectors; captions by a small CoCa fine-tuned on the training captions
+    (caption_epochs > 0); then the index job again with the tags table: a version with a keyword index
+    that shares the vectors of the live one."""
+    vocab = str(config.CONF_DIR / "vocab" / VOCABS[dataset])
+    tags = str(out_dir / "tags")
+    conf = config.load(conf_path, list(overrides), **sections, tag={"table": sections["embed"]["table"],
+                                                                    "tags": tags, "vocab": vocab})
+    print(f"[demo] tag job: the stored vectors against {Path(vocab).name} ({conf.tag.templates} prompt templates)")
+    tagged = TagJob(spark=spark, conf=conf).launch()
+    out = {"tag_run": tagged.to_dict()}
+    if caption_epochs:
+        pairs = read_captions(str(train_captions))
+        n = min(len(pairs), CAPTION_PAIRS)
+        print(f"[demo] fine-tuning {CAPTION_MODEL} on {n} training captions ({caption_epochs} epochs) to write captions")
+        ft = config.load(conf_path, list(overrides), finetune={"out": str(out_dir / "caption-model"),
+                                                               "epochs": caption_epochs, "batch_size": 16,
+                                                               "lr": 0.002, "max_pairs": n})
+        coca = finetune(pairs, ModelSpec(CAPTION_MODEL), ft.finetune)
+        conf = config.load(conf_path, list(overrides), **sections,
+                           caption={"table": sections["embed"]["table"], "tags": tags, "model": CAPTION_MODEL,
+                                    "pretrained": coca.final_checkpoint})
+        print("[demo] caption job: a caption per embedded image, into the tags table")
+        out["caption_run"] = CaptionJob(spark=spark, conf=conf).launch().to_dict()
+    conf = config.load(conf_path, list(overrides), **{**sections, "index": {**sections["index"], "tags": tags,
+                                                                            "vocab": vocab}})
+    print("[demo] index job with the tags table: a version with a keyword index (BM25 over tags, captions, paths)")
+    out["index_keywords"] = IndexJob(spark=spark, conf=conf).launch().to_dict()
+    return out
+
+
+def _show_tags(searcher: Searcher, dataset: str, paths: list[str]) -> None:
+    for p in paths:
+        d = searcher.details(path_id(to_stored(p)))
+        tags = ", ".join(f"{t['tag']} {t['score']:.2f}" for t in d["tags"][:5]) or "(none over their threshold)"
+        print(f"[demo] {Path(p).name}: tags {tags}; caption {d['caption']!r}")
+    q = HYBRID[dataset]
+    for mode in ("hybrid", "vector", "keyword"):
+        found = searcher.search_text(q, k=5, mode=mode)
+        print(f"[demo] {mode} query {q!r}:")
+        for r in found.itertuples():
+            print(f"  {r.rank}  {r.score:.4f}  {Path(r.path).name}  [{', '.join(r.tags)}]  {r.caption!r}")
+
+
 def _embed_index_eval(spark, conf, captions: Path, eval_dir: Path, tag: str) -> dict:
 
     embedded = EmbedJob(spark=spark, conf=conf).launch()
@@ -91,7 +144,7 @@ def _embed_index_eval(spark, conf, captions: Path, eval_dir: Path, tag: str) -> 
 
 def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | None = None,
              n_images: int | None = None, epochs: int | None = None, conf_path: str | None = None,
-             overrides=(), master: str | None = None) -> dict:
+             overrides=(), master: str | None = None, with_captions: bool = True) -> dict:
 
     if dataset not in DATASETS:
         raise config.ConfigError(f"--dataset: {dataset!r} is not one of {', '.join(DATASETS)}")
@@ -135,10 +188,15 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
 
         print(f"[demo] embed job + index job + eval with the fine-tuned weights {tuned.final_checkpoint}")
         t = time.time()
-        conf = config.load(conf_path, list(overrides), **{**sections, "model": {**sections.get("model", {}),
-                                                                               "pretrained": tuned.final_checkpoint}})
+        sections["model"] = {**sections.get("model", {}), "pretrained": tuned.final_checkpoint}
+        conf = config.load(conf_path, list(overrides), **sections)
         after = _embed_index_eval(spark, conf, captions, eval_dir, "after")
         phases["after_seconds"] = round(time.time() - t, 1)
+
+        t = time.time()
+        keywords = _tags_captions_keywords(spark, conf_path, overrides, sections, dataset, out_dir, train_captions,
+                                           min(CAPTION_EPOCHS, epochs) if with_captions else 0)
+        phases["tags_captions_keywords_seconds"] = round(time.time() - t, 1)
     finally:
         if owned:
             spark.stop()
@@ -154,11 +212,12 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
     print(same.to_string(index=False))
     rows = []
     for q in QUERIES[dataset]:
-        found = searcher.search_text(q, k=5)
+        found = searcher.search_text(q, k=5, mode="vector")
         rows.append((q, found))
         print(f"[demo] text -> image: {q!r}")
         print(found[["rank", "score", "path"]].to_string(index=False))
     sheet = contact_sheet(rows, out_dir / "contact_sheet.png")
+    _show_tags(searcher, dataset, list(read_captions(str(captions))["path"][:3]))
     head = HEADLINE[dataset]
     b, a = before["metrics"][head], after["metrics"][head]
     result = {"dataset": dataset, "train_pairs": tuned.train_pairs, "held_out_images": n_images,
@@ -167,7 +226,7 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
               "metrics_before": before["metrics"], "metrics_after": after["metrics"],
               "first_run": before["embed"], "rerun": rerun.to_dict(), "after_run": after["embed"],
               "index_before": before["index"], "index_after": after["index"],
-              "finetune_history": tuned.history, **phases, "seconds": round(time.time() - t0, 1)}
+              "finetune_history": tuned.history, **keywords, **phases, "seconds": round(time.time() - t0, 1)}
     (out_dir / "demo.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"[demo] {head} on the held-out images: random init {b:.3f} -> fine-tuned {a:.3f}"
           + (f" ({a / b:.1f}x)" if b else ""))
