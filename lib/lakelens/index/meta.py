@@ -115,23 +115,18 @@ class MetaStore:
 
     def with_prefix(self, prefix: str) -> np.ndarray:
         """Sorted live ids whose path starts with `prefix` (a scan of the mapped path columns)."""
-        found = []
-        for part in self.parts:
-            if not len(part.ids):
-                continue
-            mask = pc.starts_with(part.paths, prefix).to_numpy(zero_copy_only=False)
-            if part.alive is not None:
-                mask &= part.alive
-            found.append(part.ids[mask])
-        return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+        return self._matching(lambda paths: pc.starts_with(paths, prefix))
 
     def with_substring(self, text: str) -> np.ndarray:
         """Sorted live ids whose path holds `text` (path: filters; a scan of the mapped path columns)."""
+        return self._matching(lambda paths: pc.match_substring(paths, text))
+
+    def _matching(self, test) -> np.ndarray:
         found = []
         for part in self.parts:
             if not len(part.ids):
                 continue
-            mask = pc.match_substring(part.paths, text).to_numpy(zero_copy_only=False)
+            mask = test(part.paths).to_numpy(zero_copy_only=False)
             if part.alive is not None:
                 mask &= part.alive
             found.append(part.ids[mask])

@@ -143,6 +143,18 @@ class DuplicateGroups:
         size = {int(g): int(n) for g, n in zip(names, counts)}
         return cls(stamp, table, ids, group, size, sorted(size, key=lambda g: (-size[g], g)))
 
+    def collapse(self, frame: pd.DataFrame, want: int) -> pd.DataFrame:
+        """The first `want` rows with one per group (its best), re-ranked, with a `duplicates` column
+        counting the group's other members."""
+        key, member = self.key_of(frame["id"].to_numpy(np.int64))
+        _, first = np.unique(key, return_index=True)
+        keep = np.sort(first)[:want]
+        c = frame.iloc[keep].reset_index(drop=True)
+        c["rank"] = np.arange(1, len(c) + 1)
+        c["duplicates"] = [self.size[g] - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
+        c.attrs = frame.attrs
+        return c
+
     def key_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each id's group, or the id itself where it is in none; and whether it is in one."""
         if not len(self.ids):
@@ -365,15 +377,7 @@ class Searcher:
 
     def _collapse_frame(self, frame: pd.DataFrame, want: int) -> pd.DataFrame:
         """One row per duplicate group (its best), for lists that are not a single vector search."""
-        dups = self._duplicates()
-        key, member = dups.key_of(frame["id"].to_numpy(np.int64))
-        _, first = np.unique(key, return_index=True)
-        keep = np.sort(first)[:want]
-        c = frame.iloc[keep].reset_index(drop=True)
-        c["rank"] = np.arange(1, len(c) + 1)
-        c["duplicates"] = [dups.size[g] - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
-        c.attrs = frame.attrs
-        return c
+        return self._duplicates().collapse(frame, want)
 
     def tag_counts(self, text: str | None = None, tags=(), not_tags=(), limit: int = 50, depth: int = 1000,
                    mode: str | None = None) -> dict:
@@ -483,13 +487,7 @@ class Searcher:
             frames = self._search_vectors(vectors, fetch, min_score, allowed, nprobe, ef_search)
             out, short = [], False
             for f in frames:
-                key, member = dups.key_of(f["id"].to_numpy(np.int64))
-                _, first = np.unique(key, return_index=True)
-                keep = np.sort(first)[:want]
-                c = f.iloc[keep].reset_index(drop=True)
-                c["rank"] = np.arange(1, len(c) + 1)
-                c["duplicates"] = [dups.size[g] - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
-                c.attrs = f.attrs
+                c = dups.collapse(f, want)
                 out.append(c)
                 short |= len(c) < want and len(f) == fetch
             if not short or fetch >= min(MAX_K, len(self)):
