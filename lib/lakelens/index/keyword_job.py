@@ -17,8 +17,6 @@ from pyspark.sql import functions as F
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.keyword import TagRow, build_keywords
 
-DOC_PARTITIONS = 16  # the driver pulls one partition at a time (toLocalIterator): memory is one partition's
-
 
 def tags_version(spark: SparkSession, location: str) -> int:
     if not DeltaTable.isDeltaTable(spark, location):
@@ -40,7 +38,8 @@ def _docs(rows: DataFrame, tags: DataFrame) -> Iterator[tuple]:
     per_id = (tags.groupBy("id").agg(
         F.collect_list(F.when(F.col("source") != "caption", F.struct("tag", "score", "source"))).alias("tags"),
         F.collect_list(F.when(F.col("source") == "caption", F.struct("tag", "score"))).alias("captions")))
-    docs = (rows.select("id", "path").join(per_id, "id", "left").repartition(DOC_PARTITIONS, "id"))
+    # the join's partitions (spark.sql.shuffle.partitions): the driver holds one of them at a time
+    docs = rows.select("id", "path").join(per_id, "id", "left")
     for r in docs.toLocalIterator(prefetchPartitions=True):
         tag_rows = [TagRow(t["tag"], t["score"], t["source"]) for t in (r["tags"] or [])]
         captions = [(c["tag"], c["score"]) for c in (r["captions"] or [])]

@@ -322,7 +322,8 @@ class Searcher:
                 raise QueryError("mode keyword searches words; an image query needs mode vector or hybrid")
             parts.append(self.embed_image(image))
         if not parts and not q.has_text and not q.has_filters:
-            raise QueryError("give a text, an image, or both")
+            raise QueryError("give a text, an image, or both" if text is None else
+                             "empty query text: give words, an image, or a filter such as tag:dog")
         vec = None
         if parts:
             w = check_weights(weights, len(parts))
