@@ -100,17 +100,16 @@ class TagRow:
     source: str
 
 
-def expand(tag: str, vocab) -> tuple[list[str], list[str]]:
-    """A tag's filter terms (itself, its synonyms, its parents and theirs) and its searchable words.
-    `vocab` is a lakelens.tags.vocab.Vocab or None (terms are then the tag alone)."""
+def expand(tag: str, vocab) -> list[str]:
+    """A tag's filter terms, which are also its searchable words: itself, its synonyms, its parents and
+    theirs. `vocab` is a lakelens.tags.vocab.Vocab or None (the tag alone)."""
     terms = [tag.lower()]
     if vocab is not None and tag in vocab.tags:
         for t in [*vocab.synonyms(tag), *vocab.ancestors(tag)]:
             terms.append(t.lower())
         for parent in vocab.ancestors(tag):
             terms += [s.lower() for s in vocab.synonyms(parent)]
-    terms = list(dict.fromkeys(terms))
-    return terms, terms
+    return list(dict.fromkeys(terms))
 
 
 class TagFiles:
@@ -123,7 +122,7 @@ class TagFiles:
     def add(self, id_: int, tags: list[TagRow], captions: list[tuple[str, float]], vocab) -> tuple[list, list]:
         terms_all, words_all = [], []
         for row in sorted(tags, key=lambda r: -(r.score or 0.0)):
-            terms, tag_words = expand(row.tag, vocab)
+            terms = expand(row.tag, vocab)
             for j, term in enumerate(terms):
                 self.t_id.append(id_)
                 self.t_term.append(term)
@@ -131,7 +130,7 @@ class TagFiles:
                 self.t_score.append(row.score if row.score is not None else np.nan)
                 self.t_source.append(row.source)
             terms_all += terms
-            words_all += tag_words
+            words_all += terms
         if captions:
             text, score = max(captions, key=lambda c: (c[1] if c[1] is not None else -1.0))
             self.c_id.append(id_)

@@ -23,7 +23,6 @@ from pyspark.sql import functions as F
 
 from lakelens.config import CaptionConfig, ModelConfig
 from lakelens.errors import ConfigError, DataError
-from lakelens.index.update import read_changes
 from lakelens.ingest.listing import file_splits, read_files
 from lakelens.ingest.paths import is_local, to_local
 from lakelens.ingest.table import EmbeddingsTable, path_id_col
@@ -117,28 +116,20 @@ class CaptionJob(Job):
         state = {"table": table.location, "table_id": table.table_id(), "model": spec.key,
                  "max_tokens": c.max_tokens, "beams": c.beams}
         previous = None if c.full else tags_table.last_state(spark, c.tags, SOURCE)
-        mode, reason = "full", "--full" if c.full else "no earlier caption run"
-        if previous is not None:
-            if previous.get("model") != spec.key:
-                reason = f"the caption model changed ({previous.get('model')} -> {spec.key})"
-            elif any(previous.get(k) != state[k] for k in STATE_KEYS):
-                reason = "the embeddings table or the decoding settings differ from the last run's"
-            elif version is None:
-                reason = "a Parquet table has no change feed"
-            elif previous.get("version") is None or previous["version"] > version:
-                reason = f"the last run read a later table version ({previous.get('version')})"
-            elif previous["version"] == version:
-                return CaptionResult(version, "none", f"the table is unchanged since the last run (version {version})",
-                                     spec.key, 0, 0, 0, 0, round(time.time() - t0, 1))
-            else:
-                mode, reason = "incremental", f"changes of table versions {previous['version'] + 1}..{version}"
+        differs = None
+        if previous is not None and previous.get("model") != spec.key:
+            differs = f"the caption model changed ({previous.get('model')} -> {spec.key})"
+        elif previous is not None and any(previous.get(k) != state[k] for k in STATE_KEYS):
+            differs = "the embeddings table or the decoding settings differ from the last run's"
+        mode, reason = tags_table.run_mode(previous, differs, version, "--full" if c.full else "no earlier caption run")
+        if mode == "none":
+            return CaptionResult(version, "none", reason, spec.key, 0, 0, 0, 0, round(time.time() - t0, 1))
         ok = F.col("error").isNull() & F.col("embedding").isNotNull()
         todo, touched = table.read(version).where(ok).select("id", "path"), None
         if mode == "incremental":
-            try:
-                changes = read_changes(spark, table.location, previous["version"] + 1, version)
-            except LookupError as e:
-                mode, reason = "full", f"the change feed does not cover the range ({e})"
+            changes, why = tags_table.changes_since(spark, table.location, previous, version)
+            if changes is None:
+                mode, reason = "full", why
             else:
                 todo = changes.rows.select("id", "path")
                 touched = changes.replaced.select("id").unionByName(todo.select("id")).distinct().localCheckpoint()

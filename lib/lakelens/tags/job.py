@@ -24,12 +24,11 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from lakelens.errors import ConfigError, DataError
-from lakelens.index.update import read_changes
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.models.registry import ModelSpec
 from lakelens.spark import Job
 from lakelens.tags import calibrate as cal
-from lakelens.tags.table import SCHEMA, last_state, replace_rows
+from lakelens.tags.table import SCHEMA, changes_since, last_state, replace_rows, run_mode
 from lakelens.tags.vocab import Vocab, load_vocab, tag_vectors
 
 SOURCE = "zero-shot"
@@ -129,31 +128,24 @@ class TagJob(Job):
             thresholds, how = np.full(len(vocab), c.threshold, np.float32), "none (no embedded images)"
         state = {"table": table.location, "table_id": table.table_id(), "model": model, "vocab": vocab.digest,
                  "templates": c.templates, "thresholds": _digest(thresholds), "max_tags": c.max_tags}
-        previous = last_state(spark, c.tags, SOURCE)
-        mode, reason = "full", "--full" if c.full else "no earlier run"
-        if previous is not None and not c.full:
-            changed = [key for key in STATE_KEYS if previous.get(key) != state[key]]
-            if changed:
-                what = list(dict.fromkeys(_WHAT[k] for k in changed))
-                detail = "; ".join(f"{k} {previous.get(k)} -> {state[k]}" for k in changed if k != "table_id")
-                reason = f"{', '.join(what)} changed since the last run ({detail})"
-            elif version is None:
-                reason = "a Parquet table has no change feed"
-            elif previous.get("version") is None or previous["version"] > version:
-                reason = f"the last run read a later table version ({previous.get('version')})"
-            elif previous["version"] == version:
-                self.log(f"lakelens tag: nothing to do: the table is unchanged since the last run (version {version}) "
-                         f"and so are the vocabulary, model and thresholds")
-                return TagResult(version, "none", f"the table is unchanged since the last run (version {version})",
-                                 0, 0, 0, len(vocab), model, vocab.digest, how, round(time.time() - t0, 1))
-            else:
-                mode, reason = "incremental", f"changes of table versions {previous['version'] + 1}..{version}"
+        previous = None if c.full else last_state(spark, c.tags, SOURCE)
+        differs = None
+        changed = [key for key in STATE_KEYS if previous is not None and previous.get(key) != state[key]]
+        if changed:
+            what = list(dict.fromkeys(_WHAT[k] for k in changed))
+            detail = "; ".join(f"{k} {previous.get(k)} -> {state[k]}" for k in changed if k != "table_id")
+            differs = f"{', '.join(what)} changed since the last run ({detail})"
+        mode, reason = run_mode(previous, differs, version, "--full" if c.full else "no earlier run")
+        if mode == "none":
+            self.log(f"lakelens tag: nothing to do: the table is unchanged since the last run (version {version}) "
+                     f"and so are the vocabulary, model and thresholds")
+            return TagResult(version, "none", reason, 0, 0, 0, len(vocab), model, vocab.digest, how,
+                             round(time.time() - t0, 1))
         touched, removed = None, 0
         if mode == "incremental":
-            try:
-                changes = read_changes(spark, table.location, previous["version"] + 1, version)
-            except LookupError as e:
-                mode, reason = "full", f"the change feed does not cover the range ({e})"
+            changes, why = changes_since(spark, table.location, previous, version)
+            if changes is None:
+                mode, reason = "full", why
             else:
                 touched = changes.replaced.select("id").unionByName(changes.rows.select("id")).distinct()
                 rows = changes.rows.select("id", "path", "model", "embedding")

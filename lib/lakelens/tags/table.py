@@ -11,6 +11,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lakelens.index.update import read_changes
+
 SOURCES = ("zero-shot", "caption", "region", "manual")
 SCHEMA = T.StructType([
     T.StructField("id", T.LongType(), False),
@@ -39,6 +41,31 @@ def last_state(spark: SparkSession, location: str, source: str) -> dict | None:
         if isinstance(state, dict) and state.get("source") == source:
             return state
     return None
+
+
+def run_mode(previous: dict | None, differs: str | None, version: int | None, first: str) -> tuple[str, str]:
+    """How a tag or caption run goes, from its last run's state: ("full" | "none" | "incremental", why).
+    `differs`: why the last run's settings no longer hold, or None; `first`: why, when there is no last run."""
+    if previous is None:
+        return "full", first
+    if differs:
+        return "full", differs
+    if version is None:
+        return "full", "a Parquet table has no change feed"
+    last = previous.get("version")
+    if last is None or last > version:
+        return "full", f"the last run read a later table version ({last})"
+    if last == version:
+        return "none", f"the table is unchanged since the last run (version {version})"
+    return "incremental", f"changes of table versions {last + 1}..{version}"
+
+
+def changes_since(spark: SparkSession, location: str, previous: dict, version: int):
+    """The embeddings table's change feed since the last run: (Changes, None), or (None, why a full run)."""
+    try:
+        return read_changes(spark, location, previous["version"] + 1, version), None
+    except LookupError as e:
+        return None, f"the change feed does not cover the range ({e})"
 
 
 def replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: DataFrame | None, source: str,
