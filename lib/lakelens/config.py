@@ -63,6 +63,8 @@ class EmbedConfig:
     onnx_cache: str = ""  # exported ONNX graphs; empty: $LAKELENS_CACHE_DIR/onnx or ~/.cache/lakelens/onnx
     lock_wait: float = 0.0  # seconds to wait for another run on the same table; 0: exit at once
     commit_retries: int = 5  # a chunk's Delta commit is retried this often after a concurrent-write conflict
+    regions: bool = False  # also embed crops (a grid and the centre) of each image, kept in its row's `regions`
+    region_grid: int = 2  # the crops: region_grid x region_grid cells plus the centre (2: five crops)
 
 
 @dataclass
@@ -170,6 +172,7 @@ MINIMUMS = {
     "embed.max_file_bytes": 1,
     "embed.max_pixels": 1,
     "embed.decode_threads": 1,
+    "embed.region_grid": 1,
     "index.version": -1,
     "index.shards": 0,
     "index.exact_max_rows": 0,

@@ -17,7 +17,8 @@ from lakelens.errors import ConfigError
 from lakelens.ingest.embedder import cached_embedder
 from lakelens.ingest.listing import file_splits, list_files, read_files
 from lakelens.ingest.paths import root_of, to_stored
-from lakelens.ingest.table import SCHEMA, UDF_SCHEMA, EmbeddingsTable, path_id_col, with_retries
+from lakelens.ingest.regions import MAX_GRID
+from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, EmbeddingsTable, path_id_col, with_retries
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -28,10 +29,11 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
     """The mapInPandas function: binaryFile batches (path, modificationTime, length, content) ->
     rows of tables.UDF_SCHEMA. The engine uses as many threads as the task was given cores (spark.task.cpus)."""
     settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
-    onnx_cache = conf.onnx_cache
+    onnx_cache, grid = conf.onnx_cache, conf.region_grid if conf.regions else 0
 
     def embed_batches(batches: Iterator) -> Iterator:
-        embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache)
+        embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache,
+                                   region_grid=grid)
         def tagged():  # each batch's bytes listed once: embedded, then hashed
             for pdf in batches:
                 contents = pdf["content"].tolist()
@@ -47,6 +49,8 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
                 "height": pd.array([r.height for r in results], dtype="Int32"),
                 "embedding": [r.embedding for r in results],
                 "error": [r.error for r in results],
+                "regions": [None if r.regions is None else
+                            [{"box": list(box), "embedding": vec} for box, vec in r.regions] for r in results],
             })
 
     return embed_batches
@@ -97,6 +101,8 @@ class EmbedJob(Job):
             raise ConfigError("embed.images: required (a folder, glob or URI of images; --images)")
         if not c.table:
             raise ConfigError("embed.table: required (where the embeddings table lives; --table)")
+        if not 1 <= c.region_grid <= MAX_GRID:
+            raise ConfigError(f"embed.region_grid: must be between 1 and {MAX_GRID}, got {c.region_grid}")
         spec = ModelSpec.from_config(self.conf.model)
         spec.validate()
         return spec
@@ -115,7 +121,7 @@ class EmbedJob(Job):
             path_id_col().alias("id"), "path", F.lit(None).cast("string").alias("content_sha256"), "size_bytes",
             "modified", F.lit(None).cast("int").alias("width"), F.lit(None).cast("int").alias("height"),
             F.lit(spec.key).alias("model"), F.lit(None).cast(SCHEMA["embedding"].dataType).alias("embedding"),
-            "error", F.current_timestamp().alias("embedded_at"))
+            "error", F.current_timestamp().alias("embedded_at"), F.lit(None).cast(REGIONS_TYPE).alias("regions"))
 
     def run(self) -> EmbedStats:
         spec = self._check()
@@ -143,8 +149,10 @@ class EmbedJob(Job):
             listing, listed = list_files(spark, c.images, c.path_glob)
         with phase("plan"):
             table.check_ids(listing)  # listed paths against each other and the rows kept
-            plan = table.plan(listing, listed, spec.key, c.max_file_bytes)
+            plan = table.plan(listing, listed, spec.key, c.max_file_bytes, c.regions)
             if c.format == "delta":
+                if c.regions:
+                    with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
                 with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
                              "create the table", self.log)
                 with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,

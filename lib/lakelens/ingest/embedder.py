@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from lakelens.ingest import images
+from lakelens.ingest.regions import boxes as region_boxes
+from lakelens.ingest.regions import crop
 from lakelens.models import engines
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec
@@ -23,6 +25,7 @@ class ImageResult:
     width: int | None
     height: int | None
     error: str | None
+    regions: list | None = None  # [(box, float32 unit vector)] when regions are on and the image decoded
 
 
 def prepare(transform, image_size: int, data: bytes, max_pixels: int = 89_478_485, draft: bool = True,
@@ -45,8 +48,12 @@ class Embedder:
 
     def __init__(self, spec: ModelSpec, batch_size: int = 32, decode_threads: int = 2, draft: bool = True,
                  max_pixels: int = 89_478_485, engine: str = engines.DEFAULT_ENGINE, device: str = "auto",
-                 threads: int | None = None, onnx_cache: str = "", formats: tuple = images.FORMATS):
+                 threads: int | None = None, onnx_cache: str = "", formats: tuple = images.FORMATS,
+                 region_grid: int = 0):
         self.spec = spec
+        # regions: crops embedded beside each whole image (0: none); their boxes in ingest.regions order
+        self.boxes = region_boxes(region_grid) if region_grid else []
+        self.region_grid = region_grid
         self.formats = tuple(formats)
         self.engine = engines.get(spec, engine, device, threads, onnx_cache)
         # numpy preprocessing, identical to open_clip's; its torchvision transform only where this one
@@ -73,7 +80,18 @@ class Embedder:
         return models.load(self.spec)
 
     def _prepare(self, data: bytes):
-        return prepare(self.transform, self.engine.image_size, data, self.max_pixels, self.draft, self.formats)
+        if not self.boxes:
+            return prepare(self.transform, self.engine.image_size, data, self.max_pixels, self.draft, self.formats)
+        # a crop of 1/grid of the image still gets the model's resolution: decode at grid x the size
+        decoded = images.decode(data, self.engine.image_size * self.region_grid, self.max_pixels, self.draft,
+                                self.formats)
+        if decoded.error:
+            return None, decoded
+        try:
+            return [self.transform(decoded.image)] + [self.transform(crop(decoded.image, b)) for b in self.boxes], decoded
+        except Exception:
+            decoded.error = "corrupt"
+            return None, decoded
 
     def _finish(self, futures: list) -> list[ImageResult]:
         """Embed one batch as its images come out of the decode threads, `step` at a time: the model
@@ -82,10 +100,14 @@ class Embedder:
         for start in range(0, len(futures), self.step):
             prepared = [f.result() for f in futures[start:start + self.step]]
             ok = [i for i, (x, _) in enumerate(prepared) if x is not None]
-            vectors = self.embed_tensors([prepared[i][0] for i in ok]) if ok else None
+            per = 1 + len(self.boxes)  # tensors per image: the whole image, then its crops
+            tensors = [t for i in ok for t in (prepared[i][0] if self.boxes else [prepared[i][0]])]
+            vectors = self.embed_tensors(tensors) if ok else None
             part = [ImageResult(None, d.width, d.height, d.error) for _, d in prepared]
             for row, i in enumerate(ok):
-                part[i].embedding = vectors[row]
+                part[i].embedding = vectors[row * per]
+                if self.boxes:
+                    part[i].regions = [(b, vectors[row * per + 1 + j]) for j, b in enumerate(self.boxes)]
             results.extend(part)
         return results
 
@@ -121,7 +143,8 @@ class Embedder:
 @functools.lru_cache(maxsize=2)
 def cached_embedder(spec: ModelSpec, batch_size: int, decode_threads: int, draft: bool, max_pixels: int,
                     engine: str = engines.DEFAULT_ENGINE, device: str = "auto", threads: int | None = None,
-                    onnx_cache: str = "") -> Embedder:
+                    onnx_cache: str = "", region_grid: int = 0) -> Embedder:
     """One Embedder per Python worker process and setting; lives in this importable module so that
     Spark's reused workers keep it between tasks instead of rebuilding the model."""
-    return Embedder(spec, batch_size, decode_threads, draft, max_pixels, engine, device, threads, onnx_cache)
+    return Embedder(spec, batch_size, decode_threads, draft, max_pixels, engine, device, threads, onnx_cache,
+                    region_grid=region_grid)

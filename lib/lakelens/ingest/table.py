@@ -21,6 +21,14 @@ from lakelens.errors import ConfigError, DataError, IdCollisionError
 FORMATS = ("delta", "parquet")
 ROOTS_PROPERTY = "lakelens.image_roots"
 
+# A row's regions (embed.regions): each crop's box, (x0, y0, x1, y1) as fractions of the image, and its
+# unit vector; null when regions are off or the image failed.
+# (Delta refuses NOT NULL inside arrays: the fields are nullable, the job never writes a null there.)
+REGIONS_TYPE = T.ArrayType(T.StructType([
+    T.StructField("box", T.ArrayType(T.FloatType()), True),
+    T.StructField("embedding", T.ArrayType(T.FloatType()), True),
+]), containsNull=True)
+
 # Columns the embedding UDF produces; the job adds id, model and embedded_at.
 UDF_SCHEMA = T.StructType([
     T.StructField("path", T.StringType(), False),
@@ -31,6 +39,7 @@ UDF_SCHEMA = T.StructType([
     T.StructField("height", T.IntegerType(), True),
     T.StructField("embedding", T.ArrayType(T.FloatType(), containsNull=False), True),
     T.StructField("error", T.StringType(), True),
+    T.StructField("regions", REGIONS_TYPE, True),
 ])
 
 # The table: the UDF's columns with the id first, the model before the vector, the time last.
@@ -41,6 +50,7 @@ SCHEMA = T.StructType([
     T.StructField("model", T.StringType(), False),
     _UDF["embedding"], _UDF["error"],
     T.StructField("embedded_at", T.TimestampType(), False),
+    _UDF["regions"],
 ])
 COLUMNS = [f.name for f in SCHEMA.fields]
 
@@ -181,20 +191,25 @@ class EmbeddingsTable:
          .property(ROOTS_PROPERTY, json.dumps(sorted(set(image_roots)))).execute())
 
     # --- change detection ----------------------------------------------------------------------
-    def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int) -> Plan:
+    def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int,
+             regions: bool = False) -> Plan:
         """Classify the `listed` files of `listing` against the table: new, changed (size, mtime or model
-        differ), unchanged; rows of files no longer listed are deleted. The classification stays on the
-        executors; only the counts per status come back."""
+        differ; or `regions` are wanted and an embedded row has none), unchanged; rows of files no longer
+        listed are deleted. The classification stays on the executors; only the counts per status come back."""
         if not self.exists():
             todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"))
         else:
-            existing = self.read().select("path", F.col("size_bytes").alias("old_size"),
-                                          F.col("modified").alias("old_modified"), F.col("model").alias("old_model"))
+            stored = self.read()
+            lacks = (F.col("regions").isNull() & F.col("error").isNull() if "regions" in stored.columns
+                     else F.col("error").isNull()) if regions else F.lit(False)
+            existing = stored.select("path", F.col("size_bytes").alias("old_size"),
+                                     F.col("modified").alias("old_modified"), F.col("model").alias("old_model"),
+                                     lacks.alias("lacks_regions"))
             status = (F.when(F.col("size_bytes").isNull(), DELETED)
                       .when(F.col("old_size").isNull(), NEW)
                       .when((F.col("size_bytes") != F.col("old_size"))
                             | ~F.col("modified").eqNullSafe(F.col("old_modified"))
-                            | (F.col("old_model") != F.lit(model_key)), CHANGED)
+                            | (F.col("old_model") != F.lit(model_key)) | F.col("lacks_regions"), CHANGED)
                       .otherwise(UNCHANGED))
             todo = (listing.join(existing, "path", "full_outer")
                     .select("path", "size_bytes", "modified", status.alias("status"))
@@ -225,11 +240,19 @@ class EmbeddingsTable:
         _raise_collisions([(r["id"], r["paths"]) for r in clash])
 
     # --- writing -------------------------------------------------------------------------------
+    def add_regions_column(self) -> None:
+        """Tables made before regions existed get the (nullable) column, in one metadata-only commit."""
+        if self.format == "delta" and self.exists() and "regions" not in self.read().columns:
+            location = self.location.replace("`", "``")
+            self.spark.sql(f"ALTER TABLE delta.`{location}` ADD COLUMNS (regions {REGIONS_TYPE.simpleString()})")
+
     def upsert(self, rows: DataFrame, note: str = "") -> None:
-        """Insert or replace rows by path in one Delta commit."""
+        """Insert or replace rows by path in one Delta commit. A table without a `regions` column (made
+        before regions existed, and regions are off) keeps its columns."""
         self._set_commit_note(note)
-        (DeltaTable.forPath(self.spark, self.location).alias("t")
-         .merge(rows.select(COLUMNS).alias("s"), "t.path = s.path")
+        target = DeltaTable.forPath(self.spark, self.location)
+        have = set(target.toDF().columns)
+        (target.alias("t").merge(rows.select([c for c in COLUMNS if c in have]).alias("s"), "t.path = s.path")
          .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
 
     def delete_missing(self, listing: DataFrame, note: str = "") -> None:
@@ -276,7 +299,10 @@ class EmbeddingsTable:
         """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename."""
         keep = None
         if self.exists():
-            current = self.read().select(COLUMNS)
+            current = self.read()
+            if "regions" not in current.columns:  # a snapshot written before regions existed
+                current = current.withColumn("regions", F.lit(None).cast(REGIONS_TYPE))
+            current = current.select(COLUMNS)
             replaced = new_rows.select("path") if new_rows is not None else None
             keep = current.join(listing.select("path"), "path", "left_semi")
             if replaced is not None:
