@@ -72,7 +72,7 @@ def rows_for(names_to_vec, error=()):
         path = f"file:/lake/{name}.jpg"
         bad = name in error
         out.append((path_id(path), path, f"{abs(hash(name)):064x}"[:64], 100, NOW, 64, 64, "lakelens-tiny@none",
-                    None if bad else [float(x) for x in vec], "truncated" if bad else None, NOW))
+                    None if bad else [float(x) for x in vec], "truncated" if bad else None, NOW, None))
     return out
 
 

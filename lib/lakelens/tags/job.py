@@ -5,6 +5,12 @@ are broadcast to the executors, a mapInPandas computes each image's cosine to ev
 at or over their threshold (at most `max_tags`, best first), and the rows go to the tags table through
 `tags.table.replace_rows` with source `zero-shot`. Nothing per row comes back to the driver.
 
+Region tags (rows embedded with embed.regions): each crop's vector is scored too, and a tag under its
+threshold on the whole image whose best crop is at or over it becomes a `region` row with that crop's
+score (an object too small to move the whole image's vector). The whole image's tags never change for
+it: they take the first places of `max_tags`, and region tags, best first, fill only the places left,
+since one of five crops passing is weaker evidence than the whole image passing.
+
 A re-run reads the embeddings table's change feed since the table version of the last run (kept in the
 tags table's commit metadata): only new and changed images are scored and the rows of deleted ones go.
 Every image is scored again when the vocabulary (its digest), the thresholds, the templates, the cap or
@@ -24,7 +30,7 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from lakelens.errors import ConfigError, DataError
-from lakelens.ingest.table import EmbeddingsTable
+from lakelens.ingest.table import REGIONS_TYPE, EmbeddingsTable
 from lakelens.models.registry import ModelSpec
 from lakelens.spark import Job
 from lakelens.tags import calibrate as cal
@@ -32,10 +38,13 @@ from lakelens.tags.table import SCHEMA, changes_since, last_state, replace_rows,
 from lakelens.tags.vocab import Vocab, load_vocab, tag_vectors
 
 SOURCE = "zero-shot"
-STATE_KEYS = ("table", "table_id", "model", "vocab", "templates", "thresholds", "max_tags")
+REGION = "region"
+STATE_KEYS = ("table", "table_id", "model", "vocab", "templates", "thresholds", "max_tags", "regions")
 _WHAT = {"table": "the embeddings table", "table_id": "the embeddings table", "model": "the model",
          "vocab": "the vocabulary", "templates": "the prompt templates", "thresholds": "the thresholds",
-         "max_tags": "max_tags"}
+         "max_tags": "max_tags", "regions": "region scoring"}
+# runs from before region tags left no "regions" key: the same as a run over a table without regions
+_ABSENT = {"regions": False}
 
 
 @dataclass
@@ -45,20 +54,61 @@ class TagResult:
     reason: str
     scored: int  # images scored this run
     removed: int  # images whose earlier rows were replaced or removed (incremental)
-    tag_rows: int  # rows written this run
+    tag_rows: int  # rows written this run (zero-shot and region)
     tags: int  # tags in the vocabulary
     model: str
     vocab: str  # the vocabulary's digest
     thresholds: str  # which thresholds applied
     seconds: float
+    region_rows: int = 0  # of tag_rows, those with source region
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def region_tags(scores: np.ndarray, region_vecs: np.ndarray, owners: np.ndarray, text: np.ndarray,
+                thresholds: np.ndarray, max_tags: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                                 np.ndarray]:
+    """(rows, cols, best crop scores) of the region tags: per image, the tags under their threshold on the
+    whole image (`scores`, (n, tags)) whose best crop is at or over it, best first, at most
+    `max_tags` - `kept` (the image's zero-shot tags) of them. `region_vecs` (m, dim) are the crops of all
+    images, `owners` (m,) their image's row, sorted."""
+    none = np.zeros(0, np.int64)
+    if not len(region_vecs):
+        return none, none, np.zeros(0, np.float32)
+    thresholds = np.asarray(thresholds, np.float32)
+    crops = region_vecs @ text.T
+    starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+    images = owners[starts]
+    best = np.maximum.reduceat(crops, starts, axis=0)
+    new = (scores[images] < thresholds[None, :]) & (best >= thresholds[None, :])
+    rows, cols = cal.select_tags(np.where(new, best, -np.inf), np.full(len(thresholds), -np.inf, np.float32))
+    if max_tags:
+        first = np.r_[True, rows[1:] != rows[:-1]]
+        rank = np.arange(len(rows)) - np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
+        keep = rank < max_tags - kept[images[rows]]
+        rows, cols = rows[keep], cols[keep]
+    return images[rows], cols, best[rows, cols].astype(np.float32)
+
+
+def _crops(regions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's `regions` column (per row None or crops of {box, embedding}) -> (vectors, owner rows)."""
+    owners, vecs = [], []
+    for i, crops in enumerate(regions):
+        if crops is None:
+            continue
+        for crop in crops:
+            if crop is not None and crop["embedding"] is not None:
+                vecs.append(crop["embedding"])
+                owners.append(i)
+    if not vecs:
+        return np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    return np.stack(vecs).astype(np.float32), np.asarray(owners, np.int64)
+
+
 def score_fn(bc, vocab_digest: str, source: str = SOURCE):
-    """mapInPandas: (id, path, model, embedding) -> tag rows. `bc` is a broadcast of (names, text matrix
-    as float32 bytes, dim, thresholds, max_tags)."""
+    """mapInPandas: (id, path, model, embedding[, regions]) -> tag rows (`source`, and `region` rows from
+    the crops). `bc` is a broadcast of (names, text matrix as float32 bytes, dim, thresholds, max_tags)."""
 
     def run(batches):
         names, text_bytes, dim, thresholds, max_tags = bc.value
@@ -70,9 +120,18 @@ def score_fn(bc, vocab_digest: str, source: str = SOURCE):
             vecs = np.stack(pdf["embedding"].to_numpy()).astype(np.float32)
             scores = vecs @ text.T
             rows, cols = cal.select_tags(scores, thresholds, max_tags)
-            yield pd.DataFrame({"id": pdf["id"].to_numpy(np.int64)[rows], "path": pdf["path"].to_numpy()[rows],
-                                "tag": names[cols], "score": scores[rows, cols].astype(np.float32),
-                                "source": source, "model": pdf["model"].to_numpy()[rows], "vocab": vocab_digest})
+            picked = [(rows, cols, scores[rows, cols], source)]
+            if "regions" in pdf.columns:
+                kept = np.bincount(rows, minlength=len(pdf))
+                crop_vecs, owners = _crops(pdf["regions"].to_numpy(), dim)
+                r_rows, r_cols, r_scores = region_tags(scores, crop_vecs, owners, text, thresholds, max_tags, kept)
+                picked.append((r_rows, r_cols, r_scores, REGION))
+            ids, paths, models = pdf["id"].to_numpy(np.int64), pdf["path"].to_numpy(), pdf["model"].to_numpy()
+            for rows, cols, values, src in picked:
+                if len(rows):
+                    yield pd.DataFrame({"id": ids[rows], "path": paths[rows], "tag": names[cols],
+                                        "score": np.asarray(values, np.float32), "source": src,
+                                        "model": models[rows], "vocab": vocab_digest})
 
     return run
 
@@ -120,20 +179,25 @@ class TagJob(Job):
         spark = self.spark
         version = table.version()
         ok = F.col("error").isNull() & F.col("embedding").isNotNull()
-        rows = table.read(version).where(ok).select("id", "path", "model", "embedding")
+        stored = table.read(version)
+        with_regions = "regions" in stored.columns
+        columns = ["id", "path", "model", "embedding"] + (["regions"] if with_regions else [])
+        rows = stored.where(ok).select(*columns)
         model = self._model(rows) or ""
         if model:
             thresholds, how = cal.thresholds_for(vocab, model, c.templates, c.threshold, c.thresholds or None)
         else:
             thresholds, how = np.full(len(vocab), c.threshold, np.float32), "none (no embedded images)"
         state = {"table": table.location, "table_id": table.table_id(), "model": model, "vocab": vocab.digest,
-                 "templates": c.templates, "thresholds": _digest(thresholds), "max_tags": c.max_tags}
+                 "templates": c.templates, "thresholds": _digest(thresholds), "max_tags": c.max_tags,
+                 "regions": with_regions}
         previous = None if c.full else last_state(spark, c.tags, SOURCE)
         differs = None
-        changed = [key for key in STATE_KEYS if previous is not None and previous.get(key) != state[key]]
+        changed = [key for key in STATE_KEYS
+                   if previous is not None and previous.get(key, _ABSENT.get(key)) != state[key]]
         if changed:
             what = list(dict.fromkeys(_WHAT[k] for k in changed))
-            detail = "; ".join(f"{k} {previous.get(k)} -> {state[k]}" for k in changed if k != "table_id")
+            detail = "; ".join(f"{k} {previous.get(k, _ABSENT.get(k))} -> {state[k]}" for k in changed if k != "table_id")
             differs = f"{', '.join(what)} changed since the last run ({detail})"
         mode, reason = run_mode(previous, differs, version, "--full" if c.full else "no earlier run")
         if mode == "none":
@@ -148,8 +212,10 @@ class TagJob(Job):
                 mode, reason = "full", why
             else:
                 touched = changes.replaced.select("id").unionByName(changes.rows.select("id")).distinct()
-                rows = changes.rows.select("id", "path", "model", "embedding")
-                removed = changes.live_before
+                # the feed's rows carry regions when its table versions have the column (index.update)
+                got = changes.rows.columns
+                rows = changes.rows.select(*[c if c in got else F.lit(None).cast(REGIONS_TYPE).alias(c) for c in columns])
+                removed = changes.replaced.count()  # live_before counts index entries: regions too
         scored = rows.count()
         self.log(f"lakelens tag: {mode} ({reason}): scoring {scored} images against {len(vocab)} tags of "
                  f"{Path(c.vocab).name} (vocab {vocab.digest}, model {model or '-'}); thresholds: {how}")
@@ -159,14 +225,20 @@ class TagJob(Job):
             tagged = rows.mapInPandas(score_fn(bc, vocab.digest), SCHEMA).localCheckpoint()
         else:
             bc, tagged = None, spark.createDataFrame([], SCHEMA)
-        n_rows = tagged.count()
-        replace_rows(spark, c.tags, tagged, touched, SOURCE, {**state, "version": version, "scored": scored,
-                                                              "rows": n_rows})
+        counts = {r["source"]: r["count"] for r in tagged.groupBy("source").count().collect()}
+        n_rows, n_region = sum(counts.values()), counts.get(REGION, 0)
+        run_state = {**state, "version": version, "scored": scored, "rows": n_rows, "region_rows": n_region}
+        # region rows first: the zero-shot commit's state marks the run done, so a run killed between the
+        # two is repeated from the earlier state and writes both again
+        if with_regions:  # a table without the column has no region rows to write or replace
+            replace_rows(spark, c.tags, tagged.where(F.col("source") == REGION), touched, REGION, run_state)
+        replace_rows(spark, c.tags, tagged.where(F.col("source") == SOURCE), touched, SOURCE, run_state)
         if bc is not None:
             bc.unpersist()
         result = TagResult(version, mode, reason, scored, removed, n_rows, len(vocab), model, vocab.digest, how,
-                           round(time.time() - t0, 1))
-        self.log(f"lakelens tag: {n_rows} tag rows for {scored} images written to {c.tags} ({result.seconds} s)")
+                           round(time.time() - t0, 1), n_region)
+        self.log(f"lakelens tag: {n_rows} tag rows ({n_region} from regions) for {scored} images written to "
+                 f"{c.tags} ({result.seconds} s)")
         return result
 
     # --- calibration ------------------------------------------------------------------------------
