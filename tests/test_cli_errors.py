@@ -51,7 +51,7 @@ def small_table(spark, tmp_path_factory):
     vecs = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     now = datetime(2024, 1, 1)
-    rows = [(path_id(p), p, "0" * 64, 10, now, 8, 8, "lakelens-tiny@none", [float(x) for x in v], None, now)
+    rows = [(path_id(p), p, "0" * 64, 10, now, 8, 8, "lakelens-tiny@none", [float(x) for x in v], None, now, None)
             for p, v in ((f"file:/data/img-{i:03d}.jpg", v) for i, v in enumerate(vecs))]
     spark.createDataFrame(rows, tables.SCHEMA).write.format("delta").save(str(folder))
     return folder

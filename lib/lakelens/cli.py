@@ -30,6 +30,8 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, help="files per committed chunk")
     p.add_argument("--engine", choices=ENGINE_CHOICES,
                    help="inference engine (default onnx-int8; conf key embed.engine, see conf/default.yaml)")
+    p.add_argument("--regions", action="store_true", default=None,
+                   help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
     add_common(p)
 
@@ -40,7 +42,8 @@ def embed_conf(args) -> config.Config:
         spark={"master": args.master},
         model={"name": args.model, "pretrained": args.pretrained},
         embed={"images": args.images, "table": args.table, "format": args.format,
-               "batch_size": args.batch_size, "chunk_size": args.chunk_size, "engine": args.engine},
+               "batch_size": args.batch_size, "chunk_size": args.chunk_size, "engine": args.engine,
+               "regions": args.regions},
     )
 
 
@@ -216,6 +219,7 @@ def cmd_search(args) -> int:
         for r in results.to_dict("records"):
             extra = f"  [{', '.join(r['tags'])}]" if r.get("tags") else ""
             extra += f"  \"{r['caption']}\"" if r.get("caption") else ""
+            extra += f"  region {r['box']}" if r.get("box") else ""
             print(f"{r['rank']:>3}  {r['score']:.4f}  {r['path']}{extra}")
     return 0
 

@@ -173,7 +173,7 @@ def rows_for(spark, paths: list[str]):
     now = datetime(2024, 1, 1)
     return spark.createDataFrame(
         [(path_id(p), p, f"{path_id(p) & 0xFFFF:064x}", 10, now, 4, 4, "lakelens-tiny@none",
-          [float(len(p)), 1.0], None, now) for p in paths], tables.SCHEMA)
+          [float(len(p)), 1.0], None, now, None) for p in paths], tables.SCHEMA)
 
 
 def test_concurrent_merges_are_retried_and_every_row_lands_once(spark, tmp_path):
@@ -255,7 +255,7 @@ def small_table(spark, tmp_path_factory):
     now = datetime(2024, 1, 1)
     paths = [f"file:/data/img-{i:03d}.jpg" for i in range(50)]
     spark.createDataFrame([(path_id(p), p, "0" * 64, 10, now, 8, 8, "lakelens-tiny@none", [float(x) for x in v],
-                            None, now) for p, v in zip(paths, vecs)], tables.SCHEMA).write.format("delta").save(str(folder))
+                            None, now, None) for p, v in zip(paths, vecs)], tables.SCHEMA).write.format("delta").save(str(folder))
     return folder
 
 

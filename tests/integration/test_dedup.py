@@ -49,7 +49,7 @@ def constructed():
 
 def rows(items):
     return [(path_id(f"file:/lib/{name}.jpg"), f"file:/lib/{name}.jpg", sha, size, NOW, side, side,
-             "lakelens-tiny@none", [float(x) for x in vec], None, NOW) for name, (vec, sha, side, size) in items.items()]
+             "lakelens-tiny@none", [float(x) for x in vec], None, NOW, None) for name, (vec, sha, side, size) in items.items()]
 
 
 def groups_of(spark, out):

@@ -27,7 +27,7 @@ def rows(js, seed: int):
     x = clustered(len(js), DIM, clusters=4, seed=seed)
     now = datetime(2026, 1, 1)
     return [(path_id(path_of(j)), path_of(j), "0" * 64, 100, now, 8, 8, "lakelens-tiny@none", [float(v) for v in vec],
-             None, now) for j, vec in zip(js, x)]
+             None, now, None) for j, vec in zip(js, x)]
 
 
 def tag_rows(js, tag_of):

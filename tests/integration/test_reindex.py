@@ -28,7 +28,7 @@ def quiet(*_):
 def rows_for(ids_from: int, n: int, seed: int, model: str = "lakelens-tiny@none"):
     x = clustered(n, DIM, clusters=20, seed=seed, centres_seed=0)
     now = datetime(2026, 1, 1)
-    return [(path_id(p), p, "0" * 64, 100, now, 8, 8, model, [float(v) for v in vec], None, now)
+    return [(path_id(p), p, "0" * 64, 100, now, 8, 8, model, [float(v) for v in vec], None, now, None)
             for p, vec in zip((f"file:/data/img-{i:06d}.jpg" for i in range(ids_from, ids_from + n)), x)]
 
 
@@ -208,7 +208,7 @@ def test_drift_below_the_recall_target_retrains(spark, tmp_path):
     shifted = clustered(60, DIM, clusters=3, seed=13, centres_seed=99)
     now = datetime(2026, 1, 2)
     upsert(spark, table, [(path_id(f"file:/new/{i}.jpg"), f"file:/new/{i}.jpg", "0" * 64, 1, now, 8, 8,
-                           "lakelens-tiny@none", [float(v) for v in x], None, now) for i, x in enumerate(shifted)])
+                           "lakelens-tiny@none", [float(v) for v in x], None, now, None) for i, x in enumerate(shifted)])
     r = index(spark, table, folder, *ivf, "index.min_recall=1.01")  # no probe can pass: retrain
     assert r.build == "full" and r.build_reason.startswith("drift: recall@10") and ix.versions(folder) == ["v0001",
                                                                                                           "v0002"]

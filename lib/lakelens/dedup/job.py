@@ -32,6 +32,7 @@ from lakelens import index as ix
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.update import read_changes
 from lakelens.ingest.table import EmbeddingsTable
+from lakelens.search.batch import as_images, per_image, shard_hits
 from lakelens.search.searcher import GROUPS_FILE
 from lakelens.spark import Job
 
@@ -68,9 +69,9 @@ def index_search_fn(folder: str, manifest_text: str, k: int, threshold: float):
     neighbours in that shard (tombstoned rows excluded, compressed codes re-ranked exactly)."""
 
     def search(batches):
-        from lakelens.search.batch import shard_hits
-
-        for part, _, scores, ids, _ in shard_hits(batches, folder, manifest_text, k + 1, column="embedding"):
+        for part, _, scores, ids, meta in shard_hits(batches, folder, manifest_text, k + 1, column="embedding"):
+            # a region is a crop, never a copy: its hits do not pair (they only take neighbour slots)
+            ids = np.where(as_images(ids, meta) == ids, ids, -1)
             rows, cols = np.nonzero((ids != -1) & (scores >= threshold))
             yield _pairs(part["id"].to_numpy()[rows], ids[rows, cols], scores[rows, cols])
 
@@ -151,7 +152,9 @@ def near_pairs_index(spark, queries: DataFrame, index_dir: str, version: str, ma
     pairs = (queries.select("id", "embedding")
              .crossJoin(spark.range(entries).select(F.col("id").cast("int").alias("shard")))
              .repartition(max(1, min(entries, spark.sparkContext.defaultParallelism * 2)), "shard"))
-    return pairs.mapInPandas(index_search_fn(folder, json.dumps(manifest), c.neighbors, c.threshold), PAIRS_SCHEMA)
+    # an image's regions may sit among its neighbours: search as deep as they could fill
+    return pairs.mapInPandas(index_search_fn(folder, json.dumps(manifest), c.neighbors * per_image(manifest),
+                                             c.threshold), PAIRS_SCHEMA)
 
 
 def exact_copy_pairs(rows: DataFrame) -> DataFrame:

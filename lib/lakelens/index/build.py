@@ -15,7 +15,7 @@ from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
 from lakelens.index.incremental import TRAINED, delta_file, delta_meta_file
 from lakelens.index.keyword import build_keywords
-from lakelens.index.meta import META_COLUMNS, write_meta
+from lakelens.index.meta import ENTRY_COLUMNS, META_COLUMNS, write_meta
 from lakelens.index.shards import ShardWriter, build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
 from lakelens.ingest.paths import common_root, to_stored
@@ -51,8 +51,8 @@ def shard_names(s: int, generation: int = 0) -> tuple[str, str]:
 
 
 def build_batches(trained: bytes, staged: str | Path, rerank: bool, batches, generation: int = 0):
-    """Spark's mapInPandas body for building shards on an executor: batches of rows (shard, id, path,
-    width, height, embedding) -> each shard seen gets its files in the staging folder, built batch by
+    """Spark's mapInPandas body for building shards on an executor: batches of entries (shard, id, path,
+    width, height, image, box, embedding) -> each shard seen gets its files in the staging folder, built batch by
     batch (memory: the shard's codes and paths, never its raw vectors); yields one (shard, count) frame
     per shard, all that goes back to the driver."""
     writers, metas = {}, {}
@@ -63,7 +63,7 @@ def build_batches(trained: bytes, staged: str | Path, rerank: bool, batches, gen
                 writers[s] = ShardWriter(trained, Path(staged) / shard_names(s, generation)[0], rerank)
                 metas[s] = []
             writers[s].add(part["id"].to_numpy(np.int64), np.stack(part["embedding"].to_numpy()))
-            metas[s].append(part[META_COLUMNS])
+            metas[s].append(part.reindex(columns=ENTRY_COLUMNS))
     for s, writer in writers.items():
         count = writer.close()
         write_meta(Path(staged) / shard_names(s, generation)[1], pd.concat(metas.pop(s), ignore_index=True))

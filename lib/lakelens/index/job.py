@@ -26,8 +26,10 @@ from lakelens.index.update import (
     build_fn,
     build_incremental,
     decide_from_changes,
+    entries,
     precheck,
     read_changes,
+    region_count,
     shard_rows,
 )
 from lakelens.index.versions import current_version, index_lock, prune_locked, publish, read_manifest, staging_dir
@@ -53,6 +55,14 @@ class IndexResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_entry_ids(good) -> None:
+    """Region entries get 64-bit hashed ids: a clash with another entry would hide one of them, so it
+    stops the build (as path id clashes stop the embed job)."""
+    clash = entries(good).groupBy("id").count().where("count > 1").limit(3).collect()
+    if clash:
+        raise DataError(f"index entry ids collide ({', '.join(str(r['id']) for r in clash)}); nothing was published")
 
 
 def _fingerprint(table: EmbeddingsTable, df, version: int | None) -> str:
@@ -149,7 +159,12 @@ class IndexJob(Job):
             raise DataError(f"index.table: {c.table} has no embedded rows to index")
         if len(model_keys) > 1:
             raise DataError(f"index.table: rows of several models ({', '.join(model_keys)}); re-embed first")
-        n = good.count()
+        with_regions = "regions" in df.columns
+        counted = good.agg(F.count(F.lit(1)).alias("n"),
+                           F.sum(region_count() if with_regions else F.lit(0)).alias("regions"),
+                           F.max(region_count() if with_regions else F.lit(0)).alias("most")).first()
+        images, regions = int(counted["n"]), int(counted["regions"] or 0)
+        n = images + regions  # index entries: images and their regions (embed.regions)
         dim = len(good.select("embedding").first()["embedding"])
         choice = (choose_factory(n, dim, parse_size(c.memory_budget), c.exact_max_rows, c.hnsw_max_rows)
                   if c.factory == "auto" else explicit_choice(c.factory, dim))
@@ -161,8 +176,12 @@ class IndexJob(Job):
             choice = Choice(live["factory"], live["reason"], "IVF" in live["factory"], dict(live["search_params"]),
                             live.get("rerank", 0))
             trained = (Path(c.index) / live_name / TRAINED).read_bytes()
-        good = good.where(F.col("embedding").isNotNull()).select(*META_COLUMNS, "embedding").localCheckpoint()
-        return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0)
+        good = (good.where(F.col("embedding").isNotNull())
+                .select(*META_COLUMNS, "embedding", *(["regions"] if regions else [])).localCheckpoint())
+        if regions:
+            check_entry_ids(good)
+        return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0,
+                          {"images": images, "regions": regions, "per_image": 1 + int(counted["most"] or 0)})
 
     def _keywords_current(self, live: dict) -> bool:
         kw = live.get("keywords") or {}
@@ -223,7 +242,7 @@ class IndexJob(Job):
         return roots
 
     def _full(self, good, n: int, dim: int, choice: Choice, model_key: str, source: dict, settings: dict,
-              decision: Decision, trained: bytes | None, t0: float) -> IndexResult:
+              decision: Decision, trained: bytes | None, t0: float, counts: dict) -> IndexResult:
         """A full build (trained afresh) or a compaction (`trained`: the live version's structures)."""
         c, spark = self.conf.index, self.spark
         shards = c.shards or max(1, min(2 * spark.sparkContext.defaultParallelism, math.ceil(n / ROWS_PER_AUTO_SHARD)))
@@ -255,6 +274,7 @@ class IndexJob(Job):
             c.index, dim=dim, choice=choice, shards=shards, rows=n, model_key=model_key, sample=sample,
             probe=probe, build=build, prune=c.prune, log=self.log, settings=settings, source=source,
             trained=trained, kind=decision.kind, why=decision.reason, build_seconds=round(time.time() - t0, 2),
+            **counts,
             finish=(lambda staged: {"keywords": stage_full(spark, staged, good, self._tags["table"],
                                                            self._tags["tags_version"], c.vocab, self.log)})
             if self._tags else None)

@@ -26,6 +26,7 @@ from lakelens.index.incremental import (
     stored_rows,
     write_tombstones,
 )
+from lakelens.index.meta import ENTRY_COLUMNS
 from lakelens.index.shards import (
     TOMBSTONES,
     dead_ids,
@@ -47,15 +48,18 @@ DRIFT_QUERIES = 100
 class Changes:
     """What the change feed shows between two table versions, all computed from the feed alone."""
 
-    replaced: DataFrame  # ids that were embedded rows before the range (so in the live index): tombstones
+    replaced: DataFrame  # ids that were embedded rows before the range (so in the live index)
     rows: DataFrame  # each touched id's row at the end, when live and embedded (from a checkpoint)
     count: int  # ids the feed touched
-    live_before: int  # touched ids that were embedded rows before the range
-    live_after: int  # touched ids that are embedded rows at its end (the delta's rows)
+    live_before: int  # index entries (images and their regions) of touched ids before the range
+    live_after: int  # index entries of touched ids at its end (the delta's entries)
     models: list  # model keys among the rows at the end
     start: int = 0  # the first table version read
     end: int = 0  # the last
-    rows_after: int = 0  # embedded rows of the table at `end` (the live count, worked out by the job)
+    rows_after: int = 0  # index entries at `end` (the live count, worked out by the job)
+    tombstones: DataFrame | None = None  # the live index's entries of the replaced ids: images and regions
+    images: int = 0  # images after the range minus images before it (the rest of the entries are regions)
+    per_image: int = 1  # the most entries (the image and its regions) a touched image has at the end
 
 
 # order of a feed's rows for one id: by commit, and within a commit the old image before the new one
@@ -75,21 +79,61 @@ def read_changes(spark, location: str, start: int, end: int) -> Changes:
     try:
         feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
                 .option("endingVersion", end).load(location))
+        with_regions = "regions" in feed.columns
+        if with_regions:
+            last_cols.append("regions")
+        n_regions = region_count(feed) if with_regions else F.lit(0)
         per_id = (feed.groupBy("id").agg(
-            F.min_by(F.struct(F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("first"),
+            F.min_by(F.struct(F.col("_change_type").alias("kind"), ok.alias("ok"), n_regions.alias("regions")),
+                     order).alias("first"),
             F.max_by(F.struct(*last_cols, F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("last"))
             .withColumn("was_live", F.col("first.kind").isin("update_preimage", "delete") & F.col("first.ok"))
             .withColumn("is_live", F.col("last.kind").isin("insert", "update_postimage") & F.col("last.ok"))
             .localCheckpoint())  # the feed is read once, here
     except AnalysisException as e:
         raise LookupError(str(e).strip().splitlines()[0][:300]) from None
+    after = F.lit(1) + (region_count(F.col("last")) if with_regions else F.lit(0))
     counts = per_id.agg(F.count(F.lit(1)).alias("n"),
-                        F.sum(F.col("was_live").cast("long")).alias("before"),
-                        F.sum(F.col("is_live").cast("long")).alias("after"),
+                        F.sum(F.when(F.col("was_live"), F.lit(1) + F.col("first.regions"))).alias("before"),
+                        F.sum(F.when(F.col("is_live"), after)).alias("after"),
+                        F.max(F.when(F.col("is_live"), after)).alias("per_image"),
+                        F.sum(F.col("was_live").cast("long")).alias("images_before"),
+                        F.sum(F.col("is_live").cast("long")).alias("images_after"),
                         F.collect_set(F.when(F.col("is_live"), F.col("last.model"))).alias("models")).first()
     rows = per_id.where("is_live").select("id", *[F.col(f"last.{c}").alias(c) for c in last_cols])
-    return Changes(per_id.where("was_live").select("id"), rows, int(counts["n"]), int(counts["before"] or 0),
-                   int(counts["after"] or 0), sorted(counts["models"])[:3], start, end)
+    replaced = per_id.where("was_live")
+    # the live index holds the replaced images and the regions they had: region r of image i is entry
+    # xxhash64(i, r), as `entries` wrote it
+    tombstones = replaced.select("id").unionByName(
+        replaced.where(F.col("first.regions") > 0)
+        .select("id", F.explode(F.sequence(F.lit(1), F.col("first.regions"))).alias("r"))
+        .select(F.xxhash64("id", "r").alias("id")))
+    return Changes(replaced.select("id"), rows, int(counts["n"]), int(counts["before"] or 0),
+                   int(counts["after"] or 0), sorted(counts["models"])[:3], start, end, tombstones=tombstones,
+                   images=int(counts["images_after"] or 0) - int(counts["images_before"] or 0),
+                   per_image=int(counts["per_image"] or 1))
+
+
+def region_count(row=None):
+    """Regions a row holds (0 for null: regions off or an error), from its `regions` column."""
+    col = F.col("regions") if row is None else row["regions"]
+    return F.when(col.isNull(), F.lit(0)).otherwise(F.size(col))
+
+
+def entries(rows: DataFrame) -> DataFrame:
+    """Image rows (id, path, width, height, embedding[, regions]) -> index entries (ENTRY_COLUMNS and
+    embedding): each image as itself (image = id, no box), and each of its regions as entry
+    xxhash64(id, r) for r = 1, 2, ... with the image's id, path and size and the region's box."""
+    whole = rows.select(*META_COLUMNS, F.col("id").alias("image"), F.lit(None).cast("array<float>").alias("box"),
+                        "embedding")
+    if "regions" not in rows.columns:
+        return whole
+    crops = (rows.where(F.col("regions").isNotNull())
+             .select(*META_COLUMNS, F.posexplode("regions").alias("r", "region"))
+             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height",
+                     F.col("id").alias("image"), F.col("region.box").alias("box"),
+                     F.col("region.embedding").alias("embedding")))
+    return whole.unionByName(crops)
 
 
 def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
@@ -138,10 +182,12 @@ def decide_from_changes(conf, live: dict, changes: Changes, choice, rows: int) -
 
 
 def shard_rows(df, shards: int):
-    """Rows with their shard (pmod(id, shards)), range-partitioned by shard into `shards` partitions
-    (about one shard a task; a task given several builds each): a task streams its rows batch by batch
-    into the shards (Spark's Arrow batches), never a whole shard in pandas."""
-    return (df.select(F.pmod("id", F.lit(shards)).cast("int").alias("shard"), *META_COLUMNS, "embedding")
+    """Image rows as index entries (`entries`) with their shard (pmod(image id, shards): an image's regions
+    live in its shard), range-partitioned by shard into `shards` partitions (about one shard a task; a
+    task given several builds each): a task streams its rows batch by batch into the shards (Spark's Arrow
+    batches), never a whole shard in pandas."""
+    return (entries(df).select(F.pmod("image", F.lit(shards)).cast("int").alias("shard"), *ENTRY_COLUMNS,
+                               "embedding")
             .repartitionByRange(shards, "shard"))
 
 
@@ -213,7 +259,7 @@ def _build_incremental(spark, index_dir, live_name, live, changes, source, decis
     trained = (staged / TRAINED).read_bytes()
     changed, rows, n = changes.rows, changes.rows_after, changes.live_after
     # the replaced and deleted ids come to the driver: bounded by the change, not by the table
-    ids = changes.replaced.toPandas()["id"].to_numpy(np.int64)
+    ids = (changes.tombstones if changes.tombstones is not None else changes.replaced).toPandas()["id"].to_numpy(np.int64)
     tomb = write_tombstones(staged, read_tombstones(Path(index_dir) / live_name, live), ids, generation)
     queries, live_exact = np.zeros((0, live["dim"]), np.float32), None
     if n and live.get("search_params", {}).get("nprobe"):  # IVF: the drift probe's queries are new rows
@@ -233,7 +279,10 @@ def _build_incremental(spark, index_dir, live_name, live, changes, source, decis
         deltas = [{"file": delta_file(generation, r["shard"]), "meta": delta_meta_file(generation, r["shard"]),
                    "count": int(r["count"]), "factory": live["factory"], "generation": generation}
                   for r in sorted(built, key=lambda r: r["shard"])]
-    manifest = {**live, "rows": int(rows), "source": source, "build": "incremental",
+    images = int(live.get("images", live["rows"])) + changes.images
+    manifest = {**live, "rows": int(rows), "images": images, "regions": int(rows) - images,
+                "per_image": max(int(live.get("per_image", 1)), changes.per_image),
+                "source": source, "build": "incremental",
                 "build_reason": decision.reason, "generation": generation,
                 "deltas": [*live.get("deltas", []), *deltas],
                 "tombstones": {"file": TOMBSTONES, "count": len(tomb)}}

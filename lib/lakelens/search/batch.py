@@ -82,9 +82,24 @@ def _opened(folder: str, manifest_text: str):
     shards, rerank, excluded, keep = open_version(Path(folder), manifest, mmap=True)
     metas = []
     for e in shard_entries(manifest):
-        table = read_meta(Path(folder) / e["meta"], ["id", "path"])
-        metas.append((table.column("id").to_numpy(), table.column("path")))
+        table = read_meta(Path(folder) / e["meta"])
+        images = table.column("image").to_numpy() if "image" in table.column_names else None
+        metas.append((table.column("id").to_numpy(), table.column("path"), images))
     return manifest, shards, rerank, excluded, keep, metas
+
+
+def per_image(manifest: dict) -> int:
+    """Entries an image has at most in a version: itself and its regions (embed.regions)."""
+    return int(manifest.get("per_image") or 1)
+
+
+def as_images(ids: np.ndarray, meta) -> np.ndarray:
+    """A shard's hit ids -> their images' ids (a region hit is its image; -1 stays -1)."""
+    meta_ids, _, images = meta
+    if images is None or not len(meta_ids):
+        return ids
+    pos = np.clip(np.searchsorted(meta_ids, ids), 0, len(meta_ids) - 1)
+    return np.where((ids != -1) & (meta_ids[pos] == ids), images[pos], ids)
 
 
 def shard_hits(batches, folder: str, manifest_text: str, k: int, column: str = "vector"):
@@ -113,11 +128,11 @@ def search_fn(folder: str, manifest_text: str, k: int):
 
         for part, _, scores, ids, meta in shard_hits(batches, folder, manifest_text, k):
             rows, cols = np.nonzero(ids != -1)
-            meta_ids, meta_paths = meta
+            meta_ids, meta_paths, _ = meta
             found = ids[rows, cols]
             pos = np.searchsorted(meta_ids, found)
             yield pd.DataFrame({"query_id": part["query_id"].to_numpy()[rows],
-                                "query": part["query"].to_numpy()[rows], "id": found,
+                                "query": part["query"].to_numpy()[rows], "id": as_images(found, meta),
                                 "path": meta_paths.take(pa.array(pos)).to_pylist() if len(pos) else [],
                                 "score": scores[rows, cols].astype(np.float32)})
 
@@ -153,8 +168,11 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     good = vectors.where(F.col("error").isNull())
     pairs = (good.crossJoin(spark.range(entries).select(F.col("id").cast("int").alias("shard")))
              .repartition(max(1, min(entries, spark.sparkContext.defaultParallelism * 2)), "shard"))
-    hits = pairs.mapInPandas(search_fn(folder, json.dumps(manifest), k),
+    hits = pairs.mapInPandas(search_fn(folder, json.dumps(manifest), k * per_image(manifest)),
                              "query_id long, query string, id long, path string, score float")
+    if per_image(manifest) > 1:  # region hits are their images: each image once, at its best entry
+        best = F.row_number().over(Window.partitionBy("query_id", "id").orderBy(F.col("score").desc()))
+        hits = hits.withColumn("best", best).where("best = 1").drop("best")
     rank = F.row_number().over(Window.partitionBy("query_id").orderBy(F.col("score").desc(), F.col("id")))
     ranked = (hits.withColumn("rank", rank).where(F.col("rank") <= k)
               .select("query_id", "query", "rank", "id", "path", "score", F.lit(None).cast("string").alias("error")))

@@ -369,6 +369,9 @@ class Searcher:
                 frame = self._frame(st, fused[:want], ids[:want], want, None, None)
                 frame["vector_rank"] = _ranks(frame["id"], vec_frame["id"])
                 frame["keyword_rank"] = _ranks(frame["id"], kw_ids)
+                if "box" in vec_frame:  # the region the vector side matched, where it did
+                    boxes = dict(zip(vec_frame["id"], vec_frame["box"]))
+                    frame["box"] = [boxes.get(i) for i in frame["id"]]
                 frame.attrs["notes"] = vec_frame.attrs.get("notes", [])
         if collapse_duplicates:
             frame = self._collapse_frame(frame, k + offset)
@@ -548,7 +551,10 @@ class Searcher:
             raise QueryError("query vector has NaN or infinite values")
         q = np.ascontiguousarray(q)
         params = st.manifest.get("search_params", {})
-        notes, selector, fetch = [], None, min(len(self) or 1, k)
+        # a hit is an image or one of its regions, and a list holds each image once: with regions, as many
+        # entries as an image has make sure k images come back
+        per, entries = st.meta.per_image, len(st.meta.entries)
+        notes, selector, fetch = [], None, min(entries or 1, k * per)
         if allowed is not None:
             if len(allowed) < k:
                 notes.append(f"only {len(allowed)} indexed image(s) match the filters")
@@ -559,12 +565,12 @@ class Searcher:
             if share >= COMMON_PREFIX:
                 # a common filter: a plain search deep enough to hold k matches is cheaper than testing
                 # every scanned id against a large set; the selector below covers the rare shortfall
-                fetch = min(len(self), int(np.ceil(4 * k / share)))
+                fetch = min(entries, int(np.ceil(4 * k / share)) * per)
                 frames = self._run(st, q, fetch, k, min_score, allowed, nprobe, ef_search, None, params, notes)
                 if all(len(f) >= min(k, len(allowed)) for f in frames):
                     return frames
             # a rare filter: it runs inside FAISS's scan, so cost and results stay those of a k search
-            selector, fetch = self._selector(st, allowed), min(fetch, len(allowed))
+            selector, fetch = self._selector(st, allowed), min(k * per, len(allowed) * per)
         return self._run(st, q, fetch, k, min_score, allowed, nprobe, ef_search, selector, params, notes)
 
     def _run(self, st, q, fetch, k, min_score, allowed, nprobe, ef_search, selector, params, notes):
@@ -584,7 +590,7 @@ class Searcher:
     def _selector(self, st: _Loaded, allowed: np.ndarray):
         """A FAISS selector of allowed ids (building one costs about as much as a search: remembered)."""
         key = ("selector", st.version, len(allowed), hash(allowed.tobytes()))
-        return self._cached(key, lambda: allowed)[1]
+        return self._cached(key, lambda: st.meta.expand(allowed))[1]  # the images' regions pass with them
 
     def _cached(self, key, ids_of) -> tuple[np.ndarray, object]:
         with self._lock:
@@ -603,16 +609,27 @@ class Searcher:
                              int(st.manifest.get("rerank") or 0), self._pool, selector, st.excluded, st.quantizer)
 
     def _frame(self, st: _Loaded, scores, ids, k, min_score, allowed) -> pd.DataFrame:
+        """Best-first hits -> result rows, each image once: a hit on a region is its image, with the box
+        of its best entry (the `box` column, when the version holds regions)."""
         keep = ids != -1
         if min_score is not None:
             keep &= scores >= min_score
+        entry, images = ids, ids
+        if st.meta.has_regions:
+            images = st.meta.resolve(ids)[0]
+            first = np.zeros(len(ids), bool)
+            first[np.unique(images, return_index=True)[1]] = True  # the best entry of each image
+            keep &= first
         if allowed is not None and len(ids):
-            pos = np.clip(np.searchsorted(allowed, ids), 0, max(0, len(allowed) - 1))
-            keep &= (allowed[pos] == ids) if len(allowed) else False
-        scores, ids = scores[keep][:k], ids[keep][:k]
-        paths = st.meta.paths(ids)
+            pos = np.clip(np.searchsorted(allowed, images), 0, max(0, len(allowed) - 1))
+            keep &= (allowed[pos] == images) if len(allowed) else False
+        scores, ids, entry = scores[keep][:k], images[keep][:k], entry[keep][:k]
+        paths = st.meta.paths(entry)
         df = pd.DataFrame({"score": np.asarray(scores, float), "id": ids, "path": paths})
         df.insert(0, "rank", np.arange(1, len(df) + 1))
+        if st.meta.has_regions:
+            df["box"] = st.meta.boxes(entry)
+            return df[[*RESULT_COLUMNS, "box"]]
         return df[RESULT_COLUMNS]
 
 
