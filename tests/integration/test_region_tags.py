@@ -2,7 +2,8 @@
 zero-shot and region rows equal the ones worked out by hand from the stored whole-image and crop vectors
 and the vocabulary's text vectors (a tag under its threshold on the whole image, at or over it on its best
 crop, is a region row with that crop's score); max_tags caps the union with the whole image's tags first;
-an incremental run re-scores a changed image's crops from the change feed and drops a deleted image's rows."""
+the keyword index finds region tags with tag:; an incremental run re-scores a changed image's crops from the
+change feed and drops a deleted image's rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from conftest import ROOT, write_images
 from PIL import Image
 
-from lakelens import config
+from lakelens import IndexJob, Searcher, config
 from lakelens.ingest.embed_job import EmbedJob
 from lakelens.models.registry import ModelSpec
 from lakelens.tags.job import TagJob
@@ -60,7 +61,7 @@ def assert_same(actual, wanted):
 
 
 def test_region_tags_from_stored_crops(spark, tmp_path, local_conf):
-    img, table, tags = tmp_path / "img", tmp_path / "table", tmp_path / "tags"
+    img, table, tags, index = tmp_path / "img", tmp_path / "table", tmp_path / "tags", tmp_path / "index"
     files = write_images(img, 4, seed=5)
     vocab_file = tmp_path / "tiny.csv"
     vocab_file.write_text(VOCAB)
@@ -101,6 +102,13 @@ def test_region_tags_from_stored_crops(spark, tmp_path, local_conf):
     assert_same(got(spark, tags), want)
     rows = read_tags(spark, str(tags)).where("source = 'region'").toPandas()
     assert set(rows["vocab"]) == {vocab.digest} and set(rows["model"]) == {ModelSpec.from_config(embed.model).key}
+
+    # the keyword index takes region rows as tags: tag: finds the images with a region tag
+    IndexJob(spark=spark, conf=config.load(LOCAL, [f"index.table={table}", f"index.index={index}",
+                                                   f"index.tags={tags}"]), log=quiet).launch()
+    name = next(t for (_, t), (source, _) in want.items() if source == "region")
+    found = Searcher.open(index).search(tags=[name], k=10)
+    assert set(found["path"]) == {p for (p, t) in want if t == name}
 
     # change one image, delete another: the changed image's crops come through the change feed
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(files[0], "PNG")
