@@ -65,6 +65,7 @@ def test_text_search_rows_are_ranked_and_their_thumbnails_load(site):
                              "mode": "vector", "tags": [], "not_tags": []}  # no keyword index: vector by default
     rows = body["results"]
     assert all(r["tags"] == [] and r["caption"] is None and "vector_rank" not in r for r in rows)
+    assert not any("box" in r for r in rows)  # a version without regions (integration/test_web_regions.py)
     assert [r["rank"] for r in rows] == list(range(1, 8))
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     by_id = {str(i): u for i, u in zip(site.ids, site.uris)}

@@ -195,7 +195,17 @@ def rows(results, version: str) -> list[dict]:
     if "duplicates" in results.columns:  # collapsed: how many other copies each result stands for
         for row, n in zip(out, results["duplicates"]):
             row["duplicates"] = int(n)
+    if "box" in results.columns:  # a version with regions: the crop that matched, null for the whole image
+        for row, b in zip(out, results["box"]):
+            row["box"] = box_list(b)
     return out
+
+
+def box_list(box) -> list[float] | None:
+    """A result's box ([x0, y0, x1, y1] fractions of the image) as plain floats, or None."""
+    if box is None or (isinstance(box, float) and not math.isfinite(box)):
+        return None
+    return [round(float(v), 6) for v in box]
 
 
 def has_keywords(searcher) -> bool:

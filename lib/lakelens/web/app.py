@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 # server callback, appended in place. Only a scroll asks, so a page shorter than the window never loads
 # on its own (the button is in view there). `asked` remembers the search (its element's id) and the card
 # count a request was made at, so one page is asked for once however many scroll events arrive before it.
+# A picture's frame takes the shape of its image when it loads, so a region's outline in percentages of
+# the frame is on the image (views.outline); load events do not bubble and never reach the window, hence
+# a capturing listener on the document.
 PAGE_JS = """
 addEventListener('scroll', function () {
   var more = document.querySelector('#results .more.open');
@@ -52,6 +55,11 @@ addEventListener('scroll', function () {
   more.dataset.asked = mark;
   more.querySelector('button').click();
 }, {passive: true});
+document.addEventListener('load', function (e) {
+  var img = e.target, pic = img.parentNode;
+  if (img.tagName === 'IMG' && pic.classList.contains('pic') && img.naturalHeight)
+    pic.style.setProperty('--r', img.naturalWidth / img.naturalHeight);
+}, true);
 addEventListener('keydown', function (e) {
   if (e.key === 'Escape' && document.querySelector('#viewer.open')) document.getElementById('viewer-close').click();
 });
@@ -298,8 +306,9 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
 
     @app.callback(Output("viewer", "className"), Output("viewer-body", "children"),
                   Input({"type": "hit", "index": ALL}, "n_clicks"), Input("viewer-close", "n_clicks"),
-                  Input("viewer-backdrop", "n_clicks"), Input("url", "search"), prevent_initial_call=True)
-    def view(_hits, _close, _backdrop, search):
+                  Input("viewer-backdrop", "n_clicks"), Input("url", "search"),
+                  State({"type": "box", "index": ALL}, "data"), prevent_initial_call=True)
+    def view(_hits, _close, _backdrop, search, _boxes):
         """A click on a result opens it large; closing it, or any new search, closes it."""
         hit = _clicked_hit() if isinstance(ctx.triggered_id, dict) else None
         if isinstance(ctx.triggered_id, dict) and hit is None:
@@ -310,7 +319,9 @@ def build_page(server, live: LiveSearcher, limits: Limits) -> Dash:
             found = image_details(live.get(), int(hit))
         except (ThumbError, QueryError) as e:
             return "viewer open", [html.Div(str(e), className="error")]
-        return "viewer open", viewer_body(found, from_url(search))
+        # the region that matched, kept beside the card (views.cards); None for a whole-image hit
+        box = next((b["value"] for b in ctx.states_list[0] if b["id"]["index"] == hit), None)
+        return "viewer open", viewer_body(found, from_url(search), box)
 
     @app.callback(Output({"type": "pages", "query": MATCH}, "children"),
                   Output({"type": "state", "query": MATCH}, "data"),

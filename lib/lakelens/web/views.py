@@ -1,6 +1,7 @@
 """The search page's pieces: result cards (thumbnail, score, path, tag chips, caption), the tag facets beside
-them, and the large view of one image. Every text from the index (paths, tags, captions) is a text child or
-an attribute, which React escapes: a name with markup in it shows as those characters and never as HTML.
+them, and the large view of one image; a hit on a region (embed.regions) has the region outlined on both.
+Every text from the index (paths, tags, captions) is a text child or an attribute, which React escapes: a
+name with markup in it shows as those characters and never as HTML.
 Tag chips, facets and "more like this" are links to the search's URL with the change (urlstate): a click
 navigates within the page, and the URL can be opened in a new tab or shared."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dash import dcc, html
 
 from lakelens.search import MAX_K
-from lakelens.web.api import thumb_url
+from lakelens.web.api import box_list, thumb_url
 from lakelens.web.urlstate import PageQuery, to_url
 
 MAX_CHIPS = 8  # tag chips under one result; the large view lists them all
@@ -37,7 +38,14 @@ h1 { font-size: 22px; margin: 4px 0 12px; }
 .hit { background: #fff; border-radius: 6px; padding: 6px; box-shadow: 0 1px 2px #0002; }
 .hit:hover { box-shadow: 0 0 0 2px #3a6ee8; }
 .hit .open { cursor: zoom-in; }
-.hit img { width: 100%; height: 160px; object-fit: contain; background: #eee; display: block; }
+.thumb { height: 160px; background: #eee; display: flex; align-items: center; }
+/* the picture's frame has the image's own shape (--r, set by the page's script once it loads), so a
+   region's outline, placed in percentages of the frame, lands on the image wherever it is letterboxed */
+.pic { position: relative; margin: 0 auto; aspect-ratio: var(--r, 1); }
+.thumb .pic { width: min(100%, calc(160px * var(--r, 1))); }
+.pic img { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain; display: block; }
+.outline { position: absolute; box-sizing: border-box; border: 2px solid #ffd400; outline: 1px solid #000a;
+           pointer-events: none; }
 .hit .score { font-size: 12px; color: #333; margin-top: 4px; font-variant-numeric: tabular-nums; }
 .path { font-size: 11px; color: #666; overflow-wrap: anywhere; }
 .hit .path { max-height: 3.6em; overflow: hidden; }
@@ -65,7 +73,8 @@ h1 { font-size: 22px; margin: 4px 0 12px; }
 .viewer .backdrop { position: absolute; inset: 0; background: #000a; }
 .viewer .dialog { position: relative; margin: 4vh auto; max-width: 1000px; max-height: 88vh; overflow: auto;
                   background: #fff; border-radius: 8px; padding: 16px; display: flex; gap: 16px; }
-.viewer img.large { width: 60%; max-height: 82vh; object-fit: contain; background: #eee; }  /* small images scaled up */
+.viewer .frame { flex: 0 0 60%; background: #eee; display: flex; align-items: center; }
+.viewer .frame .pic { width: min(100%, calc(82vh * var(--r, 1))); }  /* small images scaled up */
 .viewer .facts { flex: 1; display: flex; flex-direction: column; gap: 8px; font-size: 13px; }
 .viewer .path { font-size: 13px; color: #333; }
 .viewer-tags { list-style: none; padding: 0; margin: 0; }
@@ -106,9 +115,24 @@ def score_line(r) -> html.Div:
                     title=", ".join(ranks) or None)  # hybrid: where each side ranked it
 
 
+def outline(box) -> list:
+    """The outline of a region hit over its picture (fractions of the image -> percentages of the frame),
+    or nothing for a whole-image hit."""
+    if box is None:
+        return []
+    x0, y0, x1, y1 = (100 * float(v) for v in box)
+    return [html.Div(className="outline", title="the part of the image that matched", style={
+        "left": f"{x0:.4g}%", "top": f"{y0:.4g}%", "width": f"{x1 - x0:.4g}%", "height": f"{y1 - y0:.4g}%"})]
+
+
+def picture(src: str, alt: str, box=None, class_name: str | None = None) -> html.Div:
+    return html.Div(className="pic", children=[html.Img(src=src, alt=alt, className=class_name), *outline(box)])
+
+
 def cards(results, version: str, base: PageQuery) -> list:
     out = []
-    for r in results.itertuples():
+    boxes = [box_list(b) for b in results["box"]] if "box" in results.columns else [None] * len(results)
+    for r, box in zip(results.itertuples(), boxes):
         id_text, path = str(int(r.id)), str(r.path)
         tags = list(getattr(r, "tags", None) or [])
         caption = getattr(r, "caption", None)
@@ -117,10 +141,13 @@ def cards(results, version: str, base: PageQuery) -> list:
             extra.append(html.Div(className="chips", children=[tag_link(t, base) for t in tags[:MAX_CHIPS]]))
         if isinstance(caption, str):
             extra.append(html.Div(caption, className="caption"))
+        if box is not None:  # the large view draws it too
+            extra.append(dcc.Store(id={"type": "box", "index": id_text}, data=box))
         # the chips are links outside the clickable part: a click on one filters, it does not open the image
         out.append(html.Div(className="hit", **{"data-id": id_text, "data-rank": str(int(r.rank))}, children=[
             html.Div(id={"type": "hit", "index": id_text}, className="open", n_clicks=0, title=f"open {path}",
-                     children=[html.Img(src=thumb_url(int(r.id), version), alt=path.rsplit("/", 1)[-1]),
+                     children=[html.Div(className="thumb", children=picture(
+                                   thumb_url(int(r.id), version), path.rsplit("/", 1)[-1], box)),
                                score_line(r), html.Div(path, className="path")]),
             *extra]))
     return out
@@ -180,14 +207,14 @@ def size_text(width, height) -> str:
     return f"{width} × {height} px" if width and height else "size unknown"
 
 
-def viewer_body(d: dict, base: PageQuery) -> list:
-    """The large view of one image (api.image_details): the picture, its path, size, tags with their
-    scores, caption, and a link to the images most like it."""
+def viewer_body(d: dict, base: PageQuery, box=None) -> list:
+    """The large view of one image (api.image_details): the picture (with the outline of the region that
+    matched, `box`), its path, size, tags with their scores, caption, and a link to the images most like it."""
     similar = PageQuery(similar=d["id"], k=base.k, min_score=base.min_score, prefix=base.prefix)
     tags = [html.Li([tag_link(t["tag"], PageQuery(mode=base.mode), "chip"),
                      html.Span("" if t["score"] is None else f"{t['score']:.2f}", className="tag-score")])
             for t in d["tags"]]
-    return [html.Img(src=d["large"], alt=d["path"].rsplit("/", 1)[-1], className="large"),
+    return [html.Div(className="frame", children=picture(d["large"], d["path"].rsplit("/", 1)[-1], box, "large")),
             html.Div(className="facts", children=[
                 html.Div(d["path"], className="path", id="viewer-path"),
                 html.Div(size_text(d["width"], d["height"]), className="size", id="viewer-size"),
