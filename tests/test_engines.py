@@ -53,7 +53,8 @@ def test_onnx_engines_match_torch(engine, bar, contents, cache, reference):
     if engine == "onnx":
         assert np.abs(images - reference[0]).max() < 1e-5  # the issue #2 parity bar holds for onnx too
     else:  # really int8: close to fp32, not equal to it
-        assert emb.engine.folder.name == "int8" and np.abs(images - reference[0]).max() > 1e-5
+        assert emb.engine.folder.name == f"int8-w{emb.engine.weight_bits}"
+        assert np.abs(images - reference[0]).max() > 1e-5
     # the vectors still tell the images apart as torch's do: same nearest neighbour for every image
     sims, ref_sims = images @ images.T - 2 * np.eye(10), reference[0] @ reference[0].T - 2 * np.eye(10)
     assert (sims.argmax(1) == ref_sims.argmax(1)).mean() >= 0.9
@@ -72,12 +73,107 @@ def test_int8_vectors_do_not_depend_on_the_batch_or_threads(contents, cache):
 def test_int8_graph_that_fails_its_probe_check_is_not_used(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(engines, "INT8_MIN_COSINE", 1.01)  # no int8 graph can reach it
     engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
-    meta = json.loads((tmp_path / engines.cache_key(TINY) / "int8" / "meta.json").read_text())
+    bits = engines.machine_int8_weight_bits()[0]
+    meta = json.loads((tmp_path / engines.cache_key(TINY) / f"int8-w{bits}" / "meta.json").read_text())
     assert meta["accepted"] is False and 0.999 < meta["probe_min_cosine"] < 1.0 and meta["probe_images"] == 16
-    assert engine.folder.name == "fp32" and engine.precision == "fp32"
+    assert engine.folder.name == "fp32" and engine.precision == "fp32" and engine.weight_bits is None
     assert "running the fp32 graph instead" in caplog.text
     monkeypatch.setattr(engines, "INT8_MIN_COSINE", 0.999)
     assert engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path).precision == "fp32"  # decided once
+
+
+@pytest.mark.parametrize("flags, bits", [
+    ({"sse4_2", "avx2", "fma"}, 7),
+    ({"avx2", "fma", "avx512f", "avx512bw"}, 7),  # AVX-512 without VNNI still multiplies with VPMADDUBSW
+    ({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}, 8),
+    ({"avx2", "avx_vnni"}, 8),
+    ({"avx512f", "amx_tile", "amx_int8"}, 8),
+    (set(), 7),
+    (None, 7),  # unknown: the bits that are safe on any kernel
+])
+def test_int8_weight_bits_follow_the_cpu_flags(flags, bits):
+    got, why = engines.int8_weight_bits(frozenset(flags) if flags is not None else None)
+    assert got == bits and why
+    if bits == 8:
+        assert any(f in why for f in engines.VNNI_FLAGS)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512_vnni\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx2 avx512_vnni\n")
+    assert engines.cpu_flags(info) == {"fpu", "avx2", "avx512_vnni"}
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # ARM names its line otherwise
+    assert engines.cpu_flags(info) is None
+    assert engines.cpu_flags(tmp_path / "missing") is None
+    # this machine: the engine's choice is the pure function's answer for its own flags
+    assert engines.machine_int8_weight_bits() == engines.int8_weight_bits(engines.cpu_flags())
+
+
+def int8_weights(path) -> np.ndarray:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    found = [numpy_helper.to_array(i).ravel() for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert found, "no int8 initialisers: the graph is not quantised"
+    return np.concatenate(found).astype(np.int16)
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_int8_graph_holds_the_weight_bits_it_records(bits, cache):
+    folder = engines.onnx_graphs(TINY, True, cache, weight_bits=bits)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert folder.name == f"int8-w{bits}" and meta["weight_bits"] == bits and meta["reduce_range"] == (bits == 7)
+    w = np.abs(int8_weights(folder / "image.onnx"))
+    if bits == 7:  # onnxruntime's reduced int8 range is [-64, 64]
+        assert w.max() <= 64
+    else:  # symmetric per channel: each output channel's largest weight lands on 127
+        assert w.max() == 127 and (w > 64).mean() > 0.01
+
+
+def test_engine_runs_the_weight_bits_chosen_for_this_cpu(cache, caplog):
+    import logging
+
+    bits, why = engines.int8_weight_bits(engines.cpu_flags())  # 8 on a VNNI machine, 7 on an AVX2-only one
+    with caplog.at_level(logging.INFO, logger=engines.__name__):
+        engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=cache)
+    assert engine.precision == "int8" and engine.weight_bits == bits and engine.folder.name == f"int8-w{bits}"
+    assert f"{bits}-bit weights" in caplog.text and why in caplog.text
+    meta = json.loads((engine.folder / "meta.json").read_text())
+    assert meta["weight_bits"] == bits and meta["weight_bits_why"] == why and meta["accepted"] is True
+    w = np.abs(int8_weights(engine.folder / "image.onnx"))
+    assert (w.max() > 64) == (bits == 8)
+    # cosine to fp32 on the probe images, one image per call as the engine runs it, here and now
+    x = engines.probe_images(models.load(TINY))
+    ref = engines.OnnxEngine(TINY, quantized=False, cache_dir=cache).encode_image(x)
+    got = engine.encode_image(x)
+    assert min_cos(got, ref) >= 0.999 and not np.array_equal(got, ref)
+
+
+def test_8bit_graph_that_fails_its_check_falls_back_to_7bit(tmp_path, monkeypatch, caplog):
+    """A VNNI CPU whose 8-bit graph failed its probe check (its kernels saturate after all) runs 7 bits."""
+    monkeypatch.setattr(engines, "machine_int8_weight_bits", lambda: (8, "the CPU has avx512_vnni"))
+    w8 = engines.onnx_graphs(TINY, True, tmp_path)
+    meta_path = w8 / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "accepted": False, "probe_min_cosine": 0.984}))
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
+    assert engine.precision == "int8" and engine.weight_bits == 7 and engine.folder.name == "int8-w7"
+    assert "trying 7-bit weights" in caplog.text and "running the fp32 graph" not in caplog.text
+
+
+def test_shared_cache_serves_each_cpu_kind_its_own_graph(tmp_path, monkeypatch):
+    """A cache folder shared by a VNNI machine and an AVX2-only one: neither runs the other's int8 graph."""
+    root = str(tmp_path / engines.cache_key(TINY))
+    monkeypatch.setattr(engines, "machine_int8_weight_bits", lambda: (8, "vnni"))
+    assert engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path).weight_bits == 8
+    monkeypatch.setattr(engines, "machine_int8_weight_bits", lambda: (7, "no vnni"))
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
+    assert engine.weight_bits == 7 and engine.folder.name == "int8-w7"
+    assert engines.EXPORTS[(root, "int8-w7")] == 1 and engines.EXPORTS[(root, "fp32")] == 1  # fp32 is shared
+    assert sorted(p.name for p in (tmp_path / engines.cache_key(TINY)).iterdir()) == ["fp32", "int8-w7", "int8-w8"]
+    with pytest.raises(ValueError, match="7 or 8"):
+        engines.onnx_graphs(TINY, True, tmp_path, weight_bits=4)
 
 
 def test_onnx_worker_never_imports_torch(tmp_path):
@@ -176,7 +272,8 @@ def test_concurrent_exports_leave_one_complete_graph(tmp_path):
     assert str(folders[1]) == outs[0] and folders[0] == folders[1].parent / "fp32"
     assert sorted(p.name for p in folders[0].iterdir()) == ["image.onnx", "meta.json", "text.onnx"]
     assert sorted(p.name for p in folders[1].iterdir()) == ["image.onnx", "meta.json"]
-    assert sorted(p.name for p in folders[0].parent.iterdir()) == ["fp32", "int8"]  # no temp folders left
+    int8 = f"int8-w{engines.machine_int8_weight_bits()[0]}"
+    assert sorted(p.name for p in folders[0].parent.iterdir()) == ["fp32", int8]  # no temp folders left
     for quantized in (False, True):
         engine = engines.OnnxEngine(TINY, quantized=quantized, cache_dir=tmp_path)
         assert engine.encode_image(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 128)

@@ -36,14 +36,19 @@ DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
 EXPORT_FORMAT = 2  # bump when the exported graphs change, so old caches are not reused
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products (weights int8 per output
-# channel, activations uint8 per tensor, quantised on the fly). reduce_range keeps weights in 7 bits:
-# without VNNI, x86 multiplies uint8 x int8 pairs with VPMADDUBSW, whose 16-bit sums saturate with
-# full-range weights (per-image cosine 0.984 against fp32 on ViT-B-32, instead of 0.9997). The patch
-# convolution stays fp32 (ConvInteger is slower than the fp32 Conv it replaces), and so does the whole
-# text tower: one query at a time gains little from int8 and its cosine fell below 0.999.
-INT8_OPTIONS = {"per_channel": True, "reduce_range": True, "op_types": ["MatMul", "Gemm"]}
+# channel, activations uint8 per tensor, quantised on the fly). The patch convolution stays fp32
+# (ConvInteger is slower than the fp32 Conv it replaces), and so does the whole text tower: one query at a
+# time gains little from int8 and its cosine fell below 0.999.
+INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm"]}
+# Weight bits are chosen from the CPU's flags at export. Without VNNI, x86 multiplies uint8 x int8 pairs
+# with VPMADDUBSW, whose 16-bit pair sums saturate with full-range weights (per-image cosine 0.984 against
+# fp32 on ViT-B-32, instead of 0.9997), so weights keep 7 bits (reduce_range). VNNI (VPDPBUSD) and AMX
+# accumulate in 32 bits: nothing saturates, and full 8-bit weights halve the rounding step.
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # An int8 graph is used only if its vectors keep this cosine to the fp32 graph's on probe images
-# (checked once, when it is exported); else the engine warns and runs the fp32 graph.
+# (checked once, when it is exported); else the engine warns and tries the next candidate: an 8-bit graph
+# falls back to 7 bits (the flags may promise VNNI that ONNX Runtime's kernels do not use, e.g. a VM that
+# hides it from CPUID; 7 bits are safe on any kernel), a 7-bit graph to fp32.
 INT8_MIN_COSINE = 0.999
 EXPORTS: Counter = Counter()  # (cache folder, variant) -> exports done by this process; tests read it
 
@@ -112,6 +117,36 @@ def bf16_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset | None:
+    """The CPU's feature flags from /proc/cpuinfo's first `flags` line (Linux x86), or None where there is
+    none (another OS, an ARM `Features` line, no /proc)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
+def int8_weight_bits(flags: frozenset | set | None) -> tuple[int, str]:
+    """(8 or 7, why): the int8 image tower's weight bits for a CPU with these flags (VNNI_FLAGS)."""
+    if flags is None:
+        return 7, "the CPU's flags are unknown (no flags line in /proc/cpuinfo), so 7 bits, safe on any kernel"
+    found = [f for f in VNNI_FLAGS if f in flags]
+    if found:
+        return 8, f"the CPU has {', '.join(found)} (int8 dot products sum in 32 bits, nothing saturates)"
+    return 7, "the CPU has no VNNI (avx512_vnni, avx_vnni, amx_int8): 8-bit weights would saturate VPMADDUBSW"
+
+
+@functools.lru_cache(maxsize=1)
+def machine_int8_weight_bits() -> tuple[int, str]:
+    """int8_weight_bits for this machine's own flags."""
+    return int8_weight_bits(cpu_flags())
 
 
 def time_bf16(loaded: models.LoadedModel, threads: int | None = None, batch: int = 8, repeats: int = 3) -> dict:
@@ -250,8 +285,9 @@ def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
     return np.stack([np.asarray(loaded.preprocess(p), dtype=np.float32) for p in pictures])
 
 
-def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path) -> dict:
-    """Quantise the image tower; return the probe check's result for meta.json."""
+def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bits: int) -> dict:
+    """Quantise the image tower with `weight_bits` (8, or 7 = reduce_range); return the probe check's
+    result for meta.json."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     opts = INT8_OPTIONS
@@ -263,12 +299,14 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path) -> dict:
     except OSError:
         shutil.copyfile(fp32 / "image.onnx", source)
     quantize_dynamic(str(source), str(folder / "image.onnx"), weight_type=QuantType.QInt8,
-                     per_channel=opts["per_channel"], reduce_range=opts["reduce_range"],
+                     per_channel=opts["per_channel"], reduce_range=weight_bits == 7,
                      op_types_to_quantize=opts["op_types"])
     source.unlink()
     x = probe_images(loaded)
     ref = _session(fp32 / "image.onnx", 0).run(None, {"image": x})[0]
-    got = _session(folder / "image.onnx", 0).run(None, {"image": x})[0]
+    int8 = _session(folder / "image.onnx", 1)
+    # one image per call, as the engine runs it: activation scales are per call
+    got = np.concatenate([int8.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])
     cosine = float((ref * got).sum(1).min())
     return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE}
 
@@ -298,12 +336,27 @@ def _publish(root: Path, variant: str, build, meta: dict) -> Path:
     return final
 
 
-def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path | None = None) -> Path:
-    """The folder of this model's graphs: fp32/ (image.onnx, text.onnx) or int8/ (image.onnx), each with
-    its meta.json. Found on disk without loading the model; exported (and quantised) once otherwise."""
+def int8_variant(weight_bits: int) -> str:
+    # The bits name the folder: a cache shared by machines with and without VNNI holds both graphs, and
+    # each machine reads only the one made (and probe-checked) for its kind.
+    return f"int8-w{weight_bits}"
+
+
+def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path | None = None,
+                weight_bits: int | None = None) -> Path:
+    """The folder of this model's graphs: fp32/ (image.onnx, text.onnx) or int8-w8/ or int8-w7/ (image.onnx),
+    each with its meta.json. int8 weight bits default to this machine's choice (machine_int8_weight_bits).
+    Found on disk without loading the model; exported (and quantised) once otherwise."""
     root = Path(cache_dir or default_cache_dir()) / cache_key(spec)
-    variant = "int8" if quantized else "fp32"
-    if (root / variant / "meta.json").is_file():  # int8/ is only ever made after fp32/
+    if quantized:
+        # meta.json says why these bits, whichever caller asked: this CPU's own choice, or a request
+        own_bits, own_why = machine_int8_weight_bits()
+        weight_bits = own_bits if weight_bits is None else weight_bits
+        why = own_why if weight_bits == own_bits else f"asked for (this CPU's choice is {own_bits} bits: {own_why})"
+    if quantized and weight_bits not in (7, 8):
+        raise ValueError(f"int8 weight bits: {weight_bits!r} is not 7 or 8")
+    variant = int8_variant(weight_bits) if quantized else "fp32"
+    if (root / variant / "meta.json").is_file():  # int8 folders are only ever made after fp32/
         return root / variant
     loaded = models.load(spec)
     transform = loaded.transform
@@ -312,8 +365,12 @@ def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path 
     fp32 = _publish(root, "fp32", lambda tmp: _export_fp32(loaded, tmp), {**meta, "precision": "fp32"})
     if not quantized:
         return fp32
-    return _publish(root, "int8", lambda tmp: _export_int8(loaded, fp32, tmp),
-                    {**meta, "precision": "int8", **INT8_OPTIONS})
+    flags = cpu_flags()
+    return _publish(root, variant, lambda tmp: _export_int8(loaded, fp32, tmp, weight_bits),
+                    {**meta, "precision": "int8", **INT8_OPTIONS, "weight_bits": weight_bits,
+                     "reduce_range": weight_bits == 7, "weight_bits_why": why,
+                     # the probe check ran on this machine's kernels: say which
+                     "checked_on_vnni": None if flags is None else [f for f in VNNI_FLAGS if f in flags]})
 
 
 def _session(path: Path, threads: int):
@@ -337,16 +394,21 @@ class OnnxEngine:
         self.name, self.device, self.threads = ("onnx-int8" if quantized else "onnx"), "cpu", threads
         self.text_folder = self.folder = onnx_graphs(spec, False, cache_dir)
         meta = json.loads((self.folder / "meta.json").read_text())
-        self.precision = meta["precision"]
+        self.precision, self.weight_bits = meta["precision"], None
         if quantized:
-            int8 = onnx_graphs(spec, True, cache_dir)
-            check = json.loads((int8 / "meta.json").read_text())
-            if check["accepted"]:
-                self.folder, self.precision = int8, check["precision"]
-            else:
-                log.warning("embed.engine onnx-int8: the int8 graph of %s kept a cosine of only %.4f to fp32 on "
-                            "probe images (needs %s); running the fp32 graph instead", spec.key,
-                            check["probe_min_cosine"], INT8_MIN_COSINE)
+            bits, why = machine_int8_weight_bits()
+            for b in (8, 7) if bits == 8 else (7,):
+                int8 = onnx_graphs(spec, True, cache_dir, weight_bits=b)
+                check = json.loads((int8 / "meta.json").read_text())
+                if check["accepted"]:
+                    self.folder, self.precision, self.weight_bits = int8, check["precision"], b
+                    log.info("embed.engine onnx-int8: %d-bit weights for %s, since %s (probe cosine to fp32 %.5f)",
+                             b, spec.key, why if b == bits else "the 8-bit graph failed its probe check",
+                             check["probe_min_cosine"])
+                    break
+                log.warning("embed.engine onnx-int8: the %d-bit int8 graph of %s kept a cosine of only %.4f to fp32 "
+                            "on probe images (needs %s); %s", b, spec.key, check["probe_min_cosine"], INT8_MIN_COSINE,
+                            "trying 7-bit weights" if b == 8 else "running the fp32 graph instead")
         self.image_size, self.dim = int(meta["image_size"]), int(meta["dim"])
         self.transform = Transform(**meta["transform"]) if meta.get("transform") else None
         # int8 activation scales are computed per call over the whole input, so int8 runs one image per
