@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import ROOT, write_images
+from conftest import ROOT, local_config, write_images
 
 from lakelens import EmbedJob, IndexJob, Searcher
 from lakelens import index as ix
@@ -17,14 +17,25 @@ def quiet(*_):
     pass
 
 
-@pytest.fixture
-def embedded(spark, tmp_path, local_conf):
-    img = tmp_path / "img"
+def embed_folder(spark, local_conf, folder):
+    img = folder / "img"
     write_images(img, 30)
     (img / "broken.jpg").write_bytes(b"not an image")
-    conf = local_conf(img, tmp_path / "table")
+    conf = local_conf(img, folder / "table")
     EmbedJob(spark=spark, conf=conf, log=quiet).launch()
-    return img, tmp_path / "table", conf
+    return img, folder / "table", conf
+
+
+@pytest.fixture(scope="module")
+def embedded(spark, tmp_path_factory):
+    """31 files embedded once for the tests that only read the folder and the table (each writes its
+    indexes under its own tmp_path); a test that changes them embeds its own (`own_embedded`)."""
+    return embed_folder(spark, local_config, tmp_path_factory.mktemp("embedded"))
+
+
+@pytest.fixture
+def own_embedded(spark, tmp_path, local_conf):
+    return embed_folder(spark, local_conf, tmp_path)
 
 
 def index_conf(local_conf, img, table, index, *overrides):
@@ -50,8 +61,8 @@ def test_images_to_delta_to_index_to_query(spark, tmp_path, local_conf, embedded
     assert len(s.search_text("a photo of noise", k=7)) == 7
 
 
-def test_reindex_is_a_noop_until_the_table_changes_then_prunes(spark, tmp_path, local_conf, embedded):
-    img, table, embed_conf = embedded
+def test_reindex_is_a_noop_until_the_table_changes_then_prunes(spark, tmp_path, local_conf, own_embedded):
+    img, table, embed_conf = own_embedded
     conf = index_conf(local_conf, img, table, tmp_path / "index", "index.prune=2")
     assert IndexJob(spark=spark, conf=conf, log=quiet).launch().version == "v0001"
     again = IndexJob(spark=spark, conf=conf, log=quiet).launch()

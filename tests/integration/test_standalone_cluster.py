@@ -34,6 +34,10 @@ def cluster_env(tmp: Path) -> dict:
     env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_WORKER_DIR=str(tmp / "work"),
                SPARK_LOG_DIR=str(tmp / "logs"))
+    # the master and workers map the suite's JVM class archive too (conftest.jvm_start), as spark-submit does
+    if "SharedArchiveFile" in env.get("SPARK_SUBMIT_OPTS", ""):
+        env["SPARK_DAEMON_JAVA_OPTS"] = " ".join(filter(None, [env.get("SPARK_DAEMON_JAVA_OPTS"),
+                                                               env["SPARK_SUBMIT_OPTS"]]))
     return env
 
 
@@ -71,7 +75,7 @@ def standalone(tmp_path_factory):
             if time.time() > deadline:
                 logs = "\n".join((tmp / f"{n}.log").read_text()[-2000:] for n in ("master", "worker0", "worker1"))
                 raise RuntimeError(f"standalone cluster did not come up:\n{logs}")
-            time.sleep(1)
+            time.sleep(0.2)
         yield {"url": f"spark://127.0.0.1:{port}", "ui": ui, "env": env, "tmp": tmp}
     finally:
         for p in procs:

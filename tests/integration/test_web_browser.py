@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; setup.sh installs them
 TOKEN = "browser-test-token"
 WAIT = 60  # an upper bound for a wait-for-condition on 2 busy cores, not a speed check
+POLL = 0.1  # seconds between looks at the page while waiting (Selenium's default, 0.5 s, idles most waits)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def browser():
 
 
 def wait_for(driver, condition, what: str):
-    return WebDriverWait(driver, WAIT).until(lambda d: condition(d), message=f"waiting for {what}")
+    return WebDriverWait(driver, WAIT, poll_frequency=POLL).until(lambda d: condition(d), message=f"waiting for {what}")
 
 
 def hits(driver):
