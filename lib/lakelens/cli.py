@@ -111,7 +111,8 @@ def cmd_caption(args) -> int:
 
     conf = config.load(
         args.conf, args.set, spark={"master": args.master},
-        caption={"table": args.table, "tags": args.tags, "model": args.model, "pretrained": args.pretrained,
+        caption={"table": args.table, "tags": args.tags, "images": args.images, "model": args.model,
+                 "pretrained": args.pretrained,
                  "format": args.format, "max_tokens": args.max_tokens, "beams": args.beams,
                  "batch_size": args.batch_size, "full": True if args.full else None})
     result = CaptionJob(conf=conf, log=lambda text: print(text, file=sys.stderr, flush=True)).launch()
@@ -400,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "table with source caption; re-runs caption only new and changed images")
     p.add_argument("--table", help="the embeddings table")
     p.add_argument("--tags", help="the tags table to write (Delta): id, path, tag = the caption, score, source, model")
+    p.add_argument("--images", help="only the table's images under this folder or URI prefix (default: all of them)")
     p.add_argument("--model", help="the caption model: a CoCa architecture, e.g. lakelens-tiny-coca or coca_ViT-B-32 "
                                    "(default: the config's model)")
     p.add_argument("--pretrained", help="its weights: open_clip tag, checkpoint path (e.g. a fine-tune's final.pt), or none")

@@ -136,6 +136,7 @@ class TagConfig:
 class CaptionConfig:
     table: str = ""  # the embeddings table: its rows without error are captioned
     tags: str = ""  # the tags table (Delta) the captions are written to, source = caption
+    images: str = ""  # only the table's images under this folder or URI prefix; "": the whole table
     format: str = "delta"  # the embeddings table's format (parquet: no change feed, every run is full)
     model: str = ""  # a CoCa architecture (or local-dir:FOLDER); empty: model.name
     pretrained: str = ""  # its weights; empty: model.pretrained when caption.model is empty, else none

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from delta.tables import DeltaTable
 
-from lakelens import EmbedJob, config, path_id
+from lakelens import DataError, EmbedJob, config, path_id
 from lakelens.cli import main
 from lakelens.models.registry import ModelSpec
 from lakelens.tags.caption_job import CaptionJob
@@ -61,3 +62,37 @@ def test_caption_job_writes_captions_and_is_incremental(spark, tmp_path, local_c
     assert len(df) == 4 and {k: v for k, v in now.items() if k != "img000003.jpg"} == first
     assert now["img000003.jpg"][0] == Captioner(ModelSpec(COCA), max_tokens=8)([(images / "img000003.jpg")
                                                                                   .read_bytes()])[0].text
+
+
+def test_caption_images_scope_captions_only_that_folder_and_keeps_the_rest(spark, tmp_path, local_conf):
+    """caption.images (`--images`): a run captions only the table's images under that folder; a run over
+    another folder adds its captions beside the first folder's; a run without it takes the whole table."""
+    root, table, tags = tmp_path / "images", tmp_path / "table", tmp_path / "tags"
+    synth.write_dataset(root / "a", 2, seed=5, px=64)
+    synth.write_dataset(root / "b", 1, seed=6, px=64, start=2)
+    embed_conf = local_conf(root, table, "embed.engine=torch", "embed.partitions=1")
+    EmbedJob(spark=spark, conf=embed_conf, log=lambda *_: None).launch()
+
+    def run(*scope):
+        conf = config.load(ROOT / "conf" / "local.yaml", [f"caption.table={table}", f"caption.tags={tags}",
+                                                          f"caption.model={COCA}", "caption.max_tokens=8",
+                                                          "caption.partitions=1", *scope])
+        return CaptionJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+
+    def folders():
+        df = spark.read.format("delta").load(str(tags)).toPandas()
+        return sorted(Path(p).parent.name + "/" + Path(p).name for p in df["path"])
+
+    first = run(f"caption.images={root / 'a'}")
+    assert (first.mode, first.captioned) == ("full", 2)
+    assert folders() == ["a/img000000.png", "a/img000001.jpg"]
+    assert run(f"caption.images={root / 'a'}").mode == "none"  # same scope, same table: nothing to do
+    other = run(f"caption.images={root / 'b'}/")  # another scope: its own images, the first folder's stay
+    assert (other.mode, other.captioned) == ("full", 1)
+    assert folders() == ["a/img000000.png", "a/img000001.jpg", "b/img000002.jpg"]
+    whole = run()  # no scope: the whole table, each image once
+    assert whole.mode == "full" and whole.captioned == 3
+    assert folders() == ["a/img000000.png", "a/img000001.jpg", "b/img000002.jpg"]
+    # a folder that holds none of the table's images says so, and writes nothing
+    with pytest.raises(DataError, match="caption.images"):
+        run(f"caption.images={tmp_path / 'elsewhere'}")

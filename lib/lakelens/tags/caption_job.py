@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 from lakelens.config import CaptionConfig, ModelConfig
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.listing import file_splits, read_files
-from lakelens.ingest.paths import is_local, to_local
+from lakelens.ingest.paths import is_local, to_local, to_stored
 from lakelens.ingest.table import EmbeddingsTable, path_id_col
 from lakelens.models import engines
 from lakelens.models import registry as models
@@ -34,7 +34,7 @@ from lakelens.tags import table as tags_table
 
 SOURCE = "caption"
 UDF_SCHEMA = "path string, tag string, score float, error string"
-STATE_KEYS = ("table", "table_id", "model", "max_tokens", "beams")
+STATE_KEYS = ("table", "table_id", "model", "max_tokens", "beams", "images")
 
 
 @dataclass
@@ -113,27 +113,39 @@ class CaptionJob(Job):
         if not table.exists():
             raise DataError(f"caption.table: no {c.format} table at {c.table}")
         version = table.version()
+        # caption.images: only the table's images under this folder; "" is the whole table
+        scope = to_stored(c.images).rstrip("/") + "/" if c.images else ""
         state = {"table": table.location, "table_id": table.table_id(), "model": spec.key,
-                 "max_tokens": c.max_tokens, "beams": c.beams}
+                 "max_tokens": c.max_tokens, "beams": c.beams, "images": scope}
         previous = None if c.full else tags_table.last_state(spark, c.tags, SOURCE)
         differs = None
         if previous is not None and previous.get("model") != spec.key:
             differs = f"the caption model changed ({previous.get('model')} -> {spec.key})"
-        elif previous is not None and any(previous.get(k) != state[k] for k in STATE_KEYS):
-            differs = "the embeddings table or the decoding settings differ from the last run's"
+        elif previous is not None and any(previous.get(k, "" if k == "images" else None) != state[k]
+                                          for k in STATE_KEYS):
+            differs = "the embeddings table, the decoding settings or caption.images differ from the last run's"
         mode, reason = tags_table.run_mode(previous, differs, version, "--full" if c.full else "no earlier caption run")
         if mode == "none":
             return CaptionResult(version, "none", reason, spec.key, 0, 0, 0, 0, round(time.time() - t0, 1))
         ok = F.col("error").isNull() & F.col("embedding").isNotNull()
-        todo, touched = table.read(version).where(ok).select("id", "path"), None
+        in_scope = F.col("path").startswith(scope) if scope else F.lit(True)
+        todo, touched = table.read(version).where(ok & in_scope).select("id", "path"), None
         if mode == "incremental":
             changes, why = tags_table.changes_since(spark, table.location, previous, version)
             if changes is None:
                 mode, reason = "full", why
             else:
-                todo = changes.rows.select("id", "path")
+                todo = changes.rows.where(in_scope).select("id", "path")
                 touched = changes.replaced.select("id").unionByName(todo.select("id")).distinct().localCheckpoint()
         paths = [r["path"] for r in todo.select("path").distinct().collect()]
+        if scope and mode == "full":
+            if not paths and not table.read(version).where(in_scope).limit(1).count():
+                raise DataError(f"caption.images: the table {c.table} holds no image under {scope}")
+            # a full run of one folder replaces that folder's captions and keeps every other folder's
+            if tags_table.is_table(spark, c.tags):
+                old = (spark.read.format("delta").load(c.tags).where((F.col("source") == SOURCE) & in_scope)
+                       .select("id"))
+                touched = old.unionByName(todo.select("id")).distinct().localCheckpoint()
         present = [p for p in paths if not is_local(p) or os.path.isfile(to_local(p))]
         self.log(f"lakelens caption: {mode} ({reason}): captioning {len(present)} images with {spec.key}"
                  + (f"; {len(paths) - len(present)} files are gone" if len(present) < len(paths) else ""))
