@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import best_rate  # bench/ is on the path: this script's folder
+from machine import best_rate, describe  # bench/ is on the path: this script's folder
 from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +105,11 @@ def compute_bounds(model_name: str) -> dict:
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         out[f"matmul_{name}_gflops"] = best_rate(lambda: a @ b, 2 * n ** 3, 3.0)
     out["bf16_native"] = engines.bf16_supported()
+    q = torch.randint(-128, 128, (2048, 2048), dtype=torch.int8)
+    try:  # int8 x int8 -> int32 products (VNNI where the CPU has it): the int8 engine's kernels' kind
+        out["matmul_int8_gops"] = best_rate(lambda: torch._int_mm(q, q), 2 * 2048 ** 3, 3.0)
+    except (RuntimeError, AttributeError):
+        out["matmul_int8_gops"] = None
     loaded = models.load(models.ModelSpec(model_name))
     # nn.MultiheadAttention's fused inference path is invisible to FlopCounterMode (it would miss the
     # attention projections, a third of a ViT's FLOPs); the unfused path computes the same thing.
@@ -131,11 +136,15 @@ def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, b
         t0 = time.perf_counter()
         emb.embed_tensors(tensors)
         rate = 32 / (time.perf_counter() - t0)
-        key = "matmul_bf16_gflops" if emb.engine.precision == "bf16" else "matmul_fp32_gflops"
+        precision = emb.engine.precision
+        key = {"bf16": "matmul_bf16_gflops", "int8": "matmul_int8_gops"}.get(precision, "matmul_fp32_gflops")
+        if bounds.get(key) is None:
+            key = "matmul_fp32_gflops"
         bound = bounds[key] / bounds["gflop_per_image"]
-        out[name] = {"precision": emb.engine.precision, "images_per_s": round(rate, 2),
-                     "fp32_bound_images_per_s" if key.endswith("fp32_gflops") else "bf16_bound_images_per_s":
-                         round(bound, 2), "fraction_of_bound": round(rate / bound, 3)}
+        out[name] = {"precision": precision, "images_per_s": round(rate, 2),
+                     "bound_kind": key, "bound_images_per_s": round(bound, 2), "fraction_of_bound": round(rate / bound, 3)}
+        if precision == "int8":
+            out[name]["weight_bits"] = emb.engine.weight_bits
         print(f"  model only {name}: {rate:.2f} img/s ({emb.engine.precision})", flush=True)
     return out
 
@@ -202,15 +211,17 @@ def clip_retrieval(folder: Path, out: Path, ckpt: Path, model_name: str, n: int)
 
 
 def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: str, engine_names: list[str],
-            work: Path, cache: Path, with_clip_retrieval: bool, big: Path, chunk: int) -> dict:
-    """`paths` (in `folder`) for whole commands and parity; `big` (a superset, in chunks of `chunk`) for the
-    marginal rate."""
+            work: Path, cache: Path, with_clip_retrieval: bool, big: Path, chunk: int, plain_n: int = 0,
+            model_only: dict | None = None) -> dict:
+    """`paths` (in `folder`) for whole commands; the first `plain_n` of them (all: 0) for the plain loop and
+    parity; `big` (a superset, in chunks of `chunk`) for the marginal rate."""
     n = len(paths)
     n_big = len(list(big.iterdir()))
-    runs = [plain_loop(paths, model_name) for _ in range(3)]
+    sample = paths[:plain_n] if plain_n else paths
+    runs = [plain_loop(sample, model_name) for _ in range(3)]
     plain = sorted(runs, key=lambda r: r["images_per_s"])[1]  # the median of three
     print(f"  {name}: plain loop {[round(r['images_per_s'], 2) for r in runs]} img/s", flush=True)
-    out = {"images": n, "image_size": list(Image.open(paths[0]).size),
+    out = {"images": n, "plain_loop_images": len(sample), "image_size": list(Image.open(paths[0]).size),
            "mean_file_bytes": int(np.mean([p.stat().st_size for p in paths])),
            "plain_loop_images_per_s": round(plain["images_per_s"], 3),
            "plain_loop_runs_images_per_s": [round(r["images_per_s"], 3) for r in runs],
@@ -218,7 +229,7 @@ def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: 
     for engine in engine_names:
         full = lakelens_command(folder, work / f"t-{name}-{engine}", ckpt, model_name, engine, cache)
         rows = read_table(work / f"t-{name}-{engine}")
-        parity = compare(plain["vectors"], paths, rows)
+        parity = compare(plain["vectors"], sample, rows)
         shutil.rmtree(work / f"t-{name}-{engine}", ignore_errors=True)
         many = lakelens_command(big, work / f"t-{name}-{engine}-big", ckpt, model_name, engine, cache, chunk)
         shutil.rmtree(work / f"t-{name}-{engine}-big", ignore_errors=True)
@@ -229,6 +240,8 @@ def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: 
             "phases_s": {k: round(v, 2) for k, v in full["phases"].items()},
             "marginal_images_per_s": round(marginal, 3),
             "marginal_over_plain": round(marginal / plain["images_per_s"], 3),
+            "marginal_over_model_only": (round(marginal / model_only[engine]["images_per_s"], 3)
+                                         if model_only and engine in model_only else None),
             "marginal_run_whole_command_s": many["seconds"], "marginal_run_chunk_seconds": many["chunk_seconds"],
             "parity_vs_plain": parity}
         print(f"  {name} {engine}: whole {n / full['seconds']:.2f} img/s ({full['seconds']:.1f} s), "
@@ -292,6 +305,9 @@ def main() -> int:
     ap.add_argument("--engines", default="torch,onnx,onnx-int8",
                     help="engines run as whole jobs (all four are measured model-only)")
     ap.add_argument("--no-clip-retrieval", action="store_true")
+    ap.add_argument("--plain", type=int, default=0,
+                    help="run the plain loop (and parity) on the first N files of the whole-command set (0: all)")
+    ap.add_argument("--no-large", action="store_true", help="skip the 12-MP set")
     ap.add_argument("--out", default=str(RESULTS / "embed.json"))
     args = ap.parse_args()
 
@@ -305,15 +321,17 @@ def main() -> int:
                        "(PIL + preprocess + torch forward, batch 32, all cores) and clip-retrieval inference "
                        f"(batch 32, 2 preprocessing workers), random-init {args.model} from one checkpoint file",
                "loadavg_before": loadavg(),
-               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "python": sys.version.split()[0], "torch": torch.__version__}, "model": args.model}
+               "machine": {**describe(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                           "python": sys.version.split()[0], "torch": torch.__version__}, "model": args.model,
+               "args": vars(args)}
+    print(f"[bench] machine: {json.dumps(results['machine'])}", flush=True)
     try:
         torch.set_num_threads(os.cpu_count() or 1)
         print(f"[bench] images and checkpoint in {work}", flush=True)
         small_all = make_images(work / "small-all", max(args.small, args.marginal), 256, 256)
         results["conf"] = (ROOT / "conf" / "local.yaml").read_text()
         small = small_all[:args.small]
-        large_all = make_images(work / "large-all", args.large, 4000, 3000)
+        large_all = [] if args.no_large else make_images(work / "large-all", args.large, 4000, 3000)
         large = large_all[:max(1, args.large // 3)]
         ckpt = work / f"{args.model}-random-seed0.pt"
         torch.save(models.load(models.ModelSpec(args.model)).model.state_dict(), ckpt)
@@ -329,18 +347,26 @@ def main() -> int:
         print("[bench] 256-px JPEGs", flush=True)
         results["small_256px"] = run_set(
             "small", small, linked_subset(small, work / "small"), ckpt, args.model, engine_names, work, cache,
-            not args.no_clip_retrieval, linked_subset(small_all[:args.marginal], work / "small-big"), args.chunk)
+            not args.no_clip_retrieval, linked_subset(small_all[:args.marginal], work / "small-big"), args.chunk,
+            args.plain, results["model_only"])
+        if args.no_large:
+            results["loadavg_after"] = loadavg()
+            return finish(results, args.out)
         print("[bench] 12-megapixel JPEGs", flush=True)
         results["large_12mp"] = run_set(
             "large", large, linked_subset(large, work / "large"), ckpt, args.model, engine_names, work, cache,
             False, repeated_links(large_all, work / "large-big", args.large_marginal), args.large_chunk)
         results["loadavg_after"] = loadavg()
+        return finish(results, args.out)
     finally:
         if "s" in _SPARK:
             _SPARK["s"].stop()
         shutil.rmtree(work, ignore_errors=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def finish(results: dict, out: str) -> int:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
 
