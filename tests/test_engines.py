@@ -176,6 +176,24 @@ def test_shared_cache_serves_each_cpu_kind_its_own_graph(tmp_path, monkeypatch):
         engines.onnx_graphs(TINY, True, tmp_path, weight_bits=4)
 
 
+def test_int8_graph_has_its_batch_fixed_at_one_and_the_engine_still_takes_batches(cache):
+    """The engine runs int8 one image per call, so the int8 graph is exported with a static batch of 1 (ONNX
+    Runtime folds its shape arithmetic); the fp32 graph keeps its dynamic batch."""
+    import onnx
+
+    folder = engines.onnx_graphs(TINY, True, cache)
+    int8 = onnx.load(str(folder / "image.onnx"), load_external_data=False)
+    fp32 = onnx.load(str(folder.parent / "fp32" / "image.onnx"), load_external_data=False)
+    for value in (*int8.graph.input, *int8.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_value == 1
+    assert fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=cache)
+    x = np.random.default_rng(3).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    together = engine.encode_image(x)
+    assert together.shape == (5, 128)
+    assert np.array_equal(together[2:3], engine.encode_image(x[2:3]))
+
+
 def test_onnx_worker_never_imports_torch(tmp_path):
     """A Spark worker with a cached graph embeds images with ONNX Runtime, PIL and numpy alone."""
     import subprocess

@@ -34,7 +34,7 @@ DEVICES: tuple = CHOICES["embed.device"]
 # torch fp32, and the demo's Recall@10 within one point): BENCHMARKS.md.
 DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
-EXPORT_FORMAT = 2  # bump when the exported graphs change, so old caches are not reused
+EXPORT_FORMAT = 3  # bump when the exported graphs change, so old caches are not reused
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products (weights int8 per output
 # channel, activations uint8 per tensor, quantised on the fly). The patch convolution stays fp32
 # (ConvInteger is slower than the fp32 Conv it replaces), and so does the whole text tower: one query at a
@@ -285,6 +285,24 @@ def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
     return np.stack([np.asarray(loaded.preprocess(p), dtype=np.float32) for p in pictures])
 
 
+def _static_batch_copy(fp32: Path, source: Path) -> bool:
+    """The fp32 image graph with its batch fixed at 1, written to `source`. The engine runs int8 one image
+    per call, and a static shape lets ONNX Runtime fold the shape arithmetic that the export keeps for a
+    dynamic batch (bench/int8_static_batch.py measures the gain). False, and nothing written, for a graph
+    near protobuf's 2 GB limit (one file cannot hold it): that one keeps its dynamic batch."""
+    import onnx
+
+    if sum(f.stat().st_size for f in fp32.iterdir() if f.name not in ("text.onnx", "meta.json")) > 1.5e9:
+        return False
+    graph = onnx.load(str(fp32 / "image.onnx"))
+    for value in (*graph.graph.input, *graph.graph.output):
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 1
+    onnx.save(graph, str(source))
+    return True
+
+
 def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bits: int) -> dict:
     """Quantise the image tower with `weight_bits` (8, or 7 = reduce_range); return the probe check's
     result for meta.json."""
@@ -294,10 +312,11 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     # the quantiser writes a shape-inferred copy beside its input: give it a private input, so workers
     # quantising at once do not delete each other's copies (and fp32/ stays as published)
     source = folder / "fp32-image.onnx"
-    try:
-        os.link(fp32 / "image.onnx", source)
-    except OSError:
-        shutil.copyfile(fp32 / "image.onnx", source)
+    if not _static_batch_copy(fp32, source):
+        try:
+            os.link(fp32 / "image.onnx", source)
+        except OSError:
+            shutil.copyfile(fp32 / "image.onnx", source)
     quantize_dynamic(str(source), str(folder / "image.onnx"), weight_type=QuantType.QInt8,
                      per_channel=opts["per_channel"], reduce_range=weight_bits == 7,
                      op_types_to_quantize=opts["op_types"])
