@@ -42,18 +42,34 @@ def held_out(loaded, n: int) -> np.ndarray:
     return np.stack([np.asarray(loaded.preprocess(p), dtype=np.float32) for p in pictures])
 
 
-def rates(run: dict, x: np.ndarray, rounds: int = 7) -> dict:
-    """images/s of each graph: rounds alternate between the graphs (so a slow spell of the machine hits
-    all of them), one pass over the batch each; the median round per graph."""
+def per_image(session, pool: ThreadPoolExecutor):
+    """A batch through `session` as the engine runs int8: one image per call, the pool's calls at once."""
+    return lambda b: np.concatenate(list(pool.map(lambda i: session.run(None, {"image": b[i:i + 1]})[0],
+                                                  range(len(b)))))
+
+
+def cosine_to(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per-row cosine of `got` to `ref`."""
+    return (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+
+
+def round_rates(run: dict, x: np.ndarray, rounds: int) -> dict:
+    """images/s of each graph in each round, after one warm-up pass each: rounds alternate between the
+    graphs (so a slow spell of the machine hits all of them), one pass over the batch each."""
     for fn in run.values():
         fn(x)  # warm-up
-    times = {name: [] for name in run}
+    per_round = {name: [] for name in run}
     for _ in range(rounds):
         for name, fn in run.items():
             t0 = time.perf_counter()
             fn(x)
-            times[name].append(time.perf_counter() - t0)
-    return {name: round(len(x) / float(np.median(t)), 2) for name, t in times.items()}
+            per_round[name].append(round(len(x) / (time.perf_counter() - t0), 2))
+    return per_round
+
+
+def rates(run: dict, x: np.ndarray, rounds: int = 7) -> dict:
+    """images/s of each graph: the median of round_rates."""
+    return {name: round(float(np.median(r)), 2) for name, r in round_rates(run, x, rounds).items()}
 
 
 def main() -> None:
@@ -94,8 +110,7 @@ def main() -> None:
         static1 = engines._session(static_path, 1)
         x = held_out(loaded, args.batch)
         run = {"fp32": lambda b: fp32.run(None, {"image": b})[0],
-               "int8-dynamic (per image)": lambda b: np.concatenate(list(pool.map(
-                   lambda i: dyn.run(None, {"image": b[i:i + 1]})[0], range(len(b))))),
+               "int8-dynamic (per image)": per_image(dyn, pool),
                "int8-static (batch)": lambda b: static.run(None, {"image": b})[0],
                # the batch in `threads` slices, each one call on one thread, at once
                "int8-static (slices)": lambda b: np.concatenate(list(pool.map(
@@ -107,7 +122,7 @@ def main() -> None:
                   "graphs": {}}
         for name, fn in run.items():
             got = fn(x)
-            cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+            cos = cosine_to(ref, got)
             result["graphs"][name] = {"images_per_s": speed[name], "min_cosine_to_fp32": round(float(cos.min()), 5),
                                       "mean_cosine_to_fp32": round(float(cos.mean()), 5)}
             print(name, result["graphs"][name], flush=True)

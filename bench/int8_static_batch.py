@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from embed import compute_bounds  # noqa: E402
-from int8_static import held_out  # noqa: E402
+from int8_static import cosine_to, held_out, per_image, round_rates  # noqa: E402
 from machine import describe  # noqa: E402
 
 from lakelens import ModelSpec  # noqa: E402
@@ -62,32 +61,19 @@ def main() -> None:
         sessions = {"int8, dynamic batch (previous export)": engines._session(dynamic, 1),
                     "int8, batch fixed at 1 (engine's export)": engines._session(static_dir / "image.onnx", 1)}
         fp32 = engines._session(fp32_dir / "image.onnx", threads)
-
-        def per_image(session):
-            return lambda b: np.concatenate(list(pool.map(lambda i: session.run(None, {"image": b[i:i + 1]})[0],
-                                                          range(len(b)))))
-
-        run = {name: per_image(s) for name, s in sessions.items()}
+        run = {name: per_image(s, pool) for name, s in sessions.items()}
         run["fp32"] = lambda b: fp32.run(None, {"image": b})[0]
         x = held_out(loaded, max(args.images, args.batch))
         ref = run["fp32"](x)
         result = {"machine": machine, "model": spec.key, "weight_bits": bits, "weight_bits_why": why,
                   "batch": args.batch, "threads": threads, "rounds": args.rounds, "compute": bounds, "graphs": {}}
-        batch = x[:args.batch]
-        for fn in run.values():
-            fn(batch)  # warm-up
-        per_round = {name: [] for name in run}
         load_before = [round(v, 2) for v in os.getloadavg()]
-        for _ in range(args.rounds):
-            for name, fn in run.items():
-                t0 = time.perf_counter()
-                fn(batch)
-                per_round[name].append(round(len(batch) / (time.perf_counter() - t0), 2))
+        per_round = round_rates(run, x[:args.batch], args.rounds)
         result["loadavg"] = [load_before, [round(v, 2) for v in os.getloadavg()]]
         int8_bound = bounds["matmul_int8_gops"] / bounds["gflop_per_image"] if bounds.get("matmul_int8_gops") else None
         for name, fn in run.items():
             got = fn(x)
-            cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+            cos = cosine_to(ref, got)
             rate = float(np.median(per_round[name]))
             entry = {"images_per_s": round(rate, 2), "images_per_s_rounds": per_round[name],
                      "min_cosine_to_fp32": round(float(cos.min()), 6)}

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from int8_static import held_out  # noqa: E402
+from int8_static import cosine_to, held_out, per_image, round_rates  # noqa: E402
 from machine import describe  # noqa: E402
 
 from lakelens import ModelSpec  # noqa: E402
@@ -74,11 +74,7 @@ def main() -> None:
         fp32 = engines._session(fp32_dir / "image.onnx", threads)
         pool = ThreadPoolExecutor(threads)
 
-        def per_image(session):
-            return lambda b: np.concatenate(list(pool.map(lambda i: session.run(None, {"image": b[i:i + 1]})[0],
-                                                          range(len(b)))))
-
-        run = {"int8, 7-bit weights": per_image(graphs[7]), "int8, 8-bit weights": per_image(graphs[8]),
+        run = {"int8, 7-bit weights": per_image(graphs[7], pool), "int8, 8-bit weights": per_image(graphs[8], pool),
                "fp32": lambda b: fp32.run(None, {"image": b})[0]}
         x = held_out(loaded, max(args.images, args.batch))
         ref = run["fp32"](x)
@@ -89,19 +85,11 @@ def main() -> None:
         accuracy = {}
         for name, fn in run.items():
             got = fn(x)
-            cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+            cos = cosine_to(ref, got)
             accuracy[name] = {"min_cosine_to_fp32": round(float(cos.min()), 5),
                               "mean_cosine_to_fp32": round(float(cos.mean()), 5)}
-        batch = x[:args.batch]
-        for fn in run.values():
-            fn(batch)  # warm-up
         load_before = [round(v, 2) for v in os.getloadavg()]
-        per_round = {name: [] for name in run}
-        for _ in range(args.rounds):
-            for name, fn in run.items():
-                t0 = time.perf_counter()
-                fn(batch)
-                per_round[name].append(round(len(batch) / (time.perf_counter() - t0), 2))
+        per_round = round_rates(run, x[:args.batch], args.rounds)
         result["loadavg_before_timing"] = load_before
         result["loadavg_after_timing"] = [round(v, 2) for v in os.getloadavg()]
         for bits, name in ((7, "int8, 7-bit weights"), (8, "int8, 8-bit weights"), (None, "fp32")):
