@@ -371,9 +371,9 @@ def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path 
         # meta.json says why these bits, whichever caller asked: this CPU's own choice, or a request
         own_bits, own_why = machine_int8_weight_bits()
         weight_bits = own_bits if weight_bits is None else weight_bits
+        if weight_bits not in (7, 8):
+            raise ValueError(f"int8 weight bits: {weight_bits!r} is not 7 or 8")
         why = own_why if weight_bits == own_bits else f"asked for (this CPU's choice is {own_bits} bits: {own_why})"
-    if quantized and weight_bits not in (7, 8):
-        raise ValueError(f"int8 weight bits: {weight_bits!r} is not 7 or 8")
     variant = int8_variant(weight_bits) if quantized else "fp32"
     if (root / variant / "meta.json").is_file():  # int8 folders are only ever made after fp32/
         return root / variant
