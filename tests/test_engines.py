@@ -325,3 +325,45 @@ def test_bad_engine_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"embed\.engine"):
         Embedder(TINY, engine="onnx-fp8")
     assert config.load(None, ["embed.engine=onnx-int8"]).embed.engine == "onnx-int8"
+
+
+def test_int8_source_rewrites_keep_the_towers_numbers(cache):
+    """The int8 graph is traced with the patch embedding as a matrix product and self-attention as ONNX
+    Runtime's fused Attention: in torch the rewritten tower gives the original's vectors, and the quantised
+    graph holds the int8 forms (QAttention, no Conv)."""
+    import onnx
+
+    from lakelens.models import int8_source
+
+    model = models.load(TINY).model
+    x = torch.from_numpy(np.random.default_rng(5).normal(size=(3, 3, 64, 64)).astype(np.float32))
+    with torch.no_grad():
+        before = model.encode_image(x)
+        with int8_source.rewritten(model.visual) as counts:
+            after = model.encode_image(x)
+            assert isinstance(model.visual.conv1, int8_source.PatchLinear)
+        assert not isinstance(model.visual.conv1, int8_source.PatchLinear)  # put back
+    assert counts == {"patch_linear": 1, "fused_attention": 4}
+    assert torch.allclose(before, after, atol=1e-5)
+    folder = engines.onnx_graphs(TINY, True, cache)
+    assert json.loads((folder / "meta.json").read_text())["rewrites"] == {**counts, "batch": 1}
+    ops = {n.op_type for n in onnx.load(str(folder / "image.onnx")).graph.node}
+    assert "QAttention" in ops and "Conv" not in ops and "MatMulInteger" in ops
+
+
+def test_patch_linear_matches_the_convolution_and_other_attention_is_left_alone():
+    from lakelens.models import int8_source
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, kernel_size=8, stride=8, bias=True)
+    x = torch.randn(2, 3, 70, 53)  # sizes the stride does not divide: the convolution drops the rest
+    with torch.no_grad():
+        assert torch.allclose(conv(x), int8_source.PatchLinear(conv)(x), atol=1e-5)
+    assert not int8_source.PatchLinear.applies(torch.nn.Conv2d(3, 16, kernel_size=8, stride=4))
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    fused = int8_source.FusedSelfAttention(mha)
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert torch.allclose(fused(q, q, q)[0], mha(q, q, q, need_weights=False)[0], atol=1e-5)
+        assert torch.allclose(fused(q, kv, kv)[0], mha(q, kv, kv)[0])  # cross-attention: the module itself
+    assert not int8_source.FusedSelfAttention.applies(torch.nn.MultiheadAttention(32, 4, batch_first=False))

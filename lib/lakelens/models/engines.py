@@ -34,12 +34,13 @@ DEVICES: tuple = CHOICES["embed.device"]
 # torch fp32, and the demo's Recall@10 within one point): BENCHMARKS.md.
 DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
-EXPORT_FORMAT = 3  # bump when the exported graphs change, so old caches are not reused
-# int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products (weights int8 per output
-# channel, activations uint8 per tensor, quantised on the fly). The patch convolution stays fp32
-# (ConvInteger is slower than the fp32 Conv it replaces), and so does the whole text tower: one query at a
-# time gains little from int8 and its cosine fell below 0.999.
-INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm"]}
+EXPORT_FORMAT = 4  # bump when the exported graphs change, so old caches are not reused
+# int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
+# (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph
+# traced with the patch embedding as a matrix product and attention as one fused operator
+# (models.int8_source). The whole text tower stays fp32: one query at a time gains little from int8 and
+# its cosine fell below 0.999.
+INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm", "Attention"]}
 # Weight bits are chosen from the CPU's flags at export. Without VNNI, x86 multiplies uint8 x int8 pairs
 # with VPMADDUBSW, whose 16-bit pair sums saturate with full-range weights (per-image cosine 0.984 against
 # fp32 on ViT-B-32, instead of 0.9997), so weights keep 7 bits (reduce_range). VNNI (VPDPBUSD) and AMX
@@ -285,22 +286,23 @@ def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
     return np.stack([np.asarray(loaded.preprocess(p), dtype=np.float32) for p in pictures])
 
 
-def _static_batch_copy(fp32: Path, source: Path) -> bool:
-    """The fp32 image graph with its batch fixed at 1, written to `source`. The engine runs int8 one image
-    per call, and a static shape lets ONNX Runtime fold the shape arithmetic that the export keeps for a
-    dynamic batch (bench/int8_static_batch.py measures the gain). False, and nothing written, for a graph
-    near protobuf's 2 GB limit (one file cannot hold it): that one keeps its dynamic batch."""
-    import onnx
-
+def _int8_source(loaded: models.LoadedModel, fp32: Path, source: Path) -> dict:
+    """The graph that int8 quantises, written to `source`: the image tower traced at batch 1 with its patch
+    embedding as a matrix product and its self-attention as ONNX Runtime's fused Attention operator
+    (models.int8_source). The engine runs int8 one image per call, and a static shape also lets ONNX
+    Runtime fold the shape arithmetic of a dynamic batch. A model near protobuf's 2 GB limit (one file
+    cannot hold it) quantises the fp32 graph as it is, dynamic batch and all."""
     if sum(f.stat().st_size for f in fp32.iterdir() if f.name not in ("text.onnx", "meta.json")) > 1.5e9:
-        return False
-    graph = onnx.load(str(fp32 / "image.onnx"))
-    for value in (*graph.graph.input, *graph.graph.output):
-        dim = value.type.tensor_type.shape.dim[0]
-        dim.ClearField("dim_param")
-        dim.dim_value = 1
-    onnx.save(graph, str(source))
-    return True
+        try:
+            os.link(fp32 / "image.onnx", source)
+        except OSError:
+            shutil.copyfile(fp32 / "image.onnx", source)
+        return {"patch_linear": 0, "fused_attention": 0, "batch": "dynamic"}
+    from lakelens.models import int8_source
+
+    image, _ = _towers(loaded.model)
+    counts = int8_source.export(image, loaded.model.visual, loaded.image_size, str(source), ONNX_OPSET)
+    return {**counts, "batch": 1}
 
 
 def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bits: int) -> dict:
@@ -312,11 +314,7 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     # the quantiser writes a shape-inferred copy beside its input: give it a private input, so workers
     # quantising at once do not delete each other's copies (and fp32/ stays as published)
     source = folder / "fp32-image.onnx"
-    if not _static_batch_copy(fp32, source):
-        try:
-            os.link(fp32 / "image.onnx", source)
-        except OSError:
-            shutil.copyfile(fp32 / "image.onnx", source)
+    rewrites = _int8_source(loaded, fp32, source)
     quantize_dynamic(str(source), str(folder / "image.onnx"), weight_type=QuantType.QInt8,
                      per_channel=opts["per_channel"], reduce_range=weight_bits == 7,
                      op_types_to_quantize=opts["op_types"])
@@ -327,7 +325,8 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     # one image per call, as the engine runs it: activation scales are per call
     got = np.concatenate([int8.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])
     cosine = float((ref * got).sum(1).min())
-    return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE}
+    return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE,
+            "rewrites": rewrites}
 
 
 def _publish(root: Path, variant: str, build, meta: dict) -> Path:
