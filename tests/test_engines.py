@@ -346,9 +346,36 @@ def test_int8_source_rewrites_keep_the_towers_numbers(cache):
     assert counts == {"patch_linear": 1, "fused_attention": 4}
     assert torch.allclose(before, after, atol=1e-5)
     folder = engines.onnx_graphs(TINY, True, cache)
-    assert json.loads((folder / "meta.json").read_text())["rewrites"] == {**counts, "batch": 1}
-    ops = {n.op_type for n in onnx.load(str(folder / "image.onnx")).graph.node}
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["rewrites"] == {**counts, "batch": 1}
+    nodes = onnx.load(str(folder / "image.onnx")).graph.node
+    ops = {n.op_type for n in nodes}
     assert "QAttention" in ops and "Conv" not in ops and "MatMulInteger" in ops
+    # the patch embedding's product is int8 over the image's 8-bit pixels, recovered in the graph
+    assert meta["fp32_nodes"] == [] and len(meta["pixel_int8_nodes"]) == 1
+    patch = [n for n in nodes if n.name == meta["pixel_int8_nodes"][0] + "_int8"]
+    assert [n.op_type for n in patch] == ["MatMulInteger"]
+    assert [n.op_type for n in nodes[:5]] == ["Mul", "Add", "Round", "Clip", "Cast"]
+
+
+def test_pixel_int8_patch_product_recovers_the_pixels_exactly(tmp_path):
+    """The int8 patch product sees the very 8-bit pixels the image was made of: preprocessed images whose
+    pixels differ by one step give different vectors, and an image's vector does not move when its
+    normalised values carry float32 rounding noise far below a pixel step."""
+    loaded = models.load(TINY)
+    t = loaded.transform
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=str(tmp_path))
+    assert engine.precision == "int8"
+    rng = np.random.default_rng(11)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    from PIL import Image
+
+    x = t(Image.fromarray(pixels))[None]
+    noisy = x * (1 + np.float32(1e-6) * rng.standard_normal(x.shape).astype(np.float32))
+    assert np.array_equal(engine.encode_image(x), engine.encode_image(noisy))
+    bumped = pixels.copy()
+    bumped[:8, :8] = np.where(bumped[:8, :8] < 255, bumped[:8, :8] + 1, 254)
+    assert not np.array_equal(engine.encode_image(x), engine.encode_image(t(Image.fromarray(bumped))[None]))
 
 
 def test_patch_linear_matches_the_convolution_and_other_attention_is_left_alone():
