@@ -1,8 +1,8 @@
 """Issue #15: the int8 image tower's source graph. Three quantisations of the same model, model only, in one
 run: the fp32 graph as exported (dynamic batch), that graph with its batch fixed at 1, and the engine's
-export (models.int8_source: batch 1, the patch embedding as an int8 product over the image's 8-bit pixels,
-self-attention as ONNX Runtime's fused Attention, quantised to QAttention); fp32 beside them; and the engine's int8 rate against the
-int8 bound from the measured int8 matmul rate.
+export (models.int8_source: batch 1, the patch embedding as an int8 product over the image's 8-bit
+pixels, self-attention as ONNX Runtime's fused Attention, quantised to QAttention); fp32 beside them;
+and the engine's int8 rate against the int8 bound from the measured int8 matmul rate.
 
 All int8 graphs are quantised by the engine's options and weight bits for this CPU; each runs as the engine
 runs it: one image per call, `cores` single-thread calls at once. Rounds alternate between the graphs (a slow
