@@ -38,9 +38,10 @@ EXPORT_FORMAT = 6  # bump when the exported graphs change, so old caches are not
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
 # (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph
 # traced with the patch embedding as a matrix product and attention as one fused operator
-# (models.int8_source). The patch embedding's product stays fp32 (pixels quantised per tensor cost a
-# fine-tuned model a cosine of 0.996), and so does the whole text tower: one query at a time gains little
-# from int8 and its cosine fell below 0.999.
+# (models.int8_source). The patch embedding's product is not quantised that way (pixels scaled per image
+# cost a fine-tuned model a cosine of 0.996): it becomes an int8 product over the image's exact 8-bit
+# pixels (int8_source.exact_pixel_products). The whole text tower stays fp32: one query at a time gains
+# little from int8 and its cosine fell below 0.999.
 INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm", "Attention"]}
 # Weight bits are chosen from the CPU's flags at export. Without VNNI, x86 multiplies uint8 x int8 pairs
 # with VPMADDUBSW, whose 16-bit pair sums saturate with full-range weights (per-image cosine 0.984 against
