@@ -117,20 +117,25 @@ def rewritten(tower: nn.Module) -> Iterator[dict]:
             setattr(parent, name, child)
 
 
+def _pixel_chain(graph) -> tuple[set, set]:
+    """(names of the nodes, names of the tensors) that carry the graph's first input on through reshapes,
+    transposes and slices only, the input included: what a patch embedding's product reads."""
+    chain, tensors = set(), {graph.input[0].name}
+    for node in graph.node:  # topological order
+        if node.op_type in ("Reshape", "Transpose", "Slice", "Identity", "Flatten") and node.input[0] in tensors:
+            chain.add(node.name)
+            tensors.update(node.output)
+    return chain, tensors
+
+
 def pixel_matmuls(path: str) -> list[str]:
     """Names of the MatMul nodes that multiply the input pixels themselves (reached from the graph's input
     through reshapes, transposes and slices only): the patch embeddings, kept fp32 when quantising."""
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
-    pixels = {i.name for i in graph.input}
-    names = []
-    for node in graph.node:  # topological order
-        if node.op_type in ("Reshape", "Transpose", "Slice", "Identity", "Flatten") and node.input[0] in pixels:
-            pixels.update(node.output)
-        elif node.op_type in ("MatMul", "Gemm") and node.input[0] in pixels:
-            names.append(node.name)
-    return names
+    _, pixels = _pixel_chain(graph)
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[0] in pixels]
 
 
 def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: int) -> list[str]:
@@ -154,11 +159,7 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     g = model.graph
     image = g.input[0].name
     inits = {i.name: i for i in g.initializer}
-    chain, feeds = set(), {image}  # the nodes between the image and the products: they now carry uint8
-    for node in g.node:
-        if node.op_type in ("Reshape", "Transpose", "Slice", "Identity", "Flatten") and node.input[0] in feeds:
-            chain.add(node.name)
-            feeds.update(node.output)
+    chain, feeds = _pixel_chain(g)  # the nodes between the image and the products: they now carry uint8
     done, nodes = [], []
     qmax = 127 if weight_bits == 8 else 63
     std64, mean64 = np.asarray(std, np.float64), np.asarray(mean, np.float64)
@@ -204,8 +205,8 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
                               name="pixels_clip"),
              helper.make_node("Cast", ["pixels_clipped"], ["pixels"], to=TensorProto.UINT8, name="pixels_u8")]
     for node in nodes:
-        if node.name in chain:
-            node.input[0] = "pixels" if node.input[0] == image else node.input[0]
+        if node.name in chain and node.input[0] == image:
+            node.input[0] = "pixels"
     del g.node[:]
     g.node.extend(front + nodes)
     del g.value_info[:]  # the patch chain's tensors are uint8 now; ONNX Runtime infers the types again
