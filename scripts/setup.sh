@@ -46,4 +46,10 @@ if ! ls build/jars/s3/hadoop-aws-*.jar >/dev/null 2>&1; then
   mvn -B -q -Ds3 dependency:copy-dependencies -DoutputDirectory=build/jars/s3.tmp
   rm -rf build/jars/s3 && mv build/jars/s3.tmp build/jars/s3  # a run killed half-way leaves no partial set
 fi
-echo "[setup] ready: .venv, build/jars, build/jars/s3"
+# a class-data-sharing archive of the Spark and Delta classes (lakelens.jvm): every Spark JVM lakelens
+# starts maps it instead of loading them again (seconds per command); rebuilt when the JDK or jars change
+if ! ls build/cds/spark-*.jsa >/dev/null 2>&1 || [ -z "$(.venv/bin/python -m lakelens.cli jvm-options)" ]; then
+  echo "[setup] building the JVM class archive (build/cds, about 30 s)"
+  .venv/bin/python -m lakelens.jvm
+fi
+echo "[setup] ready: .venv, build/jars, build/jars/s3, build/cds"

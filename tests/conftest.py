@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,77 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-# --- JVM start-up: a class-data-sharing archive for every Spark JVM the tests start ---------------------
+# --- JVM start-up: the class-data-sharing archive for every Spark JVM the tests start -------------------
 # The suite starts about 15 Spark JVMs (the shared session, and the fresh processes of the CLI, refresh,
-# lock, driver-memory and spark-submit tests). On 2 cores each spends seconds loading and verifying the
-# same ~15k Spark and Scala classes; a dynamic CDS archive of them (JDK 13+) cuts a fresh session's start
-# by about 3 s. The archive is built once per JDK and pyspark install (build/cds, ~170 MB; a short Spark
-# + Delta run that dumps its loaded classes at exit) and given to every spark-submit JVM through
-# SPARK_SUBMIT_OPTS, which subprocesses inherit. It changes no output: a stale or mismatched archive is
-# ignored by the JVM without a word (-Xlog:cds*=off keeps its notes off stdout), and
-# LAKELENS_TEST_CDS=0 turns it off.
-CDS_DIR = ROOT / "build" / "cds"
-CDS_PROBE = """
-import sys
-from pyspark import SparkContext
-from lakelens import config
-from lakelens.spark import get_session
-spark, _ = get_session(config.load(sys.argv[1]).spark)
-t = sys.argv[2]
-spark.range(20).selectExpr("id", "cast(id as string) as s").write.format("delta") \
-    .option("delta.enableChangeDataFeed", "true").save(t)
-from delta.tables import DeltaTable
-src = spark.range(10, 30).selectExpr("id", "cast(id * 2 as string) as s")
-DeltaTable.forPath(spark, t).alias("a").merge(src.alias("b"), "a.id = b.id").whenMatchedUpdateAll() \
-    .whenNotMatchedInsertAll().whenNotMatchedBySourceDelete().execute()
-DeltaTable.forPath(spark, t).delete("id = 12")
-spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 1).load(t) \
-    .groupBy("_change_type").count().collect()
-spark.read.format("delta").load(t).mapInPandas(lambda it: it, "id long, s string").toPandas()
-spark.stop()
-gateway = SparkContext._gateway
-if gateway is not None and getattr(gateway, "proc", None) is not None:
-    gateway.proc.stdin.close()  # the JVM exits on this and writes the archive; wait for it
-    gateway.proc.wait(300)
-"""
-
-
-def _java() -> str | None:
-    home = os.environ.get("JAVA_HOME")
-    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
-    return os.path.realpath(java) if java and os.path.exists(java) else None
-
-
+# lock, driver-memory and spark-submit tests). lakelens.jvm's archive (built by `make setup`, or here on
+# first use) cuts each one's class loading by seconds; get_session maps it by itself, and SPARK_SUBMIT_OPTS
+# gives it to the JVMs that tests start with spark-submit or a standalone cluster. It changes no output;
+# LAKELENS_CDS=0 turns it off.
 def jvm_class_archive() -> Path | None:
-    """The CDS archive for this JDK and pyspark install, built on first use; None where it cannot be."""
-    import pyspark
+    from lakelens import jvm
 
-    java = _java()
-    if os.environ.get("LAKELENS_TEST_CDS", "1") == "0" or java is None:
-        return None
-    jars = Path(pyspark.__file__).parent / "jars"
-    stamp = [java, os.stat(java).st_mtime_ns, pyspark.__version__,
-             sorted((j.name, j.stat().st_size, j.stat().st_mtime_ns) for j in jars.glob("*.jar"))]
-    archive = CDS_DIR / f"spark-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa"
-    if archive.is_file():
-        return archive
-    CDS_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        part = CDS_DIR / f".{archive.name}.{os.getpid()}.part"
-        env = {**os.environ, "SPARK_SUBMIT_OPTS": f"-XX:ArchiveClassesAtExit={part} -Xlog:cds*=off",
-               "PYSPARK_PYTHON": sys.executable}
-        try:
-            subprocess.run([sys.executable, "-c", CDS_PROBE, str(ROOT / "conf" / "local.yaml"), f"{tmp}/t"],
-                           env=env, cwd=tmp, capture_output=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            pass
-        if not part.is_file() or part.stat().st_size == 0:
-            part.unlink(missing_ok=True)
-            return None
-        for old in CDS_DIR.glob("spark-*.jsa"):  # archives of an older JDK or pyspark
-            old.unlink(missing_ok=True)
-        os.replace(part, archive)
-    return archive
+    return jvm.build()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -303,6 +303,15 @@ def cmd_jars(args) -> int:
     return 0
 
 
+def cmd_jvm_options(args) -> int:
+    from lakelens import jvm
+
+    if args.build:
+        jvm.build()
+    print(jvm.java_options())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lakelens", description="Natural-language image search over a data lake.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -445,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
     p.add_argument("--s3", action="store_true", help="also the s3a file system (hadoop-aws and the AWS SDK)")
     p.set_defaults(func=cmd_jars)
+    p = sub.add_parser("jvm-options", help="print the JVM options that map lakelens' class archive (faster Spark "
+                                           "start; for --driver-java-options of spark-submit); empty when none is built")
+    p.add_argument("--build", action="store_true", help="build the archive first if it is missing (about 20 s)")
+    p.set_defaults(func=cmd_jvm_options)
     p = sub.add_parser("serve", help="the search web page and JSON API over an index (reloads new versions)")
     p.add_argument("--index", required=True, help="the index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

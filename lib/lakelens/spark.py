@@ -6,6 +6,7 @@ import glob
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark.sql import SparkSession
@@ -109,11 +110,35 @@ def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None
     settings.update(conf.extra)
     for key, value in settings.items():
         b = b.config(key, value)
-    spark = b.getOrCreate()
+    with _class_archive():
+        spark = b.getOrCreate()
     _check_delta_on_classpath(spark)
     if want_s3:
         _check_s3a_on_classpath(spark)
     return spark, True
+
+
+@contextmanager
+def _class_archive():
+    """While a JVM is launched here (not under spark-submit, none running yet), SPARK_SUBMIT_OPTS maps the
+    JVM class archive that `make setup` built (lakelens.jvm), when there is one."""
+    from pyspark import SparkContext
+
+    from lakelens import jvm
+
+    before = os.environ.get("SPARK_SUBMIT_OPTS")
+    options = "" if _launched_by_spark_submit() or SparkContext._gateway is not None else jvm.java_options()
+    if not options or "SharedArchiveFile" in (before or "") or "ArchiveClassesAtExit" in (before or ""):
+        yield
+        return
+    os.environ["SPARK_SUBMIT_OPTS"] = " ".join(filter(None, [before, options]))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SPARK_SUBMIT_OPTS", None)
+        else:
+            os.environ["SPARK_SUBMIT_OPTS"] = before
 
 
 def submit_jars_arg(jars_dir: str = "", s3: bool = False) -> list[str]:

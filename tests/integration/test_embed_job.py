@@ -256,15 +256,20 @@ def test_engines_write_the_torch_engines_vectors(spark, tmp_path, local_conf):
     assert [p.name for p in (tmp_path / "onnx").iterdir()]  # the workers exported into the configured cache
 
 
-def test_id_collision_among_new_files_is_detected_before_the_table_exists(spark, tmp_path, local_conf, monkeypatch):
-    """A new table's ids are checked on the executors before anything is written: with a weak hash
-    standing in for sha256, two listed files collide and the table is never created."""
+@pytest.mark.parametrize("listed_by", ["driver", "spark"])
+def test_id_collision_among_new_files_is_detected_before_the_table_exists(spark, tmp_path, local_conf, monkeypatch,
+                                                                          listed_by):
+    """A new table's ids are checked before anything is written: with a weak hash standing in for
+    sha256, two listed files collide and the table is never created. A local folder is checked on the
+    driver; a glob is listed by Spark and checked on the executors."""
     from pyspark.sql import functions as F
 
     img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 3)
     # every name has the same length here
     monkeypatch.setattr(tables, "path_id_col", lambda col="path": F.length(F.col(col)).cast("long"))
+    monkeypatch.setattr(tables, "path_id", len)
+    images = img if listed_by == "driver" else img / "im*"
     with pytest.raises(IdCollisionError, match=r"im0000\.png.*im0001\.jpg"):
-        run(spark, local_conf(img, table))
+        run(spark, local_conf(images, table))
     assert not table.exists()

@@ -139,7 +139,7 @@ def test_names_starting_with_underscore_or_dot_are_skipped(spark, lake):
     below the listed folder starts with '_' or '.'), where Spark keeps partition-like '_k=v' names and its
     index holds Parquet summary names ('_metadata*', '_common_metadata*')."""
     base, root, files = lake
-    listed, count = list_files(spark, str(root))
+    listed, count, _ = list_files(spark, str(root))
     paths = {r["path"] for r in listed.collect()}
     assert count == len(paths) == len(files) + len(EMPTY)
     assert paths == {f"file:{p}" for p in files.values()} | {f"file:{root / n}" for n in EMPTY}
@@ -149,6 +149,44 @@ def test_names_starting_with_underscore_or_dot_are_skipped(spark, lake):
     assert spark_keeps == {"_x=1.png", "_k=v/g.png", "_metadata.png", "_common_metadata x.png",
                            "sub/_metadata dir/z.png"}  # lakelens skips them all the same
     assert not any(f"file:{root / n}" in paths for n in HIDDEN)
+
+
+@pytest.mark.parametrize("path_glob", ["", "*.{png,jpg}", "[!a]*", "*%*"])
+def test_a_local_folder_is_listed_on_the_driver_as_spark_lists_it(spark, lake, path_glob):
+    """The driver's walk of a local folder holds exactly the rows (stored path, size, modification time) of
+    Spark's binaryFile listing of it, with links followed and names skipped alike, also through a
+    pathGlobFilter (Hadoop's glob syntax: braces, negated classes)."""
+    from lakelens.ingest.listing import list_with_spark
+
+    base, root, files = lake
+    driver = list_files(spark, str(root), path_glob)
+    assert driver.local is not None  # a local folder: walked on the driver
+    by_spark = list_with_spark(spark, str(root), path_glob)
+    assert by_spark.local is None
+
+    def rows(df):
+        return sorted((r["path"], r["size_bytes"], r["modified"]) for r in df.collect())
+
+    assert driver.count == by_spark.count > 0
+    assert rows(driver.df) == rows(by_spark.df)
+    assert driver.local["path"].tolist() == sorted(driver.local["path"])
+    if path_glob == "*.{png,jpg}":
+        assert driver.count == sum(n.endswith((".png", ".jpg")) for n in [*files, *EMPTY])
+    if path_glob == "":
+        assert {"file:" + str(files["linked folder/inner %20.png"]), f"file:{root}/empty one.jpg"} <= set(
+            driver.local["path"])
+
+
+def test_a_folder_linked_into_itself_is_walked_once(tmp_path):
+    from lakelens.ingest.listing import walk_local
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"x")
+    os.symlink(tmp_path, tmp_path / "a" / "up")  # a cycle: a/up -> . -> a/up ...
+    os.symlink(tmp_path / "gone.png", tmp_path / "broken.png")  # a broken link is no file
+    listed = walk_local(str(tmp_path))
+    assert listed["path"].tolist() == [f"file:{tmp_path}/a/x.png"]
+    assert listed["size_bytes"].tolist() == [1]
 
 
 def stop(server: ThreadServer) -> None:

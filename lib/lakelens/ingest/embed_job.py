@@ -146,10 +146,10 @@ class EmbedJob(Job):
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
         with phase("list"):
-            listing, listed = list_files(spark, c.images, c.path_glob)
+            listing = list_files(spark, c.images, c.path_glob)
         with phase("plan"):
-            table.check_ids(listing)  # listed paths against each other and the rows kept
-            plan = table.plan(listing, listed, spec.key, c.max_file_bytes, c.regions)
+            table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
+            plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local)
             if c.format == "delta":
                 if c.regions:
                     with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
@@ -169,7 +169,8 @@ class EmbedJob(Job):
         def commit(rows, note):
             if c.format == "delta":
                 with phase("commit"):
-                    with_retries(lambda: table.upsert(rows, note), c.commit_retries, note, self.log)
+                    with_retries(lambda: table.upsert(rows, note, new_only=not plan.changed), c.commit_retries, note,
+                                 self.log)
             else:
                 pending.append(rows)
 
@@ -196,12 +197,12 @@ class EmbedJob(Job):
             if c.format == "delta":
                 if plan.deleted:
                     note = f"lakelens embed {run_id}: drop {plan.deleted} deleted files"
-                    with_retries(lambda: table.delete_missing(listing, note), c.commit_retries, note, self.log)
+                    with_retries(lambda: table.delete_missing(listing.df, note), c.commit_retries, note, self.log)
             elif pending or plan.deleted or not table.exists():
                 new_rows = pending[0] if pending else None
                 for more in pending[1:]:
                     new_rows = new_rows.unionByName(more)
-                table.write_parquet_snapshot(listing, new_rows)
+                table.write_parquet_snapshot(listing.df, new_rows)
         stats.table_version = table.version()
         stats.seconds = time.time() - t0
         self.log(f"lakelens embed done: {stats.summary()}")

@@ -1,18 +1,22 @@
-"""Listing image files with Spark (zero-length files included) and reading exactly the files of a chunk."""
+"""Listing image files (a local folder on the driver, anything else with Spark; zero-length files included) and
+reading exactly the files of a chunk."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import pandas as pd
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from tqdm.auto import tqdm
 
 from lakelens.errors import DataError
-from lakelens.ingest.paths import from_uri, glob_escape, is_local, is_remote, root_of, to_local
+from lakelens.ingest.paths import GLOB_CHARS, from_uri, glob_escape, is_local, is_remote, root_of, to_local, to_stored
 
 
 def hidden(root: str):
@@ -56,7 +60,98 @@ def _uris_to_paths(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         yield pd.DataFrame({"path": pd.Series([from_uri(u) for u in pdf["uri"]], dtype=object)})
 
 
-def list_files(spark: SparkSession, images: str, path_glob: str = "") -> tuple[DataFrame, int]:
+class Listing(NamedTuple):
+    """The files to consider: `df` (path, size_bytes, modified), their `count`, and for a local folder
+    listed on the driver the same rows as pandas (`local`, sorted by path), else None."""
+
+    df: DataFrame
+    count: int
+    local: pd.DataFrame | None = None
+
+
+LISTING_SCHEMA = "path string, size_bytes long, modified timestamp"
+
+
+def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing:
+    """Every file under a folder (recursive), a glob or a URI; names starting with '_' or '.' below the
+    folder are skipped (`hidden`). A local folder is walked on the driver (`walk_local`: a stat per
+    file, no Spark job); anything else is listed by Spark (`list_with_spark`)."""
+    folder = _local_folder(images)
+    if folder is not None:
+        local = walk_local(folder, _name_filter(spark, path_glob))
+        return Listing(spark.createDataFrame(local, LISTING_SCHEMA), len(local), local)
+    return list_with_spark(spark, images, path_glob)
+
+
+def _local_folder(images: str) -> str | None:
+    """The local folder `images` names, when it names one without glob characters; else None."""
+    if not is_local(images) and "://" in images:
+        return None
+    try:
+        folder = str(to_local(to_stored(images)))
+    except DataError:
+        return None
+    if any(ch in folder for ch in GLOB_CHARS) or not os.path.isdir(folder):
+        return None
+    return folder
+
+
+def _name_filter(spark: SparkSession, path_glob: str):
+    """Spark's pathGlobFilter as a Python test of a file name: Hadoop's own GlobPattern compiles the glob
+    to the regular expression its filter matches whole names with."""
+    if not path_glob:
+        return None
+    regex = re.compile(str(spark._jvm.org.apache.hadoop.fs.GlobPattern(path_glob).compiled().pattern()))
+    return lambda name: regex.fullmatch(name) is not None
+
+
+def walk_local(folder: str, keep=None) -> pd.DataFrame:
+    """(path, size_bytes, modified) of the regular files below a local folder, as Spark's binaryFile
+    listing with recursiveFileLookup holds them (stored spelling, sizes, modification times in whole
+    milliseconds, zero-length files included, symlinks followed, copies in progress ('._COPYING_') left
+    out), minus every name starting with '_' or '.' (files and folders); `keep(name)` filters file names
+    (pathGlobFilter). A folder linked into itself is walked once; an unreadable folder raises DataError."""
+    root = to_stored(folder).rstrip("/")
+    base = str(to_local(root))
+    paths, sizes, times = [], [], []
+    seen = set()
+    stack = [(base, root)]
+    with tqdm(desc="listing", unit=" files", disable=None, mininterval=2.0) as bar:
+        while stack:
+            local, stored = stack.pop()
+            try:
+                st = os.stat(local)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                entries = list(os.scandir(local))
+            except OSError as e:
+                raise DataError(f"embed.images: cannot list {local}: {e.strerror or e}") from None
+            for entry in entries:
+                name = entry.name
+                if name[0] in "_." or name.endswith("._COPYING_"):  # the second: Spark's copy in progress
+                    continue
+                try:
+                    if entry.is_dir():
+                        stack.append((entry.path, f"{stored}/{name}"))
+                        continue
+                    if not entry.is_file() or (keep is not None and not keep(name)):
+                        continue
+                    est = entry.stat()
+                except OSError:  # gone meanwhile, or a broken link
+                    continue
+                paths.append(f"{stored}/{name}")
+                sizes.append(est.st_size)
+                times.append(est.st_mtime_ns // 1_000_000)  # milliseconds, as Hadoop's file status has them
+            bar.update(len(entries))
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    return pd.DataFrame({
+        "path": pd.Series([paths[i] for i in order], dtype=object),
+        "size_bytes": pd.Series([sizes[i] for i in order], dtype="int64"),
+        "modified": pd.to_datetime(pd.Series([times[i] for i in order], dtype="int64"), unit="ms", utc=True)})
+
+
+def list_with_spark(spark: SparkSession, images: str, path_glob: str = "") -> Listing:
     """(path, size_bytes, modified) of every file under a folder (recursive), a glob or a URI,
     materialised on the executors, and their count; names starting with '_' or '.' below the folder are
     skipped (`hidden`). Spark's binaryFile source reads no contents when `content` is not selected, but
@@ -91,7 +186,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> tuple[D
                    .join(listing.hint("merge"), "path", "left_anti"))
         listing = listing.unionByName(missing.mapInPandas(_stat_files, listing.schema)).localCheckpoint()
         count = listing.count()
-    return listing, count
+    return Listing(listing, count)
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:

@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
 from delta import exceptions as dx
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
@@ -17,6 +19,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lakelens.errors import ConfigError, DataError, IdCollisionError
+from lakelens.ingest.paths import path_id
 
 FORMATS = ("delta", "parquet")
 ROOTS_PROPERTY = "lakelens.image_roots"
@@ -90,6 +93,7 @@ class Plan:
     unchanged: int
     new: int
     changed: int
+    paths: list[str] | None = None  # the paths to embed, sorted, when the plan was made on the driver
 
     def unread_rows(self) -> DataFrame:
         """(path, size_bytes, modified, error) of new and changed files that are empty or too large."""
@@ -99,7 +103,12 @@ class Plan:
     def chunks(self, size: int) -> Iterator[list[str]]:
         """The paths to embed, sorted, `size` at a time. They stream to the driver one partition at a
         time (toLocalIterator), each partition about one chunk (range partitioning), so the driver never
-        holds more than a partition and a chunk of them, whatever the table's size."""
+        holds more than a partition and a chunk of them, whatever the table's size. A plan made on the
+        driver has them at hand."""
+        if self.paths is not None:
+            for start in range(0, len(self.paths), size):
+                yield self.paths[start:start + size]
+            return
         paths = (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNull()).select("path")
                  .repartitionByRange(max(1, -(-self.to_embed // size)), "path").sortWithinPartitions("path"))
         chunk: list[str] = []
@@ -192,10 +201,14 @@ class EmbeddingsTable:
 
     # --- change detection ----------------------------------------------------------------------
     def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int,
-             regions: bool = False) -> Plan:
+             regions: bool = False, local: pd.DataFrame | None = None) -> Plan:
         """Classify the `listed` files of `listing` against the table: new, changed (size, mtime or model
         differ; or `regions` are wanted and an embedded row has none), unchanged; rows of files no longer
-        listed are deleted. The classification stays on the executors; only the counts per status come back."""
+        listed are deleted. The classification stays on the executors; only the counts per status come back.
+        A listing held on the driver too (`local`, sorted by path) for a table not made yet is planned there:
+        every file is new."""
+        if local is not None and not self.exists():
+            return self._plan_new(local, max_file_bytes)
         if not self.exists():
             todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"))
         else:
@@ -228,9 +241,25 @@ class EmbeddingsTable:
                     deleted=by_status[DELETED], unchanged=listed - by_status[NEW] - by_status[CHANGED],
                     new=by_status[NEW], changed=by_status[CHANGED])
 
-    def check_ids(self, listing: DataFrame) -> None:
+    def _plan_new(self, local: pd.DataFrame, max_file_bytes: int) -> Plan:
+        sizes = local["size_bytes"]
+        error = np.where(sizes == 0, "empty file", np.where(sizes > max_file_bytes, "too large", None))
+        todo = local.assign(status=NEW, error=pd.Series(error, index=local.index, dtype=object))
+        df = self.spark.createDataFrame(todo, "path string, size_bytes long, modified timestamp, status string, "
+                                              "error string")
+        unread = int(todo["error"].notna().sum())
+        return Plan(todo=df, to_embed=len(todo) - unread, unread=unread, deleted=0, unchanged=0, new=len(todo),
+                    changed=0, paths=todo.loc[todo["error"].isna(), "path"].tolist())
+
+    def check_ids(self, listing: DataFrame, local: pd.DataFrame | None = None) -> None:
         """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id;
-        computed on the executors, at most three clashes come back."""
+        computed on the executors, at most three clashes come back. A listing held on the driver too
+        (`local`) for a table not made yet is checked there."""
+        if local is not None and not self.exists():
+            ids = pd.DataFrame({"id": [path_id(p) for p in local["path"]], "path": local["path"]})
+            dup = ids[ids["id"].duplicated(keep=False)].groupby("id")["path"].agg(sorted)
+            _raise_collisions(list(dup.items())[:3])
+            return
         ids = listing.select("path").withColumn("id", path_id_col())
         if self.exists():
             ids = ids.unionByName(self.read().select("path", "id"))
@@ -246,14 +275,16 @@ class EmbeddingsTable:
             location = self.location.replace("`", "``")
             self.spark.sql(f"ALTER TABLE delta.`{location}` ADD COLUMNS (regions {REGIONS_TYPE.simpleString()})")
 
-    def upsert(self, rows: DataFrame, note: str = "") -> None:
+    def upsert(self, rows: DataFrame, note: str = "", new_only: bool = False) -> None:
         """Insert or replace rows by path in one Delta commit. A table without a `regions` column (made
-        before regions existed, and regions are off) keeps its columns."""
+        before regions existed, and regions are off) keeps its columns. `new_only`: the rows' paths were not
+        in the table when the run planned, so the MERGE only inserts (Delta then reads the table's paths
+        alone, no full join); a path another writer added since keeps that writer's row."""
         self._set_commit_note(note)
         target = DeltaTable.forPath(self.spark, self.location)
         have = set(target.toDF().columns)
-        (target.alias("t").merge(rows.select([c for c in COLUMNS if c in have]).alias("s"), "t.path = s.path")
-         .whenMatchedUpdateAll().whenNotMatchedInsertAll().execute())
+        merge = target.alias("t").merge(rows.select([c for c in COLUMNS if c in have]).alias("s"), "t.path = s.path")
+        (merge if new_only else merge.whenMatchedUpdateAll()).whenNotMatchedInsertAll().execute()
 
     def delete_missing(self, listing: DataFrame, note: str = "") -> None:
         """Delete rows whose path is not in `listing`, in one Delta commit (MERGE ... NOT MATCHED BY SOURCE)."""

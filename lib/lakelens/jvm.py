@@ -1,0 +1,137 @@
+"""A class-data-sharing (CDS) archive for the Spark JVMs that lakelens starts itself.
+
+Every fresh Spark JVM loads and verifies the same ~15k Spark, Scala and Delta classes; on 2 cores that is
+seconds of each `lakelens embed` (BENCHMARKS.md: about 5 s of a 2,000-image run). A dynamic CDS archive
+(JDK 13+) of those classes, dumped at the exit of one short Spark + Delta run, lets later JVMs map them
+instead. `make setup` builds it once per JDK, pyspark and Delta jars (`python -m lakelens.jvm`, about
+20 s, ~200 MB under build/cds); `get_session` hands it to the JVM it launches through SPARK_SUBMIT_OPTS.
+
+It changes no output: a JVM ignores an archive of another JDK or class path without a word
+(-Xlog:cds*=off keeps the JVM's notes off stdout). LAKELENS_CDS=0 turns it off; a driver started by
+spark-submit gets it only from the user (`--driver-java-options "$(lakelens jvm-options)"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from lakelens.spark import REPO_JARS
+
+CDS_DIR = REPO_JARS.parent / "cds"
+
+# The training run: session start, a binaryFile listing, a Delta create / MERGE / delete / change feed,
+# mapInPandas and a local checkpoint, the classes that `lakelens embed` and the index job load.
+PROBE = """
+import sys
+from pyspark import SparkContext
+from pyspark.sql import functions as F
+from lakelens import config
+from lakelens.spark import get_session
+spark, _ = get_session(config.load(sys.argv[1]).spark)
+t, files = sys.argv[2], sys.argv[3]
+listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(files) \
+    .select("path", F.col("length").alias("size_bytes")).localCheckpoint()
+listed.groupBy(F.col("path").rlike("/[_.]")).count().collect()
+listed.join(listed.hint("merge"), "path", "left_anti").count()
+spark.read.format("binaryFile").load(files).mapInPandas(lambda it: it, "path string, modificationTime timestamp, "
+                                                         "length long, content binary").count()
+spark.range(20).selectExpr("id", "cast(id as string) as s").write.format("delta") \
+    .option("delta.enableChangeDataFeed", "true").save(t)
+from delta.tables import DeltaTable
+src = spark.range(10, 30).selectExpr("id", "cast(id * 2 as string) as s")
+DeltaTable.forPath(spark, t).alias("a").merge(src.alias("b"), "a.id = b.id").whenMatchedUpdateAll() \
+    .whenNotMatchedInsertAll().whenNotMatchedBySourceDelete().execute()
+DeltaTable.forPath(spark, t).delete("id = 12")
+spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 1).load(t) \
+    .groupBy("_change_type").count().collect()
+spark.read.format("delta").load(t).mapInPandas(lambda it: it, "id long, s string").toPandas()
+spark.stop()
+gateway = SparkContext._gateway
+if gateway is not None and getattr(gateway, "proc", None) is not None:
+    gateway.proc.stdin.close()  # the JVM exits on this and writes the archive; wait for it
+    gateway.proc.wait(300)
+"""
+
+
+def _java() -> str | None:
+    home = os.environ.get("JAVA_HOME")
+    java = os.path.join(home, "bin", "java") if home else shutil.which("java")
+    return os.path.realpath(java) if java and os.path.exists(java) else None
+
+
+def archive_path() -> Path | None:
+    """Where the archive for this JDK, pyspark install and Delta jars lives (built or not); None without
+    a java."""
+    import pyspark
+
+    from lakelens.spark import find_jars
+
+    java = _java()
+    if java is None:
+        return None
+    jars = sorted((Path(pyspark.__file__).parent / "jars").glob("*.jar")) + [Path(j) for j in find_jars()]
+    stamp = [java, os.stat(java).st_mtime_ns, pyspark.__version__,
+             [(j.name, j.stat().st_size, j.stat().st_mtime_ns) for j in jars]]
+    return CDS_DIR / f"spark-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa"
+
+
+def enabled() -> bool:
+    return os.environ.get("LAKELENS_CDS", "1") != "0"
+
+
+def java_options() -> str:
+    """The JVM options that map the archive, or "" when it is off or not built."""
+    archive = archive_path() if enabled() else None
+    if archive is None or not archive.is_file():
+        return ""
+    return f"-XX:SharedArchiveFile={archive} -Xlog:cds*=off"
+
+
+def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> Path | None:
+    """Build the archive if it is missing (a short Spark + Delta run that dumps its classes at exit);
+    the archive, or None where this JVM cannot make one."""
+    archive = archive_path() if enabled() else None
+    if archive is None or archive.is_file():
+        return archive
+    conf_path = conf_path or Path(__file__).resolve().parents[2] / "conf" / "local.yaml"
+    CDS_DIR.mkdir(parents=True, exist_ok=True)
+    part = CDS_DIR / f".{archive.name}.{os.getpid()}.part"
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp, "files")
+        files.mkdir()
+        for i in range(3):
+            Path(files, f"{i}.bin").write_bytes(bytes([i]) * 16)
+        env = {**os.environ, "SPARK_SUBMIT_OPTS": f"-XX:ArchiveClassesAtExit={part} -Xlog:cds*=off",
+               "PYSPARK_PYTHON": sys.executable, "LAKELENS_CDS": "0"}
+        try:
+            subprocess.run([sys.executable, "-c", PROBE, str(conf_path), f"{tmp}/t", str(files)],
+                           env=env, cwd=tmp, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    if not part.is_file() or part.stat().st_size == 0:
+        part.unlink(missing_ok=True)
+        return None
+    for old in CDS_DIR.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
+        old.unlink(missing_ok=True)
+    os.replace(part, archive)
+    return archive
+
+
+def main() -> int:
+    archive = build()
+    if archive is None:
+        print("[setup] no JVM class archive: " + ("turned off (LAKELENS_CDS=0)" if not enabled() else
+                                                  "this JVM could not write one"))
+        return 0
+    print(f"[setup] JVM class archive: {archive} ({archive.stat().st_size >> 20} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
