@@ -250,6 +250,8 @@ def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: 
             "whole_command_s": full["seconds"], "whole_command_images_per_s": round(n / full["seconds"], 3),
             "whole_over_plain": round(n / full["seconds"] / plain["images_per_s"], 3),
             "phases_s": {k: round(v, 2) for k, v in full["phases"].items()},
+            # process and Spark start, the lock, the run's last table read, Spark's stop
+            "outside_phases_s": round(full["seconds"] - sum(full["phases"].values()), 2),
             "marginal_images_per_s": round(marginal, 3),
             "marginal_over_plain": round(marginal / plain["images_per_s"], 3),
             "marginal_over_model_only": (round(marginal / model_only[engine]["images_per_s"], 3)
@@ -350,6 +352,10 @@ def main() -> int:
         ckpt = work / f"{args.model}-random-seed0.pt"
         torch.save(models.load(models.ModelSpec(args.model)).model.state_dict(), ckpt)
         cache = work / "onnx-cache"
+        from lakelens import jvm
+
+        archive = jvm.build()  # what `make setup` builds: every Spark JVM of the commands below maps it
+        results["jvm_class_archive"] = archive.name if archive is not None else None
         results["compute"] = bounds = compute_bounds(args.model)
         print(f"[bench] compute: {bounds}", flush=True)
         t0 = time.perf_counter()

@@ -70,3 +70,34 @@ def test_architecture_names_are_read_as_open_clip_reads_them():
     open_clip's own (its configs plus the shipped lakelens-tiny)."""
     assert models.known_architectures() == sorted(models._open_clip().list_models())
     assert "lakelens-tiny" in models.known_architectures() and "ViT-B-32" in models.known_architectures()
+
+
+def test_a_checkpoint_digest_is_kept_between_processes_for_that_version_of_the_file(tmp_path, monkeypatch):
+    """The driver and each Python worker of a job need the checkpoint's digest: the first process hashes
+    the file, the others read it from the digest cache; writing the file again, even at the same size
+    and with its old modification time put back, is another version (its change time moved)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LAKELENS_DIGEST_CACHE", str(cache))
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"a" * 1000)
+    first = models.checkpoint_digest(str(ckpt))
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()[:16]
+    (entry,) = cache.iterdir()
+    assert entry.read_text() == first
+    entry.write_text("0" * 16)  # what another process finds there is what it uses, without reading the file
+    code = f"from lakelens.models import registry; print(registry.checkpoint_digest({str(ckpt)!r}))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "LAKELENS_DIGEST_CACHE": str(cache)})
+    assert other.stdout.strip() == "0" * 16, other.stderr[-2000:]
+    st = ckpt.stat()
+    time.sleep(0.05)
+    ckpt.write_bytes(b"b" * 1000)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ckpt.stat().st_mtime_ns == st.st_mtime_ns and ckpt.stat().st_size == st.st_size
+    assert models.checkpoint_digest(str(ckpt)) == hashlib.sha256(b"b" * 1000).hexdigest()[:16]
+    assert len(list(cache.iterdir())) == 2

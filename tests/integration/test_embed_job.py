@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, encode, noise_image, write_images
@@ -215,6 +216,12 @@ def test_spreads_files_over_every_core_without_a_shuffle(spark, tmp_path, local_
             assert sorted(sizes, reverse=True) == [per] * (len(sizes) - 1) + [10 - per * (len(sizes) - 1)]
     assert spark.conf.get("spark.sql.files.minPartitionNum", None) is None  # the session's settings are back
     assert listing.read_files(spark, paths).rdd.getNumPartitions() == default_splits
+    for want in (2, 4, 10, 20):  # local files, which the workers read themselves: consecutive paths per split
+        files = listing.local_paths(spark, paths, want)
+        assert "Exchange" not in files._jdf.queryExecution().executedPlan().toString()
+        parts = [[r["path"] for r in part] for part in files.rdd.glom().collect()]
+        assert len(parts) == min(want, 10) and [p for part in parts for p in part] == paths
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
 def test_glob_characters_in_file_names(spark, tmp_path, local_conf):
@@ -273,3 +280,27 @@ def test_id_collision_among_new_files_is_detected_before_the_table_exists(spark,
     with pytest.raises(IdCollisionError, match=r"im0000\.png.*im0001\.jpg"):
         run(spark, local_conf(images, table))
     assert not table.exists()
+
+
+def test_local_files_read_by_the_workers_keep_what_changed_after_the_listing(tmp_path):
+    """Chunks of local files are read by the Python workers themselves (read_local): a file gone since the
+    listing is an `unreadable` row, one grown past embed.max_file_bytes is `too large` without its bytes
+    being read past the limit, and the others carry the size and modification time read with them."""
+    from lakelens.ingest.embed_job import read_local
+
+    img = tmp_path / "img"
+    write_images(img, 3)
+    files = sorted(img.iterdir())
+    paths = [f"file:{p}" for p in files] + [f"file:{img}/gone.png"]
+    sizes = [p.stat().st_size for p in files]
+    limit = sorted(sizes)[1]  # the largest file is over it
+    meta, contents, errors = read_local(pd.DataFrame({"path": paths}), limit)
+    assert meta["path"].tolist() == paths
+    for i, p in enumerate(files):
+        big = sizes[i] > limit
+        assert errors[i] == ("too large" if big else None)
+        assert contents[i] == (b"" if big else p.read_bytes())
+        assert meta["length"][i] == sizes[i]
+        assert meta["modificationTime"][i] == pd.Timestamp(p.stat().st_mtime_ns // 1_000_000, unit="ms", tz="UTC")
+    assert errors[3] == "unreadable" and contents[3] == b"" and meta["length"][3] == 0
+    assert pd.isna(meta["modificationTime"][3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,10 +14,10 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from lakelens.config import EmbedConfig
-from lakelens.errors import ConfigError
+from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
-from lakelens.ingest.listing import file_splits, list_files, read_files
-from lakelens.ingest.paths import root_of, to_stored
+from lakelens.ingest.listing import file_splits, list_files, local_paths, read_files
+from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
 from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, EmbeddingsTable, path_id_col, with_retries
 from lakelens.locks import RunLock, table_lock_file
@@ -25,30 +26,61 @@ from lakelens.models.registry import ModelSpec
 from lakelens.spark import Job
 
 
-def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
-    """The mapInPandas function: binaryFile batches (path, modificationTime, length, content) ->
-    rows of tables.UDF_SCHEMA. The engine uses as many threads as the task was given cores (spark.task.cpus)."""
+def read_local(pdf: pd.DataFrame, max_bytes: int) -> tuple[pd.DataFrame, list, list]:
+    """(path) rows of local files -> the binaryFile columns (path, modificationTime, length), their bytes,
+    and an error per file that could not be read: "unreadable" (gone or refused since the listing) or
+    "too large" (grown past embed.max_file_bytes since; nothing past the limit is read)."""
+    sizes, times, contents, errors = [], [], [], []
+    for path in pdf["path"]:
+        try:
+            with open(to_local(path), "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read(max_bytes + 1)
+        except (OSError, DataError):
+            sizes.append(0)
+            times.append(None)
+            contents.append(b"")
+            errors.append("unreadable")
+            continue
+        sizes.append(st.st_size)
+        times.append(st.st_mtime_ns // 1_000_000)  # milliseconds, as Hadoop's file status has them
+        too_large = len(data) > max_bytes
+        contents.append(b"" if too_large else data)
+        errors.append("too large" if too_large else None)
+    files = pd.DataFrame({"path": pdf["path"], "length": pd.Series(sizes, dtype="int64", index=pdf.index),
+                          "modificationTime": pd.to_datetime(pd.Series(times, dtype="float64", index=pdf.index),
+                                                             unit="ms", utc=True)})
+    return files, contents, errors
+
+
+def partition_embedder(spec: ModelSpec, conf: EmbedConfig, local: bool = False):
+    """The mapInPandas function: binaryFile batches (path, modificationTime, length, content), or with
+    `local` (path) batches of local files that it reads itself, -> rows of tables.UDF_SCHEMA. The engine
+    uses as many threads as the task was given cores (spark.task.cpus)."""
     settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
-    onnx_cache, grid = conf.onnx_cache, conf.region_grid if conf.regions else 0
+    onnx_cache, grid, max_bytes = conf.onnx_cache, conf.region_grid if conf.regions else 0, conf.max_file_bytes
 
     def embed_batches(batches: Iterator) -> Iterator:
         embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache,
                                    region_grid=grid)
         def tagged():  # each batch's bytes listed once: embedded, then hashed
             for pdf in batches:
-                contents = pdf["content"].tolist()
-                yield (pdf, contents), contents
+                if local:
+                    pdf, contents, read_errors = read_local(pdf, max_bytes)
+                else:
+                    contents, read_errors = pdf["content"].tolist(), [None] * len(pdf)
+                yield (pdf, contents, read_errors), contents
 
-        for (pdf, contents), results in embedder.stream(tagged()):
+        for (pdf, contents, read_errors), results in embedder.stream(tagged()):
             yield pd.DataFrame({
                 "path": pdf["path"],
-                "content_sha256": [hashlib.sha256(c).hexdigest() for c in contents],
+                "content_sha256": [None if e else hashlib.sha256(c).hexdigest() for c, e in zip(contents, read_errors)],
                 "size_bytes": pdf["length"],
                 "modified": pdf["modificationTime"],
-                "width": pd.array([r.width for r in results], dtype="Int32"),
-                "height": pd.array([r.height for r in results], dtype="Int32"),
+                "width": pd.array([None if e else r.width for r, e in zip(results, read_errors)], dtype="Int32"),
+                "height": pd.array([None if e else r.height for r, e in zip(results, read_errors)], dtype="Int32"),
                 "embedding": [r.embedding for r in results],
-                "error": [r.error for r in results],
+                "error": [e or r.error for r, e in zip(results, read_errors)],
                 "regions": [None if r.regions is None else
                             [{"box": list(box), "embedding": vec} for box, vec in r.regions] for r in results],
             })
@@ -56,9 +88,45 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig):
     return embed_batches
 
 
-def embed_files(files, spec: ModelSpec, conf: EmbedConfig):
-    """Spark DataFrame of binaryFile rows -> DataFrame of tables.UDF_SCHEMA rows."""
-    return files.mapInPandas(partition_embedder(spec, conf), UDF_SCHEMA)
+class Warmup:
+    """The Python workers started, each with its model loaded, while the driver lists and plans: a job of
+    one task per core that builds the embedder the chunks' tasks then find in their reused workers. It
+    runs on its own thread, in its own job group; `finish` waits for it, or cancels it when there is
+    nothing to embed. A failure here is left for the first chunk to report."""
+
+    def __init__(self, spark, spec: ModelSpec, conf: EmbedConfig):
+        from pyspark import InheritableThread
+
+        self.sc = spark.sparkContext
+        self.group = f"lakelens-embed-warmup-{uuid.uuid4().hex[:8]}"
+        n = self.sc.defaultParallelism
+        settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
+        onnx_cache, grid = conf.onnx_cache, conf.region_grid if conf.regions else 0
+
+        def load(batches: Iterator) -> Iterator:
+            cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache, region_grid=grid)
+            yield from batches
+
+        def run():
+            try:
+                self.sc.setJobGroup(self.group, "lakelens embed: start the Python workers and load the model")
+                spark.range(0, n, 1, n).mapInPandas(load, "id long").collect()
+            except Exception:  # cancelled, or the model does not load: the chunks say why
+                pass
+
+        self.thread = InheritableThread(target=run, daemon=True)
+        self.thread.start()
+
+    def finish(self, cancel: bool = False) -> None:
+        if cancel:
+            self.sc.cancelJobGroup(self.group)
+        self.thread.join()
+
+
+def embed_files(files, spec: ModelSpec, conf: EmbedConfig, local: bool = False):
+    """Spark DataFrame of binaryFile rows (or with `local`, of local file paths) -> DataFrame of
+    tables.UDF_SCHEMA rows."""
+    return files.mapInPandas(partition_embedder(spec, conf, local), UDF_SCHEMA)
 
 
 @dataclass
@@ -111,8 +179,8 @@ class EmbedJob(Job):
         """Splits per chunk: embed.partitions, else two per core, so every core stays busy."""
         return max(1, min(n_files, self.conf.embed.partitions or 2 * self.spark.sparkContext.defaultParallelism))
 
-    def _rows(self, files, spec: ModelSpec):
-        rows = embed_files(files, spec, self.conf.embed)
+    def _rows(self, files, spec: ModelSpec, local: bool = False):
+        rows = embed_files(files, spec, self.conf.embed, local)
         return rows.select(path_id_col().alias("id"), "*", F.lit(spec.key).alias("model"),
                            F.current_timestamp().alias("embedded_at"))
 
@@ -145,18 +213,23 @@ class EmbedJob(Job):
         # Arrow batches the size of a model batch: images are large rows, and memory is per batch.
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
-        with phase("list"):
-            listing = list_files(spark, c.images, c.path_glob)
-        with phase("plan"):
-            table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
-            plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local)
-            if c.format == "delta":
-                if c.regions:
-                    with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
-                with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
-                             "create the table", self.log)
-                with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
-                             "record the image folder", self.log)
+        warmup, plan = Warmup(spark, spec, c), None
+        try:
+            with phase("list"):
+                listing = list_files(spark, c.images, c.path_glob)
+            with phase("plan"):
+                table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
+                plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local)
+                if c.format == "delta":
+                    if c.regions:
+                        with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
+                    with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
+                                 "create the table", self.log)
+                    with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
+                                 "record the image folder", self.log)
+        finally:
+            with phase("embed"):  # the workers' start belongs to embedding
+                warmup.finish(cancel=plan is None or plan.to_embed == 0)
         stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,
                            phases=phases)
         n_chunks = -(-plan.to_embed // c.chunk_size)
@@ -181,8 +254,12 @@ class EmbedJob(Job):
         for i, paths in enumerate(plan.chunks(c.chunk_size)):
             before = dict(phases)
             with phase("embed"):
-                with file_splits(spark, len(paths), self.partitions(len(paths))):  # the scan is planned by the action
-                    rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
+                if all(is_local(p) for p in paths):  # the Python workers read the files themselves
+                    files = local_paths(spark, paths, self.partitions(len(paths)))
+                    rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
+                else:
+                    with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
+                        rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok

@@ -201,6 +201,15 @@ def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
     return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
 
 
+def local_paths(spark: SparkSession, paths: list[str], partitions: int) -> DataFrame:
+    """(path) rows of local files in `partitions` partitions of consecutive paths, for Python workers that
+    read the files themselves: no file index on the driver and no file bytes through the JVM."""
+    n = max(1, min(partitions, len(paths)))
+    slices = [paths[i * len(paths) // n:(i + 1) * len(paths) // n] for i in range(n)]  # sizes differ by <= 1
+    rdd = spark.sparkContext.parallelize(slices, n).flatMap(lambda part: [(p,) for p in part])
+    return spark.createDataFrame(rdd, "path string")
+
+
 @contextmanager
 def file_splits(spark: SparkSession, files: int, partitions: int):
     """Inside this block a scan of `files` files packs them into `partitions` splits of ceil(files /

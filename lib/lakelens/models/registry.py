@@ -55,22 +55,50 @@ def _looks_like_path(pretrained: str) -> bool:
 DIGEST_CHARS = 16  # hex digits of the checkpoint's sha256 kept in the model key
 
 
+def digest_cache_dir() -> Path:
+    """Where checkpoint digests are kept between processes: $LAKELENS_DIGEST_CACHE, else
+    $XDG_CACHE_HOME/lakelens/digests (~/.cache/lakelens/digests)."""
+    if os.environ.get("LAKELENS_DIGEST_CACHE"):
+        return Path(os.environ["LAKELENS_DIGEST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lakelens" / "digests"
+
+
 @functools.lru_cache(maxsize=16)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+def _file_digest(path: str, version: tuple) -> str:
+    """The digest of one version of a file: from this process's memory, else from the digest cache
+    (keyed by the path and the file's device, inode, size, modification and change times: rewriting the
+    file changes its change time, which no one can set back), else read and hashed (and cached)."""
+    key = hashlib.sha256(repr((os.path.realpath(path), version)).encode()).hexdigest()[:32]
+    entry = digest_cache_dir() / key
+    try:
+        cached = entry.read_text().strip()
+        if len(cached) == DIGEST_CHARS and all(c in "0123456789abcdef" for c in cached):
+            return cached
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
-    return h.hexdigest()[:DIGEST_CHARS]
+    digest = h.hexdigest()[:DIGEST_CHARS]
+    try:  # a cache that cannot be written costs a hash per process, nothing else
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        part = entry.with_name(f".{key}.{os.getpid()}")
+        part.write_text(digest)
+        os.replace(part, entry)
+    except OSError:
+        pass
+    return digest
 
 
 def checkpoint_digest(path: str) -> str:
-    """sha256 of a checkpoint file's bytes (first 16 hex digits), computed once per file version."""
+    """sha256 of a checkpoint file's bytes (first 16 hex digits), computed once per file version (the
+    driver and every Python worker of a job share it through the digest cache)."""
     try:
         st = os.stat(path)
     except OSError as e:
         raise ModelLoadError(f"model.pretrained: checkpoint file not found: {path} ({e.strerror})") from None
-    return _file_digest(path, st.st_size, st.st_mtime_ns)
+    return _file_digest(path, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 @dataclass(frozen=True)
