@@ -49,7 +49,7 @@ fi
 # a class-data-sharing archive of the Spark and Delta classes (lakelens.jvm): every Spark JVM lakelens
 # starts maps it instead of loading them again (seconds per command); rebuilt when the JDK or jars change
 if ! ls build/cds/spark-*.jsa >/dev/null 2>&1 || [ -z "$(.venv/bin/python -m lakelens.cli jvm-options)" ]; then
-  echo "[setup] building the JVM class archive (build/cds, about 30 s)"
+  echo "[setup] building the JVM class archive (build/cds, about 40 s)"
   .venv/bin/python -m lakelens.jvm
 fi
 echo "[setup] ready: .venv, build/jars, build/jars/s3, build/cds"

@@ -53,16 +53,25 @@ def read_local(pdf: pd.DataFrame, max_bytes: int) -> tuple[pd.DataFrame, list, l
     return files, contents, errors
 
 
+def worker_embedder(spec: ModelSpec, conf: EmbedConfig) -> Callable:
+    """A function, shipped to the Python workers, that returns the worker's cached Embedder for `spec` and
+    these settings; the engine uses as many threads as the task was given cores (spark.task.cpus)."""
+    settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
+    onnx_cache, grid = conf.onnx_cache, conf.region_grid if conf.regions else 0
+
+    def build():
+        return cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache, region_grid=grid)
+
+    return build
+
+
 def partition_embedder(spec: ModelSpec, conf: EmbedConfig, local: bool = False):
     """The mapInPandas function: binaryFile batches (path, modificationTime, length, content), or with
-    `local` (path) batches of local files that it reads itself, -> rows of tables.UDF_SCHEMA. The engine
-    uses as many threads as the task was given cores (spark.task.cpus)."""
-    settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
-    onnx_cache, grid, max_bytes = conf.onnx_cache, conf.region_grid if conf.regions else 0, conf.max_file_bytes
+    `local` (path) batches of local files that it reads itself, -> rows of tables.UDF_SCHEMA."""
+    build, max_bytes = worker_embedder(spec, conf), conf.max_file_bytes
 
     def embed_batches(batches: Iterator) -> Iterator:
-        embedder = cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache,
-                                   region_grid=grid)
+        embedder = build()
         def tagged():  # each batch's bytes listed once: embedded, then hashed
             for pdf in batches:
                 if local:
@@ -100,11 +109,10 @@ class Warmup:
         self.sc = spark.sparkContext
         self.group = f"lakelens-embed-warmup-{uuid.uuid4().hex[:8]}"
         n = self.sc.defaultParallelism
-        settings = (conf.batch_size, conf.decode_threads, conf.draft, conf.max_pixels, conf.engine, conf.device)
-        onnx_cache, grid = conf.onnx_cache, conf.region_grid if conf.regions else 0
+        build = worker_embedder(spec, conf)  # the very embedder the chunks' tasks ask their workers for
 
         def load(batches: Iterator) -> Iterator:
-            cached_embedder(spec, *settings, threads=engines.task_cpus(), onnx_cache=onnx_cache, region_grid=grid)
+            build()
             yield from batches
 
         def run():
