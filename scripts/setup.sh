@@ -48,7 +48,7 @@ if ! ls build/jars/s3/hadoop-aws-*.jar >/dev/null 2>&1; then
 fi
 # a class-data-sharing archive of the Spark and Delta classes (lakelens.jvm): every Spark JVM lakelens
 # starts maps it instead of loading them again (seconds per command); rebuilt when the JDK or jars change
-if ! ls build/cds/spark-*.jsa >/dev/null 2>&1 || [ -z "$(.venv/bin/python -m lakelens.cli jvm-options)" ]; then
+if [ -z "$(.venv/bin/python -m lakelens.cli jvm-options)" ]; then  # none built for this JDK and these jars
   echo "[setup] building the JVM class archive (build/cds, about 40 s)"
   .venv/bin/python -m lakelens.jvm
 fi

@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jars)
     p = sub.add_parser("jvm-options", help="print the JVM options that map lakelens' class archive (faster Spark "
                                            "start; for --driver-java-options of spark-submit); empty when none is built")
-    p.add_argument("--build", action="store_true", help="build the archive first if it is missing (about 20 s)")
+    p.add_argument("--build", action="store_true", help="build the archive first if it is missing (about 40 s)")
     p.set_defaults(func=cmd_jvm_options)
     p = sub.add_parser("serve", help="the search web page and JSON API over an index (reloads new versions)")
     p.add_argument("--index", required=True, help="the index folder")

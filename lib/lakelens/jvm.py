@@ -4,7 +4,7 @@ Every fresh Spark JVM loads and verifies the same ~15k Spark, Scala and Delta cl
 seconds of each `lakelens embed` (BENCHMARKS.md: about 5 s of a 2,000-image run). A dynamic CDS archive
 (JDK 13+) of those classes, dumped at the exit of one short Spark + Delta run, lets later JVMs map them
 instead. `make setup` builds it once per JDK, pyspark and Delta jars (`python -m lakelens.jvm`, about
-20 s, ~200 MB under build/cds); `get_session` hands it to the JVM it launches through SPARK_SUBMIT_OPTS.
+40 s on 2 cores, ~200 MB under build/cds); `get_session` hands it to the JVM it launches through SPARK_SUBMIT_OPTS.
 
 It changes no output: a JVM ignores an archive of another JDK or class path without a word
 (-Xlog:cds*=off keeps the JVM's notes off stdout). LAKELENS_CDS=0 turns it off; a driver started by

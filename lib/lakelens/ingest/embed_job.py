@@ -16,7 +16,7 @@ from pyspark.sql import functions as F
 from lakelens.config import EmbedConfig
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
-from lakelens.ingest.listing import file_splits, list_files, local_paths, read_files
+from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
 from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
 from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, EmbeddingsTable, path_id_col, with_retries
@@ -43,13 +43,12 @@ def read_local(pdf: pd.DataFrame, max_bytes: int) -> tuple[pd.DataFrame, list, l
             errors.append("unreadable")
             continue
         sizes.append(st.st_size)
-        times.append(st.st_mtime_ns // 1_000_000)  # milliseconds, as Hadoop's file status has them
+        times.append(hadoop_millis(st))
         too_large = len(data) > max_bytes
         contents.append(b"" if too_large else data)
         errors.append("too large" if too_large else None)
     files = pd.DataFrame({"path": pdf["path"], "length": pd.Series(sizes, dtype="int64", index=pdf.index),
-                          "modificationTime": pd.to_datetime(pd.Series(times, dtype="float64", index=pdf.index),
-                                                             unit="ms", utc=True)})
+                          "modificationTime": millis_to_times(times, pdf.index)})
     return files, contents, errors
 
 

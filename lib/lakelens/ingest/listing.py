@@ -31,6 +31,16 @@ def hidden(root: str):
     return F.concat(F.lit("/"), below).rlike(r"/[_.]")
 
 
+def hadoop_millis(st: os.stat_result) -> int:
+    """A file's modification time in whole milliseconds, as Hadoop's file status (and so Spark) has it."""
+    return st.st_mtime_ns // 1_000_000
+
+
+def millis_to_times(millis: list, index=None) -> pd.Series:
+    """Milliseconds (None: unknown) -> the UTC timestamps of a `modified` / `modificationTime` column."""
+    return pd.to_datetime(pd.Series(millis, dtype="float64", index=index), unit="ms", utc=True)
+
+
 def _stat_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """mapInPandas over (path) rows of files Spark's scan left out (zero-length ones): (path, size_bytes,
     modified) stat'ed here, on the executor. A local file gone meanwhile is dropped. Object storage
@@ -50,9 +60,9 @@ def _stat_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
                 continue
             paths.append(path)
             sizes.append(st.st_size)
-            times.append(st.st_mtime_ns // 1_000_000)  # milliseconds, as Hadoop's file status has them
+            times.append(hadoop_millis(st))
         yield pd.DataFrame({"path": pd.Series(paths, dtype=object), "size_bytes": pd.Series(sizes, dtype="int64"),
-                            "modified": pd.to_datetime(pd.Series(times, dtype="float64"), unit="ms", utc=True)})
+                            "modified": millis_to_times(times)})
 
 
 def _uris_to_paths(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -85,7 +95,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing
 
 def _local_folder(images: str) -> str | None:
     """The local folder `images` names, when it names one without glob characters; else None."""
-    if not is_local(images) and "://" in images:
+    if is_remote(images):
         return None
     try:
         folder = str(to_local(to_stored(images)))
@@ -113,7 +123,7 @@ def walk_local(folder: str, keep=None) -> pd.DataFrame:
     (pathGlobFilter). A folder linked into itself is walked once; an unreadable folder raises DataError."""
     root = to_stored(folder).rstrip("/")
     base = str(to_local(root))
-    paths, sizes, times = [], [], []
+    rows = []  # (path, size, milliseconds)
     seen = set()
     stack = [(base, root)]
     with tqdm(desc="listing", unit=" files", disable=None, mininterval=2.0) as bar:
@@ -140,15 +150,12 @@ def walk_local(folder: str, keep=None) -> pd.DataFrame:
                     est = entry.stat()
                 except OSError:  # gone meanwhile, or a broken link
                     continue
-                paths.append(f"{stored}/{name}")
-                sizes.append(est.st_size)
-                times.append(est.st_mtime_ns // 1_000_000)  # milliseconds, as Hadoop's file status has them
+                rows.append((f"{stored}/{name}", est.st_size, hadoop_millis(est)))
             bar.update(len(entries))
-    order = sorted(range(len(paths)), key=paths.__getitem__)
-    return pd.DataFrame({
-        "path": pd.Series([paths[i] for i in order], dtype=object),
-        "size_bytes": pd.Series([sizes[i] for i in order], dtype="int64"),
-        "modified": pd.to_datetime(pd.Series([times[i] for i in order], dtype="int64"), unit="ms", utc=True)})
+    rows.sort()  # by path: every path is listed once
+    paths, sizes, times = zip(*rows) if rows else ((), (), ())
+    return pd.DataFrame({"path": pd.Series(paths, dtype=object), "size_bytes": pd.Series(sizes, dtype="int64"),
+                         "modified": millis_to_times(list(times))})
 
 
 def list_with_spark(spark: SparkSession, images: str, path_glob: str = "") -> Listing:

@@ -207,9 +207,10 @@ class EmbeddingsTable:
         listed are deleted. The classification stays on the executors; only the counts per status come back.
         A listing held on the driver too (`local`, sorted by path) for a table not made yet is planned there:
         every file is new."""
-        if local is not None and not self.exists():
+        exists = self.exists()
+        if local is not None and not exists:
             return self._plan_new(local, max_file_bytes)
-        if not self.exists():
+        if not exists:
             todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"))
         else:
             stored = self.read()
@@ -255,13 +256,14 @@ class EmbeddingsTable:
         """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id;
         computed on the executors, at most three clashes come back. A listing held on the driver too
         (`local`) for a table not made yet is checked there."""
-        if local is not None and not self.exists():
+        exists = self.exists()
+        if local is not None and not exists:
             ids = pd.DataFrame({"id": [path_id(p) for p in local["path"]], "path": local["path"]})
             dup = ids[ids["id"].duplicated(keep=False)].groupby("id")["path"].agg(sorted)
             _raise_collisions(list(dup.items())[:3])
             return
         ids = listing.select("path").withColumn("id", path_id_col())
-        if self.exists():
+        if exists:
             ids = ids.unionByName(self.read().select("path", "id"))
         clash = (ids.distinct().groupBy("id").agg(F.countDistinct("path").alias("n"),
                                                   F.collect_set("path").alias("paths"))
