@@ -126,13 +126,14 @@ def compute_bounds(model_name: str) -> dict:
 
 def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, bounds: dict) -> dict:
     """Model-only images/s per engine (preprocessed batch of 32, all cores; the median of five passes) and the
-    fraction of the bound."""
+    fraction of the bound. Each engine is fed what the job's workers feed it: the Embedder's own transform
+    (8-bit pixels for the int8 tower, float model input otherwise)."""
     from lakelens import Embedder
 
     out = {}
     for name in engine_names:
         emb = Embedder(spec, batch_size=32, engine=name, onnx_cache=str(cache))
-        tensors = [emb.loaded.preprocess(Image.open(p).convert("RGB")) for p in paths[:32]]
+        tensors = [emb.transform(Image.open(p).convert("RGB")) for p in paths[:32]]
         emb.embed_tensors(tensors[:4])
         passes = []
         for _ in range(5):  # the median of five passes: one pass of 32 images moves with the machine's load

@@ -36,7 +36,7 @@ from lakelens import ModelSpec  # noqa: E402
 from lakelens.models import engines, registry  # noqa: E402
 
 
-def op_profile(path: Path, image: np.ndarray, runs: int = 20) -> dict:
+def op_profile(path: Path, image: np.ndarray, transform, runs: int = 20) -> dict:
     """Milliseconds per image by operator type: ONNX Runtime's profiler over `runs` one-image calls, one thread."""
     import collections
 
@@ -48,8 +48,9 @@ def op_profile(path: Path, image: np.ndarray, runs: int = 20) -> dict:
     opts.enable_profiling = True
     opts.profile_file_prefix = str(path.parent / f"profile-{path.stem}")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    inputs = engines.feed(session, image, transform)  # 8-bit pixels for a graph that takes them
     for _ in range(runs):
-        session.run(None, {"image": image})
+        session.run(None, inputs)
     per_op: collections.Counter = collections.Counter()
     for event in json.loads(Path(session.end_profiling()).read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
@@ -95,7 +96,7 @@ def main() -> None:
         pool = ThreadPoolExecutor(threads)
         sessions = {name: engines._session(path, 1) for name, path in graphs.items()}
         fp32 = engines._session(fp32_dir / "image.onnx", threads)
-        run = {name: per_image(s, pool) for name, s in sessions.items()}
+        run = {name: per_image(s, pool, loaded.transform) for name, s in sessions.items()}
         run["fp32"] = lambda b: fp32.run(None, {"image": b})[0]
         x = held_out(loaded, max(args.images, args.batch))
         ref = run["fp32"](x)
@@ -119,7 +120,7 @@ def main() -> None:
                 ratios = [a / b for a, b in zip(per_round[engine_graph], per_round[name])]
                 entry["engine_over_this_median_round_ratio"] = round(float(np.median(ratios)), 3)
                 entry["engine_over_this_round_ratio_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
-                entry["ms_per_image_by_operator_1_thread"] = op_profile(graphs[name], x[:1])
+                entry["ms_per_image_by_operator_1_thread"] = op_profile(graphs[name], x[:1], loaded.transform)
             result["graphs"][name] = entry
             print(name, {k: v for k, v in entry.items() if k not in ("images_per_s_rounds",)}, flush=True)
         result["int8_bound_images_per_s"] = round(int8_bound, 2) if int8_bound else None

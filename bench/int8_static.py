@@ -42,9 +42,13 @@ def held_out(loaded, n: int) -> np.ndarray:
     return np.stack([np.asarray(loaded.preprocess(p), dtype=np.float32) for p in pictures])
 
 
-def per_image(session, pool: ThreadPoolExecutor):
-    """A batch through `session` as the engine runs int8: one image per call, the pool's calls at once."""
-    return lambda b: np.concatenate(list(pool.map(lambda i: session.run(None, {"image": b[i:i + 1]})[0],
+def per_image(session, pool: ThreadPoolExecutor, transform=None):
+    """A batch through `session` as the engine runs int8: one image per call, the pool's calls at once. A
+    graph that takes 8-bit pixels (the engine's int8 tower) gets the batch's pixels (`transform`)."""
+    if engines.takes_pixels(session):
+        return lambda b: per_image(session, pool)(transform.to_pixels(b))
+    name = session.get_inputs()[0].name
+    return lambda b: np.concatenate(list(pool.map(lambda i: session.run(None, {name: b[i:i + 1]})[0],
                                                   range(len(b)))))
 
 

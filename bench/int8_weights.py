@@ -74,7 +74,8 @@ def main() -> None:
         fp32 = engines._session(fp32_dir / "image.onnx", threads)
         pool = ThreadPoolExecutor(threads)
 
-        run = {"int8, 7-bit weights": per_image(graphs[7], pool), "int8, 8-bit weights": per_image(graphs[8], pool),
+        run = {"int8, 7-bit weights": per_image(graphs[7], pool, loaded.transform),
+               "int8, 8-bit weights": per_image(graphs[8], pool, loaded.transform),
                "fp32": lambda b: fp32.run(None, {"image": b})[0]}
         x = held_out(loaded, max(args.images, args.batch))
         ref = run["fp32"](x)

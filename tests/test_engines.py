@@ -355,7 +355,11 @@ def test_int8_source_rewrites_keep_the_towers_numbers(cache):
     assert meta["fp32_nodes"] == [] and len(meta["pixel_int8_nodes"]) == 1
     patch = [n for n in nodes if n.name == meta["pixel_int8_nodes"][0] + "_int8"]
     assert [n.op_type for n in patch] == ["MatMulInteger"]
-    assert [n.op_type for n in nodes[:5]] == ["Mul", "Add", "Round", "Clip", "Cast"]
+    # ... which the graph takes as its input: no float normalisation in front of it
+    graph = onnx.load(str(folder / "image.onnx"), load_external_data=False).graph
+    assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [("pixels", onnx.TensorProto.UINT8)]
+    assert not {"Mul", "Round", "Clip"} & {n.op_type for n in nodes if "pixels" in n.input}
+    assert meta["input"] == "pixels"
 
 
 def test_pixel_int8_patch_product_recovers_the_pixels_exactly(tmp_path):
@@ -376,6 +380,27 @@ def test_pixel_int8_patch_product_recovers_the_pixels_exactly(tmp_path):
     bumped = pixels.copy()
     bumped[:8, :8] = np.where(bumped[:8, :8] < 255, bumped[:8, :8] + 1, 254)
     assert not np.array_equal(engine.encode_image(x), engine.encode_image(t(Image.fromarray(bumped))[None]))
+    # the graph takes the pixels themselves: fed them, or the float input they make, it gives the same vector
+    assert engine.takes_pixels
+    assert np.array_equal(t.to_pixels(x), t.pixels(Image.fromarray(pixels))[None])
+    assert np.array_equal(engine.encode_image(t.pixels(Image.fromarray(pixels))[None]), engine.encode_image(x))
+
+
+def test_embedder_feeds_the_int8_tower_pixels_and_the_fp32_graph_floats(tmp_path):
+    """The Embedder hands an engine that takes pixels the uint8 pixels (no normalisation in the worker),
+    and every other engine the float input; an image's vector is the same either way it is fed."""
+    from lakelens.ingest import images
+
+    data = encode(noise_image(3, (72, 80)), "JPEG")
+    int8 = Embedder(TINY, engine="onnx-int8", onnx_cache=str(tmp_path), threads=1)
+    fp32 = Embedder(TINY, engine="onnx", onnx_cache=str(tmp_path), threads=1)
+    img = images.decode(data, int8.engine.image_size).image
+    assert int8.transform(img).dtype == np.uint8 and fp32.transform(img).dtype == np.float32
+    assert np.array_equal(fp32.transform(img), fp32.engine.transform(img))
+    (got,) = int8([data])
+    assert np.array_equal(got.embedding, int8.engine.encode_image(fp32.transform(img)[None])[0])
+    assert np.array_equal(fp32.engine.encode_image(int8.transform(img)[None]),
+                          fp32.engine.encode_image(fp32.transform(img)[None]))
 
 
 def test_patch_linear_matches_the_convolution_and_other_attention_is_left_alone():

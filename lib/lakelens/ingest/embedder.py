@@ -57,8 +57,12 @@ class Embedder:
         self.formats = tuple(formats)
         self.engine = engines.get(spec, engine, device, threads, onnx_cache)
         # numpy preprocessing, identical to open_clip's; its torchvision transform only where this one
-        # does not cover the model's settings
-        self.transform = self.engine.transform or (lambda img: self.loaded.preprocess(img).numpy())
+        # does not cover the model's settings. An engine that takes 8-bit pixels (the int8 tower) gets
+        # them as they are: no float normalisation in the worker.
+        if getattr(self.engine, "takes_pixels", False):
+            self.transform = self.engine.transform.pixels
+        else:
+            self.transform = self.engine.transform or (lambda img: self.loaded.preprocess(img).numpy())
         self.batch_size = batch_size
         # CPU engines run as fast on 8 images as on 32 (one thread per task), so the model waits for only
         # 8 decodes; a GPU wants whole batches
@@ -128,10 +132,13 @@ class Embedder:
             yield done_tag, self._finish(futures)
 
     def embed_tensors(self, tensors: list) -> np.ndarray:
-        """Preprocessed CHW arrays (numpy, or torch tensors) -> (n, dim) float32 unit vectors, in batches."""
+        """Preprocessed CHW arrays (float32 model input: numpy, or torch tensors; or uint8 pixels from
+        Transform.pixels) -> (n, dim) float32 unit vectors, in batches."""
         out = np.zeros((len(tensors), self.dim), dtype=np.float32)
         for start in range(0, len(tensors), self.batch_size):
-            batch = np.stack([np.asarray(t, dtype=np.float32) for t in tensors[start:start + self.batch_size]])
+            part = [np.asarray(t) for t in tensors[start:start + self.batch_size]]
+            pixels = all(t.dtype == np.uint8 for t in part)
+            batch = np.stack(part if pixels else [t.astype(np.float32, copy=False) for t in part])
             out[start:start + len(batch)] = self.engine.encode_image(batch)
         return out
 

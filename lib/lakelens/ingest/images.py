@@ -152,6 +152,11 @@ class Transform:
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """RGB image -> (3, size, size) float32."""
+        return self.normalize(self.pixels(img))
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        """RGB image -> its resized and cropped 8-bit pixels, (3, size, size) uint8: what an engine that takes
+        pixels (the int8 image tower) is fed, and what `normalize` turns into the float input."""
         s = self.size
         resample = Image.BILINEAR if self.interpolation == "bilinear" else Image.BICUBIC
         w, h = img.size
@@ -166,11 +171,24 @@ class Transform:
         if (new_w, new_h) != (s, s):  # centre crop; both sides are >= size here, so nothing to pad
             top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
             img = img.crop((left, top, left + s, top + s))
-        # channels first while still 8-bit, then whole planes at a time: the same float32 operations in
-        # the same order as torchvision's (so the same bits), at half the cost of working on HWC triples
-        x = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8).transpose(2, 0, 1)
-        x = x.astype(np.float32)
+        # channels first while still 8-bit: `normalize` then works on whole planes
+        return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8).transpose(2, 0, 1)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """(..., 3, H, W) uint8 pixels -> float32 model input: the same float32 operations in the same order
+        as torchvision's ToTensor and Normalize (so the same bits), at half the cost of HWC triples."""
+        x = np.asarray(pixels).astype(np.float32)
         x /= np.float32(255)
         x -= np.asarray(self.mean, dtype=np.float32)[:, None, None]
         x /= np.asarray(self.std, dtype=np.float32)[:, None, None]
         return x
+
+    def to_pixels(self, x: np.ndarray) -> np.ndarray:
+        """(..., 3, H, W) float32 model input made from 8-bit pixels -> those pixels, exactly: a pixel step is
+        1 / (255 std) wide in the input, far wider than float32's rounding, so rounding x * 255 std + 255 mean
+        lands on the pixel it came from (values outside 0-255 are clipped)."""
+        per_unit = (255.0 * np.asarray(self.std, np.float64)).astype(np.float32)[:, None, None]
+        at_zero = (255.0 * np.asarray(self.mean, np.float64)).astype(np.float32)[:, None, None]
+        y = np.asarray(x, dtype=np.float32) * per_unit
+        y += at_zero
+        return np.clip(np.rint(y), 0, 255).astype(np.uint8)

@@ -34,13 +34,14 @@ DEVICES: tuple = CHOICES["embed.device"]
 # torch fp32, and the demo's Recall@10 within one point): BENCHMARKS.md.
 DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
-EXPORT_FORMAT = 6  # bump when the exported graphs change, so old caches are not reused
+EXPORT_FORMAT = 7  # bump when the exported graphs change, so old caches are not reused
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
 # (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph
 # traced with the patch embedding as a matrix product and attention as one fused operator
 # (models.int8_source). The patch embedding's product is not quantised that way (pixels scaled per image
 # cost a fine-tuned model a cosine of 0.996): it becomes an int8 product over the image's exact 8-bit
-# pixels (int8_source.exact_pixel_products). The whole text tower stays fp32: one query at a time gains
+# pixels (int8_source.exact_pixel_products), and the graph takes those pixels as its input, uint8: the
+# workers skip the float normalisation. The whole text tower stays fp32: one query at a time gains
 # little from int8 and its cosine fell below 0.999.
 INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm", "Attention"]}
 # Weight bits are chosen from the CPU's flags at export. Without VNNI, x86 multiplies uint8 x int8 pairs
@@ -333,10 +334,11 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     ref = _session(fp32 / "image.onnx", 0).run(None, {"image": x})[0]
     int8 = _session(folder / "image.onnx", 1)
     # one image per call, as the engine runs it: activation scales are per call
-    got = np.concatenate([int8.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))])
+    got = np.concatenate([int8.run(None, feed(int8, x[i:i + 1], transform))[0] for i in range(len(x))])
     cosine = float((ref * got).sum(1).min())
     return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE,
-            "rewrites": rewrites, "pixel_int8_nodes": pixel_int8, "fp32_nodes": keep_fp32}
+            "rewrites": rewrites, "pixel_int8_nodes": pixel_int8, "fp32_nodes": keep_fp32,
+            "input": int8.get_inputs()[0].name}
 
 
 def _publish(root: Path, variant: str, build, meta: dict) -> Path:
@@ -401,6 +403,24 @@ def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path 
                      "checked_on_vnni": None if flags is None else [f for f in VNNI_FLAGS if f in flags]})
 
 
+def takes_pixels(session) -> bool:
+    """True for a graph whose input is the image's 8-bit pixels (the int8 tower), False for a float one."""
+    return session.get_inputs()[0].type == "tensor(uint8)"
+
+
+def feed(session, x: np.ndarray, transform: Transform | None) -> dict:
+    """The input feed of an image graph for a batch `x` of preprocessed images, float32 model input or
+    uint8 pixels (Transform.pixels), converted to what the graph takes with `transform`."""
+    x = np.asarray(x)
+    if takes_pixels(session):
+        x = x if x.dtype == np.uint8 else transform.to_pixels(x)
+    elif x.dtype == np.uint8:
+        x = transform.normalize(x)
+    else:
+        x = x.astype(np.float32, copy=False)
+    return {session.get_inputs()[0].name: np.ascontiguousarray(x)}
+
+
 def _session(path: Path, threads: int):
     import onnxruntime as ort
 
@@ -444,14 +464,18 @@ class OnnxEngine:
         # one thread each: as fast as a batch on one thread, faster than a batch on several.
         self._per_image = self.precision == "int8"
         self._image = _session(self.folder / "image.onnx", 1 if self._per_image else threads)
+        # the int8 graph takes 8-bit pixels: the Embedder then feeds it Transform.pixels
+        self.takes_pixels = takes_pixels(self._image)
+        self._input = self._image.get_inputs()[0].name
         self._pool = ThreadPoolExecutor(threads) if self._per_image and threads > 1 else None
         self._text = None
 
     def encode_image(self, images) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(images, dtype=np.float32))
+        """A batch of preprocessed images, float32 model input or uint8 pixels (either for any graph)."""
+        x = feed(self._image, images, self.transform)[self._input]
         if not self._per_image:
-            return self._image.run(None, {"image": x})[0]
-        one = lambda i: self._image.run(None, {"image": x[i:i + 1]})[0]  # noqa: E731
+            return self._image.run(None, {self._input: x})[0]
+        one = lambda i: self._image.run(None, {self._input: x[i:i + 1]})[0]  # noqa: E731
         rows = list(self._pool.map(one, range(len(x)))) if self._pool else [one(i) for i in range(len(x))]
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
 

@@ -4,10 +4,10 @@ same numbers in fp32 and run faster in ONNX Runtime once quantised (bench/int8_s
 - a patch embedding (a Conv2d whose kernel equals its stride, no padding) becomes a reshape and a matrix
   product. The quantiser leaves that product alone (`pixel_matmuls` names it): pixels quantised with one
   scale per image cost a fine-tuned model a cosine of 0.996 to fp32. `exact_pixel_products` then makes
-  it an int8 product of its own kind: the graph turns its normalised input back into the 8-bit pixels it
-  came from (exactly: the steps of a 0-255 pixel are far wider than float32's rounding), multiplies
-  those by int8 weights with the normalisation folded in, and scales back per output channel. Only the
-  weights are rounded, as in every other int8 product;
+  it an int8 product of its own kind over the image's 8-bit pixels, which the graph then takes as its
+  input (uint8): it multiplies them by int8 weights with the normalisation folded in and scales back per
+  output channel. Only the weights are rounded, as in every other int8 product, and the worker skips the
+  float normalisation altogether;
 - a self-attention block (torch's nn.MultiheadAttention, batch first, one packed in-projection) becomes
   ONNX Runtime's fused Attention operator (com.microsoft), which the quantiser turns into QAttention: the
   in-projection in int8 and the heads' split, scores, softmax and merge in one kernel, instead of some
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ORT_DOMAIN = "com.microsoft"
+PIXELS = "pixels"  # the int8 graph's input when it takes 8-bit pixels
 
 
 class PatchLinear(nn.Module):
@@ -142,8 +143,7 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     """Rewrite, in the quantised graph at `path`, each fp32 MatMul in `names` (a patch embedding: its
     first input is the input image, reshaped) as an int8 product over the image's 8-bit pixels:
 
-        pixels = Cast<uint8>(Clip(Round(image * 255 std + 255 mean), 0, 255))   (per channel)
-        out    = Cast<float>(MatMulInteger(patches(pixels) - 128, Wq)) * scale + bias
+        out = Cast<float>(MatMulInteger(patches(pixels) - 128, Wq)) * scale + bias
 
     where W' = W / (255 std) per input channel, Wq = round(W' / scale) with one scale per output column
     (127 steps, or 63 with 7-bit weights: AVX2's u8 x s8 pair sums must not saturate), and bias =
@@ -151,7 +151,10 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     product's zero point) so that the weights' rounding is not multiplied by the pixels' large mean: its
     error is then that of rounding W itself (0.42% of the output's norm on the fine-tuned demo model,
     against 1.9% uncentred). Returns the names rewritten; the others stay fp32.
-    The input must be a normalised image of 0-255 pixels, as every caller's preprocessing makes it."""
+    Where only those products read the image, the graph's input becomes `pixels`, (1, C, H, W) uint8.
+    Otherwise it keeps its float input and recovers the pixels from it in front of the products,
+    pixels = Cast<uint8>(Clip(Round(image * 255 std + 255 mean), 0, 255)) per channel, which is exact
+    for a normalised image of 0-255 pixels (a pixel step is far wider than float32's rounding)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -191,22 +194,33 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
         done.append(node.name)
     if not done:
         return []
-    # the image's 8-bit pixels, in front of the reshapes that cut it into patches
-    shape = (1, len(std64), 1, 1)
-    g.initializer.extend([
-        numpy_helper.from_array((255.0 * std64).reshape(shape).astype(np.float32), "pixels_per_unit"),
-        numpy_helper.from_array((255.0 * mean64).reshape(shape).astype(np.float32), "pixels_at_zero"),
-        numpy_helper.from_array(np.array(0, np.float32), "pixels_min"),
-        numpy_helper.from_array(np.array(255, np.float32), "pixels_max")])
-    front = [helper.make_node("Mul", [image, "pixels_per_unit"], ["pixels_scaled"], name="pixels_scale"),
-             helper.make_node("Add", ["pixels_scaled", "pixels_at_zero"], ["pixels_shifted"], name="pixels_shift"),
-             helper.make_node("Round", ["pixels_shifted"], ["pixels_rounded"], name="pixels_round"),
-             helper.make_node("Clip", ["pixels_rounded", "pixels_min", "pixels_max"], ["pixels_clipped"],
-                              name="pixels_clip"),
-             helper.make_node("Cast", ["pixels_clipped"], ["pixels"], to=TensorProto.UINT8, name="pixels_u8")]
-    for node in nodes:
-        if node.name in chain and node.input[0] == image:
-            node.input[0] = "pixels"
+    readers = [n for n in nodes if image in n.input]
+    if all(n.name in chain for n in readers):
+        # only the patch products read the image: the graph takes the 8-bit pixels themselves, (1, C, H, W)
+        # uint8 (the engine feeds Transform.pixels; a float image is turned back into its pixels first)
+        for node in readers:
+            node.input[0] = PIXELS
+        g.input[0].name = PIXELS
+        g.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+        front = []
+    else:
+        # something else reads the normalised image too: the graph recovers the pixels in front of the
+        # reshapes that cut it into patches, from its float input
+        shape = (1, len(std64), 1, 1)
+        g.initializer.extend([
+            numpy_helper.from_array((255.0 * std64).reshape(shape).astype(np.float32), "pixels_per_unit"),
+            numpy_helper.from_array((255.0 * mean64).reshape(shape).astype(np.float32), "pixels_at_zero"),
+            numpy_helper.from_array(np.array(0, np.float32), "pixels_min"),
+            numpy_helper.from_array(np.array(255, np.float32), "pixels_max")])
+        front = [helper.make_node("Mul", [image, "pixels_per_unit"], ["pixels_scaled"], name="pixels_scale"),
+                 helper.make_node("Add", ["pixels_scaled", "pixels_at_zero"], ["pixels_shifted"], name="pixels_shift"),
+                 helper.make_node("Round", ["pixels_shifted"], ["pixels_rounded"], name="pixels_round"),
+                 helper.make_node("Clip", ["pixels_rounded", "pixels_min", "pixels_max"], ["pixels_clipped"],
+                                  name="pixels_clip"),
+                 helper.make_node("Cast", ["pixels_clipped"], [PIXELS], to=TensorProto.UINT8, name="pixels_u8")]
+        for node in nodes:
+            if node.name in chain and node.input[0] == image:
+                node.input[0] = PIXELS
     del g.node[:]
     g.node.extend(front + nodes)
     del g.value_info[:]  # the patch chain's tensors are uint8 now; ONNX Runtime infers the types again
