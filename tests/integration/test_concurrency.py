@@ -176,6 +176,29 @@ def rows_for(spark, paths: list[str]):
           [float(len(p)), 1.0], None, now, None) for p in paths], tables.SCHEMA)
 
 
+def test_a_table_made_by_another_writer_first_is_not_created_twice_and_keeps_its_roots(spark, tmp_path):
+    """create_if_missing says whether this call made the table (the job then skips recording the folder,
+    which the create recorded). A table another writer made after this one looked is left as it is, and
+    the call says so: the job then records its folder beside the other writer's."""
+    location = str(tmp_path / "t")
+    assert tables.EmbeddingsTable(spark, location).create_if_missing(["/a"]) is True
+
+    class LooksFirst(tables.EmbeddingsTable):  # its first look still finds no table: the other writer was faster
+        looked = False
+
+        def exists(self):
+            if not self.looked:
+                self.looked = True
+                return False
+            return super().exists()
+
+    late = LooksFirst(spark, location)
+    assert late.create_if_missing(["/b"]) is False
+    assert late.image_roots() == ["/a"]
+    late.add_image_root("/b")
+    assert late.image_roots() == ["/a", "/b"]
+
+
 def test_concurrent_merges_are_retried_and_every_row_lands_once(spark, tmp_path):
     table = tables.EmbeddingsTable(spark, str(tmp_path / "t"))
     table.create_if_missing()

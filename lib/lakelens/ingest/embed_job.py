@@ -230,10 +230,11 @@ class EmbedJob(Job):
                 if c.format == "delta":
                     if c.regions:
                         with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
-                    with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
-                                 "create the table", self.log)
-                    with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
-                                 "record the image folder", self.log)
+                    created = with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
+                                           "create the table", self.log)
+                    if not created:  # a new table has the folder already
+                        with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
+                                     "record the image folder", self.log)
         finally:
             with phase("embed"):  # the workers' start belongs to embedding
                 warmup.finish(cancel=plan is None or plan.to_embed == 0)

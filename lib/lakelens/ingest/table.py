@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from delta import exceptions as dx
 from delta.tables import DeltaTable
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -191,13 +192,20 @@ class EmbeddingsTable:
             return snap[0]
         return DeltaTable.forPath(self.spark, self.location).history(1).collect()[0]["version"]
 
-    def create_if_missing(self, image_roots: list[str] = ()) -> None:
-        """A new Delta table (Change Data Feed on), its first image roots recorded in the same commit."""
+    def create_if_missing(self, image_roots: list[str] = ()) -> bool:
+        """A new Delta table (Change Data Feed on), its first image roots recorded in the same commit. True
+        when this call made it (False: it was there already, or another writer made it at the same time)."""
         if self.format != "delta" or self.exists():
-            return
-        (DeltaTable.createIfNotExists(self.spark).location(self.location).addColumns(SCHEMA)
-         .property("delta.enableChangeDataFeed", "true")
-         .property(ROOTS_PROPERTY, json.dumps(sorted(set(image_roots)))).execute())
+            return False
+        try:
+            (DeltaTable.create(self.spark).location(self.location).addColumns(SCHEMA)
+             .property("delta.enableChangeDataFeed", "true")
+             .property(ROOTS_PROPERTY, json.dumps(sorted(set(image_roots)))).execute())
+        except AnalysisException:
+            if self.exists():  # another writer made it since: its roots may lack ours
+                return False
+            raise
+        return True
 
     # --- change detection ----------------------------------------------------------------------
     def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int,
