@@ -206,18 +206,7 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     else:
         # something else reads the normalised image too: the graph recovers the pixels in front of the
         # reshapes that cut it into patches, from its float input
-        shape = (1, len(std64), 1, 1)
-        g.initializer.extend([
-            numpy_helper.from_array((255.0 * std64).reshape(shape).astype(np.float32), "pixels_per_unit"),
-            numpy_helper.from_array((255.0 * mean64).reshape(shape).astype(np.float32), "pixels_at_zero"),
-            numpy_helper.from_array(np.array(0, np.float32), "pixels_min"),
-            numpy_helper.from_array(np.array(255, np.float32), "pixels_max")])
-        front = [helper.make_node("Mul", [image, "pixels_per_unit"], ["pixels_scaled"], name="pixels_scale"),
-                 helper.make_node("Add", ["pixels_scaled", "pixels_at_zero"], ["pixels_shifted"], name="pixels_shift"),
-                 helper.make_node("Round", ["pixels_shifted"], ["pixels_rounded"], name="pixels_round"),
-                 helper.make_node("Clip", ["pixels_rounded", "pixels_min", "pixels_max"], ["pixels_clipped"],
-                                  name="pixels_clip"),
-                 helper.make_node("Cast", ["pixels_clipped"], [PIXELS], to=TensorProto.UINT8, name="pixels_u8")]
+        front = _pixel_front(g, image, mean64, std64)
         for node in nodes:
             if node.name in chain and node.input[0] == image:
                 node.input[0] = PIXELS
@@ -226,6 +215,45 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     del g.value_info[:]  # the patch chain's tensors are uint8 now; ONNX Runtime infers the types again
     onnx.save(model, path)
     return done
+
+
+def _pixel_front(g, image: str, mean64: np.ndarray, std64: np.ndarray) -> list:
+    """The nodes (their constants added to `g`) that turn the normalised float `image` back into its 8-bit
+    pixels, PIXELS: Cast<uint8>(Clip(Round(image * 255 std + 255 mean), 0, 255)) per channel."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = (1, len(std64), 1, 1)
+    g.initializer.extend([
+        numpy_helper.from_array((255.0 * std64).reshape(shape).astype(np.float32), "pixels_per_unit"),
+        numpy_helper.from_array((255.0 * mean64).reshape(shape).astype(np.float32), "pixels_at_zero"),
+        numpy_helper.from_array(np.array(0, np.float32), "pixels_min"),
+        numpy_helper.from_array(np.array(255, np.float32), "pixels_max")])
+    return [helper.make_node("Mul", [image, "pixels_per_unit"], ["pixels_scaled"], name="pixels_scale"),
+            helper.make_node("Add", ["pixels_scaled", "pixels_at_zero"], ["pixels_shifted"], name="pixels_shift"),
+            helper.make_node("Round", ["pixels_shifted"], ["pixels_rounded"], name="pixels_round"),
+            helper.make_node("Clip", ["pixels_rounded", "pixels_min", "pixels_max"], ["pixels_clipped"],
+                             name="pixels_clip"),
+            helper.make_node("Cast", ["pixels_clipped"], [PIXELS], to=TensorProto.UINT8, name="pixels_u8")]
+
+
+def with_float_input(path: str, out: str, mean, std) -> None:
+    """The int8 graph at `path`, which takes 8-bit pixels, written to `out` with a float input (`image`, the
+    normalised image) that it turns back into its pixels in front of the patch product: the engine's
+    graph as export format 6 made it. bench/pixel_input.py times the two against each other."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(path)
+    g = model.graph
+    if g.input[0].name != PIXELS:
+        raise ValueError(f"{path}: its input is {g.input[0].name!r}, not the 8-bit {PIXELS!r}")
+    front = _pixel_front(g, "image", np.asarray(mean, np.float64), np.asarray(std, np.float64))
+    g.input[0].name = "image"
+    g.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(front + nodes)
+    onnx.save(model, out)
 
 
 def export(image_tower: nn.Module, visual: nn.Module, image_size: int, path: str, opset: int) -> dict:
