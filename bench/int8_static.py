@@ -45,11 +45,11 @@ def held_out(loaded, n: int) -> np.ndarray:
 def per_image(session, pool: ThreadPoolExecutor, transform=None):
     """A batch through `session` as the engine runs int8: one image per call, the pool's calls at once. A
     graph that takes 8-bit pixels (the engine's int8 tower) gets the batch's pixels (`transform`)."""
-    if engines.takes_pixels(session):
-        return lambda b: per_image(session, pool)(transform.to_pixels(b))
-    name = session.get_inputs()[0].name
-    return lambda b: np.concatenate(list(pool.map(lambda i: session.run(None, {name: b[i:i + 1]})[0],
-                                                  range(len(b)))))
+    def run(b):
+        ((name, x),) = engines.feed(session, b, transform).items()
+        return np.concatenate(list(pool.map(lambda i: session.run(None, {name: x[i:i + 1]})[0], range(len(x)))))
+
+    return run
 
 
 def cosine_to(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -59,7 +59,7 @@ class Embedder:
         # numpy preprocessing, identical to open_clip's; its torchvision transform only where this one
         # does not cover the model's settings. An engine that takes 8-bit pixels (the int8 tower) gets
         # them as they are: no float normalisation in the worker.
-        if getattr(self.engine, "takes_pixels", False):
+        if self.engine.takes_pixels:
             self.transform = self.engine.transform.pixels
         else:
             self.transform = self.engine.transform or (lambda img: self.loaded.preprocess(img).numpy())

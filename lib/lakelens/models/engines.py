@@ -190,6 +190,7 @@ class TorchEngine:
         self.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         self.image_size, self.dim = loaded.image_size, loaded.dim
         self.transform = loaded.transform
+        self.takes_pixels = False  # fed float model input (only the int8 ONNX tower takes 8-bit pixels)
         self.timing: dict | None = None  # torch-bf16: the probe that chose the precision (time_bf16)
 
     def _run(self, fn, x) -> np.ndarray:
@@ -411,14 +412,14 @@ def takes_pixels(session) -> bool:
 def feed(session, x: np.ndarray, transform: Transform | None) -> dict:
     """The input feed of an image graph for a batch `x` of preprocessed images, float32 model input or
     uint8 pixels (Transform.pixels), converted to what the graph takes with `transform`."""
-    x = np.asarray(x)
-    if takes_pixels(session):
+    x, graph_input = np.asarray(x), session.get_inputs()[0]
+    if graph_input.type == "tensor(uint8)":  # takes_pixels
         x = x if x.dtype == np.uint8 else transform.to_pixels(x)
     elif x.dtype == np.uint8:
         x = transform.normalize(x)
     else:
         x = x.astype(np.float32, copy=False)
-    return {session.get_inputs()[0].name: np.ascontiguousarray(x)}
+    return {graph_input.name: np.ascontiguousarray(x)}
 
 
 def _session(path: Path, threads: int):
