@@ -20,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from machine import describe  # noqa: E402  (bench/ is on the path: this script's folder)
+
 from lakelens.ingest import images  # noqa: E402
 from lakelens.models import engines  # noqa: E402
 from lakelens.models import registry as models  # noqa: E402
@@ -43,7 +45,7 @@ def main() -> int:
             "bf16-autocast": engines.TorchEngine(loaded, dtype=torch.bfloat16, name="torch-bf16"),
             "onnx": engines.OnnxEngine(spec, quantized=False, threads=2, cache_dir=str(demo / "onnx-cache")),
             "onnx-int8": engines.OnnxEngine(spec, quantized=True, threads=2, cache_dir=str(demo / "onnx-cache"))}
-    out = {"demo": str(demo), "model": spec.key, "images": len(captions), "engines": {}}
+    out = {"machine": describe(), "demo": str(demo), "model": spec.key, "images": len(captions), "engines": {}}
     ref = None
     for name, eng in runs.items():
         t0 = time.perf_counter()
@@ -59,6 +61,8 @@ def main() -> int:
         out["engines"][name] = {"precision": eng.precision, "t2i_recall@1": recall[1], "t2i_recall@10": recall[10],
                                 "min_cosine_images_vs_torch": round(cos_img, 6),
                                 "min_cosine_texts_vs_torch": round(cos_txt, 6), "seconds": round(seconds, 2)}
+        if eng.precision == "int8":
+            out["engines"][name]["weight_bits"] = eng.weight_bits
         print(name, out["engines"][name], flush=True)
     base = out["engines"]["torch"]["t2i_recall@10"]
     for v in out["engines"].values():

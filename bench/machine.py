@@ -24,8 +24,9 @@ def describe() -> dict:
     a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
     return {"cpu": name.group(1).strip() if name else platform.processor(), "cores": os.cpu_count(),
             "flags": [f for f in FLAGS if f in flags], "matmul_fp32_gflops": best_rate(lambda: a @ a, 2 * 2048 ** 3, 2.0),
-            **torch_rates(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+            **torch_rates(), "ort_matmul_int8_gops": ort_int8_rate(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+            **({"cpu_view": os.environ["LAKELENS_CPU_VIEW"]} if os.environ.get("LAKELENS_CPU_VIEW") else {})}
 
 
 def best_rate(fn, ops: float, seconds: float = 1.0) -> float:
@@ -59,6 +60,40 @@ def torch_rates(n: int = 2048) -> dict:
     except (RuntimeError, AttributeError):
         out["torch_matmul_int8_gops"] = None
     return out
+
+
+def int8_product(weights: np.ndarray, rows: int, threads: int = 1):
+    """An ONNX Runtime session of one MatMulInteger, A (rows x K, uint8) x `weights` (K x N, int8) -> int32:
+    the kernel family the int8 engine's graphs run (VPDPBUSD with VNNI, VPMADDUBSW + VPMADDWD on AVX2).
+    Run it with {"A": uint8 array}."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k, n = weights.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "int8_product",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [rows, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [rows, n])],
+        [helper.make_tensor("B", TensorProto.INT8, [k, n], weights.astype(np.int8).tobytes(), raw=True)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_int8_rate(n: int = 2048, seconds: float = 1.0) -> float | None:
+    """G OP/s of ONNX Runtime's uint8 x int8 product (`int8_product`, all threads), where torch's `_int_mm`
+    may have no fast kernel at all (it falls back to a slow loop without AVX512-VNNI)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    w = rng.integers(-64, 64, (n, n), dtype=np.int8)  # 7-bit weights: no pair saturates on any kernel
+    sess = int8_product(w, n, os.cpu_count() or 1)
+    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+    return best_rate(lambda: sess.run(None, {"A": a}), 2 * n ** 3, seconds)
 
 
 def latencies(fn, items, label: str | None = None) -> dict:
