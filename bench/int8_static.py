@@ -114,7 +114,7 @@ def main() -> None:
         static1 = engines._session(static_path, 1)
         x = held_out(loaded, args.batch)
         run = {"fp32": lambda b: fp32.run(None, {"image": b})[0],
-               "int8-dynamic (per image)": per_image(dyn, pool),
+               "int8-dynamic (per image)": per_image(dyn, pool, loaded.transform),
                "int8-static (batch)": lambda b: static.run(None, {"image": b})[0],
                # the batch in `threads` slices, each one call on one thread, at once
                "int8-static (slices)": lambda b: np.concatenate(list(pool.map(

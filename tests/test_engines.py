@@ -55,14 +55,18 @@ def test_onnx_engines_match_torch(engine, bar, contents, cache, reference):
     else:  # really int8: close to fp32, not equal to it
         assert emb.engine.folder.name == f"int8-w{emb.engine.weight_bits}"
         assert np.abs(images - reference[0]).max() > 1e-5
-    # the vectors still tell the images apart as torch's do: same nearest neighbour for every image
+    # the vectors still tell the images apart as torch's do: the same nearest neighbour for every image,
+    # except where torch's own two nearest are a near-tie (the tiny random model's noise images lie close
+    # together: their top-two gaps are 0.0002-0.002, of the order of int8's rounding)
     sims, ref_sims = images @ images.T - 2 * np.eye(10), reference[0] @ reference[0].T - 2 * np.eye(10)
-    assert (sims.argmax(1) == ref_sims.argmax(1)).mean() >= 0.9
+    flipped = sims.argmax(1) != ref_sims.argmax(1)
+    top2 = np.sort(ref_sims, 1)[:, -2:]
+    assert flipped.sum() <= 2 and (top2[flipped, 1] - top2[flipped, 0] < 5e-4).all()
 
 
 def test_int8_vectors_do_not_depend_on_the_batch_or_threads(contents, cache):
-    """Activation scales are per call: the engine runs one image per call, so an image gets the same
-    vector whatever its batch mates, batch size and thread count."""
+    """Activation scales are fixed at export (or, where those fail the check, the engine runs one image per
+    call): an image gets the same vector whatever its batch mates, batch size and thread count."""
     one = Embedder(TINY, batch_size=1, engine="onnx-int8", onnx_cache=cache, threads=1)
     many = Embedder(TINY, batch_size=7, engine="onnx-int8", onnx_cache=cache, threads=2)
     a = np.stack([r.embedding for r in one(contents)])
@@ -176,22 +180,61 @@ def test_shared_cache_serves_each_cpu_kind_its_own_graph(tmp_path, monkeypatch):
         engines.onnx_graphs(TINY, True, tmp_path, weight_bits=4)
 
 
-def test_int8_graph_has_its_batch_fixed_at_one_and_the_engine_still_takes_batches(cache):
-    """The engine runs int8 one image per call, so the int8 graph is exported with a static batch of 1 (ONNX
-    Runtime folds its shape arithmetic); the fp32 graph keeps its dynamic batch."""
+class Counting:
+    """An ONNX Runtime session that records how many images each call carried."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, []
+
+    def run(self, outputs, feed):
+        self.calls.append(len(next(iter(feed.values()))))
+        return self.session.run(outputs, feed)
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+
+def test_int8_graph_has_static_scales_and_runs_batches(cache, caplog):
+    """The int8 graph's activation scales are fixed at export from calibration images, so it takes a dynamic
+    batch and the engine runs INT8_BATCH images per call; an image's vector is the same alone or in any
+    batch (test_int8_vectors_do_not_depend_on_the_batch_or_threads checks it through the Embedder)."""
     import onnx
 
     folder = engines.onnx_graphs(TINY, True, cache)
+    meta = json.loads((folder / "meta.json").read_text())
     int8 = onnx.load(str(folder / "image.onnx"), load_external_data=False)
-    fp32 = onnx.load(str(folder.parent / "fp32" / "image.onnx"), load_external_data=False)
+    ops = [n.op_type for n in int8.graph.node]
+    assert meta["activation_scales"] == "static" and meta["images_per_call"] == engines.INT8_BATCH
+    assert "DynamicQuantizeLinear" not in ops and ops.count("QuantizeLinear") == meta["static_quantize_nodes"] > 0
+    assert meta["calibration_images"] == engines.CALIBRATION_IMAGES and meta["static_batch_max_abs_diff"] == 0.0
+    assert meta["probe_min_cosine"] == meta["static_probe_min_cosine"] >= 0.999
     for value in (*int8.graph.input, *int8.graph.output):
-        assert value.type.tensor_type.shape.dim[0].dim_value == 1
-    assert fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=cache)
-    x = np.random.default_rng(3).normal(size=(5, 3, 64, 64)).astype(np.float32)
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    engines.load.cache_clear()
+    with caplog.at_level("INFO", logger="lakelens.models.engines"):
+        engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=cache, threads=2)
+    assert engine.per_call == engines.INT8_BATCH and "static activation scales" in caplog.text
+    engine._image = Counting(engine._image)
+    x = np.random.default_rng(3).normal(size=(21, 3, 64, 64)).astype(np.float32)
     together = engine.encode_image(x)
-    assert together.shape == (5, 128)
+    assert together.shape == (21, 128) and sorted(engine._image.calls) == [5, 5, 5, 6]  # <= 8 a call, 2 threads
     assert np.array_equal(together[2:3], engine.encode_image(x[2:3]))
+
+
+def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(tmp_path, monkeypatch, caplog):
+    """Calibrated ranges far too narrow (values saturate) fail the probe check: the graph keeps scales
+    computed per call and the engine runs one image per call."""
+    import onnx
+
+    monkeypatch.setattr(engines, "CALIBRATION_MARGIN", 0.02)
+    folder = engines.onnx_graphs(TINY, True, tmp_path)
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["static_probe_min_cosine"] < 0.999 and meta["activation_scales"] == "dynamic"
+    assert meta["accepted"] and meta["probe_min_cosine"] >= 0.999 and meta["images_per_call"] == 1
+    assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(folder / "image.onnx")).graph.node}
+    assert not (folder / "image-static.onnx").exists()
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
+    assert engine.precision == "int8" and engine.per_call == 1
 
 
 def test_onnx_worker_never_imports_torch(tmp_path):
@@ -347,7 +390,7 @@ def test_int8_source_rewrites_keep_the_towers_numbers(cache):
     assert torch.allclose(before, after, atol=1e-5)
     folder = engines.onnx_graphs(TINY, True, cache)
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["rewrites"] == {**counts, "batch": 1}
+    assert meta["rewrites"] == {**counts, "batch": "dynamic"}
     nodes = onnx.load(str(folder / "image.onnx")).graph.node
     ops = {n.op_type for n in nodes}
     assert "QAttention" in ops and "Conv" not in ops and "MatMulInteger" in ops

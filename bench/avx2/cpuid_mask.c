@@ -1,4 +1,5 @@
-/* Presents this CPU to a process as one without AVX-512, VNNI, AVX512-BF16 or AMX.
+/* Presents this CPU to a process as one without AVX-512, VNNI, AVX512-BF16 or AMX (or, with
+ * CPUID_MASK=amx, as one without AMX alone: an AVX-512 VNNI CPU).
  *
  * LD_PRELOAD this library and every CPUID instruction in the process (numpy, torch, oneDNN, fbgemm,
  * onnxruntime's MLAS) faults (Linux ARCH_SET_CPUID, needs the `cpuid_fault` flag); the SIGSEGV handler
@@ -41,7 +42,15 @@ static void real_cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
     __asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
 }
 
+static int amx_only; /* CPUID_MASK=amx: hide AMX alone (a VNNI CPU without AMX) */
+
 static void mask(uint32_t leaf, uint32_t sub, uint32_t r[4]) {
+    if (amx_only) {
+        if (leaf == 7 && sub == 0) r[3] &= ~((1u << 22) | (1u << 24) | (1u << 25)); /* amx_bf16, tile, int8 */
+        else if (leaf == 7 && sub == 1) r[0] &= ~(1u << 21);                        /* amx_fp16 */
+        else if (leaf == 0x1d || leaf == 0x1e) r[0] = r[1] = r[2] = r[3] = 0;       /* AMX tile leaves */
+        return;
+    }
     if (leaf == 7 && sub == 0) {
         /* EBX: avx512f 16, dq 17, ifma 21, pf 26, er 27, cd 28, bw 30, vl 31 */
         r[1] &= ~((1u << 16) | (1u << 17) | (1u << 21) | (1u << 26) | (1u << 27) | (1u << 28) | (1u << 30) |
@@ -127,6 +136,8 @@ __attribute__((constructor)) static void start(void) {
     const char *base = strrchr(exe, '/');
     base = base ? base + 1 : exe;
     if (strcmp(base, "java") == 0) return;
+    const char *which = getenv("CPUID_MASK");
+    amx_only = which && strcmp(which, "amx") == 0;
     struct sigaction act;
     memset(&act, 0, sizeof act);
     act.sa_sigaction = on_segv;

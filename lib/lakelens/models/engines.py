@@ -34,7 +34,7 @@ DEVICES: tuple = CHOICES["embed.device"]
 # torch fp32, and the demo's Recall@10 within one point): BENCHMARKS.md.
 DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
-EXPORT_FORMAT = 7  # bump when the exported graphs change, so old caches are not reused
+EXPORT_FORMAT = 8  # bump when the exported graphs change, so old caches are not reused
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
 # (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph
 # traced with the patch embedding as a matrix product and attention as one fused operator
@@ -43,6 +43,12 @@ EXPORT_FORMAT = 7  # bump when the exported graphs change, so old caches are not
 # pixels (int8_source.exact_pixel_products), and the graph takes those pixels as its input, uint8: the
 # workers skip the float normalisation. The whole text tower stays fp32: one query at a time gains
 # little from int8 and its cosine fell below 0.999.
+# Activation scales are then fixed at export (int8_source.static_activation_scales), from each quantised
+# tensor's range over CALIBRATION_IMAGES probe images other than the check's: an image's vector no longer
+# depends on its batch mates, so the engine runs INT8_BATCH images per call, which reuses each weight
+# matrix across the batch's rows (bench/int8_batch.py: 1.10-1.24x the one-image calls on AVX2, VNNI and
+# AMX kernels). A graph whose static scales fail the probe check keeps its per-call (dynamic) scales and
+# runs one image per call.
 INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm", "Attention"]}
 # Weight bits are chosen from the CPU's flags at export. Without VNNI, x86 multiplies uint8 x int8 pairs
 # with VPMADDUBSW, whose 16-bit pair sums saturate with full-range weights (per-image cosine 0.984 against
@@ -54,6 +60,9 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # falls back to 7 bits (the flags may promise VNNI that ONNX Runtime's kernels do not use, e.g. a VM that
 # hides it from CPUID; 7 bits are safe on any kernel), a 7-bit graph to fp32.
 INT8_MIN_COSINE = 0.999
+CALIBRATION_IMAGES = 32
+CALIBRATION_MARGIN = 1.0  # the calibrated ranges are widened by this factor (tests narrow them to fail)
+INT8_BATCH = 8  # images per call of a static-scale int8 graph (4-8 fastest on 2 cores; 16 slower)
 EXPORTS: Counter = Counter()  # (cache folder, variant) -> exports done by this process; tests read it
 
 log = logging.getLogger(__name__)
@@ -275,14 +284,15 @@ def _export_fp32(loaded: models.LoadedModel, folder: Path) -> None:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
-    """Preprocessed probe images for the int8 check: rendered shapes on plain, striped and dotted
-    backgrounds, and smooth colour fields with grain (photo-like statistics)."""
+def probe_images(loaded: models.LoadedModel, n: int = 16, seed: int = 7) -> np.ndarray:
+    """Preprocessed probe images for the int8 check (seed 7) and calibration (another seed): rendered
+    shapes on plain, striped and dotted backgrounds, and smooth colour fields with grain (photo-like
+    statistics)."""
     from PIL import Image
 
-
-    pictures = [synth.render(sample, 160, seed=i) for i, sample in enumerate(synth.samples(n // 2, seed=7))]
-    rng = np.random.default_rng(7)
+    first = 0 if seed == 7 else 1000 * seed  # render seeds of their own for every other probe set
+    pictures = [synth.render(sample, 160, seed=first + i) for i, sample in enumerate(synth.samples(n // 2, seed=seed))]
+    rng = np.random.default_rng(seed)
     for _ in range(n - len(pictures)):
         field = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((300, 240), Image.BICUBIC)
         grain = rng.normal(0, 8, (240, 300, 3))
@@ -291,11 +301,10 @@ def probe_images(loaded: models.LoadedModel, n: int = 16) -> np.ndarray:
 
 
 def _int8_source(loaded: models.LoadedModel, fp32: Path, source: Path) -> dict:
-    """The graph that int8 quantises, written to `source`: the image tower traced at batch 1 with its patch
-    embedding as a matrix product and its self-attention as ONNX Runtime's fused Attention operator
-    (models.int8_source). The engine runs int8 one image per call, and a static shape also lets ONNX
-    Runtime fold the shape arithmetic of a dynamic batch. A model near protobuf's 2 GB limit (one file
-    cannot hold it) quantises the fp32 graph as it is, dynamic batch and all."""
+    """The graph that int8 quantises, written to `source`: the image tower traced with its patch embedding
+    as a matrix product and its self-attention as ONNX Runtime's fused Attention operator
+    (models.int8_source), batch dynamic. A model near protobuf's 2 GB limit (one file cannot hold it)
+    quantises the fp32 graph as it is."""
     if sum(f.stat().st_size for f in fp32.iterdir() if f.name not in ("text.onnx", "meta.json")) > 1.5e9:
         try:
             os.link(fp32 / "image.onnx", source)
@@ -306,7 +315,7 @@ def _int8_source(loaded: models.LoadedModel, fp32: Path, source: Path) -> dict:
 
     image, _ = _towers(loaded.model)
     counts = int8_source.export(image, loaded.model.visual, loaded.image_size, str(source), ONNX_OPSET)
-    return {**counts, "batch": 1}
+    return {**counts, "batch": "dynamic"}
 
 
 def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bits: int) -> dict:
@@ -333,13 +342,35 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     source.unlink()
     x = probe_images(loaded)
     ref = _session(fp32 / "image.onnx", 0).run(None, {"image": x})[0]
-    int8 = _session(folder / "image.onnx", 1)
-    # one image per call, as the engine runs it: activation scales are per call
-    got = np.concatenate([int8.run(None, feed(int8, x[i:i + 1], transform))[0] for i in range(len(x))])
-    cosine = float((ref * got).sum(1).min())
+    dynamic = _session(folder / "image.onnx", 1)
+    # static activation scales, calibrated one image per call on probe images the check does not use
+    calibration = probe_images(loaded, CALIBRATION_IMAGES, seed=11)
+    ranges = int8_source.activation_ranges(str(folder / "image.onnx"), [
+        feed(dynamic, calibration[i:i + 1], transform) for i in range(len(calibration))])
+    ranges = {k: (lo * CALIBRATION_MARGIN, hi * CALIBRATION_MARGIN) for k, (lo, hi) in ranges.items()}
+    static_path = folder / "image-static.onnx"
+    fixed = int8_source.static_activation_scales(str(folder / "image.onnx"), str(static_path), ranges)
+    static = _session(static_path, 1)
+    # as the engine runs it: batches of INT8_BATCH; and each image alone, which must give the same vector
+    batched = np.concatenate([static.run(None, feed(static, x[i:i + INT8_BATCH], transform))[0]
+                              for i in range(0, len(x), INT8_BATCH)])
+    alone = np.concatenate([static.run(None, feed(static, x[i:i + 1], transform))[0] for i in range(len(x))])
+    static_cosine = float((ref * batched).sum(1).min())
+    check = {"calibration_images": len(calibration), "static_quantize_nodes": fixed,
+             "static_probe_min_cosine": round(static_cosine, 6),
+             "static_batch_max_abs_diff": float(np.abs(batched - alone).max())}
+    if fixed and static_cosine >= INT8_MIN_COSINE and check["static_batch_max_abs_diff"] == 0.0:
+        os.replace(static_path, folder / "image.onnx")
+        scales, batch, cosine, graph = "static", INT8_BATCH, static_cosine, static
+    else:
+        static_path.unlink()
+        # one image per call, as the engine then runs it: activation scales are per call
+        got = np.concatenate([dynamic.run(None, feed(dynamic, x[i:i + 1], transform))[0] for i in range(len(x))])
+        scales, batch, cosine, graph = "dynamic", 1, float((ref * got).sum(1).min()), dynamic
     return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE,
+            "activation_scales": scales, "images_per_call": batch, **check,
             "rewrites": rewrites, "pixel_int8_nodes": pixel_int8, "fp32_nodes": keep_fp32,
-            "input": int8.get_inputs()[0].name}
+            "input": graph.get_inputs()[0].name}
 
 
 def _publish(root: Path, variant: str, build, meta: dict) -> Path:
@@ -443,7 +474,7 @@ class OnnxEngine:
         self.name, self.device, self.threads = ("onnx-int8" if quantized else "onnx"), "cpu", threads
         self.text_folder = self.folder = onnx_graphs(spec, False, cache_dir)
         meta = json.loads((self.folder / "meta.json").read_text())
-        self.precision, self.weight_bits = meta["precision"], None
+        self.precision, self.weight_bits, self.per_call = meta["precision"], None, None
         if quantized:
             bits, why = machine_int8_weight_bits()
             for b in (8, 7) if bits == 8 else (7,):
@@ -451,33 +482,39 @@ class OnnxEngine:
                 check = json.loads((int8 / "meta.json").read_text())
                 if check["accepted"]:
                     self.folder, self.precision, self.weight_bits = int8, check["precision"], b
-                    log.info("embed.engine onnx-int8: %d-bit weights for %s, since %s (probe cosine to fp32 %.5f)",
+                    self.per_call = int(check["images_per_call"])
+                    log.info("embed.engine onnx-int8: %d-bit weights for %s, since %s; %s activation scales, %d "
+                             "image(s) per call (probe cosine to fp32 %.5f)",
                              b, spec.key, why if b == bits else "the 8-bit graph failed its probe check",
-                             check["probe_min_cosine"])
+                             check["activation_scales"], self.per_call, check["probe_min_cosine"])
                     break
                 log.warning("embed.engine onnx-int8: the %d-bit int8 graph of %s kept a cosine of only %.4f to fp32 "
                             "on probe images (needs %s); %s", b, spec.key, check["probe_min_cosine"], INT8_MIN_COSINE,
                             "trying 7-bit weights" if b == 8 else "running the fp32 graph instead")
         self.image_size, self.dim = int(meta["image_size"]), int(meta["dim"])
         self.transform = Transform(**meta["transform"]) if meta.get("transform") else None
-        # int8 activation scales are computed per call over the whole input, so int8 runs one image per
-        # call (an image's vector must not depend on its batch mates), with `threads` calls at a time on
-        # one thread each: as fast as a batch on one thread, faster than a batch on several.
-        self._per_image = self.precision == "int8"
-        self._image = _session(self.folder / "image.onnx", 1 if self._per_image else threads)
+        # int8 runs `per_call` images per call (INT8_BATCH with static activation scales; 1 with scales
+        # computed per call, so that an image's vector does not depend on its batch mates), with `threads`
+        # calls at a time on one thread each: faster than one call on several threads.
+        self._sliced = self.per_call is not None
+        self._image = _session(self.folder / "image.onnx", 1 if self._sliced else threads)
         # the int8 graph takes 8-bit pixels: the Embedder then feeds it Transform.pixels
         self.takes_pixels = takes_pixels(self._image)
         self._input = self._image.get_inputs()[0].name
-        self._pool = ThreadPoolExecutor(threads) if self._per_image and threads > 1 else None
+        self._pool = ThreadPoolExecutor(threads) if self._sliced and threads > 1 else None
         self._text = None
 
     def encode_image(self, images) -> np.ndarray:
         """A batch of preprocessed images, float32 model input or uint8 pixels (either for any graph)."""
         x = feed(self._image, images, self.transform)[self._input]
-        if not self._per_image:
+        if not self._sliced:
             return self._image.run(None, {self._input: x})[0]
-        one = lambda i: self._image.run(None, {self._input: x[i:i + 1]})[0]  # noqa: E731
-        rows = list(self._pool.map(one, range(len(x)))) if self._pool else [one(i) for i in range(len(x))]
+        # calls of at most per_call images, as many as a multiple of the threads, of even sizes
+        workers = self.threads if self._pool else 1
+        calls = min(len(x), -(-len(x) // (self.per_call * workers)) * workers)
+        one = lambda part: self._image.run(None, {self._input: part})[0]  # noqa: E731
+        parts = np.array_split(x, calls) if calls else []
+        rows = list(self._pool.map(one, parts)) if self._pool else [one(p) for p in parts]
         return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
 
     def encode_text(self, tokens) -> np.ndarray:

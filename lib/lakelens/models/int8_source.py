@@ -1,5 +1,6 @@
-"""The int8 image tower's source graph: the image tower traced at batch 1, with two rewrites that give the
-same numbers in fp32 and run faster in ONNX Runtime once quantised (bench/int8_source.py measures them):
+"""The int8 image tower's source graph: the image tower traced with a dynamic batch, with two rewrites that
+give the same numbers in fp32 and run faster in ONNX Runtime once quantised (bench/int8_source.py measures
+them):
 
 - a patch embedding (a Conv2d whose kernel equals its stride, no padding) becomes a reshape and a matrix
   product. The quantiser leaves that product alone (`pixel_matmuls` names it): pixels quantised with one
@@ -14,6 +15,11 @@ same numbers in fp32 and run faster in ONNX Runtime once quantised (bench/int8_s
   forty Split, Squeeze, Transpose and MatMul nodes per layer.
 
 Modules that do not match stay as they are (the graph is then only as fast as before, never different).
+
+Once quantised (ONNX Runtime's dynamic quantisation: activation scales computed per call),
+`static_activation_scales` fixes each activation's scale from its range over calibration images
+(`activation_ranges`), so that a batch runs as one call without an image's vector depending on its batch
+mates.
 """
 
 from __future__ import annotations
@@ -151,7 +157,8 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     product's zero point) so that the weights' rounding is not multiplied by the pixels' large mean: its
     error is then that of rounding W itself (0.42% of the output's norm on the fine-tuned demo model,
     against 1.9% uncentred). Returns the names rewritten; the others stay fp32.
-    Where only those products read the image, the graph's input becomes `pixels`, (1, C, H, W) uint8.
+    Where only those products (and Shapes) read the image, the graph's input becomes `pixels`, (batch, C,
+    H, W) uint8.
     Otherwise it keeps its float input and recovers the pixels from it in front of the products,
     pixels = Cast<uint8>(Clip(Round(image * 255 std + 255 mean), 0, 255)) per channel, which is exact
     for a normalised image of 0-255 pixels (a pixel step is far wider than float32's rounding)."""
@@ -195,9 +202,10 @@ def exact_pixel_products(path: str, names: list[str], mean, std, weight_bits: in
     if not done:
         return []
     readers = [n for n in nodes if image in n.input]
-    if all(n.name in chain for n in readers):
-        # only the patch products read the image: the graph takes the 8-bit pixels themselves, (1, C, H, W)
-        # uint8 (the engine feeds Transform.pixels; a float image is turned back into its pixels first)
+    if all(n.name in chain or n.op_type == "Shape" for n in readers):
+        # only the patch products read the image (and Shapes, which read the same shape off the pixels): the
+        # graph takes the 8-bit pixels themselves, (batch, C, H, W) uint8 (the engine feeds
+        # Transform.pixels; a float image is turned back into its pixels first)
         for node in readers:
             node.input[0] = PIXELS
         g.input[0].name = PIXELS
@@ -257,8 +265,8 @@ def with_float_input(path: str, out: str, mean, std) -> None:
 
 
 def export(image_tower: nn.Module, visual: nn.Module, image_size: int, path: str, opset: int) -> dict:
-    """Trace `image_tower` (the normalised encode_image) at batch 1, with `visual`'s modules rewritten,
-    to `path`; returns the rewrite counts."""
+    """Trace `image_tower` (the normalised encode_image), with `visual`'s modules rewritten, to `path`, its
+    batch dimension dynamic ("batch"); returns the rewrite counts."""
     sample = torch.zeros(1, 3, image_size, image_size)
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused fast path has no ONNX symbol
@@ -266,17 +274,78 @@ def export(image_tower: nn.Module, visual: nn.Module, image_size: int, path: str
         with rewritten(visual) as counts, torch.no_grad():
             torch.onnx.export(image_tower, (sample,), path, dynamo=False, opset_version=opset,
                               input_names=["image"], output_names=["embedding"],
+                              dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}},
                               custom_opsets={ORT_DOMAIN: 1})
             shape = tuple(image_tower(sample).shape)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    # the fused operator has no shape function in the exporter: state the output's shape, [1, dim]
+    # the fused operator has no shape function in the exporter: state the output's shape, [batch, dim]
     import onnx
 
     graph = onnx.load(path)
     out = graph.graph.output[0].type.tensor_type
     out.ClearField("shape")
-    for size in shape:
+    out.shape.dim.add().dim_param = "batch"
+    for size in shape[1:]:
         out.shape.dim.add().dim_value = size
     onnx.save(graph, path)
     return counts
+
+
+def quantize_inputs(path: str) -> list[str]:
+    """The tensors that the dynamically quantised graph at `path` quantises on the fly (the inputs of its
+    DynamicQuantizeLinear nodes), in graph order."""
+    import onnx
+
+    graph = onnx.load(path, load_external_data=False).graph
+    return [n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
+
+
+def activation_ranges(path: str, feeds: list[dict]) -> dict:
+    """{tensor: (lowest, highest)} of each `quantize_inputs` tensor of the graph at `path` over `feeds`
+    (each one call's inputs), 0 always inside the range, as DynamicQuantizeLinear takes it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    names = quantize_inputs(path)
+    model = onnx.load(path)
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors must survive
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    lo, hi = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for feed in feeds:
+        for name, value in zip(names, sess.run(names, feed)):
+            lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
+    return {n: (lo[n], hi[n]) for n in names}
+
+
+def static_activation_scales(path: str, out: str, ranges: dict) -> int:
+    """Write the dynamically quantised graph at `path` to `out` with each DynamicQuantizeLinear replaced by
+    a QuantizeLinear of fixed scale and zero point, computed from `ranges` (activation_ranges) as
+    DynamicQuantizeLinear computes them per call: uint8, scale = (hi - lo) / 255, zero point round(-lo /
+    scale). An image's vector then no longer depends on what else is in its call, so a batch runs as one
+    call; values outside the range saturate. Returns the number of nodes replaced."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    g = model.graph
+    count = 0
+    for node in g.node:
+        if node.op_type != "DynamicQuantizeLinear":
+            continue
+        lo, hi = ranges[node.input[0]]
+        scale = (hi - lo) / 255.0 or 1.0
+        zero = int(np.clip(np.rint(-lo / scale), 0, 255))
+        y, y_scale, y_zero = node.output
+        g.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), y_scale),
+                              numpy_helper.from_array(np.array(zero, np.uint8), y_zero)])
+        node.op_type = "QuantizeLinear"
+        node.input.extend([y_scale, y_zero])
+        del node.output[:]
+        node.output.append(y)
+        count += 1
+    onnx.save(model, out)
+    return count
