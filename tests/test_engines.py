@@ -221,6 +221,29 @@ def test_int8_graph_has_static_scales_and_runs_batches(cache, caplog):
     assert np.array_equal(together[2:3], engine.encode_image(x[2:3]))
 
 
+def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
+    """fuse_integer_products turns each MatMulInteger -> Cast -> Mul [-> Add] chain into one
+    MatMulIntegerToFloat: the same vectors, to float rounding, from fewer passes over the activations."""
+    import onnx
+    import onnxruntime as ort
+
+    from lakelens.models import int8_source
+
+    monkeypatch.setattr(engines, "CALIBRATION_MARGIN", 0.02)  # publishes the per-call-scale graph
+    dynamic = engines.onnx_graphs(TINY, True, tmp_path) / "image.onnx"
+    loaded = models.load(TINY)
+    pixels = loaded.transform.to_pixels(engines.probe_images(loaded, 8, seed=11))
+    ranges = int8_source.activation_ranges(str(dynamic), [{"pixels": pixels[i:i + 1]} for i in range(8)])
+    out = {}
+    for fuse in (False, True):
+        path = str(tmp_path / f"static-{fuse}.onnx")
+        assert int8_source.static_activation_scales(str(dynamic), path, ranges, fuse=fuse) == len(ranges) > 0
+        ops = [n.op_type for n in onnx.load(path).graph.node]
+        assert ("MatMulInteger" in ops) != fuse and ("MatMulIntegerToFloat" in ops) == fuse
+        out[fuse] = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"pixels": pixels})[0]
+    assert np.abs(out[True] - out[False]).max() < 1e-5
+
+
 def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(tmp_path, monkeypatch, caplog):
     """Calibrated ranges far too narrow (values saturate) fail the probe check: the graph keeps scales
     computed per call and the engine runs one image per call."""
@@ -393,11 +416,12 @@ def test_int8_source_rewrites_keep_the_towers_numbers(cache):
     assert meta["rewrites"] == {**counts, "batch": "dynamic"}
     nodes = onnx.load(str(folder / "image.onnx")).graph.node
     ops = {n.op_type for n in nodes}
-    assert "QAttention" in ops and "Conv" not in ops and "MatMulInteger" in ops
+    # every int8 product scales and adds its bias as it writes its output (fuse_integer_products)
+    assert "QAttention" in ops and "Conv" not in ops and "MatMulIntegerToFloat" in ops and "MatMulInteger" not in ops
     # the patch embedding's product is int8 over the image's 8-bit pixels, recovered in the graph
     assert meta["fp32_nodes"] == [] and len(meta["pixel_int8_nodes"]) == 1
-    patch = [n for n in nodes if n.name == meta["pixel_int8_nodes"][0] + "_int8"]
-    assert [n.op_type for n in patch] == ["MatMulInteger"]
+    patch = [n for n in nodes if n.name == meta["pixel_int8_nodes"][0] + "_int8_to_float"]
+    assert [n.op_type for n in patch] == ["MatMulIntegerToFloat"]
     # ... which the graph takes as its input: no float normalisation in front of it
     graph = onnx.load(str(folder / "image.onnx"), load_external_data=False).graph
     assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [("pixels", onnx.TensorProto.UINT8)]

@@ -321,12 +321,13 @@ def activation_ranges(path: str, feeds: list[dict]) -> dict:
     return {n: (lo[n], hi[n]) for n in names}
 
 
-def static_activation_scales(path: str, out: str, ranges: dict) -> int:
+def static_activation_scales(path: str, out: str, ranges: dict, fuse: bool = True) -> int:
     """Write the dynamically quantised graph at `path` to `out` with each DynamicQuantizeLinear replaced by
     a QuantizeLinear of fixed scale and zero point, computed from `ranges` (activation_ranges) as
     DynamicQuantizeLinear computes them per call: uint8, scale = (hi - lo) / 255, zero point round(-lo /
     scale). An image's vector then no longer depends on what else is in its call, so a batch runs as one
-    call; values outside the range saturate. Returns the number of nodes replaced."""
+    call; values outside the range saturate. With `fuse`, fuse_integer_products then folds each product's
+    float epilogue into it. Returns the number of nodes replaced."""
     import onnx
     from onnx import numpy_helper
 
@@ -347,5 +348,65 @@ def static_activation_scales(path: str, out: str, ranges: dict) -> int:
         del node.output[:]
         node.output.append(y)
         count += 1
+    if fuse:
+        fuse_integer_products(g)
     onnx.save(model, out)
     return count
+
+
+def fuse_integer_products(g) -> int:
+    """In graph `g`, fold each int8 product's float epilogue into the product: MatMulInteger -> Cast<float>
+    -> Mul by a constant scale (a constant, or a Mul of the activation's scalar scale and the weights'
+    per-column scales) [-> Add of a constant bias] becomes one MatMulIntegerToFloat (com.microsoft), whose
+    kernel scales and adds the bias as it writes its output, instead of three more passes over it. With
+    scales computed per call, ONNX Runtime fuses the same chain itself (DynamicQuantizeMatMul); with
+    constant scales its fusion no longer matches. Returns the number of products fused."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in g.initializer}
+    nodes = list(g.node)  # these very objects are put back below
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in g.output}
+
+    def only_reader(name):
+        found = readers.get(name, [])
+        return found[0] if len(found) == 1 and name not in outputs else None
+
+    def const(name, scalar=False):
+        t = inits.get(name)
+        return t is not None and (int(np.prod(t.dims)) == 1 if scalar else len(t.dims) <= 1)
+
+    replace, drop = {}, set()
+    for node in nodes:
+        if node.op_type != "MatMulInteger" or len(node.input) != 4 or node.input[1] not in inits:
+            continue
+        cast = only_reader(node.output[0])
+        mul = cast is not None and cast.op_type == "Cast" and only_reader(cast.output[0])
+        if not mul or mul.op_type != "Mul":
+            continue
+        scale = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
+        made = producer.get(scale)
+        if const(scale):  # one scale per column (or per tensor): the activation's own scale is 1
+            a_scale, b_scale = f"{node.name}_unit_scale", scale
+            g.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), a_scale))
+        elif made is not None and made.op_type == "Mul" and const(made.input[0], scalar=True) and const(made.input[1]):
+            a_scale, b_scale = made.input
+        else:
+            continue
+        add, bias = only_reader(mul.output[0]), None
+        if add is not None and add.op_type == "Add":
+            other = add.input[1] if add.input[0] == mul.output[0] else add.input[0]
+            bias = other if const(other) else None
+        inputs = [node.input[0], node.input[1], a_scale, b_scale, node.input[2], node.input[3]] + ([bias] if bias else [])
+        replace[id(node)] = helper.make_node("MatMulIntegerToFloat", inputs, [add.output[0] if bias else mul.output[0]],
+                                             name=f"{node.name}_to_float", domain=ORT_DOMAIN)
+        drop.update({id(cast), id(mul)} | ({id(add)} if bias else set()))
+    fused = len(replace)
+    kept = [replace.get(id(n), n) for n in nodes if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(kept)
+    return fused
