@@ -34,7 +34,7 @@ DEVICES: tuple = CHOICES["embed.device"]
 # torch fp32, and the demo's Recall@10 within one point): BENCHMARKS.md.
 DEFAULT_ENGINE = EmbedConfig.engine
 ONNX_OPSET = 17
-EXPORT_FORMAT = 8  # bump when the exported graphs change, so old caches are not reused
+EXPORT_FORMAT = 9  # bump when the exported graphs change, so old caches are not reused
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
 # (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph
 # traced with the patch embedding as a matrix product and attention as one fused operator
@@ -62,7 +62,11 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # hides it from CPUID; 7 bits are safe on any kernel), a 7-bit graph to fp32.
 INT8_MIN_COSINE = 0.999
 CALIBRATION_IMAGES = 32
-CALIBRATION_MARGIN = 1.0  # the calibrated ranges are widened by this factor (tests narrow them to fail)
+# The calibrated ranges are widened by a quarter: images unlike the probes reach past them, and values
+# past a range saturate. On the shapes demo's fine-tuned model, over its 1,000 held-out images, the
+# lowest cosine to fp32 was 0.99808 with the bare ranges, 0.99962 widened by 1.25 and 0.99955 by 1.5
+# (a coarser step); 128 calibration images instead of 32 gave 0.99888 unwidened.
+CALIBRATION_MARGIN = 1.25
 INT8_BATCH = 8  # images per call of a static-scale int8 graph (4-8 fastest on 2 cores; 16 slower)
 EXPORTS: Counter = Counter()  # (cache folder, variant) -> exports done by this process; tests read it
 
