@@ -45,3 +45,41 @@ def test_avx2_view_hides_vnni_from_every_kernel_chooser(tmp_path):
     assert seen["ort_product"] == 32767 * 256 != seen["exact"]
     trapped = [int(line.split()[-1]) for line in log.read_text().splitlines()]
     assert trapped and max(trapped) > 0
+
+
+VNNI_PROBE = r"""
+import json, sys, numpy as np, torch
+from lakelens.models import engines
+sys.path.insert(0, "bench")
+from machine import int8_product
+a = torch.randn(64, 64).to(torch.bfloat16)
+torch.nn.functional.linear(a, a)  # oneDNN prints the ISA it dispatches to (ONEDNN_VERBOSE)
+K = 512
+sess = int8_product(np.full((K, 1), 127, np.int8), rows=1)
+y = int(sess.run(None, {"A": np.full((1, K), 255, np.uint8)})[0][0, 0])
+flags = set(engines.cpu_flags() or ())
+print(json.dumps({"amx_flags": sorted(f for f in flags if f.startswith("amx")),
+                  "vnni_flags": sorted(flags & set(engines.VNNI_FLAGS)),
+                  "weight_bits": engines.machine_int8_weight_bits()[0], "ort_product": y, "exact": 255 * 127 * K}))
+"""
+
+
+def test_vnni_view_hides_amx_alone(tmp_path):
+    """`bench/avx2/run --view vnni`: AMX is gone from /proc/cpuinfo and from what oneDNN dispatches to,
+    while VNNI stays (8-bit weights, exact 32-bit int8 sums in ONNX Runtime)."""
+    env = {"LAKELENS_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin", "ONEDNN_VERBOSE": "1"}
+    proc = subprocess.run([str(RUN), "--view", "vnni", sys.executable, "-c", VNNI_PROBE], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=ROOT)
+    real = Path("/proc/cpuinfo").read_text()
+    if "cpuid_fault" not in real:
+        assert proc.returncode == 3 and "no cpuid_fault" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    isa = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if ",isa:" in line]
+    assert seen["amx_flags"] == [] and isa and "AMX" not in isa[0]
+    real_flags = set(next(line for line in real.splitlines() if line.startswith("flags")).split(":")[1].split())
+    if real_flags & {"avx512_vnni", "avx_vnni"}:
+        assert seen["vnni_flags"] and seen["weight_bits"] == 8 and seen["ort_product"] == seen["exact"]
+    bad = subprocess.run([str(RUN), "--view", "sse", "true"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "not avx2 or vnni" in bad.stderr
