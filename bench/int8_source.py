@@ -1,11 +1,13 @@
 """Issue #15: the int8 image tower's source graph. Three quantisations of the same model, model only, in one
 run: the fp32 graph as exported (dynamic batch), that graph with its batch fixed at 1, and the engine's
-export (models.int8_source: batch 1, the patch embedding as an int8 product over the image's 8-bit
-pixels, self-attention as ONNX Runtime's fused Attention, quantised to QAttention); fp32 beside them;
+export (models.int8_source: the patch embedding as an int8 product over the image's 8-bit pixels,
+self-attention as ONNX Runtime's fused Attention, quantised to QAttention; since export format 8 also
+static activation scales and a dynamic batch); fp32 beside them;
 and the engine's int8 rate against the int8 bound from the measured int8 matmul rate.
 
-All int8 graphs are quantised by the engine's options and weight bits for this CPU; each runs as the engine
-runs it: one image per call, `cores` single-thread calls at once. Rounds alternate between the graphs (a slow
+All int8 graphs are quantised by the engine's options and weight bits for this CPU; each runs one image per
+call, `cores` single-thread calls at once (as the engine ran int8 up to export format 7; the engine's
+batches of 8 are bench/int8_batch.py's subject). Rounds alternate between the graphs (a slow
 spell of a shared machine hits all of them); the median round per graph and the median of the per-round
 ratio to the engine's graph. Cosine to fp32 over `--images` held-out images; ONNX Runtime's per-operator
 profile of one image (one thread) per int8 graph. Writes bench/results/int8_source.json.
@@ -74,7 +76,7 @@ def main() -> None:
     bounds = compute_bounds(args.model)
     threads = machine["cores"]
     bits, why = engines.machine_int8_weight_bits()
-    engine_graph = "int8, engine's export (batch 1, pixel-int8 patch product, fused attention)"
+    engine_graph = "int8, engine's export (pixel-int8 patch product, fused attention)"
     with tempfile.TemporaryDirectory() as tmp:
         fp32_dir = engines.onnx_graphs(spec, False, tmp)
         engine_dir = engines.onnx_graphs(spec, True, tmp)
