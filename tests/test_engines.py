@@ -210,7 +210,6 @@ def test_int8_graph_has_static_scales_and_runs_batches(cache, caplog):
     assert meta["probe_min_cosine"] == meta["static_probe_min_cosine"] >= 0.999
     for value in (*int8.graph.input, *int8.graph.output):
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
-    engines.load.cache_clear()
     with caplog.at_level("INFO", logger="lakelens.models.engines"):
         engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=cache, threads=2)
     assert engine.per_call == engines.INT8_BATCH and "static activation scales" in caplog.text

@@ -347,6 +347,11 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     source.unlink()
     x = probe_images(loaded)
     ref = _session(fp32 / "image.onnx", 0).run(None, {"image": x})[0]
+
+    def in_calls(session, images, per_call):  # the images through `session`, per_call at a time
+        return np.concatenate([session.run(None, feed(session, images[i:i + per_call], transform))[0]
+                               for i in range(0, len(images), per_call)])
+
     dynamic = _session(folder / "image.onnx", 1)
     # static activation scales, calibrated one image per call on probe images the check does not use
     calibration = probe_images(loaded, CALIBRATION_IMAGES, seed=11)
@@ -357,9 +362,7 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     fixed = int8_source.static_activation_scales(str(folder / "image.onnx"), str(static_path), ranges)
     static = _session(static_path, 1)
     # as the engine runs it: batches of INT8_BATCH; and each image alone, which must give the same vector
-    batched = np.concatenate([static.run(None, feed(static, x[i:i + INT8_BATCH], transform))[0]
-                              for i in range(0, len(x), INT8_BATCH)])
-    alone = np.concatenate([static.run(None, feed(static, x[i:i + 1], transform))[0] for i in range(len(x))])
+    batched, alone = in_calls(static, x, INT8_BATCH), in_calls(static, x, 1)
     static_cosine = float((ref * batched).sum(1).min())
     check = {"calibration_images": len(calibration), "static_quantize_nodes": fixed,
              "static_probe_min_cosine": round(static_cosine, 6),
@@ -370,7 +373,7 @@ def _export_int8(loaded: models.LoadedModel, fp32: Path, folder: Path, weight_bi
     else:
         static_path.unlink()
         # one image per call, as the engine then runs it: activation scales are per call
-        got = np.concatenate([dynamic.run(None, feed(dynamic, x[i:i + 1], transform))[0] for i in range(len(x))])
+        got = in_calls(dynamic, x, 1)
         scales, batch, cosine, graph = "dynamic", 1, float((ref * got).sum(1).min()), dynamic
     return {"probe_images": len(x), "probe_min_cosine": round(cosine, 6), "accepted": cosine >= INT8_MIN_COSINE,
             "activation_scales": scales, "images_per_call": batch, **check,

@@ -292,24 +292,16 @@ def export(image_tower: nn.Module, visual: nn.Module, image_size: int, path: str
     return counts
 
 
-def quantize_inputs(path: str) -> list[str]:
-    """The tensors that the dynamically quantised graph at `path` quantises on the fly (the inputs of its
-    DynamicQuantizeLinear nodes), in graph order."""
-    import onnx
-
-    graph = onnx.load(path, load_external_data=False).graph
-    return [n.input[0] for n in graph.node if n.op_type == "DynamicQuantizeLinear"]
-
-
 def activation_ranges(path: str, feeds: list[dict]) -> dict:
-    """{tensor: (lowest, highest)} of each `quantize_inputs` tensor of the graph at `path` over `feeds`
-    (each one call's inputs), 0 always inside the range, as DynamicQuantizeLinear takes it."""
+    """{tensor: (lowest, highest)} over `feeds` (each one call's inputs) of each tensor that the dynamically
+    quantised graph at `path` quantises on the fly (its DynamicQuantizeLinear nodes' inputs), 0 always
+    inside the range, as DynamicQuantizeLinear takes it."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    names = quantize_inputs(path)
     model = onnx.load(path)
+    names = [n.input[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the tensors must survive
