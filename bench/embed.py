@@ -8,10 +8,13 @@ embed + commit seconds (EmbedStats.chunk_seconds), so Spark's and the workers' s
 every per-chunk cost (scan, Arrow, UDF, Delta MERGE) is in.
 
     .venv/bin/python bench/embed.py [--model ViT-B-32] [--small 500] [--marginal 1000 --chunk 250]
+                                    [--chunk-seconds S] [--fixed-chunks-too]
                                     [--large 96 --large-marginal 750 --large-chunk 250]
 
-Both marginal runs use chunks of 250 files (the default chunk_size is 2000), so each chunk's fixed Delta
-MERGE cost (about 3 s here) is charged at least as heavily as in a default run. The 12-MP marginal set is
+Both marginal runs start with chunks of 250 files (the default chunk_size is 2000); later chunks follow
+the job's embed.chunk_seconds (--chunk-seconds; 0: all chunks of --chunk files, so each chunk's fixed Delta
+MERGE cost is charged at least as heavily as in a default run). --fixed-chunks-too adds a second marginal
+run of the 256-px set with fixed chunks, for the ratio of the two in one run. The 12-MP marginal set is
 made of hard links to the 96 distinct 12-MP files under new names (the job keys rows by path, so every
 link is read, decoded and embedded); like the plain loop, it reads them from the page cache.
 """
@@ -161,13 +164,15 @@ def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, b
 
 
 def lakelens_command(folder: Path, table: Path, ckpt: Path, model_name: str, engine: str, cache: Path,
-                     chunk_size: int | None = None) -> dict:
+                     chunk_size: int | None = None, chunk_seconds: float | None = None) -> dict:
     """The whole `lakelens embed` command in a fresh process: Spark start, workers, model load, commits."""
     cmd = [str(ROOT / ".venv" / "bin" / "lakelens"), "embed", "--images", str(folder), "--table", str(table),
            "--model", model_name, "--pretrained", str(ckpt), "--engine", engine,
            "--conf", str(ROOT / "conf" / "local.yaml"), "--set", f"embed.onnx_cache={cache}", "--json"]
     if chunk_size:
         cmd += ["--chunk-size", str(chunk_size)]
+    if chunk_seconds is not None:
+        cmd += ["--set", f"embed.chunk_seconds={chunk_seconds}"]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -223,7 +228,8 @@ def clip_retrieval(folder: Path, out: Path, ckpt: Path, model_name: str, n: int)
 
 def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: str, engine_names: list[str],
             work: Path, cache: Path, with_clip_retrieval: bool, big: Path, chunk: int, plain_n: int = 0,
-            model_only: dict | None = None, model_only_again=None) -> dict:
+            model_only: dict | None = None, model_only_again=None, chunk_seconds: float | None = None,
+            fixed_too: bool = False) -> dict:
     """`paths` (in `folder`) for whole commands; the first `plain_n` of them (all: 0) for the plain loop and
     parity; `big` (a superset, in chunks of `chunk`) for the marginal rate."""
     n = len(paths)
@@ -236,15 +242,24 @@ def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: 
            "mean_file_bytes": int(np.mean([p.stat().st_size for p in paths])),
            "plain_loop_images_per_s": round(plain["images_per_s"], 3),
            "plain_loop_runs_images_per_s": [round(r["images_per_s"], 3) for r in runs],
-           "marginal_run": {"images": n_big, "chunk_size": chunk}, "engines": {}}
+           "marginal_run": {"images": n_big, "chunk_size": chunk,
+                            "chunk_seconds": "the job's default" if chunk_seconds is None else chunk_seconds},
+           "engines": {}}
     for engine in engine_names:
         full = lakelens_command(folder, work / f"t-{name}-{engine}", ckpt, model_name, engine, cache)
         rows = read_table(work / f"t-{name}-{engine}")
         parity = compare(plain["vectors"], sample, rows)
         shutil.rmtree(work / f"t-{name}-{engine}", ignore_errors=True)
-        many = lakelens_command(big, work / f"t-{name}-{engine}-big", ckpt, model_name, engine, cache, chunk)
+        many = lakelens_command(big, work / f"t-{name}-{engine}-big", ckpt, model_name, engine, cache, chunk,
+                                chunk_seconds)
         shutil.rmtree(work / f"t-{name}-{engine}-big", ignore_errors=True)
         marginal = marginal_rate(many["chunk_seconds"])
+        fixed = None
+        if fixed_too:  # the same run with every chunk of `chunk` files, right after
+            fixed = lakelens_command(big, work / f"t-{name}-{engine}-fixed", ckpt, model_name, engine, cache,
+                                     chunk, 0)
+            shutil.rmtree(work / f"t-{name}-{engine}-fixed", ignore_errors=True)
+            fixed_rate = marginal_rate(fixed["chunk_seconds"])
         # model only again, right after the marginal run: the job's share is taken against the median of
         # the passes before and after it, so one slow spell of a shared machine does not set the ratio
         again = model_only_again(engine) if model_only_again and model_only and engine in model_only else None
@@ -266,6 +281,16 @@ def run_set(name: str, paths: list[Path], folder: Path, ckpt: Path, model_name: 
                 round(marginal / model_only[engine]["images_per_s_before_and_after"], 3) if again else None),
             "marginal_run_whole_command_s": many["seconds"], "marginal_run_chunk_seconds": many["chunk_seconds"],
             "parity_vs_plain": parity}
+        if fixed:
+            out["engines"][engine]["fixed_chunks"] = {
+                "marginal_images_per_s": round(fixed_rate, 3),
+                "marginal_over_plain": round(fixed_rate / plain["images_per_s"], 3),
+                "marginal_over_model_only_before_and_after": (
+                    round(fixed_rate / model_only[engine]["images_per_s_before_and_after"], 3) if again else None),
+                "whole_command_s": fixed["seconds"], "chunk_seconds": fixed["chunk_seconds"],
+                "sized_by_time_over_fixed": round(marginal / fixed_rate, 3)}
+            print(f"  {name} {engine}: fixed chunks of {chunk}: marginal {fixed_rate:.2f} img/s; sized by time "
+                  f"{marginal / fixed_rate:.3f}x that", flush=True)
         print(f"  {name} {engine}: whole {n / full['seconds']:.2f} img/s ({full['seconds']:.1f} s), "
               f"marginal {marginal:.2f} img/s ({marginal / plain['images_per_s']:.2f}x plain), "
               f"min cos {parity['min_cosine']:.6f}", flush=True)
@@ -319,7 +344,11 @@ def main() -> int:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--small", type=int, default=500, help="256x256 JPEGs in the whole-command set")
     ap.add_argument("--marginal", type=int, default=1000, help="256x256 JPEGs in the marginal-rate run")
-    ap.add_argument("--chunk", type=int, default=250, help="chunk size of the marginal-rate run")
+    ap.add_argument("--chunk", type=int, default=250, help="(first) chunk size of the marginal-rate run")
+    ap.add_argument("--chunk-seconds", type=float, default=None,
+                    help="embed.chunk_seconds of the marginal-rate runs (default: the job's; 0: fixed chunks)")
+    ap.add_argument("--fixed-chunks-too", action="store_true",
+                    help="also run the 256-px marginal run with fixed chunks (embed.chunk_seconds=0)")
     ap.add_argument("--large", type=int, default=96, help="4000x3000 (12 MP) JPEGs (whole command: a third)")
     ap.add_argument("--large-marginal", type=int, default=750,
                     help="12-MP files in the marginal-rate run (hard links to the distinct ones)")
@@ -377,14 +406,16 @@ def main() -> int:
             "small", small, linked_subset(small, work / "small"), ckpt, args.model, engine_names, work, cache,
             not args.no_clip_retrieval, linked_subset(small_all[:args.marginal], work / "small-big"), args.chunk,
             args.plain, results["model_only"],
-            lambda engine: model_rates(spec, small, [engine], cache, bounds)[engine])
+            lambda engine: model_rates(spec, small, [engine], cache, bounds)[engine], args.chunk_seconds,
+            args.fixed_chunks_too)
         if args.no_large:
             results["loadavg_after"] = loadavg()
             return finish(results, args.out)
         print("[bench] 12-megapixel JPEGs", flush=True)
         results["large_12mp"] = run_set(
             "large", large, linked_subset(large, work / "large"), ckpt, args.model, engine_names, work, cache,
-            False, repeated_links(large_all, work / "large-big", args.large_marginal), args.large_chunk)
+            False, repeated_links(large_all, work / "large-big", args.large_marginal), args.large_chunk,
+            chunk_seconds=args.chunk_seconds)
         results["loadavg_after"] = loadavg()
         return finish(results, args.out)
     finally:

@@ -43,3 +43,32 @@ def test_bad_override_and_missing_file():
         config.load(None, ["embed.batch_size"])
     with pytest.raises(ConfigError, match="not found"):
         config.load("/nonexistent/lakelens.yaml")
+
+
+def test_chunk_sizes_follow_the_rate_within_bounds():
+    from lakelens.ingest.table import ChunkSizes, Plan
+
+    fixed = ChunkSizes(100)
+    fixed.observe(100, 0.5)
+    assert (fixed.take(1000), fixed.take(130), fixed.take(40)) == (100, 100, 40)
+
+    timed = ChunkSizes(100, seconds=60)
+    assert timed.take(1000) == 100
+    timed.observe(100, 10.0)  # 10 files/s: 600 files fill 60 s
+    assert timed.take(10_000) == 600
+    assert timed.take(899) == 899  # 299 left after 600 would be under half a chunk: taken along
+    assert timed.take(900) == 600
+    timed.observe(600, 600.0)  # 1 file/s: never under the first chunk's size
+    assert timed.take(10_000) == 100
+    timed.observe(100, 0.01)  # 10,000 files/s: at most 10x the first chunk's size
+    assert timed.take(100_000) == 1000
+
+    plan = Plan(todo=None, to_embed=2300, unread=0, deleted=0, unchanged=0, new=2300, changed=0,
+                paths=[f"/p/{i:05d}" for i in range(2300)])
+    sizes = ChunkSizes(100, seconds=60)
+    got = []
+    for chunk in plan.chunks(sizes):
+        got.append(len(chunk))
+        sizes.observe(len(chunk), len(chunk) / 10.0)  # 10 files/s
+    assert got == [100, 600, 600, 600, 400]  # the last 400 are over half a chunk of 600: their own chunk
+    assert [len(c) for c in plan.chunks(1000)] == [1000, 1000, 300]

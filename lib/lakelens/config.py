@@ -51,7 +51,8 @@ class EmbedConfig:
     table: str = ""
     format: str = "delta"
     batch_size: int = 32
-    chunk_size: int = 2000
+    chunk_size: int = 2000  # files in the first chunk (and in each, when chunk_seconds is 0)
+    chunk_seconds: float = 60.0  # later chunks grow to about this many seconds of embedding each; 0: fixed
     partitions: int = 0
     path_glob: str = ""
     max_file_bytes: int = 256 * 1024 * 1024
@@ -169,6 +170,7 @@ MINIMUMS = {
     "spark.shuffle_partitions": 1,
     "embed.batch_size": 1,
     "embed.chunk_size": 1,
+    "embed.chunk_seconds": 0.0,
     "embed.partitions": 0,
     "embed.max_file_bytes": 1,
     "embed.max_pixels": 1,

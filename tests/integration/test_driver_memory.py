@@ -120,8 +120,8 @@ def random_names(n: int, length: int, seed: int) -> list[str]:
 
 def test_embed_job_under_a_1m_result_limit(spark, tmp_path):
     """5k zero-length files (found by joining Spark's file index against its scan) and 5k tiny images to
-    embed (their paths stream to the driver a chunk at a time), 250 random characters a name: 1.25 MB of
-    names each, a chunk's about 0.45 MB."""
+    embed (their paths stream to the driver a partition at a time), 250 random characters a name: 1.25 MB
+    of names each, a partition's about 0.45 MB."""
     img = tmp_path / "img"
     (img / "real").mkdir(parents=True)
     n_empty, n_real = 5_000, 5_000
@@ -134,9 +134,12 @@ def test_embed_job_under_a_1m_result_limit(spark, tmp_path):
     table = tmp_path / "table"
 
     stats = run_cli(["embed", "--images", str(img), "--table", str(table), "--model", "lakelens-tiny",
-                     "--pretrained", "none", "--chunk-size", "1700"], tmp_path)
+                     "--pretrained", "none", "--chunk-size", "1700", "--set", "embed.chunk_seconds=3600"],
+                    tmp_path)
     assert (stats["new"], stats["embedded"], stats["failed"]) == (n_empty + n_real, n_real, n_empty)
-    assert stats["chunks"] == 3
+    # the paths stream in partitions of a first chunk; chunks sized by time (3600 s: the 10x cap) take the
+    # 3,300 left after the first 1,700 in one
+    assert [files for files, *_ in stats["chunk_seconds"]] == [1700, 3300]
     rows = spark.read.format("delta").load(str(table))
     counts = {r["error"]: r["count"] for r in rows.groupBy("error").count().collect()}
     assert counts == {"empty file": n_empty, None: n_real}

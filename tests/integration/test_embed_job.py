@@ -129,14 +129,20 @@ def test_resume_after_a_crashed_run(spark, tmp_path, local_conf):
         if i == 1:
             raise Crash("killed on purpose")
 
-    conf = local_conf(img, tmp_path / "t", "embed.chunk_size=3")
+    conf = local_conf(img, tmp_path / "t", "embed.chunk_size=3", "embed.chunk_seconds=0")  # fixed chunks
+    left = []
     with pytest.raises(Crash):
-        run(spark, conf, on_chunk=crash_after_second)
+        run(spark, conf, on_chunk=lambda i, n: (left.append(n), crash_after_second(i, n)))
+    assert left == [7, 4]
     assert len(rows_by_path(spark, tmp_path / "t")) == 6  # two chunks of 3 were committed
     resumed = run(spark, conf)
     assert (resumed.embedded, resumed.unchanged, resumed.chunks) == (4, 6, 2)
+    assert [files for files, *_ in resumed.chunk_seconds] == [3, 1]
 
-    run(spark, local_conf(img, tmp_path / "clean", "embed.chunk_size=3"))
+    # chunks sized by time: after the first, as many files as 600 s hold at the first's rate, capped at
+    # 10x chunk_size (30), so the 7 left make one chunk
+    clean = run(spark, local_conf(img, tmp_path / "clean", "embed.chunk_size=3", "embed.chunk_seconds=600"))
+    assert [files for files, *_ in clean.chunk_seconds] == [3, 7]
     assert _comparable(rows_by_path(spark, tmp_path / "t")) == _comparable(rows_by_path(spark, tmp_path / "clean"))
 
 

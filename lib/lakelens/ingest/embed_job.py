@@ -19,7 +19,7 @@ from lakelens.ingest.embedder import cached_embedder
 from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
 from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
-from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, EmbeddingsTable, path_id_col, with_retries
+from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, ChunkSizes, EmbeddingsTable, path_id_col, with_retries
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -167,7 +167,7 @@ class EmbedJob(Job):
     def __init__(self, spark=None, conf=None, on_chunk: Callable[[int, int], None] | None = None,
                  log: Callable[[str], None] = print):
         super().__init__(spark, conf)
-        self.on_chunk = on_chunk  # called after each committed chunk; tests crash the run here on purpose
+        self.on_chunk = on_chunk  # (chunk index, files left) after each committed chunk; tests crash runs here
         self.log = log
 
     def _check(self):
@@ -240,11 +240,12 @@ class EmbedJob(Job):
                 warmup.finish(cancel=plan is None or plan.to_embed == 0)
         stats = EmbedStats(unchanged=plan.unchanged, deleted=plan.deleted, new=plan.new, changed=plan.changed,
                            phases=phases)
-        n_chunks = -(-plan.to_embed // c.chunk_size)
+        sizes = ChunkSizes(c.chunk_size, c.chunk_seconds)
         run_id = uuid.uuid4().hex[:8]
+        grow = f", later ones sized to about {c.chunk_seconds:g} s each" if c.chunk_seconds else ""
         self.log(f"lakelens embed: {spec.key} over {c.images}: new={plan.new} changed={plan.changed} "
                  f"unchanged={plan.unchanged} deleted={plan.deleted}; {plan.to_embed} files to embed "
-                 f"in {n_chunks} chunk(s) of <= {c.chunk_size}")
+                 f"in chunks of {c.chunk_size} files{grow}")
         pending = []  # parquet: rows written together at the end
 
         def commit(rows, note):
@@ -259,7 +260,8 @@ class EmbedJob(Job):
             commit(self._unread_rows(plan.unread_rows(), spec),
                    f"lakelens embed {run_id}: {plan.unread} empty or oversize files")
             stats.failed += plan.unread
-        for i, paths in enumerate(plan.chunks(c.chunk_size)):
+        done = 0
+        for i, paths in enumerate(plan.chunks(sizes)):
             before = dict(phases)
             with phase("embed"):
                 if all(is_local(p) for p in paths):  # the Python workers read the files themselves
@@ -271,13 +273,16 @@ class EmbedJob(Job):
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok
-            commit(rows, f"lakelens embed {run_id}: chunk {i + 1}/{n_chunks}")
+            sizes.observe(len(paths), phases["embed"] - before.get("embed", 0.0))
+            what = f"chunk {i + 1}, files {done + 1}-{done + len(paths)} of {plan.to_embed}"
+            commit(rows, f"lakelens embed {run_id}: {what}")
+            done += len(paths)
             stats.chunks += 1
             stats.chunk_seconds.append([len(paths)] + [round(phases.get(k, 0.0) - before.get(k, 0.0), 3)
                                                        for k in ("embed", "commit")])
-            self.log(f"  chunk {i + 1}/{n_chunks} committed: {ok} embedded, {len(paths) - ok} failed")
+            self.log(f"  {what} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
-                self.on_chunk(i, n_chunks)
+                self.on_chunk(i, plan.to_embed - done)
         with phase("delete" if c.format == "delta" else "commit"):
             if c.format == "delta":
                 if plan.deleted:

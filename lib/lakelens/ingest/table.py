@@ -101,25 +101,66 @@ class Plan:
         return (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNotNull())
                 .select("path", "size_bytes", "modified", "error"))
 
-    def chunks(self, size: int) -> Iterator[list[str]]:
-        """The paths to embed, sorted, `size` at a time. They stream to the driver one partition at a
-        time (toLocalIterator), each partition about one chunk (range partitioning), so the driver never
+    def chunks(self, sizes: int | ChunkSizes) -> Iterator[list[str]]:
+        """The paths to embed, sorted, in chunks of `sizes.take(files left)` (asked again before each
+        chunk, so the sizes can follow the run). They stream to the driver one partition at a time
+        (toLocalIterator), each partition about one first chunk (range partitioning), so the driver never
         holds more than a partition and a chunk of them, whatever the table's size. A plan made on the
         driver has them at hand."""
+        sizes = sizes if isinstance(sizes, ChunkSizes) else ChunkSizes(sizes)
+        left = self.to_embed
         if self.paths is not None:
-            for start in range(0, len(self.paths), size):
+            start = 0
+            while start < len(self.paths):
+                size = sizes.take(len(self.paths) - start)
                 yield self.paths[start:start + size]
+                start += size
             return
         paths = (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNull()).select("path")
-                 .repartitionByRange(max(1, -(-self.to_embed // size)), "path").sortWithinPartitions("path"))
+                 .repartitionByRange(max(1, -(-self.to_embed // sizes.first)), "path").sortWithinPartitions("path"))
         chunk: list[str] = []
+        size = sizes.take(left)
         for row in paths.toLocalIterator():
             chunk.append(row["path"])
             if len(chunk) == size:
                 yield chunk
+                left -= size
                 chunk = []
+                size = sizes.take(left)
         if chunk:
             yield chunk
+
+
+# Chunks sized by time grow to at most this many times embed.chunk_size.
+MAX_CHUNK_GROWTH = 10
+
+
+@dataclass
+class ChunkSizes:
+    """Files per committed chunk. The first chunk has `first` files. With `seconds` > 0, each later chunk
+    has as many files as the previous chunk's embedding rate fills in `seconds` (at least `first`, at
+    most MAX_CHUNK_GROWTH x `first`), so a Delta commit's fixed cost (about 1.4 s a MERGE on 2 cores) stays
+    a small share of a fast node's chunk, and a slow node still commits every `seconds` or so; a last
+    chunk under half a chunk joins the one before it. With `seconds` = 0 every chunk has `first` files."""
+
+    first: int
+    seconds: float = 0.0
+    size: int = 0
+
+    def __post_init__(self):
+        self.size = self.first
+
+    def observe(self, files: int, seconds: float) -> None:
+        """A chunk of `files` took `seconds` to embed: size the next one."""
+        if self.seconds > 0 and files > 0 and seconds > 0:
+            wanted = round(files / seconds * self.seconds)
+            self.size = int(min(max(wanted, self.first), MAX_CHUNK_GROWTH * self.first))
+
+    def take(self, left: int) -> int:
+        """Files in the next chunk when `left` files are still to embed."""
+        if self.seconds > 0 and left - self.size < self.size // 2:
+            return left
+        return min(self.size, left)
 
 
 def _raise_collisions(clashes: list) -> None:
