@@ -277,10 +277,13 @@ def test_onnx_worker_never_imports_torch(tmp_path):
         assert out.stdout.split() == ["(128,)", "None", "False", "False"]
 
 
-def test_bf16_autocast_stays_close_to_fp32(contents, reference):
+def test_bf16_stays_close_to_fp32(contents, reference):
     # Forced here: on CPUs without native bf16 the torch-bf16 engine runs fp32 (emulated bf16 is slow).
     loaded = models.load(TINY)
     eng = engines.TorchEngine(loaded, dtype=torch.bfloat16, name="torch-bf16")
+    # its own copy, cast once; the shared fp32 model other engines and the query side use is left as it was
+    assert {p.dtype for p in eng.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32} and eng.model is not loaded.model
     from lakelens.ingest.images import decode
 
     batch = torch.stack([loaded.preprocess(decode(c).image) for c in contents])
