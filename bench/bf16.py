@@ -15,31 +15,21 @@ Writes bench/results/bf16.json (or --out).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from machine import describe  # bench/ is on the path: this script's folder
+from machine import probe_run  # bench/ is on the path: this script's folder
 
 from lakelens import ModelSpec
 from lakelens.models import engines
 from lakelens.models import registry as models
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bf16.json"))
-    args = ap.parse_args()
-    machine = describe()
-    print(json.dumps(machine), flush=True)
+    args, machine = probe_run("bf16")
     torch.set_num_threads(machine["cores"])
     spec = ModelSpec(args.model)
     loaded = models.load(spec)
