@@ -273,13 +273,14 @@ class EmbedJob(Job):
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok
-            sizes.observe(len(paths), phases["embed"] - before.get("embed", 0.0))
+            embed_s = phases["embed"] - before.get("embed", 0.0)
+            sizes.observe(len(paths), embed_s)
             what = f"chunk {i + 1}, files {done + 1}-{done + len(paths)} of {plan.to_embed}"
             commit(rows, f"lakelens embed {run_id}: {what}")
             done += len(paths)
             stats.chunks += 1
-            stats.chunk_seconds.append([len(paths)] + [round(phases.get(k, 0.0) - before.get(k, 0.0), 3)
-                                                       for k in ("embed", "commit")])
+            stats.chunk_seconds.append([len(paths), round(embed_s, 3),
+                                        round(phases.get("commit", 0.0) - before.get("commit", 0.0), 3)])
             self.log(f"  {what} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
                 self.on_chunk(i, plan.to_embed - done)

@@ -8,7 +8,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import pandas as pd
@@ -108,27 +109,17 @@ class Plan:
         holds more than a partition and a chunk of them, whatever the table's size. A plan made on the
         driver has them at hand."""
         sizes = sizes if isinstance(sizes, ChunkSizes) else ChunkSizes(sizes)
-        left = self.to_embed
         if self.paths is not None:
-            start = 0
-            while start < len(self.paths):
-                size = sizes.take(len(self.paths) - start)
-                yield self.paths[start:start + size]
-                start += size
-            return
-        paths = (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNull()).select("path")
-                 .repartitionByRange(max(1, -(-self.to_embed // sizes.first)), "path").sortWithinPartitions("path"))
-        chunk: list[str] = []
-        size = sizes.take(left)
-        for row in paths.toLocalIterator():
-            chunk.append(row["path"])
-            if len(chunk) == size:
-                yield chunk
-                left -= size
-                chunk = []
-                size = sizes.take(left)
-        if chunk:
+            paths = iter(self.paths)
+        else:
+            rows = (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNull()).select("path")
+                    .repartitionByRange(max(1, -(-self.to_embed // sizes.first)), "path")
+                    .sortWithinPartitions("path"))
+            paths = (row["path"] for row in rows.toLocalIterator())
+        left = self.to_embed
+        while chunk := list(islice(paths, sizes.take(left) if left > 0 else sizes.first)):
             yield chunk
+            left -= len(chunk)
 
 
 # Chunks sized by time grow to at most this many times embed.chunk_size.
@@ -145,7 +136,7 @@ class ChunkSizes:
 
     first: int
     seconds: float = 0.0
-    size: int = 0
+    size: int = field(init=False)  # files in the next chunk, before the tail rule
 
     def __post_init__(self):
         self.size = self.first
