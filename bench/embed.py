@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import best_rate, describe, ort_int8_rate  # bench/ is on the path: this script's folder
+from machine import ProcessTreeCPU, best_rate, describe, ort_int8_rate  # bench/ is on the path: this script's folder
 from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,8 +164,9 @@ def model_rates(spec, paths: list[Path], engine_names: list[str], cache: Path, b
 
 
 def lakelens_command(folder: Path, table: Path, ckpt: Path, model_name: str, engine: str, cache: Path,
-                     chunk_size: int | None = None, chunk_seconds: float | None = None) -> dict:
-    """The whole `lakelens embed` command in a fresh process: Spark start, workers, model load, commits."""
+                     chunk_size: int | None = None, chunk_seconds: float | None = None, sample_cpu: bool = False) -> dict:
+    """The whole `lakelens embed` command in a fresh process: Spark start, workers, model load, commits. With
+    `sample_cpu`, also the CPU-seconds of its JVM, Python workers and driver (machine.ProcessTreeCPU)."""
     cmd = [str(ROOT / ".venv" / "bin" / "lakelens"), "embed", "--images", str(folder), "--table", str(table),
            "--model", model_name, "--pretrained", str(ckpt), "--engine", engine,
            "--conf", str(ROOT / "conf" / "local.yaml"), "--set", f"embed.onnx_cache={cache}", "--json"]
@@ -174,13 +175,15 @@ def lakelens_command(folder: Path, table: Path, ckpt: Path, model_name: str, eng
     if chunk_seconds is not None:
         cmd += ["--set", f"embed.chunk_seconds={chunk_seconds}"]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = ProcessTreeCPU(proc.pid) if sample_cpu else None
+    stdout, stderr = proc.communicate()
     seconds = time.perf_counter() - t0
-    if res.returncode:
-        raise RuntimeError(f"lakelens embed failed: {res.stderr[-2000:]}")
-    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    if proc.returncode:
+        raise RuntimeError(f"lakelens embed failed: {stderr[-2000:]}")
+    stats = json.loads(stdout.strip().splitlines()[-1])
     return {"seconds": round(seconds, 2), "embedded": stats["embedded"], "phases": stats["phases"],
-            "chunk_seconds": stats["chunk_seconds"]}
+            "chunk_seconds": stats["chunk_seconds"], **({"cpu": sampler.stop()} if sampler else {})}
 
 
 def marginal_rate(chunk_seconds: list) -> float:

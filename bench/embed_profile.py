@@ -7,11 +7,14 @@ draft mode), preprocess (the numpy copy of open_clip's transform), the model (th
 Part 2, the same files through the embed job (`lakelens embed`, local[2], chunks of `--chunk`): the
 job's marginal rate (chunks 2.., embed + commit) and each chunk's commit seconds, against the same
 engine's model-only rate on two cores. The gap between them is Spark's share: the scan of the files,
-Arrow between the JVM and Python, the plan of new and changed files, and the Delta MERGE per chunk.
+Arrow between the JVM and Python, the plan of new and changed files, and the Delta MERGE per chunk; and
+where the command's core time went, by process (the JVM, the Python workers, the driver; sampled from
+/proc, machine.ProcessTreeCPU), over the whole run and as cores kept busy from 40% to 90% of its wall
+time (the later chunks).
 
-Writes bench/results/embed_profile.json.
+Writes bench/results/embed_profile.json (or --out).
 
-    .venv/bin/python bench/embed_profile.py [--model ViT-B-32] [--engine onnx-int8] [--images 1000] [--chunk 250]
+    .venv/bin/python bench/embed_profile.py [--model ViT-B-32] [--engine onnx-int8] [--images 1000] [--chunk 250] [--out F]
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main() -> int:
     ap.add_argument("--engine", default="onnx-int8")
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--chunk", type=int, default=250)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "embed_profile.json"))
     args = ap.parse_args()
     machine = describe()
     print(json.dumps(machine), flush=True)
@@ -95,16 +99,17 @@ def main() -> int:
             list(pool.map(lambda part: one.embed_tensors(part), [tensors[:32], tensors[32:]]))
             model_only = 64 / (time.perf_counter() - t0)
         result["model_only_images_per_s_two_cores"] = round(model_only, 2)
-        run = lakelens_command(tmp / "img", tmp / "table", ckpt, args.model, args.engine, cache, args.chunk)
+        run = lakelens_command(tmp / "img", tmp / "table", ckpt, args.model, args.engine, cache, args.chunk,
+                               sample_cpu=True)
         marginal = marginal_rate(run["chunk_seconds"])
         later = run["chunk_seconds"][1:]
         result["job"] = {"whole_command_seconds": run["seconds"], "marginal_images_per_s": round(marginal, 2),
                          "share_of_model_only": round(marginal / model_only, 3),
                          "commit_ms_per_image": round(sum(c for _, _, c in later) / sum(n for n, *_ in later) * 1000, 3),
                          "embed_ms_per_image": round(sum(e for _, e, _ in later) / sum(n for n, *_ in later) * 1000, 3),
-                         "phases": run["phases"], "chunk_seconds": run["chunk_seconds"]}
+                         "phases": run["phases"], "chunk_seconds": run["chunk_seconds"], "cpu": run["cpu"]}
         print(json.dumps(result["job"], indent=1), flush=True)
-    out = ROOT / "bench" / "results" / "embed_profile.json"
+    out = Path(args.out)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0

@@ -110,6 +110,84 @@ def latencies(fn, items, label: str | None = None) -> dict:
             "mean_ms": round(float(t.mean()), 3)}
 
 
+class ProcessTreeCPU:
+    """CPU-seconds of a process and all its descendants, by kind (the JVM, Spark's Python workers, the
+    Python driver), sampled from /proc every `every` seconds on a thread while the process runs (Linux):
+    where a Spark command's core time goes. `window(a, b)` is the cores each kind kept busy between
+    fractions a and b of the run's wall time."""
+
+    def __init__(self, pid: int, every: float = 0.5):
+        import threading
+
+        self.pid, self.every, self.timeline, self.seen = pid, every, [], {}
+        self.t0 = time.perf_counter()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _kind(pid: int, root: int) -> str:
+        argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+        if os.path.basename(argv[0]) == "java":
+            return "jvm"
+        if any(a.startswith("pyspark.") for a in argv):  # pyspark.daemon and the workers it forks
+            return "python_workers"
+        return "python_driver" if pid == root else "other"
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        out, todo = [], [self.pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo += children.get(p, [])
+        return out
+
+    def _loop(self) -> None:
+        hz = os.sysconf("SC_CLK_TCK")
+        while os.path.exists(f"/proc/{self.pid}") and not self._reaped():
+            for p in self._tree():
+                try:
+                    fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+                    self.seen[p] = (self._kind(p, self.pid), (int(fields[11]) + int(fields[12])) / hz)
+                except (OSError, IndexError, ValueError):
+                    continue  # gone since the listing: its last sample stands
+            totals: dict[str, float] = {}
+            for kind, seconds in self.seen.values():
+                totals[kind] = totals.get(kind, 0.0) + seconds
+            self.timeline.append((time.perf_counter() - self.t0, totals))
+            time.sleep(self.every)
+
+    def _reaped(self) -> bool:
+        try:
+            return open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    def stop(self) -> dict:
+        self.thread.join()
+        last = self.timeline[-1][1] if self.timeline else {}
+        return {"cpu_seconds": {k: round(v, 1) for k, v in sorted(last.items())}, "wall_s": round(self.timeline[-1][0], 1)
+                if self.timeline else None, "cores_busy_40_to_90_percent_of_run": self.window(0.4, 0.9)}
+
+    def window(self, a: float, b: float) -> dict:
+        if len(self.timeline) < 3:
+            return {}
+        end = self.timeline[-1][0]
+        first = min(self.timeline, key=lambda r: abs(r[0] - a * end))
+        last = min(self.timeline, key=lambda r: abs(r[0] - b * end))
+        span = last[0] - first[0]
+        if span <= 0:
+            return {}
+        return {k: round((last[1].get(k, 0.0) - first[1].get(k, 0.0)) / span, 2) for k in sorted(last[1])}
+
+
 def probe_run(name: str) -> tuple[argparse.Namespace, dict]:
     """A model-only probe benchmark's arguments (--model ViT-B-32, --images 64, --rounds 5, --out
     bench/results/NAME.json) and this machine's description, printed first."""
