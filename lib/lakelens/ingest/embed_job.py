@@ -25,6 +25,11 @@ from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
 from lakelens.spark import Job
 
+# Rows of local paths a worker gets at once (Arrow batch): the worker reads the bytes itself, so a batch
+# is small whatever the images. On a 2-core node 128 embedded 1.047x as fast as 32 with AMX (median of 5
+# alternating pairs) and as fast without it (BENCHMARKS.md).
+LOCAL_ARROW_BATCH = 128
+
 
 def read_local(pdf: pd.DataFrame, max_bytes: int) -> tuple[pd.DataFrame, list, list]:
     """(path) rows of local files -> the binaryFile columns (path, modificationTime, length), their bytes,
@@ -217,8 +222,10 @@ class EmbedJob(Job):
             yield
             phases[name] = phases.get(name, 0.0) + time.time() - start
 
-        # Arrow batches the size of a model batch: images are large rows, and memory is per batch.
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))
+        # Arrow batches the size of a model batch where the rows carry the images' bytes (large rows, and
+        # memory is per batch); where they carry only local paths, LOCAL_ARROW_BATCH (set per chunk below).
+        arrow_batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
+        spark.conf.set(arrow_batch, str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
         warmup, plan = Warmup(spark, spec, c), None
         try:
@@ -265,9 +272,11 @@ class EmbedJob(Job):
             before = dict(phases)
             with phase("embed"):
                 if all(is_local(p) for p in paths):  # the Python workers read the files themselves
+                    spark.conf.set(arrow_batch, str(max(c.batch_size, LOCAL_ARROW_BATCH)))
                     files = local_paths(spark, paths, self.partitions(len(paths)))
                     rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
                 else:
+                    spark.conf.set(arrow_batch, str(c.batch_size))
                     with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
                         rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
@@ -284,6 +293,7 @@ class EmbedJob(Job):
             self.log(f"  {what} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
                 self.on_chunk(i, plan.to_embed - done)
+        spark.conf.set(arrow_batch, str(c.batch_size))  # the session's other jobs get what they had
         with phase("delete" if c.format == "delta" else "commit"):
             if c.format == "delta":
                 if plan.deleted:
