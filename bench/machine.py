@@ -138,7 +138,7 @@ class ProcessTreeCPU:
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
-                    ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+                    ppid = int(self._stat(int(entry))[1])
                 except (OSError, IndexError, ValueError):
                     continue
                 children.setdefault(ppid, []).append(int(entry))
@@ -151,10 +151,10 @@ class ProcessTreeCPU:
 
     def _loop(self) -> None:
         hz = os.sysconf("SC_CLK_TCK")
-        while os.path.exists(f"/proc/{self.pid}") and not self._reaped():
+        while not self._reaped():
             for p in self._tree():
                 try:
-                    fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+                    fields = self._stat(p)
                     self.seen[p] = (self._kind(p, self.pid), (int(fields[11]) + int(fields[12])) / hz)
                 except (OSError, IndexError, ValueError):
                     continue  # gone since the listing: its last sample stands
@@ -164,17 +164,23 @@ class ProcessTreeCPU:
             self.timeline.append((time.perf_counter() - self.t0, totals))
             time.sleep(self.every)
 
-    def _reaped(self) -> bool:
+    @staticmethod
+    def _stat(pid: int) -> list[str]:
+        """/proc/PID/stat's fields after the command name (state, ppid, ...; utime and stime at 11, 12)."""
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+
+    def _reaped(self) -> bool:  # gone, or a zombie whose parent has not waited yet
         try:
-            return open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+            return self._stat(self.pid)[0] == "Z"
         except OSError:
             return True
 
     def stop(self) -> dict:
         self.thread.join()
-        last = self.timeline[-1][1] if self.timeline else {}
-        return {"cpu_seconds": {k: round(v, 1) for k, v in sorted(last.items())}, "wall_s": round(self.timeline[-1][0], 1)
-                if self.timeline else None, "cores_busy_40_to_90_percent_of_run": self.window(0.4, 0.9)}
+        wall, last = self.timeline[-1] if self.timeline else (None, {})
+        return {"cpu_seconds": {k: round(v, 1) for k, v in sorted(last.items())},
+                "wall_s": None if wall is None else round(wall, 1),
+                "cores_busy_40_to_90_percent_of_run": self.window(0.4, 0.9)}
 
     def window(self, a: float, b: float) -> dict:
         if len(self.timeline) < 3:

@@ -271,12 +271,12 @@ class EmbedJob(Job):
         for i, paths in enumerate(plan.chunks(sizes)):
             before = dict(phases)
             with phase("embed"):
-                if all(is_local(p) for p in paths):  # the Python workers read the files themselves
-                    spark.conf.set(arrow_batch, str(max(c.batch_size, LOCAL_ARROW_BATCH)))
+                local = all(is_local(p) for p in paths)  # the Python workers read the files themselves
+                spark.conf.set(arrow_batch, str(max(c.batch_size, LOCAL_ARROW_BATCH) if local else c.batch_size))
+                if local:
                     files = local_paths(spark, paths, self.partitions(len(paths)))
                     rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
                 else:
-                    spark.conf.set(arrow_batch, str(c.batch_size))
                     with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
                         rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
