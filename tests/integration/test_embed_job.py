@@ -189,6 +189,30 @@ def test_parquet_format_is_incremental_too(spark, tmp_path, local_conf):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]  # swap left nothing behind
 
 
+def test_the_session_gets_its_arrow_batch_back_after_a_run_and_after_a_failed_chunk(spark, tmp_path, local_conf,
+                                                                                       monkeypatch):
+    img = tmp_path / "img"
+    write_images(img, 4)
+    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    conf = local_conf(img, tmp_path / "t", "embed.batch_size=16")
+    assert run(spark, conf).embedded == 4
+    assert spark.conf.get(key) == "16"
+
+    write_images(img, 2, seed=5, start=10)  # two new files: one more chunk to embed
+    seen = []
+
+    def lost(self, files, spec, local=False):
+        seen.append((local, spark.conf.get(key)))
+        raise RuntimeError("executor lost")
+
+    monkeypatch.setattr(EmbedJob, "_rows", lost)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        run(spark, conf)
+    assert seen == [(True, "128")]  # local paths: 128-row Arrow batches while the chunk ran
+    assert spark.conf.get(key) == "16"
+    assert len(rows_by_path(spark, tmp_path / "t")) == 4  # nothing half-written
+
+
 def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
     img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 3)

@@ -273,12 +273,15 @@ class EmbedJob(Job):
             with phase("embed"):
                 local = all(is_local(p) for p in paths)  # the Python workers read the files themselves
                 spark.conf.set(arrow_batch, str(max(c.batch_size, LOCAL_ARROW_BATCH) if local else c.batch_size))
-                if local:
-                    files = local_paths(spark, paths, self.partitions(len(paths)))
-                    rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
-                else:
-                    with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
-                        rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
+                try:
+                    if local:
+                        files = local_paths(spark, paths, self.partitions(len(paths)))
+                        rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
+                    else:
+                        with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
+                            rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
+                finally:  # the session's other jobs (and a failed chunk's) get embed.batch_size back
+                    spark.conf.set(arrow_batch, str(c.batch_size))
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok
@@ -293,7 +296,6 @@ class EmbedJob(Job):
             self.log(f"  {what} committed: {ok} embedded, {len(paths) - ok} failed")
             if self.on_chunk:
                 self.on_chunk(i, plan.to_embed - done)
-        spark.conf.set(arrow_batch, str(c.batch_size))  # the session's other jobs get what they had
         with phase("delete" if c.format == "delta" else "commit"):
             if c.format == "delta":
                 if plan.deleted:
