@@ -166,6 +166,23 @@ def _check_s3a_on_classpath(spark: SparkSession) -> None:
                           f"{' '.join(submit_jars_arg(s3=True))} to spark-submit.")
 
 
+@contextmanager
+def session_settings(spark: SparkSession, settings: dict[str, str]):
+    """Inside this block the session has these SQL settings; after it (also after an error) each has
+    the value it had before, or none."""
+    before = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+
+
 class Job:
     """Base of the Spark jobs: `Job(spark=None, conf=None).launch()`; uses the active session if any."""
 

@@ -23,7 +23,7 @@ from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, ChunkSizes, 
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
-from lakelens.spark import Job
+from lakelens.spark import Job, session_settings
 
 # Rows of local paths a worker gets at once (Arrow batch): the worker reads the bytes itself, so a batch
 # is small whatever the images. On a 2-core node 128 embedded 1.047x as fast as 32 with AMX (median of 5
@@ -271,17 +271,13 @@ class EmbedJob(Job):
         for i, paths in enumerate(plan.chunks(sizes)):
             before = dict(phases)
             with phase("embed"):
-                local = all(is_local(p) for p in paths)  # the Python workers read the files themselves
-                spark.conf.set(arrow_batch, str(max(c.batch_size, LOCAL_ARROW_BATCH) if local else c.batch_size))
-                try:
-                    if local:
-                        files = local_paths(spark, paths, self.partitions(len(paths)))
+                if all(is_local(p) for p in paths):  # the Python workers read the files themselves
+                    files = local_paths(spark, paths, self.partitions(len(paths)))
+                    with session_settings(spark, {arrow_batch: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
                         rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
-                    else:
-                        with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
-                            rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
-                finally:  # the session's other jobs (and a failed chunk's) get embed.batch_size back
-                    spark.conf.set(arrow_batch, str(c.batch_size))
+                else:
+                    with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
+                        rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok
             stats.failed += len(paths) - ok

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lakelens.errors import DataError
 from lakelens.ingest.paths import GLOB_CHARS, from_uri, glob_escape, is_local, is_remote, root_of, to_local, to_stored
+from lakelens.spark import session_settings
 
 
 def hidden(root: str):
@@ -226,19 +227,10 @@ def file_splits(spark: SparkSession, files: int, partitions: int):
     to embed whatever its size in bytes). The scan is planned when an action runs, so the action
     belongs inside too; the session's settings come back after."""
     per_split = -(-max(1, files) // max(1, partitions))
-    settings = {"spark.sql.files.openCostInBytes": str(1 << 40),
-                "spark.sql.files.maxPartitionBytes": str(per_split << 40),
-                "spark.sql.files.minPartitionNum": "1"}  # so that maxPartitionBytes alone sets the split size
-    before = {k: spark.conf.get(k, None) for k in settings}
-    for k, v in settings.items():
-        spark.conf.set(k, v)
-    try:
+    with session_settings(spark, {"spark.sql.files.openCostInBytes": str(1 << 40),
+                                  "spark.sql.files.maxPartitionBytes": str(per_split << 40),
+                                  # so that maxPartitionBytes alone sets the split size
+                                  "spark.sql.files.minPartitionNum": "1"}):
         yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
 
 
