@@ -44,16 +44,67 @@ def jvm_start():
         os.environ["SPARK_SUBMIT_OPTS"] = before
 
 
+# --- which Spark: the suite runs twice in CI (.ci/run) ------------------------------------------------------
+# LAKELENS_TEST_SPARK=classic (default): one local[2] session in this process. =connect: the job tests
+# (CONNECT_MODULES) run again through a Spark Connect server this test run starts on loopback, as
+# Databricks serverless and standard access mode run them; every other test is deselected there. pyspark
+# picks classic or Connect functions per process, so the two halves are two pytest runs.
+SPARK_MODE = os.environ.get("LAKELENS_TEST_SPARK", "classic")
+CONNECT_MODULES = {
+    "test_embed_job.py", "test_names.py", "test_index_job.py", "test_reindex.py", "test_refresh.py",
+    "test_keyword_index.py", "test_tags_job.py", "test_region_tags.py", "test_regions.py", "test_caption_job.py",
+    "test_dedup.py", "test_batch_search.py", "test_pairs_delta.py", "test_s3.py", "test_connect.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if SPARK_MODE != "connect":
+        return
+    keep = [i for i in items if i.path.name in CONNECT_MODULES and "classic_only" not in i.keywords]
+    dropped = [i for i in items if i not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "classic_only: a test of what only a classic session has (its JVM, "
+                                       "spark-submit's driver); not run in the Spark Connect half")
+
+
 @pytest.fixture(scope="session")
-def spark(jvm_start):
+def connect_server(jvm_start):
+    """A Spark Connect server (pyspark's own SparkConnectServer class, local[2], Delta's SQL extension, the
+    Delta and s3a jars) on a free loopback port, for the whole test run; SPARK_REMOTE points at it, so
+    `lakelens` commands the tests start use it too."""
+    from connectserver import ConnectServer
+
+    server = ConnectServer.start(ROOT / "build" / "connect-server.log")
+    before = os.environ.get("SPARK_REMOTE")
+    os.environ["SPARK_REMOTE"] = server.url
+    yield server
+    server.stop()
+    if before is None:
+        os.environ.pop("SPARK_REMOTE", None)
+    else:
+        os.environ["SPARK_REMOTE"] = before
+
+
+@pytest.fixture(scope="session")
+def spark(jvm_start, request):
     from lakelens import config
-    from lakelens.spark import find_s3_jars, get_session
+    from lakelens.spark import find_s3_jars, get_session, is_connect
 
     conf = config.load(ROOT / "conf" / "local.yaml")
-    # the s3a jars join the classpath when the JVM starts, so the one shared session carries them for the
-    # object storage tests (tests/integration/test_s3.py); they set the fs.s3a keys on it at run time
-    session, owned = get_session(conf.spark, s3=bool(find_s3_jars()))
-    session.sparkContext.setLogLevel("ERROR")
+    if SPARK_MODE == "connect":
+        request.getfixturevalue("connect_server")
+        session, owned = get_session(conf.spark)
+        assert is_connect(session)
+    else:
+        # the s3a jars join the classpath when the JVM starts, so the one shared session carries them for the
+        # object storage tests (tests/integration/test_s3.py); they set the fs.s3a keys on it at run time
+        session, owned = get_session(conf.spark, s3=bool(find_s3_jars()))
+        session.sparkContext.setLogLevel("ERROR")
     yield session
     if owned:
         session.stop()

@@ -56,8 +56,16 @@ class MotoS3:
         """The s3a settings on a running session's Hadoop configuration (the shared test session was
         started from conf/local.yaml; a session built from a config with `.extra` gets them at start-up),
         restored afterwards."""
-        hconf = spark.sparkContext._jsc.hadoopConfiguration()
         keys = {k[len(HADOOP_PREFIX):]: v for k, v in self.extra.items()}
+        from lakelens.spark import is_connect
+
+        if is_connect(spark):  # session settings reach the Hadoop configuration of the session's reads
+            from lakelens.spark import session_settings
+
+            with session_settings(spark, keys):
+                yield
+            return
+        hconf = spark.sparkContext._jsc.hadoopConfiguration()
         before = {k: hconf.get(k) for k in keys}
         for k, v in keys.items():
             hconf.set(k, v)

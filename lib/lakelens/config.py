@@ -32,6 +32,7 @@ def parse_size(text: str | int) -> int:
 @dataclass
 class SparkConfig:
     master: str = ""  # empty: spark-submit's --master, else local[*]
+    remote: str = ""  # Spark Connect server (sc://host:port); empty: $SPARK_REMOTE, else a classic session
     app_name: str = "lakelens"
     jars_dir: str = ""  # empty: $LAKELENS_JARS_DIR, else build/jars of this checkout
     packages: str = ""  # spark.jars.packages when no jars dir is found (clusters)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from lakelens import classic
 from lakelens.config import Config, SparkConfig
 from lakelens.errors import ConfigError, SparkSetupError
 
@@ -24,6 +27,9 @@ REPO_JARS = Path(__file__).resolve().parents[2] / "build" / "jars"
 # hadoop-aws with its AWS SDK modules, kept out of build/jars itself so that sessions without s3a (which
 # ship spark.jars to every executor of a cluster) do not carry them
 S3_JARS_SUBDIR = "s3"
+HADOOP_PREFIX = "spark.hadoop."
+# Tasks per job stage under Spark Connect when the server does not say (spark.default.parallelism).
+CONNECT_DEFAULT_PARALLELISM = 8
 
 
 def find_jars(jars_dir: str = "") -> list[str]:
@@ -70,15 +76,35 @@ def _launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def remote_url(conf: SparkConfig) -> str:
+    """The Spark Connect URL this process should use: the config's `spark.remote`, else pyspark's own
+    SPARK_REMOTE variable; "" for a classic session. A master and a remote in one config are refused."""
+    if conf.remote and conf.master:
+        raise ConfigError("spark.master and spark.remote are both set: a session is either classic (master) "
+                          "or Spark Connect (remote); set one")
+    return conf.remote or os.environ.get("SPARK_REMOTE", "")
+
+
+def _check_connect_client() -> None:
+    missing = [m for m in ("grpc", "grpc_status", "google.rpc", "zstandard") if importlib.util.find_spec(m.split(".")[0]) is None]
+    if missing:
+        raise SparkSetupError("Spark Connect needs its client packages (grpcio, grpcio-status, googleapis-common-protos, "
+                              "zstandard): pip install 'lakelens[connect]'")
+
+
 def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None) -> tuple[SparkSession, bool]:
-    """(session, owned): the active session if there is one (owned=False), else a new one built from `conf`
-    (a whole Config or its `spark` section). `s3`: put the s3a jars on the new session's classpath; None
-    decides from `conf` (`uses_s3a`)."""
+    """(session, owned): the active session if there is one, classic or Spark Connect (owned=False), else a
+    new one built from `conf` (a whole Config or its `spark` section): a Spark Connect session when
+    `spark.remote` or SPARK_REMOTE names a server, else a classic one. `s3`: put the s3a jars on a new
+    classic session's classpath; None decides from `conf` (`uses_s3a`)."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
     want_s3 = uses_s3a(conf) if s3 is None else s3
     conf = (conf.spark if isinstance(conf, Config) else conf) or SparkConfig()
+    remote = remote_url(conf)
+    if remote:
+        return _connect_session(conf, remote), True
     # Python workers run this interpreter (the project's venv) unless the user chose another.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     b = SparkSession.builder.appName(conf.app_name)
@@ -101,8 +127,7 @@ def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None
     settings = {
         "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
         "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.shuffle.partitions": str(conf.shuffle_partitions),
+        **_session_settings(conf),
         "spark.databricks.delta.snapshotPartitions": str(conf.shuffle_partitions),
         "spark.ui.showConsoleProgress": "true",
         "spark.python.worker.reuse": "true",  # keeps the cached model alive between tasks
@@ -112,22 +137,83 @@ def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None
         b = b.config(key, value)
     with _class_archive():
         spark = b.getOrCreate()
+    if not classic.is_classic(spark):  # spark.api.mode=connect (spark-submit --conf, SPARK_API_MODE)
+        return spark, True
     _check_delta_on_classpath(spark)
     if want_s3:
         _check_s3a_on_classpath(spark)
     return spark, True
 
 
+def _session_settings(conf: SparkConfig) -> dict[str, str]:
+    """The SQL settings lakelens sets on a session it starts, classic or Connect."""
+    return {"spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.sql.shuffle.partitions": str(conf.shuffle_partitions)}
+
+
+def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
+    """A Spark Connect session on `remote` (sc://host:port, or local[N] for a server in this process). The
+    server owns its jars and static settings (Delta's SQL extension among them): of `spark.extra` only SQL
+    and Delta settings are sent, and Hadoop's (`spark.hadoop.fs.s3a.*`) as session settings without the
+    prefix, which Spark hands to the file systems of that session's reads and writes. pyspark drops those
+    the server refuses to change."""
+    _check_connect_client()
+    settings = _session_settings(conf)
+    for key, value in conf.extra.items():
+        if key.startswith(HADOOP_PREFIX):
+            settings[key[len(HADOOP_PREFIX):]] = str(value)
+        elif key.startswith("spark.sql.") or ".delta." in key:
+            settings[key] = str(value)
+    b = SparkSession.builder.remote(remote)
+    for key, value in settings.items():
+        b = b.config(key, value)
+    try:
+        return b.getOrCreate()
+    except Exception as e:  # the server is not there, or refused us: one line, not a gRPC trace
+        if isinstance(e, (ConfigError, SparkSetupError)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SparkSetupError(f"cannot open a Spark Connect session on {remote}: {first}") from None
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """True for a Spark Connect session (no Spark context, no JVM in this process, no RDDs)."""
+    return not classic.is_classic(spark)
+
+
+def parallelism(spark: SparkSession) -> int:
+    """How many tasks keep the cluster's cores busy: Spark's default parallelism on a classic session; under
+    Spark Connect, `spark.default.parallelism` where the server sets it, else the N of a local[N] master,
+    else 8 (set spark.default.parallelism in `spark.extra` of a Connect cluster to say more)."""
+    if classic.is_classic(spark):
+        return classic.default_parallelism(spark)
+    for key in ("spark.default.parallelism", "spark.master"):
+        try:
+            value = spark.conf.get(key, None)
+        except Exception:  # a key the server does not let clients read
+            value = None
+        if not value:
+            continue
+        if key == "spark.master":
+            m = re.fullmatch(r"local\[(\d+)(?:,\d+)?\]", value.strip())
+            if m:
+                return int(m.group(1))
+            continue
+        try:
+            return max(1, int(value))
+        except ValueError:
+            continue
+    return CONNECT_DEFAULT_PARALLELISM
+
+
 @contextmanager
 def _class_archive():
     """While a JVM is launched here (not under spark-submit, none running yet), SPARK_SUBMIT_OPTS maps the
     JVM class archive that `make setup` built (lakelens.jvm), when there is one."""
-    from pyspark import SparkContext
-
     from lakelens import jvm
 
     before = os.environ.get("SPARK_SUBMIT_OPTS")
-    options = "" if _launched_by_spark_submit() or SparkContext._gateway is not None else jvm.java_options()
+    options = "" if _launched_by_spark_submit() or classic.jvm_running() else jvm.java_options()
     if not options or "SharedArchiveFile" in (before or "") or "ArchiveClassesAtExit" in (before or ""):
         yield
         return
@@ -152,14 +238,14 @@ def submit_jars_arg(jars_dir: str = "", s3: bool = False) -> list[str]:
 
 def _check_delta_on_classpath(spark: SparkSession) -> None:
     # Under spark-submit the driver JVM is already running: spark.jars set now reaches executors only.
-    if spark._jvm.org.apache.spark.util.Utils.classIsLoadable("io.delta.tables.DeltaTable"):
+    if classic.class_loadable(spark, "io.delta.sql.DeltaSparkSessionExtension"):
         return
     raise SparkSetupError("Delta Lake classes are not on the Spark driver's classpath. Pass them to spark-submit: "
                        f"{' '.join(submit_jars_arg())} (printed by `lakelens jars`).")
 
 
 def _check_s3a_on_classpath(spark: SparkSession) -> None:
-    if spark._jvm.org.apache.spark.util.Utils.classIsLoadable("org.apache.hadoop.fs.s3a.S3AFileSystem"):
+    if classic.class_loadable(spark, "org.apache.hadoop.fs.s3a.S3AFileSystem"):
         return
     raise SparkSetupError("the config uses s3a:// but hadoop-aws is not on the Spark driver's classpath: run "
                           "`make setup` (it fetches build/jars/s3) and start a new session, or pass "

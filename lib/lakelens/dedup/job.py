@@ -24,17 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from lakelens import delta_sql
 from lakelens import index as ix
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.update import read_changes
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.search.batch import as_images, per_image, shard_hits
 from lakelens.search.searcher import GROUPS_FILE
-from lakelens.spark import Job
+from lakelens.spark import Job, parallelism
 
 PAIRS_SCHEMA = "a long, b long, similarity float"
 STATE_KEYS = ("table", "table_id", "index", "threshold", "neighbors")
@@ -140,7 +140,7 @@ def near_pairs_exact(spark, rows: DataFrame, queries: DataFrame | None, n: int, 
                                         F.col("vecs").alias("q_vecs"))
         pairs = q.crossJoin(t)
         tasks = blocks * max(1, math.ceil(qn / c.block_rows))
-    pairs = pairs.repartition(max(1, min(tasks, 4 * spark.sparkContext.defaultParallelism)))
+    pairs = pairs.repartition(max(1, min(tasks, 4 * parallelism(spark))))
     return pairs.mapInPandas(exact_pairs_fn(dim, c.threshold, queries is None), PAIRS_SCHEMA)
 
 
@@ -151,7 +151,7 @@ def near_pairs_index(spark, queries: DataFrame, index_dir: str, version: str, ma
     entries = len(manifest["shards"]) + len(manifest.get("deltas", []))
     pairs = (queries.select("id", "embedding")
              .crossJoin(spark.range(entries).select(F.col("id").cast("int").alias("shard")))
-             .repartition(max(1, min(entries, spark.sparkContext.defaultParallelism * 2)), "shard"))
+             .repartition(max(1, min(entries, parallelism(spark) * 2)), "shard"))
     # an image's regions may sit among its neighbours: search as deep as they could fill
     return pairs.mapInPandas(index_search_fn(folder, json.dumps(manifest), c.neighbors * per_image(manifest),
                                              c.threshold), PAIRS_SCHEMA)
@@ -378,9 +378,9 @@ class DedupJob(Job):
 
     def _previous_state(self, out: str) -> dict | None:
         spark = self.spark
-        if not (DeltaTable.isDeltaTable(spark, out) and DeltaTable.isDeltaTable(spark, pairs_path(out))):
+        if not (delta_sql.is_delta(spark, out) and delta_sql.is_delta(spark, pairs_path(out))):
             return None
-        text = DeltaTable.forPath(spark, out).history(1).select("userMetadata").first()[0]
+        text = delta_sql.history(spark, out, 1)[0]["userMetadata"]
         try:
             state = json.loads(text) if text else None
         except json.JSONDecodeError:

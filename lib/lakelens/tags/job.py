@@ -106,12 +106,14 @@ def _crops(regions: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(vecs).astype(np.float32), np.asarray(owners, np.int64)
 
 
-def score_fn(bc, vocab_digest: str, source: str = SOURCE):
+def score_fn(vocab_state: tuple, vocab_digest: str, source: str = SOURCE):
     """mapInPandas: (id, path, model, embedding[, regions]) -> tag rows (`source`, and `region` rows from
-    the crops). `bc` is a broadcast of (names, text matrix as float32 bytes, dim, thresholds, max_tags)."""
+    the crops). `vocab_state` is (names, text matrix as float32 bytes, dim, thresholds, max_tags): it travels
+    inside the function (a vocabulary's text vectors are kilobytes to a few megabytes), which works on a
+    classic session and on Spark Connect alike."""
 
     def run(batches):
-        names, text_bytes, dim, thresholds, max_tags = bc.value
+        names, text_bytes, dim, thresholds, max_tags = vocab_state
         text = np.frombuffer(text_bytes, np.float32).reshape(-1, dim)
         names = np.asarray(names, dtype=object)
         for pdf in batches:
@@ -221,10 +223,10 @@ class TagJob(Job):
                  f"{Path(c.vocab).name} (vocab {vocab.digest}, model {model or '-'}); thresholds: {how}")
         if scored and model:
             text = self._text(vocab, model)
-            bc = spark.sparkContext.broadcast((vocab.tags, text.tobytes(), text.shape[1], thresholds, c.max_tags))
-            tagged = rows.mapInPandas(score_fn(bc, vocab.digest), SCHEMA).localCheckpoint()
+            vocab_state = (vocab.tags, text.tobytes(), text.shape[1], thresholds, c.max_tags)
+            tagged = rows.mapInPandas(score_fn(vocab_state, vocab.digest), SCHEMA).localCheckpoint()
         else:
-            bc, tagged = None, spark.createDataFrame([], SCHEMA)
+            tagged = spark.createDataFrame([], SCHEMA)
         counts = {r["source"]: r["count"] for r in tagged.groupBy("source").count().collect()}
         n_rows, n_region = sum(counts.values()), counts.get(REGION, 0)
         run_state = {**state, "version": version, "scored": scored, "rows": n_rows, "region_rows": n_region}
@@ -233,8 +235,6 @@ class TagJob(Job):
         if with_regions:  # a table without the column has no region rows to write or replace
             replace_rows(spark, c.tags, tagged.where(F.col("source") == REGION), touched, REGION, run_state)
         replace_rows(spark, c.tags, tagged.where(F.col("source") == SOURCE), touched, SOURCE, run_state)
-        if bc is not None:
-            bc.unpersist()
         result = TagResult(version, mode, reason, scored, removed, n_rows, len(vocab), model, vocab.digest, how,
                            round(time.time() - t0, 1), n_region)
         self.log(f"lakelens tag: {n_rows} tag rows ({n_region} from regions) for {scored} images written to "

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lakelens import delta_sql
 from lakelens.index.update import read_changes
 
 SOURCES = ("zero-shot", "caption", "region", "manual")
@@ -26,16 +26,16 @@ SCHEMA = T.StructType([
 
 
 def is_table(spark: SparkSession, location: str) -> bool:
-    return DeltaTable.isDeltaTable(spark, location)
+    return delta_sql.is_delta(spark, location)
 
 
 def last_state(spark: SparkSession, location: str, source: str) -> dict | None:
     """The run state the newest commit of `source`'s writer left in its commit's userMetadata, or None."""
     if not is_table(spark, location):
         return None
-    for row in DeltaTable.forPath(spark, location).history(50).select("userMetadata").collect():
+    for row in delta_sql.history(spark, location, 50):
         try:
-            state = json.loads(row[0] or "")
+            state = json.loads(row["userMetadata"] or "")
         except ValueError:
             continue
         if isinstance(state, dict) and state.get("source") == source:
@@ -85,9 +85,7 @@ def replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: D
          .option("userMetadata", meta).save(location))
         return
     ids = touched.select("id").distinct()
-    (DeltaTable.forPath(spark, location).alias("t")
-     .merge(ids.alias("s"), f"t.id = s.id AND t.source = '{source}'")
-     .whenMatchedDelete().execute())
+    delta_sql.merge(spark, location, ids, f"t.id = s.id AND t.source = '{source}'", "WHEN MATCHED THEN DELETE")
     rows.write.format("delta").mode("append").option("userMetadata", meta).save(location)
 
 

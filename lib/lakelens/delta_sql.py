@@ -1,0 +1,99 @@
+"""Delta Lake through SQL and DataFrames only: what lakelens asks of a Delta table works on a classic session
+and on Spark Connect alike, needing nothing but Delta's SQL extension on the server (Delta's Python table
+API needs Delta's Connect plugin there). On a classic session the latest version, id and properties come
+from Delta Kernel on the driver (no Spark job); elsewhere from DESCRIBE DETAIL / DESCRIBE HISTORY."""
+
+from __future__ import annotations
+
+import uuid
+
+from pyspark.errors import AnalysisException, PySparkException
+from pyspark.sql import DataFrame, Row, SparkSession
+
+from lakelens import classic
+
+# Delta's conflict errors (a concurrent writer committed first); the losing commit is safe to retry. A classic
+# session raises delta.exceptions' classes, Spark Connect a PySparkException with one of these conditions.
+CONFLICT_CONDITIONS = ("DELTA_CONCURRENT_APPEND", "DELTA_CONCURRENT_DELETE_READ", "DELTA_CONCURRENT_DELETE_DELETE",
+                       "DELTA_CONCURRENT_TRANSACTION", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED",
+                       "DELTA_CONCURRENT_WRITE", "DELTA_CONCURRENT_MODIFICATION")
+CONFLICT_NAMES = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+                  "ConcurrentTransactionException", "MetadataChangedException", "ProtocolChangedException",
+                  "ConcurrentWriteException", "DeltaConcurrentModificationException")
+
+
+def table_ref(location: str) -> str:
+    """`delta.`location`` for SQL, backticks in the path doubled."""
+    return "delta.`" + location.replace("`", "``") + "`"
+
+
+def sql_string(text: str) -> str:
+    """A SQL string literal of `text` (Spark's rules: backslash escapes, single quotes escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def is_conflict(exc: BaseException) -> bool:
+    if type(exc).__name__ in CONFLICT_NAMES:
+        return True
+    if isinstance(exc, PySparkException):
+        condition = exc.getCondition() or ""
+        if condition.startswith(CONFLICT_CONDITIONS):
+            return True
+    text = str(exc)
+    return any(name in text for name in CONFLICT_NAMES)
+
+
+def snapshot(spark: SparkSession, location: str) -> tuple[int, str, dict] | None:
+    """(version, table id, properties) of the latest version, or None when `location` holds no Delta table."""
+    if classic.is_classic(spark):
+        snap = classic.delta_snapshot(spark, location)
+        if snap is not None:
+            return snap
+    try:
+        d = spark.sql(f"DESCRIBE DETAIL {table_ref(location)}").select("id", "properties", "format").first()
+    except AnalysisException:
+        return None
+    if d is None or (d["format"] or "delta").lower() != "delta":
+        return None
+    h = history(spark, location, 1)
+    return (int(h[0]["version"]) if h else 0), str(d["id"]), dict(d["properties"] or {})
+
+
+def is_delta(spark: SparkSession, location: str) -> bool:
+    return snapshot(spark, location) is not None
+
+
+def version(spark: SparkSession, location: str) -> int | None:
+    snap = snapshot(spark, location)
+    return None if snap is None else snap[0]
+
+
+def history(spark: SparkSession, location: str, limit: int = 1) -> list[Row]:
+    """The newest `limit` commits (version, operation, userMetadata), newest first."""
+    return (spark.sql(f"DESCRIBE HISTORY {table_ref(location)} LIMIT {int(limit)}")
+            .select("version", "operation", "userMetadata").collect())
+
+
+def merge(spark: SparkSession, location: str, source: DataFrame, condition: str, clauses: str) -> None:
+    """MERGE INTO the table (alias t) USING `source` (alias s) ON `condition` `clauses`, in one commit. The
+    source is a temporary view of this session, dropped after."""
+    view = f"lakelens_merge_{uuid.uuid4().hex[:12]}"
+    source.createOrReplaceTempView(view)
+    try:
+        spark.sql(f"MERGE INTO {table_ref(location)} t USING {view} s ON {condition} {clauses}")
+    finally:
+        spark.catalog.dropTempView(view)
+
+
+def ddl(schema) -> str:
+    """Column definitions for CREATE TABLE from a StructType, with NOT NULL where a top-level field is not
+    nullable (SQL cannot state element nullability: arrays and structs inside take Delta's default)."""
+    return ", ".join(f"`{f.name}` {f.dataType.simpleString()}{'' if f.nullable else ' NOT NULL'}"
+                     for f in schema.fields)
+
+
+def create(spark: SparkSession, location: str, schema, properties: dict[str, str]) -> None:
+    """CREATE TABLE at `location` with `schema` and table properties, in one commit (version 0)."""
+    props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in properties.items())
+    spark.sql(f"CREATE TABLE {table_ref(location)} ({ddl(schema)}) USING DELTA"
+              + (f" TBLPROPERTIES ({props})" if props else ""))

@@ -1,0 +1,68 @@
+"""A Spark Connect server on loopback for the tests: pyspark's SparkConnectServer class under spark-submit,
+local[2], with Delta's SQL extension and the Delta (and s3a) jars, as DESIGN.md's Spark Connect notes say."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyspark
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ConnectServer:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"sc://127.0.0.1:{port}"
+
+    @classmethod
+    def start(cls, log: Path, timeout: float = 180) -> ConnectServer:
+        from lakelens.spark import find_jars, find_s3_jars
+
+        port = free_port()
+        jars = find_jars() + find_s3_jars()
+        submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
+        cmd = [str(submit), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+               "--master", "local[2]", "--jars", ",".join(jars),
+               "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+               "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+               "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
+               "--conf", f"spark.connect.grpc.binding.port={port}",
+               "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=2g",
+               "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
+               "--conf", "spark.python.worker.reuse=true", "--conf", "spark.sql.shuffle.partitions=2"]
+        env = {**os.environ, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
+               "SPARK_LOCAL_IP": "127.0.0.1"}
+        env.pop("SPARK_REMOTE", None)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "wb")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        server = cls(proc, port, log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the Spark Connect server exited ({proc.returncode}); see {log}")
+            if b"Spark Connect server started" in log.read_bytes():
+                return server
+            time.sleep(0.5)
+        server.stop()
+        raise RuntimeError(f"the Spark Connect server did not start in {timeout:.0f} s; see {log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
