@@ -77,7 +77,7 @@ def connect_server(jvm_start):
     """A Spark Connect server (pyspark's own SparkConnectServer class, local[2], Delta's SQL extension, the
     Delta and s3a jars) on a free loopback port, for the whole test run; SPARK_REMOTE points at it, so
     `lakelens` commands the tests start use it too."""
-    from connectserver import ConnectServer
+    from lakelens.connect_server import ConnectServer
 
     server = ConnectServer.start(ROOT / "build" / "connect-server.log")
     before = os.environ.get("SPARK_REMOTE")

@@ -1,5 +1,6 @@
-"""A Spark Connect server on loopback for the tests: pyspark's SparkConnectServer class under spark-submit,
-local[2], with Delta's SQL extension and the Delta (and s3a) jars, as DESIGN.md's Spark Connect notes say."""
+"""A local Spark Connect server: pyspark's own SparkConnectServer class under spark-submit, with Delta's SQL
+extension and lakelens's Delta (and s3a) jars, on a loopback port. For trying lakelens's Connect path on one
+machine, its tests (one server per test run) and bench/connect.py; clusters run their own server."""
 
 from __future__ import annotations
 
@@ -26,24 +27,31 @@ class ConnectServer:
         self.url = f"sc://127.0.0.1:{port}"
 
     @classmethod
-    def start(cls, log: Path, timeout: float = 180) -> ConnectServer:
+    def start(cls, log: Path, master: str = "local[2]", port: int = 0, timeout: float = 180) -> ConnectServer:
+        """Start a server and wait until it listens; its output goes to `log`."""
         from lakelens.spark import find_jars, find_s3_jars
 
-        port = free_port()
+        port = port or free_port()
         jars = find_jars() + find_s3_jars()
         submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
         cmd = [str(submit), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
-               "--master", "local[2]", "--jars", ",".join(jars),
+               "--master", master, "--jars", ",".join(jars),
                "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
                "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
                "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
                "--conf", f"spark.connect.grpc.binding.port={port}",
                "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=2g",
+               "--conf", "spark.sql.execution.arrow.pyspark.enabled=true",
                "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
                "--conf", "spark.python.worker.reuse=true", "--conf", "spark.sql.shuffle.partitions=2"]
         env = {**os.environ, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
                "SPARK_LOCAL_IP": "127.0.0.1"}
         env.pop("SPARK_REMOTE", None)
+        from lakelens import jvm
+
+        opts = env.get("SPARK_SUBMIT_OPTS", "")
+        if "SharedArchiveFile" not in opts:  # the class archive `make setup` built: seconds off the start
+            env["SPARK_SUBMIT_OPTS"] = " ".join(filter(None, [opts, jvm.java_options()]))
         log.parent.mkdir(parents=True, exist_ok=True)
         out = open(log, "wb")
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
