@@ -33,6 +33,9 @@ def test_query_syntax():
     assert q.text == "a red Bicycle leaning foo:bar beach + sunset - sad people"  # the vector side's text
     assert q.free == ["a", "red", "foo", "bar", "beach", "sunset"]  # "sad people" is subtracted, not a keyword
     assert parse_query("tag:cat", tags=["Dog"]).tags == ["dog", "cat"]
+    minus = parse_query('circle - "red circle" + "blue square"')  # a subtracted phrase is no required one
+    assert minus.phrases == [["blue", "square"]] and minus.not_phrases == [["red", "circle"]]
+    assert minus.free == ["circle"] and minus.text == "circle - red circle + blue square"
     assert not parse_query("tag:cat").has_text and parse_query("tag:cat").has_filters
     for bad, why in [('"open', "unbalanced quote"), ("tag:", "needs a value"), ("tag:dog -tag:dog", "both")]:
         with pytest.raises(QueryError, match=why):
@@ -111,12 +114,12 @@ def test_searcher_filters_and_browse(tagged):
 
 def test_searcher_keyword_and_hybrid_modes(tagged):
     s, v, ids, kind, paths = tagged
-    kw = s._query(parse_query('"number 33"'), None, "keyword", 5)
+    kw = s._query(s._state, parse_query('"number 33"'), None, "keyword", 5)
     assert kw["id"].tolist() == [1033] and kw["caption"][0] == "a photo of a dog number 33"
-    # hybrid = RRF of the vector list and the keyword list, each HYBRID_DEPTH deep
-    hyb = s._query(parse_query("dog"), v[3], "hybrid", 10)
+    # hybrid = RRF of the vector list and the keyword list; the first 50 results from lists 100 deep
+    hyb = s._query(s._state, parse_query("dog"), v[3], "hybrid", 10)
     vec_ids = s.search_vector(v[3], k=100)["id"].to_numpy()
-    kw_ids = s._query(parse_query("dog"), None, "keyword", 100)["id"].to_numpy()
+    kw_ids = s._query(s._state, parse_query("dog"), None, "keyword", 100)["id"].to_numpy()
     expect, _ = rrf([vec_ids, kw_ids])
     assert hyb["id"].tolist() == expect[:10].tolist()
     assert hyb["vector_rank"][0] == 1  # the image's own vector
@@ -128,6 +131,21 @@ def test_searcher_keyword_and_hybrid_modes(tagged):
         t: sum(1 for j in range(len(ids)) if kind[j] == t and "2024/" in paths[j]) for t in ("dog", "cat")}
     d = s.details(1003)
     assert d["tags"][0]["tag"] == "dog" and d["caption"] == "a photo of a dog number 3"
+
+
+def test_a_subtracted_phrase_excludes_the_images_that_hold_it(tagged):
+    s, v, ids, kind, paths = tagged
+    cats = [int(i) for i, t in zip(ids, kind) if t == "cat"]
+    kw = s.search_text('photo - "a dog"', k=200, mode="keyword")
+    assert sorted(kw["id"]) == cats  # every photo but the dogs' ("a photo of a dog number 3")
+    assert [r for r in kw["rank"]] == list(range(1, len(cats) + 1))
+    # hybrid: the vector side's list holds dogs too, and they go as well
+    hyb = s._query(s._state, parse_query('photo - "a dog"'), v[3], "hybrid", 120)
+    assert len(hyb) == 120 and set(hyb["id"]) <= set(cats) and list(hyb["rank"]) == list(range(1, 121))
+    pages = [s._query(s._state, parse_query('photo - "a dog"'), v[3], "hybrid", 30, offset=o) for o in range(0, 120, 30)]
+    assert [i for p in pages for i in p["id"]] == list(hyb["id"])
+    one = s.search_text('number - "dog number 3" - "cat number 4"', k=200, mode="keyword")
+    assert set(ids) - set(one["id"]) == {1003, 1004}
 
 
 def test_version_without_keywords_says_how_to_build_them(tmp_path):

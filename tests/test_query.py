@@ -5,8 +5,10 @@ computed here by hand."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import webindex
 
@@ -100,3 +102,129 @@ def test_command_line_takes_arithmetic_both_kinds_of_query_and_offset(site, caps
     assert [r["id"] for r in out["results"]] == list(ids[2:]) and [r["rank"] for r in out["results"]] == [3, 4, 5]
     assert main(["search", "--index", str(site.index), "x", "--image", site.paths[5], "--weights", "1,-1"]) == 2
     assert "weights" in capsys.readouterr().err
+
+
+# --- an index of 303 images with tags and captions (webindex.keyword_docs) --------------------------------
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return webindex.build(tmp_path_factory.mktemp("shapes"), n=300, keywords=True)
+
+
+def write_groups(site, sizes=(1, 2, 3, 4)):
+    """Duplicate groups beside the index, as `lakelens dedup --index` writes them: the ids in a shuffled order,
+    cut into groups of 1, 2, 3, 4, 1, 2, ... images (a group's id is its first member's)."""
+    import pyarrow as pa
+
+    from lakelens.search.searcher import GROUPS_FILE
+
+    order = np.random.default_rng(3).permutation(len(site.ids))
+    rows, at, j = [], 0, 0
+    while at < len(order):
+        members = order[at:at + sizes[j % len(sizes)]]
+        rows += [(int(site.ids[members[0]]), int(site.ids[m]), site.uris[m], m == members[0]) for m in members]
+        at, j = at + len(members), j + 1
+    group, ids, paths, rep = zip(*sorted(rows, key=lambda r: r[1]))
+    table = pa.table({"group": pa.array(group, pa.int64()), "id": pa.array(ids, pa.int64()), "path": list(paths),
+                      "similarity": pa.array([1.0] * len(ids), pa.float32()), "representative": list(rep)},
+                     metadata={"index_version": site.version, "table_version": "0"})
+    import pyarrow.ipc as ipc
+
+    with pa.OSFile(str(site.index / GROUPS_FILE), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return dict(zip(ids, group))
+
+
+def joined(s, text, n, size, **kw):
+    """Pages of `size` (offset 0, size, 2 x size, ...) up to n results, joined."""
+    pages = [s.search_text(text, k=min(size, n - o), offset=o, **kw) for o in range(0, n, size)]
+    return pd.concat(pages, ignore_index=True)
+
+
+def test_hybrid_pages_join_up_to_one_long_list(shapes):
+    """Pages of a hybrid query hold exactly the results of one query as long as the pages together, also
+    across the depths at which the two sides' lists are fused, and with collapse_duplicates."""
+    s = Searcher.open(shapes.index)
+    for n, size in [(120, 20), (160, 7), (230, 23)]:
+        whole = s.search_text("blue circle", k=n, mode="hybrid")
+        pages = joined(s, "blue circle", n, size, mode="hybrid")
+        assert whole["id"].is_unique and len(whole) == n
+        assert list(pages["id"]) == list(whole["id"]), (n, size)
+        assert list(pages["rank"]) == list(range(1, n + 1))
+        assert np.allclose(pages["score"], whole["score"])
+        assert list(pages["vector_rank"]) == list(whole["vector_rank"])
+        assert list(pages["keyword_rank"]) == list(whole["keyword_rank"])
+    group_of = write_groups(shapes)
+    try:
+        for mode in ("hybrid", "keyword"):
+            every = s.search_text("blue circle", k=len(s), mode=mode)["id"]
+            best_of_groups = list(every[~every.map(group_of).duplicated()])[:100]
+            whole = s.search_text("blue circle", k=100, mode=mode, collapse_duplicates=True)
+            pages = joined(s, "blue circle", 100, 20, mode=mode, collapse_duplicates=True)
+            assert list(whole["id"]) == best_of_groups, mode
+            assert list(pages["id"]) == best_of_groups, mode
+            assert list(pages["rank"]) == list(range(1, len(whole) + 1))
+    finally:
+        (shapes.index / "duplicates.arrow").unlink()
+
+
+class ReloadsMidQuery(Searcher):
+    """Switches to the newest published version when its vector side starts, after the query's keyword
+    side and filters were worked out: what a reload() from another thread (the server's watcher) can do."""
+
+    armed = False
+
+    def _search_vectors(self, *args, **kw):
+        if self.armed:
+            self.armed = False
+            assert self.reload()
+        return super()._search_vectors(*args, **kw)
+
+
+def test_a_query_finishes_on_the_version_it_started_with(tmp_path):
+    """A reload between the parts of a query (filters, keyword side, vector side, tags and captions) leaves
+    the query on the version it started with: every result is an image of that version, with its path
+    and tags, whatever the mode."""
+    from lakelens import index as ix
+
+    first = webindex.build(tmp_path / "a", n=20, keywords=True)
+    second = webindex.publish(first.index, webindex.make_images(tmp_path / "b", 20, seed=12), keywords=True)
+    assert not set(first.ids.tolist()) & set(second.ids.tolist())
+    path_of = dict(zip(first.ids.tolist(), first.uris))
+    tags_of = {id_: [t.tag for t in sorted(tags, key=lambda t: -t.score)] for id_, _, tags, _ in first.docs}
+    for query in [dict(text="red circle", mode="hybrid", k=15), dict(text="red circle", mode="vector", k=5),
+                  dict(text="a shape tag:red", mode="vector", k=2), dict(text="circle", mode="hybrid", k=10, offset=5),
+                  dict(text="circle", mode="hybrid", k=10, path_prefix="file:" + str(tmp_path))]:
+        (first.index / ix.CURRENT).write_text(first.version)
+        s = ReloadsMidQuery.open(first.index)
+        (first.index / ix.CURRENT).write_text(second.version)  # published while the server runs
+        s.armed = True
+        got = s.search(**query)
+        assert not s.armed and s.version == second.version, query  # it switched during the query
+        assert len(got) == query["k"], query
+        assert got["path"].notna().all() and set(got["id"]) <= set(path_of), query  # every result from the first version
+        assert [path_of[i] for i in got["id"]] == list(got["path"]), query
+        assert [tags_of[i] for i in got["id"]] == list(got["tags"]), query
+
+
+def test_path_prefixes_keep_only_their_ids_within_the_cache_byte_bound(site):
+    """Each distinct prefix= is remembered as its ids alone (no FAISS selector it does not use), and what is
+    remembered stays within the cache's byte bound, however many prefixes clients send."""
+    import faiss
+
+    folder = "file:" + str(Path(site.paths[0]).parent)
+    prefixes = [folder[:n] for n in range(len(folder) - 30, len(folder) + 1)]  # each held by 42 of the 43 images
+    s = Searcher.open(site.index)
+    for p in prefixes:
+        got = s.search_text("a red circle", k=3, path_prefix=p)
+        assert len(got) == 3 and all(path.startswith(p) for path in got["path"])
+    kept = [part for entry in s._prefix_cache.values() for part in (entry if isinstance(entry, tuple) else [entry])]
+    assert kept and not any(isinstance(part, faiss.IDSelector) for part in kept)
+    assert s._prefix_cache.nbytes == sum(part.nbytes for part in kept) == len(kept) * 42 * 8
+
+    small = Searcher.open(site.index, id_cache_bytes=1000)
+    for p in prefixes:
+        assert len(small.search_text("a red circle", k=3, path_prefix=p)) == 3
+        assert 0 < small._prefix_cache.nbytes <= 1000 and len(small._prefix_cache) <= 2  # 336 bytes each
+    rare = small.search_text("a red circle", k=3, path_prefix=site.uris[7])  # one image: filtered inside FAISS's scan
+    assert list(rare["id"]) == [site.ids[7]] and small._prefix_cache.nbytes <= 1000
+    assert any(isinstance(part, faiss.IDSelector) for part in small._prefix_cache.values())  # the one it used

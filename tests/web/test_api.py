@@ -239,6 +239,19 @@ def test_pages_arithmetic_and_text_with_image(site):
     assert "cancel out" in reason(get(site, "/api/search", q="cat - cat"), 400)
 
 
+def test_a_blank_text_beside_an_image_is_the_image_alone(site):
+    with open(site.paths[9], "rb") as f:
+        data = f.read()
+    post = lambda **form: requests.post(site.base + "/api/search/image", files={"image": ("q.jpg", data)},  # noqa: E731
+                                        data=form, timeout=60)
+    alone = post(k="3").json()
+    for form in [{"q": "  "}, {"q": ""}, {"q": " \t", "weights": "0.5,0.5"}]:
+        blank = post(k="3", **form)
+        assert blank.status_code == 200, (form, blank.text)
+        assert blank.json()["results"] == alone["results"] and blank.json()["query"] == alone["query"]
+    assert alone["results"][0]["id"] == str(int(site.ids[9])) and "text" not in alone["query"]
+
+
 def test_duplicates_api_page_and_collapsed_results(site):
     """Groups written beside the index (as `lakelens dedup --index` writes them) are listed by the API and
     the page, largest first, and collapse search results to one per group."""

@@ -64,3 +64,14 @@ def decorate(side: KeywordSide | None, frame: pd.DataFrame) -> pd.DataFrame:
     frame["tags"] = side.tags.tags_of(ids) if len(ids) else []
     frame["caption"] = side.tags.captions_of(ids) if len(ids) else []
     return frame
+
+
+def holding(side: KeywordSide, phrases: list, ids: np.ndarray) -> np.ndarray:
+    """Which of `ids` hold any of the phrases (in their tags, caption or path words), as a mask: the
+    results a subtracted phrase ("circle - \"red circle\"") removes. Each phrase is searched among these
+    ids only, so the cost follows the results, not the collection."""
+    among = np.unique(np.asarray(ids, np.int64))
+    found = np.zeros(0, np.int64)
+    for phrase in phrases if len(among) else ():
+        found = np.union1d(found, side.index.search([], [phrase], [], [], len(among), among)[1])
+    return np.isin(ids, found)

@@ -24,6 +24,7 @@ class ParsedQuery:
     text: str = ""  # what the vector side embeds: free words and phrases, filters removed
     free: list = field(default_factory=list)  # lower-case words outside quotes (keyword side)
     phrases: list = field(default_factory=list)  # each a list of lower-case words
+    not_phrases: list = field(default_factory=list)  # phrases after a "-" (query arithmetic): results must not hold them
     tags: list = field(default_factory=list)
     not_tags: list = field(default_factory=list)
     paths: list = field(default_factory=list)  # substrings the path must hold
@@ -38,7 +39,8 @@ class ParsedQuery:
         return bool(self.tags or self.not_tags or self.paths or self.not_paths)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "phrases": [" ".join(p) for p in self.phrases], "tags": self.tags,
+        return {"text": self.text, "phrases": [" ".join(p) for p in self.phrases],
+                "not_phrases": [" ".join(p) for p in self.not_phrases], "tags": self.tags,
                 "not_tags": self.not_tags, "paths": self.paths, "not_paths": self.not_paths}
 
 
@@ -63,7 +65,7 @@ def parse_query(text: str | None, tags=(), not_tags=()) -> ParsedQuery:
         elif phrase is not None:
             ws = words(phrase)
             if ws:
-                q.phrases.append(ws)
+                (q.not_phrases if minus else q.phrases).append(ws)
                 kept.append(phrase.strip())
         else:
             token = m.group(0)
@@ -94,11 +96,49 @@ def check_mode(mode: str) -> str:
 def rrf(ranked: list[np.ndarray], k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
     """Reciprocal rank fusion of id lists, each best first: score(id) = sum over lists of 1 / (k + rank),
     ranks from 1. Returns (ids, scores) best first; ties keep the order of first appearance."""
-    score: dict[int, float] = {}
-    for ids in ranked:
-        for rank, i in enumerate(np.asarray(ids, np.int64), start=1):
-            score[int(i)] = score.get(int(i), 0.0) + 1.0 / (k + rank)
-    ids = np.fromiter(score, np.int64, len(score))
-    vals = np.fromiter(score.values(), np.float64, len(score))
-    order = np.argsort(-vals, kind="stable")
-    return ids[order], vals[order]
+    lists = [np.asarray(ids, np.int64) for ids in ranked]
+    every = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+    if not len(every):
+        return every, np.zeros(0, np.float64)
+    part = np.concatenate([1.0 / (k + np.arange(1, len(ids) + 1)) for ids in lists])
+    ids, first, which = np.unique(every, return_index=True, return_inverse=True)
+    score = np.bincount(which, weights=part)  # summed in list order, as a loop over the lists would
+    order = np.lexsort((first, -score))
+    return ids[order], score[order]
+
+
+FUSED_BLOCK = 50  # hybrid: the first 50 results fused from lists 100 deep, the next 50 from 200, then doubling
+
+
+def fused_blocks(n: int, cap: int) -> list[tuple[int, int]]:
+    """(end, depth) of the blocks of fused positions that cover the first n: block ends 50, 100, 200, ...
+    (at most cap), each fused from lists twice as deep as its end (at least 100, at most cap)."""
+    out, end = [], FUSED_BLOCK
+    while True:
+        out.append((min(end, cap), min(cap, max(2 * end, 2 * FUSED_BLOCK))))
+        if end >= min(n, cap):
+            return out
+        end *= 2
+
+
+def fuse(vector_ids: np.ndarray, keyword_ids: np.ndarray, n: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first n ids of the hybrid list, with their scores and the depth each was fused at: RRF of the
+    two lists, each best first and at least as deep as the last block's depth (fused_blocks). RRF of
+    deeper lists reorders what shallower ones fused, so each block of positions is fused once, at its own
+    depth, from the lists' first `depth` ids, and holds the best ids that earlier blocks did not: a deeper
+    page never changes an earlier one, and pages of one query join up to what one query as long as them
+    returns."""
+    ids, scores, depths, placed = [], [], [], set()
+    for end, depth in fused_blocks(n, cap):
+        fused, fused_scores = rrf([vector_ids[:depth], keyword_ids[:depth]])
+        for i, score in zip(fused.tolist(), fused_scores.tolist()):
+            if len(ids) >= end:
+                break
+            if i not in placed:
+                placed.add(i)
+                ids.append(i)
+                scores.append(score)
+                depths.append(depth)
+        if len(ids) < end:  # both lists hold fewer ids than this depth: there are no more
+            break
+    return np.asarray(ids[:n], np.int64), np.asarray(scores[:n], np.float64), np.asarray(depths[:n], np.int64)

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 
@@ -27,15 +26,15 @@ from lakelens.index.shards import (
 from lakelens.ingest.embedder import Embedder
 from lakelens.models.engines import DEFAULT_ENGINE, check_engine
 from lakelens.models.registry import ModelSpec
-from lakelens.search.keyword_side import KeywordSide, allowed_ids, browse, decorate, need
-from lakelens.search.query import RRF_K, ParsedQuery, check_mode, parse_query, rrf
+from lakelens.search.groups import GROUPS_FILE, DuplicateGroups, read_groups  # noqa: F401 (GROUPS_FILE: dedup.job)
+from lakelens.search.idcache import ID_CACHE_BYTES, IdCache
+from lakelens.search.keyword_side import KeywordSide, allowed_ids, browse, decorate, holding, need
+from lakelens.search.query import ParsedQuery, check_mode, fuse, fused_blocks, parse_query
 
 MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
-HYBRID_DEPTH = 100  # each side's list fused by RRF: at least this deep (and twice the results asked for)
 COMMON_PREFIX = 0.05  # a prefix held by this share of the images or more is filtered after the search
 QUERY_MAX_PIXELS = 16_000_000  # query images: a bound of their own, far below the embed job's
-GROUPS_FILE = "duplicates.arrow"  # written beside the index by `lakelens dedup --index` (lakelens.dedup.job)
 LEGACY_META = "meta.parquet"  # one metadata file for all shards (versions published before per-shard files)
 
 
@@ -93,10 +92,12 @@ def check_page(k, offset) -> None:
                          f"got k={k!r}, offset={offset!r}")
 
 
-def _ranks(ids: pd.Series, ranked) -> pd.Series:
-    """Each id's rank (from 1) in a ranked id list, or None where it is not in it."""
+def _ranks(ids: pd.Series, ranked, within: dict) -> pd.Series:
+    """Each id's rank (from 1) in a ranked id list, or None where it is not in its first within[id] ids."""
     pos = {int(i): r for r, i in enumerate(np.asarray(ranked, np.int64), start=1)}
-    return pd.Series([pos.get(int(i)) for i in ids], index=ids.index, dtype=object)
+    ranks = [pos.get(int(i)) for i in ids]
+    return pd.Series([r if r is not None and r <= within[int(i)] else None for i, r in zip(ids, ranks)],
+                     index=ids.index, dtype=object)
 
 
 def check_weights(weights, n: int) -> list[float]:
@@ -125,52 +126,13 @@ class _Loaded:
     keywords: KeywordSide | None = None  # BM25 index, tags and captions (lakelens index --tags), if built
 
 
-@dataclass
-class DuplicateGroups:
-    """The groups file of an index (`duplicates.arrow`, sorted by id) and what queries look up in it."""
-
-    stamp: tuple  # the file's mtime and size when read
-    table: object  # pyarrow Table: group, id, path, similarity, representative
-    ids: np.ndarray  # sorted
-    group: np.ndarray  # of each id
-    size: dict  # group -> its members
-    order: list  # groups, largest first, then by group id
-
-    @classmethod
-    def of(cls, table, stamp: tuple) -> DuplicateGroups:
-        ids, group = table.column("id").to_numpy(), table.column("group").to_numpy()
-        names, counts = np.unique(group, return_counts=True)
-        size = {int(g): int(n) for g, n in zip(names, counts)}
-        return cls(stamp, table, ids, group, size, sorted(size, key=lambda g: (-size[g], g)))
-
-    def collapse(self, frame: pd.DataFrame, want: int) -> pd.DataFrame:
-        """The first `want` rows with one per group (its best), re-ranked, with a `duplicates` column
-        counting the group's other members."""
-        key, member = self.key_of(frame["id"].to_numpy(np.int64))
-        _, first = np.unique(key, return_index=True)
-        keep = np.sort(first)[:want]
-        c = frame.iloc[keep].reset_index(drop=True)
-        c["rank"] = np.arange(1, len(c) + 1)
-        c["duplicates"] = [self.size[g] - 1 if m else 0 for g, m in zip(key[keep], member[keep])]
-        c.attrs = frame.attrs
-        return c
-
-    def key_of(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each id's group, or the id itself where it is in none; and whether it is in one."""
-        if not len(self.ids):
-            return ids, np.zeros(len(ids), bool)
-        pos = np.clip(np.searchsorted(self.ids, ids), 0, len(self.ids) - 1)
-        member = self.ids[pos] == ids
-        return np.where(member, self.group[pos], ids), member
-
-
 class Searcher:
     """Searches the live version of an index folder. `reload()` switches to a newer published version;
     a query running meanwhile finishes on the version it started with."""
 
     def __init__(self, index_dir: str | Path, mmap: bool = True, threads: int | None = None,
                  expect_model: ModelSpec | str | None = None, engine: str | None = None, onnx_cache: str = "",
-                 query_max_pixels: int = QUERY_MAX_PIXELS):
+                 query_max_pixels: int = QUERY_MAX_PIXELS, id_cache_bytes: int = ID_CACHE_BYTES):
         if engine is not None:
             check_engine(engine)  # at open, not at the first text query
         self.index_dir = Path(index_dir)
@@ -181,7 +143,7 @@ class Searcher:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads or 4)
         self._embedder = None
-        self._prefix_cache: dict = {}
+        self._prefix_cache = IdCache(id_cache_bytes)  # prefixes' ids and rare filters' selectors
         self._groups: DuplicateGroups | None = None
         self._expect = expect_model.key if isinstance(expect_model, ModelSpec) else expect_model
         self._state = self._load(ix.current_version(self.index_dir))
@@ -245,7 +207,10 @@ class Searcher:
     # --- embedding queries ---------------------------------------------------------------------
     @property
     def embedder(self) -> Embedder:
-        spec = self.model_spec
+        return self._embedder_for(self._state)
+
+    def _embedder_for(self, st: _Loaded) -> Embedder:
+        spec = ModelSpec.from_key(st.manifest["model"]["key"])
         spec.check_weights()  # queries are embedded with exactly the index's weights, or not at all
         if self._embedder is None or self._embedder.spec != spec:
             self._embedder = Embedder(spec, decode_threads=1, engine=self.engine, onnx_cache=self.onnx_cache,
@@ -256,22 +221,30 @@ class Searcher:
         """A text query's vector, with query arithmetic: "beach + sunset - people" is the sum of the
         terms' unit vectors, signed, normalised (operators need spaces around them, so "t-shirt" and
         "black-and-white" stay words). One term is embedded as it is."""
-        return query_vector(self.embed_text, text)
+        st = self._state
+        return query_vector(lambda term: self._embed_text(st, term), text)
 
     def embed_text(self, text: str) -> tuple[np.ndarray, list[str]]:
+        return self._embed_text(self._state, text)
+
+    def _embed_text(self, st: _Loaded, text: str) -> tuple[np.ndarray, list[str]]:
         if not isinstance(text, str) or not text.strip():
             raise QueryError("empty query text")
         notes = []
-        tokenizer = self.embedder.loaded.tokenizer
+        embedder = self._embedder_for(st)
+        tokenizer = embedder.loaded.tokenizer
         context = getattr(tokenizer, "context_length", None)
         encode = getattr(tokenizer, "encode", None)
         if context and encode is not None:
             n_tokens = len(encode(text.strip())) + 2  # start and end tokens
             if n_tokens > context:
                 notes.append(f"query truncated to the model's {context} tokens (it has {n_tokens})")
-        return self.embedder.embed_texts([text.strip()])[0], notes
+        return embedder.embed_texts([text.strip()])[0], notes
 
     def embed_image(self, image: str | Path | bytes) -> np.ndarray:
+        return self._embed_image(self._state, image)
+
+    def _embed_image(self, st: _Loaded, image: str | Path | bytes) -> np.ndarray:
         if isinstance(image, (str, Path)):
             try:
                 data = Path(image).read_bytes()
@@ -281,12 +254,14 @@ class Searcher:
             data = bytes(image)
         else:
             raise QueryError(f"query image must be a path or bytes, not {type(image).__name__}")
-        result = self.embedder([data])[0]
+        result = self._embedder_for(st)([data])[0]
         if result.error:
             raise QueryError(f"unusable query image: {result.error}")
         return result.embedding
 
     # --- search --------------------------------------------------------------------------------
+    # Every query takes self._state once and hands it down: reload() may switch versions meanwhile, and
+    # a query that read it again would mix two versions (ids of one, paths and tags of the other).
     @property
     def has_keywords(self) -> bool:
         """Whether the live version has a keyword index, tags and captions (lakelens index --tags)."""
@@ -301,8 +276,9 @@ class Searcher:
 
     def search_text(self, text: str, k: int = 10, mode: str | None = None, tags=(), not_tags=(), **kw) -> pd.DataFrame:
         """Images for a text query in the query syntax (free words, "phrases", tag:dog, -tag:cat, path:2024/;
-        "a + b - c" combines terms on the vector side). mode: vector | keyword | hybrid (reciprocal rank
-        fusion of both lists, k = 60); default vector (default_mode)."""
+        "a + b - c" combines terms on the vector side; a "phrase" after a minus excludes the images that
+        hold it in modes keyword and hybrid). mode: vector | keyword | hybrid (reciprocal rank fusion of
+        both lists, k = 60); default vector (default_mode)."""
         return self.search(text=text, k=k, mode=mode, tags=tags, not_tags=not_tags, **kw)
 
     def search(self, text: str | None = None, image: str | Path | bytes | None = None, k: int = 10,
@@ -311,16 +287,19 @@ class Searcher:
         """A text, an image, or both: the query vector is weights[0] x text + weights[1] x image (unit
         vectors; default equal weights), normalised. The text may use the query syntax (search_text); the
         keyword side (mode keyword or hybrid) scores the text's words."""
+        return self._search(self._state, text, image, k, weights, mode, tags, not_tags, **kw)
+
+    def _search(self, st: _Loaded, text, image, k, weights, mode, tags, not_tags, **kw) -> pd.DataFrame:
         q = parse_query(text, tags, not_tags)
         mode = check_mode(mode or self.default_mode)
         parts, notes = [], []
         if q.has_text and mode != "keyword":
-            vec, notes = self.embed_query(q.text)
+            vec, notes = query_vector(lambda term: self._embed_text(st, term), q.text)
             parts.append(vec)
         if image is not None:
             if mode == "keyword":
                 raise QueryError("mode keyword searches words; an image query needs mode vector or hybrid")
-            parts.append(self.embed_image(image))
+            parts.append(self._embed_image(st, image))
         if not parts and not q.has_text and not q.has_filters:
             raise QueryError("give a text, an image, or both" if text is None else
                              "empty query text: give words, an image, or a filter such as tag:dog")
@@ -334,54 +313,73 @@ class Searcher:
             if len(parts) == 2:
                 notes = notes + [f"text and image combined with weights {w[0]:g} and {w[1]:g}"]
             vec = (total / norm).astype(np.float32)
-        out = self._query(q, vec, mode, k, **kw)
+        out = self._query(st, q, vec, mode, k, **kw)
         out.attrs["notes"] = notes + out.attrs.get("notes", [])
         return out
 
-    def _query(self, q: ParsedQuery, vec, mode: str, k: int = 10, min_score: float | None = None,
+    def _query(self, st: _Loaded, q: ParsedQuery, vec, mode: str, k: int = 10, min_score: float | None = None,
                path_prefix: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
                offset: int = 0, collapse_duplicates: bool = False) -> pd.DataFrame:
         check_page(k, offset)
-        st = self._state
-        prefix = self._prefix_ids(st, path_prefix)[0] if path_prefix else None
+        prefix = self._prefix_ids(st, path_prefix) if path_prefix else None
         allowed = allowed_ids(st.keywords, st.version, st.meta, q, prefix)
         words = bool(q.free or q.phrases)
         if mode == "keyword" and not words and not q.has_filters:
             raise QueryError("mode keyword needs words to search for")
         if vec is not None and (mode == "vector" or not words):
-            return self.search_vectors(vec[None, :], k, min_score, None, nprobe, ef_search, offset, collapse_duplicates,
-                                       allowed=allowed)[0]
-        want = (4 if collapse_duplicates else 1) * (k + offset)
-        if not words:  # filters only: browse what they allow
-            scores, ids = browse(st.keywords, q, allowed)
-            frame = self._frame(st, scores[:want], ids[:want], want, None, None)
-        else:
-            side = need(st.keywords, st.version, f"mode {mode}")
-            limited = allowed if (q.paths or q.not_paths or path_prefix) else None
-            depth = want if mode == "keyword" else min(MAX_K, max(2 * want, HYBRID_DEPTH))
+            return decorate(st.keywords, self._vector_pages(st, vec[None, :], k, min_score, None, nprobe, ef_search,
+                                                            offset, collapse_duplicates, allowed)[0])
+        side = need(st.keywords, st.version, f"mode {mode}") if words or q.not_phrases else st.keywords
+        limited = allowed if (q.paths or q.not_paths or path_prefix) else None
+
+        def ranked(n: int) -> pd.DataFrame:
+            """The first n rows of the query's whole list, which a deeper call only extends."""
+            if not words:  # filters only: browse what they allow
+                scores, ids = browse(st.keywords, q, allowed)
+                return self._frame(st, scores[:n], ids[:n], n, None, None)
+            depth = n if mode == "keyword" else fused_blocks(n, MAX_K)[-1][1]
             kw_scores, kw_ids = side.index.search(q.free, q.phrases, q.tags, q.not_tags, depth, limited)
             if mode == "keyword":
-                frame = self._frame(st, kw_scores, kw_ids, want, None, None)
-            else:
-                vec_frame = self.search_vectors(vec[None, :], depth, min_score, None, nprobe, ef_search,
-                                                allowed=allowed)[0]
-                ids, fused = rrf([vec_frame["id"].to_numpy(np.int64), kw_ids], RRF_K)
-                frame = self._frame(st, fused[:want], ids[:want], want, None, None)
-                frame["vector_rank"] = _ranks(frame["id"], vec_frame["id"])
-                frame["keyword_rank"] = _ranks(frame["id"], kw_ids)
-                if "box" in vec_frame:  # the region the vector side matched, where it did
-                    boxes = dict(zip(vec_frame["id"], vec_frame["box"]))
-                    frame["box"] = [boxes.get(i) for i in frame["id"]]
-                frame.attrs["notes"] = vec_frame.attrs.get("notes", [])
-        if collapse_duplicates:
-            frame = self._collapse_frame(frame, k + offset)
+                return self._frame(st, kw_scores, kw_ids, n, None, None)
+            vec_frame = self._vector_pages(st, vec[None, :], depth, min_score, None, nprobe, ef_search, 0, False,
+                                           allowed)[0]
+            ids, fused, depths = fuse(vec_frame["id"].to_numpy(np.int64), kw_ids, n, MAX_K)
+            frame = self._frame(st, fused, ids, n, None, None)
+            # each side's rank as the fusion of the image's block saw it: the same on every page
+            within = dict(zip(ids.tolist(), depths.tolist()))
+            frame["vector_rank"] = _ranks(frame["id"], vec_frame["id"], within)
+            frame["keyword_rank"] = _ranks(frame["id"], kw_ids, within)
+            if "box" in vec_frame:  # the region the vector side matched, where it did
+                boxes = dict(zip(vec_frame["id"], vec_frame["box"]))
+                frame["box"] = [boxes.get(i) if r is not None else None for i, r in zip(frame["id"], frame["vector_rank"])]
+            frame.attrs["notes"] = vec_frame.attrs.get("notes", [])
+            return frame
+
+        frame = self._deepen(st, ranked, q, k + offset, collapse_duplicates)
         page = frame.iloc[offset:offset + k].reset_index(drop=True)
         page.attrs = {"notes": frame.attrs.get("notes", [])}
         return decorate(st.keywords, page)
 
-    def _collapse_frame(self, frame: pd.DataFrame, want: int) -> pd.DataFrame:
-        """One row per duplicate group (its best), for lists that are not a single vector search."""
-        return self._duplicates().collapse(frame, want)
+    def _deepen(self, st: _Loaded, ranked, q: ParsedQuery, want: int, collapse_duplicates: bool) -> pd.DataFrame:
+        """The first `want` rows of a list `ranked(n)` gives, less the images a subtracted phrase names and,
+        with collapse_duplicates, one per duplicate group: deeper (doubling) until enough are left or the
+        list ends. Every page of a query thus cuts one list."""
+        dups = self._duplicates() if collapse_duplicates else None
+        n = min(MAX_K, 4 * want if dups else want)
+        while True:
+            whole = ranked(n)
+            frame = whole
+            if q.not_phrases:
+                frame = frame[~holding(st.keywords, q.not_phrases, frame["id"].to_numpy(np.int64))].reset_index(drop=True)
+                frame["rank"] = np.arange(1, len(frame) + 1)
+                frame.attrs = whole.attrs
+            if dups is not None:
+                frame = dups.collapse(frame, want)
+            if len(frame) >= want or len(whole) < n or n >= MAX_K:
+                out = frame.iloc[:want]
+                out.attrs = whole.attrs
+                return out
+            n = min(MAX_K, 2 * n)
 
     def tag_counts(self, text: str | None = None, tags=(), not_tags=(), limit: int = 50, depth: int = 1000,
                    mode: str | None = None) -> dict:
@@ -393,8 +391,8 @@ class Searcher:
             raise QueryError(f"limit must be an integer between 1 and {MAX_K}, got {limit!r}")
         q = parse_query(text, tags, not_tags)
         if q.has_text:
-            ids = np.sort(self.search(text=text, k=min(depth, MAX_K), mode=mode, tags=tags, not_tags=not_tags)["id"]
-                          .to_numpy(np.int64))
+            found = self._search(st, text, None, min(depth, MAX_K), None, mode, tags, not_tags)
+            ids = np.sort(found["id"].to_numpy(np.int64))
             scope = "results"
         else:
             ids = allowed_ids(side, st.version, st.meta, q, None)
@@ -405,7 +403,7 @@ class Searcher:
     def details(self, id_: int) -> dict:
         """One indexed image: path, size, its tags with scores and its caption (the page's large view)."""
         st = self._state
-        path = self.path_of(int(id_))
+        path = st.meta.path_of(int(id_))
         if path is None:
             raise QueryError(f"id {id_} is not in index {st.version}")
         out = {"id": int(id_), "path": path, "version": st.version, "tags": [], "caption": None}
@@ -416,11 +414,14 @@ class Searcher:
         return out
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
-        return self.search_vector(self.embed_image(image), k, **kw)
+        st = self._state
+        return self._vectors(st, self._embed_image(st, image)[None, :], k, **kw)[0]
 
     def vector_of(self, id_: int) -> np.ndarray | None:
         """The stored vector of an indexed image (exact: the raw vectors beside compressed codes), or None."""
-        st = self._state
+        return self._vector_of(self._state, id_)
+
+    def _vector_of(self, st: _Loaded, id_: int) -> np.ndarray | None:
         i = np.searchsorted(st.meta.ids, id_)
         if i >= len(st.meta.ids) or st.meta.ids[i] != id_:
             return None  # not live in this version (never indexed, or deleted since)
@@ -440,10 +441,11 @@ class Searcher:
 
     def search_id(self, id_: int, k: int = 10, **kw) -> pd.DataFrame:
         """Images similar to an indexed image, by its id (its stored vector is the query)."""
-        vec = self.vector_of(id_)
+        st = self._state
+        vec = self._vector_of(st, id_)
         if vec is None:
-            raise QueryError(f"id {id_} is not in index {self._state.version}")
-        return self.search_vector(vec, k, **kw)
+            raise QueryError(f"id {id_} is not in index {st.version}")
+        return self._vectors(st, vec[None, :], k, **kw)[0]
 
     def search_vector(self, vector, k: int = 10, min_score: float | None = None, path_prefix: str | None = None,
                       nprobe: int | None = None, ef_search: int | None = None, offset: int = 0,
@@ -460,64 +462,58 @@ class Searcher:
         `collapse_duplicates`: one result per duplicate group (`lakelens dedup --index`), its best hit,
         with a `duplicates` column counting the group's other members. `allowed`: sorted ids the results
         must be among (a query's filters)."""
-        check_page(k, offset)
-        side = self._state.keywords
-        return [decorate(side, f) for f in self._vector_pages(vectors, k, min_score, path_prefix, nprobe, ef_search,
-                                                              offset, collapse_duplicates, allowed)]
+        return self._vectors(self._state, vectors, k, min_score, path_prefix, nprobe, ef_search, offset,
+                             collapse_duplicates, allowed)
 
-    def _vector_pages(self, vectors, k, min_score, path_prefix, nprobe, ef_search, offset, collapse_duplicates,
-                      allowed) -> list[pd.DataFrame]:
+    def _vectors(self, st: _Loaded, vectors, k: int = 10, min_score=None, path_prefix=None, nprobe=None,
+                 ef_search=None, offset: int = 0, collapse_duplicates: bool = False, allowed=None) -> list[pd.DataFrame]:
+        check_page(k, offset)
+        return [decorate(st.keywords, f) for f in self._vector_pages(st, vectors, k, min_score, path_prefix, nprobe,
+                                                                     ef_search, offset, collapse_duplicates, allowed)]
+
+    def _vector_pages(self, st: _Loaded, vectors, k, min_score, path_prefix, nprobe, ef_search, offset,
+                      collapse_duplicates, allowed) -> list[pd.DataFrame]:
         if path_prefix:
-            prefixed = self._prefix_ids(self._state, path_prefix)[0]
+            prefixed = self._prefix_ids(st, path_prefix)
             allowed = prefixed if allowed is None else np.intersect1d(allowed, prefixed, assume_unique=True)
         if collapse_duplicates:
-            frames = self._collapsed(vectors, k + offset, min_score, allowed, nprobe, ef_search)
+            frames = self._collapsed(st, vectors, k + offset, min_score, allowed, nprobe, ef_search)
         elif not offset:
-            return self._search_vectors(vectors, k, min_score, allowed, nprobe, ef_search)
+            return self._search_vectors(st, vectors, k, min_score, allowed, nprobe, ef_search)
         else:
-            frames = self._search_vectors(vectors, k + offset, min_score, allowed, nprobe, ef_search)
+            frames = self._search_vectors(st, vectors, k + offset, min_score, allowed, nprobe, ef_search)
         for i, f in enumerate(frames):
             page = f.iloc[offset:].reset_index(drop=True)
             page.attrs = f.attrs
             frames[i] = page
         return frames
 
-    def _collapsed(self, vectors, want, min_score, allowed, nprobe, ef_search) -> list[pd.DataFrame]:
+    def _collapsed(self, st: _Loaded, vectors, want, min_score, allowed, nprobe, ef_search) -> list[pd.DataFrame]:
         """The first `want` results with one per duplicate group: searched deeper (x4, doubling while
         groups eat the list) until enough distinct groups or the whole index."""
         dups = self._duplicates()
         fetch = min(MAX_K, 4 * want)
         while True:
-            frames = self._search_vectors(vectors, fetch, min_score, allowed, nprobe, ef_search)
+            frames = self._search_vectors(st, vectors, fetch, min_score, allowed, nprobe, ef_search)
             out, short = [], False
             for f in frames:
                 c = dups.collapse(f, want)
                 out.append(c)
                 short |= len(c) < want and len(f) == fetch
-            if not short or fetch >= min(MAX_K, len(self)):
+            if not short or fetch >= min(MAX_K, len(st.meta)):
                 return out
             fetch = min(MAX_K, 2 * fetch)
 
     def _duplicates(self) -> DuplicateGroups:
         """The duplicate groups `lakelens dedup --index` wrote beside the index, read once per version of
         the file (memory-mapped; re-read when it is replaced)."""
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
-        path = self.index_dir / GROUPS_FILE
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            raise QueryError(f"no duplicate groups for {self.index_dir}: run lakelens dedup --index {self.index_dir} "
-                             "first") from None
-        stamp = (stat.st_mtime_ns, stat.st_size)
         with self._lock:
             cached = self._groups
-        if cached is None or cached.stamp != stamp:
-            cached = DuplicateGroups.of(ipc.open_file(pa.memory_map(str(path))).read_all(), stamp)
+        groups = read_groups(self.index_dir, cached)
+        if groups is not cached:
             with self._lock:
-                self._groups = cached
-        return cached
+                self._groups = groups
+        return groups
 
     def duplicate_groups(self, offset: int = 0, limit: int = 20) -> dict:
         """Groups of near copies, largest first: {"total", "groups": [{"group", "size", "members": [...]}],
@@ -541,8 +537,7 @@ class Searcher:
             f"the groups were made for index version {made_for}; the live version is {self.version}"]
         return {"total": len(dups.order), "offset": offset, "groups": groups, "index_version": made_for, "notes": notes}
 
-    def _search_vectors(self, vectors, k, min_score, allowed, nprobe, ef_search) -> list[pd.DataFrame]:
-        st = self._state  # one consistent version for the whole call, even if reload() runs meanwhile
+    def _search_vectors(self, st: _Loaded, vectors, k, min_score, allowed, nprobe, ef_search) -> list[pd.DataFrame]:
         dim = st.manifest["dim"]
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != dim:
@@ -561,7 +556,7 @@ class Searcher:
             if not len(allowed):
                 return [self._with_notes(self._frame(st, np.zeros(0, np.float32), np.zeros(0, np.int64), k,
                                                      min_score, allowed), notes) for _ in q]
-            share = len(allowed) / max(1, len(self))
+            share = len(allowed) / max(1, len(st.meta))
             if share >= COMMON_PREFIX:
                 # a common filter: a plain search deep enough to hold k matches is cheaper than testing
                 # every scanned id against a large set; the selector below covers the rare shortfall
@@ -583,26 +578,14 @@ class Searcher:
         frame.attrs["notes"] = list(notes)
         return frame
 
-    def _prefix_ids(self, st: _Loaded, prefix: str) -> tuple[np.ndarray, object]:
-        """Ids of the indexed paths that start with `prefix`, remembered for the last few prefixes."""
-        return self._cached(("prefix", st.version, prefix), lambda: st.meta.with_prefix(prefix))
+    def _prefix_ids(self, st: _Loaded, prefix: str) -> np.ndarray:
+        """Ids of the indexed paths that start with `prefix` (a scan of every path: remembered)."""
+        return self._prefix_cache.ids(("prefix", st.version, prefix), lambda: st.meta.with_prefix(prefix))
 
     def _selector(self, st: _Loaded, allowed: np.ndarray):
         """A FAISS selector of allowed ids (building one costs about as much as a search: remembered)."""
         key = ("selector", st.version, len(allowed), hash(allowed.tobytes()))
-        return self._cached(key, lambda: st.meta.expand(allowed))[1]  # the images' regions pass with them
-
-    def _cached(self, key, ids_of) -> tuple[np.ndarray, object]:
-        with self._lock:
-            hit = self._prefix_cache.get(key)
-        if hit is None:
-            ids = ids_of()
-            hit = (ids, faiss.IDSelectorBatch(ids) if len(ids) else None)
-            with self._lock:
-                self._prefix_cache[key] = hit
-                while len(self._prefix_cache) > 32:
-                    self._prefix_cache.pop(next(iter(self._prefix_cache)))
-        return hit
+        return self._prefix_cache.selector(key, lambda: st.meta.expand(allowed))  # the images' regions pass with them
 
     def _search_shards(self, st: _Loaded, q: np.ndarray, k: int, nprobe, ef_search, selector=None):
         return search_shards(st.shards, st.rerank, q, k, nprobe, ef_search,

@@ -298,8 +298,10 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         if len(data) > limits.max_upload_bytes:
             return error(413, f"image is larger than the {limits.max_upload_bytes} byte limit")
         text = request.values.get("q")
-        text = parse_query(text, limits) if text not in (None, "") else None  # text and image together
+        # a blank text beside an image is no text (the image alone), as an empty query box on the page is
+        text = parse_query(text, limits) if text is not None and text.strip() else None
         weights = parse_weights(request.values.get("weights"))
+        weights = weights if text else None  # they weigh a text against the image: nothing to weigh without one
         s = live.get()
         kw = keyword_options(request.values, s)
         query = {"image": f.filename or "", **({"text": text, "weights": weights} if text else {}), **kw, **opts}
