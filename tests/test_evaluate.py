@@ -31,6 +31,15 @@ def test_best_rank_over_several_targets():
     assert list(best_ranks(SCORES[:2], [[1, 2], [-1]])) == [2, np.inf]
 
 
+def test_tied_targets_do_not_count_against_each_other():
+    # both columns are hits: neither stands ahead of the other
+    assert list(best_ranks([[0.5, 0.5, 0.1]], [[0, 1]])) == [1]
+    assert list(best_ranks([[0.4, 0.5, 0.5, 0.9]], [[0, 1, 2]])) == [2]  # only the 0.9 non-target is ahead
+    # a non-target tied with the best target still counts against it, whatever the other targets
+    assert list(best_ranks([[0.5, 0.5, 0.5]], [[0, 1]])) == [2]
+    assert list(best_ranks([[0.5, 0.5, 0.5, 0.5]], [[0, 2]])) == [3]
+
+
 def test_precision_at_k_by_label():
     scores = np.array([[0.9, 0.8, 0.1], [0.1, 0.2, 0.3]])
     p = precision_at_k(scores, ["a", "b"], ["a", "b", "b"], [1, 2, 10])

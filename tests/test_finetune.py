@@ -75,6 +75,27 @@ def test_loss_falls_and_a_crashed_run_resumes_to_the_same_weights(pairs, tmp_pat
         finetune(pairs, TINY, conf(tmp_path / "crashed", lr=5e-3, epochs=4), progress=False)
 
 
+def test_a_resume_under_another_val_fraction_is_refused(pairs, tmp_path):
+    # images trained on before the kill would count as held out afterwards
+    pairs = pairs.iloc[:64]
+
+    def crash(epoch, step):
+        if (epoch, step) == (2, 0):
+            raise Crash("killed mid-epoch")
+
+    with pytest.raises(Crash):
+        finetune(pairs, TINY, conf(tmp_path / "ft", epochs=2, val_fraction=0.3), progress=False, on_step=crash)
+    with pytest.raises(FinetuneError, match="val_fraction") as e:
+        finetune(pairs, TINY, conf(tmp_path / "ft", epochs=2, val_fraction=0.5), progress=False)
+    assert "\n" not in str(e.value) and "--fresh" in str(e.value)
+    # a split column decides the held-out images itself: the fraction does not change them
+    split = pairs.assign(split=["val" if i % 4 == 0 else "train" for i in range(len(pairs))])
+    with pytest.raises(Crash):
+        finetune(split, TINY, conf(tmp_path / "split", epochs=2, val_fraction=0.3), progress=False, on_step=crash)
+    resumed = finetune(split, TINY, conf(tmp_path / "split", epochs=2, val_fraction=0.5), progress=False)
+    assert (resumed.resumed_from, resumed.val_pairs) == (1, len(pairs) // 4)
+
+
 def test_final_checkpoint_loads_as_pretrained_and_embeds_with_the_trained_weights(pairs, tmp_path):
     result = finetune(pairs, TINY, conf(tmp_path / "ft", epochs=1), progress=False)
     spec = ModelSpec.from_config(type("M", (), {"name": "lakelens-tiny", "pretrained": result.final_checkpoint})())

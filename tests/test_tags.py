@@ -174,3 +174,29 @@ def test_eval_tag_metrics_from_an_index_and_a_vocabulary(tmp_path, capsys):
     assert report["per_tag"]["purple"]["support"] == 1 and json.loads(out.read_text())["tags"]["micro"]["f1"] == 1.0
     assert main(["eval", "--labels", str(labels)]) == 2
     assert "give --tags TAGS" in capsys.readouterr().err
+
+
+def test_eval_counts_a_predicted_tag_for_its_ancestors_as_the_labels_do(tmp_path, capsys):
+    import json
+
+    from lakelens import Choice, build_local
+    from lakelens.cli import main
+    from lakelens.models.registry import ModelSpec
+    from lakelens.tags.vocab import tag_vectors
+
+    vocab_file = write(tmp_path, "tag,prompts,parent\nshape,a shape,\ncircle,a red circle,shape\n"
+                                 "square,a blue square,shape\nstripes,a striped background,\n")
+    vocab = load_vocab(vocab_file)
+    text = tag_vectors(vocab, ModelSpec("lakelens-tiny"))
+    # image i is tag i + 1's own text vector (circle, square, stripes): its one predicted tag is that tag
+    paths = [f"file:/lake/im{i}.jpg" for i in range(3)]
+    build_local(str(tmp_path / "index"), np.arange(3), text[1:], paths, Choice("Flat", "t", False),
+                model_key="lakelens-tiny@none")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,tags\n" + "".join(f"{p},{w}\n" for p, w in zip(paths, ["circle", "square", "stripes"])))
+    assert main(["eval", "--labels", str(labels), "--index", str(tmp_path / "index"), "--vocab", str(vocab_file),
+                 "--set", "tag.max_tags=1", "--set", "tag.threshold=-1"]) == 0
+    report = json.loads(capsys.readouterr().out)["tags"]
+    # circle and square images are shapes to the labels, and so to the predictions
+    assert report["per_tag"]["shape"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2, "predicted": 2}
+    assert report["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}

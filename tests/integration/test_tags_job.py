@@ -141,3 +141,21 @@ def test_incremental_tagging_by_the_change_feed(spark, tmp_path, capsys):
     thresholds = json.loads((tmp_path / "shapes.thresholds.json").read_text())
     assert thresholds["model"] == "lakelens-tiny@none" and thresholds["vocab_digest"] == load_vocab(vocab_file).digest
     assert cal.thresholds_for(load_vocab(vocab_file), "lakelens-tiny@none", "simple", 1.0)[1].startswith("calibrated")
+
+
+def test_tag_eval_of_a_tags_table_counts_predicted_tags_for_their_ancestors(spark, tmp_path):
+    import pandas as pd
+
+    from lakelens.tags.evaluate import evaluate_tags_table
+
+    vocab_file = tmp_path / "v.csv"
+    vocab_file.write_text("tag,parent\nshape,\ncircle,shape\nsquare,shape\nstripes,\n")
+    paths = [f"file:/lake/im{i}.jpg" for i in range(3)]
+    stored = [(path_id(p), p, t, 0.3, "zero-shot", "m@none", "d") for p, t in zip(paths, ["circle", "square", "stripes"])]
+    spark.createDataFrame(stored, "id long, path string, tag string, score float, source string, model string, "
+                                  "vocab string").write.format("delta").save(str(tmp_path / "tags"))
+    labels = pd.DataFrame({"path": paths, "tags": [["circle"], ["square"], ["stripes"]]})
+    report = evaluate_tags_table(spark, str(tmp_path / "tags"), labels, load_vocab(vocab_file))
+    # the table holds the tags themselves; the circle and square images are shapes to labels and tags alike
+    assert report["per_tag"]["shape"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2, "predicted": 2}
+    assert report["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0} and report["untagged_images"] == 0

@@ -50,6 +50,19 @@ def _truth(labels: pd.DataFrame, vocab, names: list[str]) -> tuple[np.ndarray, l
     return out, []
 
 
+def with_ancestors(pred: np.ndarray, vocab) -> np.ndarray:
+    """Predicted tags and their ancestors, as truth_matrix counts the labels: an image tagged "circle" is
+    a "shape" image to both sides (and to tag:shape searches)."""
+    out = np.array(pred, dtype=bool)
+    if vocab is None:
+        return out
+    col = {t: j for j, t in enumerate(vocab.tags)}
+    for j, tag in enumerate(vocab.tags):
+        for parent in vocab.ancestors(tag):
+            out[:, col[parent]] |= out[:, j]
+    return out
+
+
 def evaluate_tags_table(spark, tags_table: str, labels: pd.DataFrame, vocab=None, source: str = "zero-shot") -> dict:
     """Metrics of the `source` rows of a tags table on the labelled images (rows of other images are not
     read to the driver: the labelled paths are joined on the executors)."""
@@ -65,7 +78,7 @@ def evaluate_tags_table(spark, tags_table: str, labels: pd.DataFrame, vocab=None
     pred = np.zeros_like(truth)
     known = rows[rows["tag"].isin(col)]
     pred[known["path"].map(row_of).to_numpy(int), known["tag"].map(col).to_numpy(int)] = True
-    report = cal.prf(truth, pred, names)
+    report = cal.prf(truth, with_ancestors(pred, vocab), names)
     report.update({"source": source, "tags_table": tags_table, "models": sorted(set(rows["model"].dropna())),
                    "vocab_digests": sorted(set(rows["vocab"].dropna())), "unknown_label_words": unknown[:50],
                    "untagged_images": int(len(labels) - rows["path"].nunique())})
@@ -91,7 +104,7 @@ def evaluate_index_tags(index_dir: str, labels: pd.DataFrame, vocab, threshold: 
     text = tag_vectors(vocab, searcher.model_spec, templates, embedder=searcher.embedder)
     thresholds, how = cal.thresholds_for(vocab, model, templates, threshold, thresholds_file)
     truth, unknown = cal.truth_matrix(vocab, labels["tags"].tolist())
-    report = cal.prf(truth, cal.predicted(vecs @ text.T, thresholds, max_tags), vocab.tags)
+    report = cal.prf(truth, with_ancestors(cal.predicted(vecs @ text.T, thresholds, max_tags), vocab), vocab.tags)
     report.update({"index_version": searcher.version, "model": model, "vocab": vocab.digest, "thresholds_used": how,
                    "max_tags": max_tags, "unknown_label_words": unknown[:50]})
     return report

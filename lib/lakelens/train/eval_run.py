@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pandas as pd
 
 from lakelens.errors import DataError
+from lakelens.index.meta import MetaStore
+from lakelens.index.shards import dead_ids, merge_topk, open_version, prepare_direct_map, read_tombstones, shard_entries, top_rows
 from lakelens.ingest.paths import to_local, to_stored
 from lakelens.search import Searcher
 from lakelens.train import metrics as ev
@@ -51,6 +54,70 @@ def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     return df
 
 
+def _stored_vectors(shard, raw, rows: int = 16_384):
+    """(ids, float32 vectors) of every vector a shard holds, in chunks: the raw vectors beside compressed
+    codes where the index keeps them (what its re-ranking scores), else the index's own vectors (decoded
+    from its codes)."""
+    if raw is not None:
+        vectors, ids = raw
+        for i in range(0, len(ids), rows):
+            yield np.asarray(ids[i:i + rows]), np.asarray(vectors[i:i + rows], dtype=np.float32)
+        return
+    inner = faiss.downcast_index(shard)
+    if isinstance(inner, faiss.IndexIDMap):  # Flat and HNSW: the ids beside the index, in insertion order
+        ids = faiss.vector_to_array(inner.id_map)
+        for i in range(0, len(ids), rows):
+            yield ids[i:i + rows], inner.index.reconstruct_n(i, min(rows, len(ids) - i))
+        return
+    ivf = faiss.extract_index_ivf(shard)
+    lists, held = ivf.invlists, []
+    for lst in range(ivf.nlist):
+        n = lists.list_size(lst)
+        if n:
+            ptr = lists.get_ids(lst)
+            held.append(faiss.rev_swig_ptr(ptr, n).copy())
+            lists.release_ids(lst, ptr)
+    ids = np.concatenate(held) if held else np.zeros(0, np.int64)
+    prepare_direct_map(shard)
+    for i in range(0, len(ids), rows):
+        yield ids[i:i + rows], shard.reconstruct_batch(ids[i:i + rows])
+
+
+def exact_top_images(searcher: Searcher, queries: np.ndarray, k: int, block: int = 1024) -> list[np.ndarray]:
+    """Exact top-k image ids per query over every live vector of the searcher's index version, ranked as
+    its searches rank them (an image by its best entry, its regions included): what the ANN index's
+    results are measured against. Scores are matrix products over chunks of the stored vectors."""
+    folder, manifest = searcher.index_dir / searcher.version, searcher.manifest
+    tomb = read_tombstones(folder, manifest)
+    entries = shard_entries(manifest)
+    meta = MetaStore(folder, entries, tomb)
+    shards, raw, _, keep = open_version(folder, manifest, tomb=tomb)
+    # an image has at most per_image entries, so the best k x per_image entries hold its k best images
+    fetch = max(1, min(k * meta.per_image, len(meta.entries)))
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    best_s = np.full((len(q), fetch), -np.inf, np.float32)
+    best_i = np.full((len(q), fetch), -1, np.int64)
+    for shard, vectors, entry in zip(shards, raw, entries):
+        dead = dead_ids(tomb, entry.get("generation", 0))  # replaced or deleted since this shard was built
+        for ids, vecs in _stored_vectors(shard, vectors):
+            gone = np.isin(ids, dead) if len(dead) else None
+            for b in range(0, len(q), block):  # bounds the score matrix whatever the number of captions
+                scores = q[b:b + block] @ vecs.T
+                if gone is not None:
+                    scores[:, gone] = -np.inf
+                s, cols = top_rows(scores, fetch)
+                found = (s, np.where(np.isneginf(s), -1, ids[cols]))
+                best_s[b:b + block], best_i[b:b + block] = merge_topk((best_s[b:b + block], best_i[b:b + block]),
+                                                                      found, fetch)
+    del keep
+    out = []
+    for row in best_i:
+        images = meta.resolve(row[row != -1])[0]
+        first = np.sort(np.unique(images, return_index=True)[1])  # each image at its best entry
+        out.append(images[first][:k])
+    return out
+
+
 def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dict:
     """Text->image and image->text Recall@K over the captioned images, top-K accuracy, precision@K by
     label, and the ANN index's recall against exact search on the same text queries. With a `lang`
@@ -77,8 +144,7 @@ def evaluate_index(index_dir: str, captions: pd.DataFrame, ks=(1, 5, 10)) -> dic
     scores = text_vecs @ image_vecs.T
     scores[:, ~present] = -np.inf  # images missing from the index cannot be retrieved
     kmax = max(ks)
-    exact_ids = np.array([path_to_id.get(u, -1) for u in images], dtype=np.int64)  # no float round trip
-    exact_top = [exact_ids[np.argsort(-row, kind="stable")[:kmax]] for row in scores]
+    exact_top = exact_top_images(searcher, text_vecs, kmax)
     ann_top = [f["id"].to_numpy() for f in searcher.search_vectors(text_vecs, k=kmax)]
     labels = None
     if "label" in captions.columns:

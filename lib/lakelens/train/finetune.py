@@ -29,7 +29,8 @@ from lakelens.train import metrics as ev
 CHECKPOINTS = "checkpoints"
 FINAL = "final.pt"
 # Settings that must match for a resumed run to continue the same training.
-_RESUME_KEYS = ("model", "pretrained", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "data")
+_RESUME_KEYS = ("model", "pretrained", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "data",
+                "val_fraction")
 # open_clip's training defaults for CoCa (--coca-caption-loss-weight, --coca-contrastive-loss-weight)
 CAPTION_LOSS_WEIGHT = 2.0
 CONTRASTIVE_LOSS_WEIGHT = 1.0
@@ -186,10 +187,12 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _settings(conf: FinetuneConfig, spec: ModelSpec, data_fingerprint: str) -> dict:
+def _settings(conf: FinetuneConfig, spec: ModelSpec, data_fingerprint: str, has_split: bool) -> dict:
+    # a `split` column decides the held-out images itself: the fraction then changes nothing
     return {"model": spec.name, "pretrained": spec.pretrained, "batch_size": conf.batch_size, "lr": conf.lr,
             "weight_decay": conf.weight_decay, "warmup_steps": conf.warmup_steps, "seed": conf.seed,
-            "epochs": conf.epochs, "data": data_fingerprint}
+            "epochs": conf.epochs, "data": data_fingerprint,
+            "val_fraction": None if has_split else conf.val_fraction}
 
 
 def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume: bool = True,
@@ -214,7 +217,7 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
                             f"{len(val_df)} (finetune.val_fraction={conf.val_fraction})")
     fingerprint = hashlib.sha256("\n".join(pairs["path"].astype(str) + "\t" + pairs["caption"].astype(str))
                                  .encode()).hexdigest()[:16]
-    settings = _settings(conf, spec, fingerprint)
+    settings = _settings(conf, spec, fingerprint, "split" in pairs.columns)
 
     loaded = models.load(spec)
     model = copy.deepcopy(loaded.model)  # the cached model stays as loaded for the embed job and queries
@@ -236,7 +239,8 @@ def finetune(pairs: pd.DataFrame, spec: ModelSpec, conf: FinetuneConfig, resume:
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         saved = state["lakelens"]["settings"]
-        differ = [k for k in _RESUME_KEYS if saved.get(k) != settings[k]]
+        # a key a checkpoint lacks was not recorded yet when it was written: nothing to compare it with
+        differ = [k for k in _RESUME_KEYS if saved.get(k, settings[k]) != settings[k]]
         if differ:
             raise FinetuneError(f"{ckpt} was trained with other settings ({', '.join(differ)}); "
                                 f"use a new --out folder or --fresh")

@@ -32,12 +32,16 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[int, float]:
 
 
 def best_ranks(scores: np.ndarray, target_sets: Sequence[Sequence[int]]) -> np.ndarray:
-    """Rank of the best-ranked of several targets per query (image -> text: any of its captions)."""
+    """Rank of the best-ranked of several targets per query (image -> text: any of its captions). Only
+    non-targets rank ahead of it: those scoring higher and, ties counted against the target, those
+    scoring the same; another target tied with it is a hit as good as it (a caption listed twice)."""
+    scores = np.asarray(scores, dtype=np.float64)
     out = np.full(len(target_sets), np.inf)
     for i, targets in enumerate(target_sets):
-        valid = [t for t in targets if t >= 0]
-        if valid:
-            out[i] = ranks_of_targets(np.repeat(scores[i:i + 1], len(valid), 0), valid).min()
+        valid = np.unique([t for t in targets if t >= 0]).astype(np.int64)
+        if len(valid):
+            others = np.delete(scores[i], valid)
+            out[i] = 1 + np.count_nonzero(others >= scores[i, valid].max())
     return out
 
 
