@@ -263,9 +263,9 @@ class EmbedJob(Job):
             else:
                 pending.append(rows)
 
-        if plan.unread:  # empty and oversize files: error rows without reading a byte
+        if plan.unread:  # empty and oversize files, names Spark cannot hold: error rows without reading a byte
             commit(self._unread_rows(plan.unread_rows(), spec),
-                   f"lakelens embed {run_id}: {plan.unread} empty or oversize files")
+                   f"lakelens embed {run_id}: {plan.unread} files not read (empty, too large or name not UTF-8)")
             stats.failed += plan.unread
         done = 0
         for i, paths in enumerate(plan.chunks(sizes)):

@@ -98,7 +98,8 @@ class Plan:
     paths: list[str] | None = None  # the paths to embed, sorted, when the plan was made on the driver
 
     def unread_rows(self) -> DataFrame:
-        """(path, size_bytes, modified, error) of new and changed files that are empty or too large."""
+        """(path, size_bytes, modified, error) of new and changed files not to be read: empty, too large, or
+        named in bytes that are not UTF-8."""
         return (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNotNull())
                 .select("path", "size_bytes", "modified", "error"))
 
@@ -246,12 +247,13 @@ class EmbeddingsTable:
         differ; or `regions` are wanted and an embedded row has none), unchanged; rows of files no longer
         listed are deleted. The classification stays on the executors; only the counts per status come back.
         A listing held on the driver too (`local`, sorted by path) for a table not made yet is planned there:
-        every file is new."""
+        every file is new. A listing's own `error` (a name Spark cannot hold) makes an unread file."""
         exists = self.exists()
         if local is not None and not exists:
             return self._plan_new(local, max_file_bytes)
+        listed_error = (F.col("error") if "error" in listing.columns else F.lit(None).cast("string")).alias("listed")
         if not exists:
-            todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"))
+            todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"), listed_error)
         else:
             stored = self.read()
             lacks = (F.col("regions").isNull() & F.col("error").isNull() if "regions" in stored.columns
@@ -266,12 +268,13 @@ class EmbeddingsTable:
                             | (F.col("old_model") != F.lit(model_key)) | F.col("lacks_regions"), CHANGED)
                       .otherwise(UNCHANGED))
             todo = (listing.join(existing, "path", "full_outer")
-                    .select("path", "size_bytes", "modified", status.alias("status"))
+                    .select("path", "size_bytes", "modified", status.alias("status"), listed_error)
                     .where(F.col("status") != UNCHANGED))
         error = (F.when(F.col("status") == DELETED, None)
+                 .when(F.col("listed").isNotNull(), F.col("listed"))
                  .when(F.col("size_bytes") == 0, "empty file")
                  .when(F.col("size_bytes") > max_file_bytes, "too large"))
-        todo = todo.withColumn("error", error).localCheckpoint()
+        todo = todo.withColumn("error", error).drop("listed").localCheckpoint()
         counts = {(r["status"], r["unread"]): r["count"] for r in
                   todo.groupBy("status", F.col("error").isNotNull().alias("unread")).count().collect()}
         by_status = Counter()
@@ -285,7 +288,10 @@ class EmbeddingsTable:
     def _plan_new(self, local: pd.DataFrame, max_file_bytes: int) -> Plan:
         sizes = local["size_bytes"]
         error = np.where(sizes == 0, "empty file", np.where(sizes > max_file_bytes, "too large", None))
-        todo = local.assign(status=NEW, error=pd.Series(error, index=local.index, dtype=object))
+        if "error" in local.columns:  # known from the listing: it comes first
+            error = np.where(local["error"].notna(), local["error"], error)
+        todo = local[["path", "size_bytes", "modified"]].assign(
+            status=NEW, error=pd.Series(error, index=local.index, dtype=object))
         df = self.spark.createDataFrame(todo, "path string, size_bytes long, modified timestamp, status string, "
                                               "error string")
         unread = int(todo["error"].notna().sum())
