@@ -33,6 +33,9 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", action="store_true", default=None,
                    help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
+    p.add_argument("--drop-root", action="append", default=[], metavar="ROOT",
+                   help="delete the table's rows of this image folder (glob, URI) and forget it, before embedding "
+                        "--images if given (repeatable); a run otherwise never touches other folders' rows")
     add_common(p)
 
 
@@ -50,7 +53,7 @@ def embed_conf(args) -> config.Config:
 def cmd_embed(args) -> int:
     from lakelens.ingest.embed_job import EmbedJob
 
-    stats = EmbedJob(conf=embed_conf(args)).launch()
+    stats = EmbedJob(conf=embed_conf(args), drop_roots=args.drop_root).launch()
     if args.json:
         print(json.dumps(stats.to_dict()))
     return 0

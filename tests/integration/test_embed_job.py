@@ -189,6 +189,56 @@ def test_parquet_format_is_incremental_too(spark, tmp_path, local_conf):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]  # swap left nothing behind
 
 
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_each_run_reconciles_only_the_rows_of_the_folder_it_lists(spark, tmp_path, local_conf, fmt):
+    """Folders embedded one at a time into one table: a run plans new, changed and deleted files under the
+    folder it lists and leaves the other folders' rows alone, also those of a folder whose name only
+    starts the same (A and AB) or that a LIKE pattern would match ('_' matches any one character)."""
+    data, table = tmp_path / "data", tmp_path / "t"
+    folders = {name: write_images(data / name, n, seed=i)
+               for i, (name, n) in enumerate((("A", 3), ("AB", 2), ("x_y", 2), ("xzy", 2), ("50%", 1)))}
+
+    def embed(name):
+        return run(spark, local_conf(data / name, table, f"embed.format={fmt}"))
+
+    for name, files in folders.items():
+        stats = embed(name)
+        assert (stats.new, stats.deleted, stats.unchanged) == (len(files), 0, 0), name
+    paths = {f"file:{f}" for files in folders.values() for f in files}
+    assert set(rows_by_path(spark, table, fmt)) == paths
+    if fmt == "delta":
+        assert tables.EmbeddingsTable(spark, str(table)).image_roots() == sorted(f"file:{data / n}/" for n in folders)
+
+    again = embed("A")  # the first folder again, after the others: theirs stay
+    assert (again.new, again.changed, again.deleted, again.unchanged) == (0, 0, 0, 3)
+    assert set(rows_by_path(spark, table, fmt)) == paths
+
+    gone = [folders["A"][0], folders["x_y"][0]]
+    for f in gone:
+        f.unlink()
+    assert [embed(name).deleted for name in ("A", "x_y", "xzy", "AB", "50%")] == [1, 1, 0, 0, 0]
+    assert set(rows_by_path(spark, table, fmt)) == paths - {f"file:{f}" for f in gone}
+
+
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_drop_root_deletes_that_folders_rows_and_forgets_it(spark, tmp_path, local_conf, fmt, capsys):
+    data, table = tmp_path / "data", tmp_path / "t"
+    folders = {name: write_images(data / name, 2, seed=i) for i, name in enumerate(("A", "AB", "it's 50%_"))}
+    for name in folders:
+        assert run(spark, local_conf(data / name, table, f"embed.format={fmt}")).new == 2
+    base = ["embed", "--table", str(table), "--format", fmt, "--conf", str(ROOT / "conf" / "local.yaml"), "--json"]
+    assert main([*base, "--drop-root", str(data / "it's 50%_"), "--drop-root", str(data / "A")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["deleted"] == 4
+    assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
+    if fmt == "delta":
+        assert tables.EmbeddingsTable(spark, str(table)).image_roots() == [f"file:{data / 'AB'}/"]
+    # a root the table does not have (here: dropped already) is an error, nothing is deleted
+    assert main([*base, "--drop-root", str(data / "A")]) == 2
+    err = capsys.readouterr().err
+    assert "--drop-root" in err and str(data / "A") in err and "Traceback" not in err
+    assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
+
+
 def test_the_session_gets_its_arrow_batch_back_after_a_run_and_after_a_failed_chunk(spark, tmp_path, local_conf,
                                                                                        monkeypatch):
     img = tmp_path / "img"

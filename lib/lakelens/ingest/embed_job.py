@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -167,20 +167,26 @@ class EmbedStats:
 
 class EmbedJob(Job):
     """`EmbedJob(spark=None, conf=None).launch()` -> EmbedStats. A run killed part-way and started
-    again skips the chunks it already committed and ends with the same table."""
+    again skips the chunks it already committed and ends with the same table. A run reconciles only the
+    rows of the image root it lists (`root_of(embed.images)`): each folder embedded into a table keeps
+    its rows until `drop_roots` names it (its rows are deleted and it is forgotten, before any embedding;
+    with no embed.images that is all the run does)."""
 
     def __init__(self, spark=None, conf=None, on_chunk: Callable[[int, int], None] | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, drop_roots: Sequence[str] = ()):
         super().__init__(spark, conf)
         self.on_chunk = on_chunk  # (chunk index, files left) after each committed chunk; tests crash runs here
         self.log = log
+        self.drop_roots = list(drop_roots)
 
-    def _check(self):
+    def _check(self) -> ModelSpec | None:
         c = self.conf.embed
-        if not c.images:
+        if not c.images and not self.drop_roots:
             raise ConfigError("embed.images: required (a folder, glob or URI of images; --images)")
         if not c.table:
             raise ConfigError("embed.table: required (where the embeddings table lives; --table)")
+        if not c.images:
+            return None  # only dropping roots: no model
         if not 1 <= c.region_grid <= MAX_GRID:
             raise ConfigError(f"embed.region_grid: must be between 1 and {MAX_GRID}, got {c.region_grid}")
         spec = ModelSpec.from_config(self.conf.model)
@@ -208,7 +214,18 @@ class EmbedJob(Job):
         c = self.conf.embed
         # one run per table on this machine; runs on other machines meet Delta's conflict checks
         with RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait):
-            return self._run(spec)
+            dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
+            stats = self._run(spec) if spec is not None else EmbedStats()
+            stats.deleted += dropped
+            return stats
+
+    def _drop(self, root: str) -> int:
+        c = self.conf.embed
+        table = EmbeddingsTable(self.spark, c.table, c.format)
+        note = f"lakelens embed: drop image root {root}"
+        rows = with_retries(lambda: table.drop_root(root, note), c.commit_retries, note, self.log)
+        self.log(f"lakelens embed: dropped image root {root}: {rows} rows deleted")
+        return rows
 
     def _run(self, spec: ModelSpec) -> EmbedStats:
         t0 = time.time()
@@ -227,20 +244,22 @@ class EmbedJob(Job):
         arrow_batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
         spark.conf.set(arrow_batch, str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
+        root = root_of(c.images)  # the rows this run reconciles: other roots' rows are not its business
         warmup, plan = Warmup(spark, spec, c), None
         try:
             with phase("list"):
                 listing = list_files(spark, c.images, c.path_glob)
             with phase("plan"):
                 table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
-                plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local)
+                plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local,
+                                  root=root)
                 if c.format == "delta":
                     if c.regions:
                         with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
-                    created = with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
+                    created = with_retries(lambda: table.create_if_missing([root]), c.commit_retries,
                                            "create the table", self.log)
                     if not created:  # a new table has the folder already
-                        with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
+                        with_retries(lambda: table.add_image_root(root), c.commit_retries,
                                      "record the image folder", self.log)
         finally:
             with phase("embed"):  # the workers' start belongs to embedding
@@ -296,12 +315,13 @@ class EmbedJob(Job):
             if c.format == "delta":
                 if plan.deleted:
                     note = f"lakelens embed {run_id}: drop {plan.deleted} deleted files"
-                    with_retries(lambda: table.delete_missing(listing.df, note), c.commit_retries, note, self.log)
+                    with_retries(lambda: table.delete_missing(listing.df, root, note), c.commit_retries, note,
+                                 self.log)
             elif pending or plan.deleted or not table.exists():
                 new_rows = pending[0] if pending else None
                 for more in pending[1:]:
                     new_rows = new_rows.unionByName(more)
-                table.write_parquet_snapshot(listing.df, new_rows)
+                table.write_parquet_snapshot(listing.df, new_rows, root)
         stats.table_version = table.version()
         stats.seconds = time.time() - t0
         self.log(f"lakelens embed done: {stats.summary()}")
