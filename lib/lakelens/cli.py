@@ -492,8 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags naming a table, folder or file that some command reads outside the config (search, eval, serve,
+# demo, tag --calibrate): made absolute here as config.load makes its path keys.
+PATH_FLAGS = ("table", "tags", "index", "images", "out", "queries", "captions", "labels", "pairs", "vocab",
+              "thresholds", "plot", "calibrate")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in PATH_FLAGS:
+        if isinstance(getattr(args, name, None), str):  # demo's --images is a count
+            setattr(args, name, config.absolute_path(getattr(args, name)))
     try:
         return args.func(args)
     except LakelensError as e:  # expected failures: one line, no traceback; anything else is a bug

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -323,6 +325,31 @@ def test_cli_embed_json_and_bad_config(spark, tmp_path, capsys):
     assert "embed.chunk_size" in capsys.readouterr().err
     assert main(["embed", "--table", str(tmp_path / "t")]) == 2
     assert "embed.images" in capsys.readouterr().err
+
+
+def test_relative_paths_from_the_working_folder_as_a_real_process(tmp_path):
+    """`lakelens embed --images A --table T`, then `lakelens refresh --images B --table T --index I ...` from
+    the folder holding them, as a user types it: every relative path is read against the working folder,
+    the second run into the table included (Delta's SQL names a table by an absolute path only)."""
+    write_images(tmp_path / "A", 2)
+    write_images(tmp_path / "B", 2, seed=1)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "LAKELENS_LOCK_DIR": str(tmp_path / "locks")}
+
+    def cli(*argv):
+        return subprocess.run([str(ROOT / ".venv" / "bin" / "lakelens"), *argv, "--conf", str(ROOT / "conf" / "local.yaml")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    first = cli("embed", "--images", "A", "--table", "T")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = cli("refresh", "--images", "B", "--table", "T", "--index", "I", "--tags", "tags",
+                 "--vocab", str(ROOT / "conf" / "vocab" / "shapes.csv"), "--set", "tag.threshold=-1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    line = json.loads(second.stdout.strip().splitlines()[-1])
+    assert line["embed"]["new"] == 2 and line["embed"]["deleted"] == 0 and line["index"]["rows"] == 4
+    manifest = json.loads((tmp_path / "I" / line["index"]["version"] / "manifest.json").read_text())
+    assert manifest["source"]["table"] == str(tmp_path / "T")
+    assert manifest["source"]["image_roots"] == [f"file:{tmp_path / 'A'}/", f"file:{tmp_path / 'B'}/"]
+    assert (tmp_path / "tags" / "_delta_log").is_dir()
 
 
 def test_engines_write_the_torch_engines_vectors(spark, tmp_path, local_conf):
