@@ -241,28 +241,44 @@ def test_drop_root_deletes_that_folders_rows_and_forgets_it(spark, tmp_path, loc
     assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
 
 
-def test_the_session_gets_its_arrow_batch_back_after_a_run_and_after_a_failed_chunk(spark, tmp_path, local_conf,
-                                                                                       monkeypatch):
-    img = tmp_path / "img"
+def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk(spark, tmp_path, local_conf,
+                                                                                  monkeypatch):
+    """The embed job's Arrow batch size and Delta commit notes are its own: after a run, also one whose
+    chunk fails, the shared session has the values it had before (the later stages of `lakelens refresh`
+    run in it), while the run's commits carry the run's notes."""
+    img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 4)
-    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    conf = local_conf(img, tmp_path / "t", "embed.batch_size=16")
-    assert run(spark, conf).embedded == 4
-    assert spark.conf.get(key) == "16"
+    key, note = "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.databricks.delta.commitInfo.userMetadata"
+    conf = local_conf(img, table, "embed.batch_size=16")
+    before = {k: spark.conf.get(k, None) for k in (key, note)}
+    try:
+        spark.conf.set(key, "1000")
+        spark.conf.set(note, "the notebook's own note")
+        assert run(spark, conf).embedded == 4
+        assert (spark.conf.get(key), spark.conf.get(note)) == ("1000", "the notebook's own note")
+        notes = [r[0] for r in spark.sql(f"DESCRIBE HISTORY delta.`{table}`").select("userMetadata").collect()]
+        assert notes and all(n is None or n.startswith("lakelens") for n in notes), notes
 
-    write_images(img, 2, seed=5, start=10)  # two new files: one more chunk to embed
-    seen = []
+        spark.conf.unset(note)
+        write_images(img, 2, seed=5, start=10)  # two new files: one more chunk to embed
+        seen = []
 
-    def lost(self, files, spec, local=False):
-        seen.append((local, spark.conf.get(key)))
-        raise RuntimeError("executor lost")
+        def lost(self, files, spec, local=False):
+            seen.append((local, spark.conf.get(key)))
+            raise RuntimeError("executor lost")
 
-    monkeypatch.setattr(EmbedJob, "_rows", lost)
-    with pytest.raises(RuntimeError, match="executor lost"):
-        run(spark, conf)
-    assert seen == [(True, "128")]  # local paths: 128-row Arrow batches while the chunk ran
-    assert spark.conf.get(key) == "16"
-    assert len(rows_by_path(spark, tmp_path / "t")) == 4  # nothing half-written
+        monkeypatch.setattr(EmbedJob, "_rows", lost)
+        with pytest.raises(RuntimeError, match="executor lost"):
+            run(spark, conf)
+        assert seen == [(True, "128")]  # local paths: 128-row Arrow batches while the chunk ran
+        assert (spark.conf.get(key), spark.conf.get(note, None)) == ("1000", None)
+        assert len(rows_by_path(spark, table)) == 4  # nothing half-written
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
 
 
 def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):

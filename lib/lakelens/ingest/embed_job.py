@@ -19,7 +19,16 @@ from lakelens.ingest.embedder import cached_embedder
 from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
 from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
-from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, ChunkSizes, EmbeddingsTable, path_id_col, with_retries
+from lakelens.ingest.table import (
+    COMMIT_NOTE,
+    REGIONS_TYPE,
+    SCHEMA,
+    UDF_SCHEMA,
+    ChunkSizes,
+    EmbeddingsTable,
+    path_id_col,
+    with_retries,
+)
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -29,6 +38,7 @@ from lakelens.spark import Job, session_settings
 # is small whatever the images. On a 2-core node 128 embedded 1.047x as fast as 32 with AMX (median of 5
 # alternating pairs) and as fast without it (BENCHMARKS.md).
 LOCAL_ARROW_BATCH = 128
+ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
 def read_local(pdf: pd.DataFrame, max_bytes: int) -> tuple[pd.DataFrame, list, list]:
@@ -212,8 +222,12 @@ class EmbedJob(Job):
     def run(self) -> EmbedStats:
         spec = self._check()
         c = self.conf.embed
-        # one run per table on this machine; runs on other machines meet Delta's conflict checks
-        with RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait):
+        # one run per table on this machine; runs on other machines meet Delta's conflict checks.
+        # Arrow batches the size of a model batch where the rows carry the images' bytes (large rows, and
+        # memory is per batch; local chunks set their own), and the run's commit notes: the session has its
+        # own values back after the run, for whatever runs in it next (refresh's later stages, a notebook).
+        with (RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait),
+              session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
             dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
             stats = self._run(spec) if spec is not None else EmbedStats()
             stats.deleted += dropped
@@ -239,10 +253,6 @@ class EmbedJob(Job):
             yield
             phases[name] = phases.get(name, 0.0) + time.time() - start
 
-        # Arrow batches the size of a model batch where the rows carry the images' bytes (large rows, and
-        # memory is per batch); where they carry only local paths, LOCAL_ARROW_BATCH (set per chunk below).
-        arrow_batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
-        spark.conf.set(arrow_batch, str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
         root = root_of(c.images)  # the rows this run reconciles: other roots' rows are not its business
         warmup, plan = Warmup(spark, spec, c), None
@@ -292,7 +302,7 @@ class EmbedJob(Job):
             with phase("embed"):
                 if all(is_local(p) for p in paths):  # the Python workers read the files themselves
                     files = local_paths(spark, paths, self.partitions(len(paths)))
-                    with session_settings(spark, {arrow_batch: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
+                    with session_settings(spark, {ARROW_BATCH: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
                         rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
                 else:
                     with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action

@@ -25,6 +25,8 @@ from lakelens.ingest.paths import path_id
 
 FORMATS = ("delta", "parquet")
 ROOTS_PROPERTY = "lakelens.image_roots"
+# The session setting Delta takes a commit's note (its history's userMetadata) from.
+COMMIT_NOTE = "spark.databricks.delta.commitInfo.userMetadata"
 
 # A row's regions (embed.regions): each crop's box, (x0, y0, x1, y1) as fractions of the image, and its
 # unit vector; null when regions are off or the image failed.
@@ -415,7 +417,7 @@ class EmbeddingsTable:
         self.spark.sql(f"ALTER TABLE delta.`{location}` SET TBLPROPERTIES ('{ROOTS_PROPERTY}' = {value})")
 
     def _set_commit_note(self, note: str) -> None:
-        self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", note or "lakelens")
+        self.spark.conf.set(COMMIT_NOTE, note or "lakelens")
 
     def write_parquet_snapshot(self, listing: DataFrame, new_rows: DataFrame | None, root: str) -> None:
         """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename. Kept:
