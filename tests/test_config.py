@@ -72,3 +72,16 @@ def test_chunk_sizes_follow_the_rate_within_bounds():
         sizes.observe(len(chunk), len(chunk) / 10.0)  # 10 files/s
     assert got == [100, 600, 600, 600, 400]  # the last 400 are over half a chunk of 600: their own chunk
     assert [len(c) for c in plan.chunks(1000)] == [1000, 1000, 300]
+
+
+def test_relative_paths_are_made_absolute_against_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = tmp_path / "c.yaml"
+    f.write_text("index:\n  index: idx\n  tags: s3a://bucket/tags\n")
+    conf = config.load(f, ["dedup.out=../dups", "tag.vocab=~/vocab.csv"],
+                       embed={"images": "imgs/*.png", "table": "T"}, caption={"table": "file:rel/t"})
+    assert conf.embed.images == f"{tmp_path}/imgs/*.png" and conf.embed.table == f"{tmp_path}/T"
+    assert conf.index.index == f"{tmp_path}/idx" and conf.dedup.out == f"{tmp_path.parent}/dups"
+    assert conf.tag.vocab.startswith("/") and conf.tag.vocab.endswith("/vocab.csv")
+    assert conf.index.tags == "s3a://bucket/tags" and conf.caption.table == "file:rel/t"  # URIs as given
+    assert conf.index.table == "" and config.load(None, embed={"table": "/a//b"}).embed.table == "/a//b"

@@ -33,6 +33,9 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regions", action="store_true", default=None,
                    help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
+    p.add_argument("--drop-root", action="append", default=[], metavar="ROOT",
+                   help="delete the table's rows of this image folder (glob, URI) and forget it, before embedding "
+                        "--images if given (repeatable); a run otherwise never touches other folders' rows")
     add_common(p)
 
 
@@ -50,7 +53,7 @@ def embed_conf(args) -> config.Config:
 def cmd_embed(args) -> int:
     from lakelens.ingest.embed_job import EmbedJob
 
-    stats = EmbedJob(conf=embed_conf(args)).launch()
+    stats = EmbedJob(conf=embed_conf(args), drop_roots=args.drop_root).launch()
     if args.json:
         print(json.dumps(stats.to_dict()))
     return 0
@@ -489,8 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags naming a table, folder or file that some command reads outside the config (search, eval, serve,
+# demo, tag --calibrate): made absolute here as config.load makes its path keys.
+PATH_FLAGS = ("table", "tags", "index", "images", "out", "queries", "captions", "labels", "pairs", "vocab",
+              "thresholds", "plot", "calibrate")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name in PATH_FLAGS:
+        if isinstance(getattr(args, name, None), str):  # demo's --images is a count
+            setattr(args, name, config.absolute_path(getattr(args, name)))
     try:
         return args.func(args)
     except LakelensError as e:  # expected failures: one line, no traceback; anything else is a bug

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -212,6 +213,25 @@ MINIMUMS = {
 }
 
 
+# Keys naming a table, folder or file. A relative local path among them is made absolute once, when the
+# config is loaded, against the working folder: Delta's SQL names a table by an absolute path only
+# (delta.`T` is read as a table T in a database delta), and the same path must name the same place in
+# every stage of a run.
+PATH_KEYS = ("spark.jars_dir", "embed.images", "embed.table", "embed.onnx_cache", "index.table", "index.index",
+             "index.tags", "index.vocab", "finetune.pairs", "finetune.out", "dedup.table", "dedup.out", "dedup.index",
+             "tag.table", "tag.tags", "tag.vocab", "tag.thresholds", "caption.table", "caption.tags", "caption.images")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute against the working folder ('~' expanded); '' and anything with a URI
+    scheme (s3a://, file:, dbfs:/) stay as they are, as does an absolute path (its spelling is the user's)."""
+    if not path or _SCHEME.match(path):
+        return path
+    path = os.path.expanduser(path)
+    return path if os.path.isabs(path) else os.path.abspath(path)
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is bool:
         if isinstance(value, bool):
@@ -319,6 +339,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), **se
         _apply(conf, parse_override(text))
     for section, values in sections.items():
         _apply(conf, {section: {k: v for k, v in values.items() if v is not None}})
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        setattr(getattr(conf, section), name, absolute_path(getattr(getattr(conf, section), name)))
     _validate(conf)
     return conf
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -189,28 +191,94 @@ def test_parquet_format_is_incremental_too(spark, tmp_path, local_conf):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]  # swap left nothing behind
 
 
-def test_the_session_gets_its_arrow_batch_back_after_a_run_and_after_a_failed_chunk(spark, tmp_path, local_conf,
-                                                                                       monkeypatch):
-    img = tmp_path / "img"
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_each_run_reconciles_only_the_rows_of_the_folder_it_lists(spark, tmp_path, local_conf, fmt):
+    """Folders embedded one at a time into one table: a run plans new, changed and deleted files under the
+    folder it lists and leaves the other folders' rows alone, also those of a folder whose name only
+    starts the same (A and AB) or that a LIKE pattern would match ('_' matches any one character)."""
+    data, table = tmp_path / "data", tmp_path / "t"
+    folders = {name: write_images(data / name, n, seed=i)
+               for i, (name, n) in enumerate((("A", 3), ("AB", 2), ("x_y", 2), ("xzy", 2), ("50%", 1)))}
+
+    def embed(name):
+        return run(spark, local_conf(data / name, table, f"embed.format={fmt}"))
+
+    for name, files in folders.items():
+        stats = embed(name)
+        assert (stats.new, stats.deleted, stats.unchanged) == (len(files), 0, 0), name
+    paths = {f"file:{f}" for files in folders.values() for f in files}
+    assert set(rows_by_path(spark, table, fmt)) == paths
+    if fmt == "delta":
+        assert tables.EmbeddingsTable(spark, str(table)).image_roots() == sorted(f"file:{data / n}/" for n in folders)
+
+    again = embed("A")  # the first folder again, after the others: theirs stay
+    assert (again.new, again.changed, again.deleted, again.unchanged) == (0, 0, 0, 3)
+    assert set(rows_by_path(spark, table, fmt)) == paths
+
+    gone = [folders["A"][0], folders["x_y"][0]]
+    for f in gone:
+        f.unlink()
+    assert [embed(name).deleted for name in ("A", "x_y", "xzy", "AB", "50%")] == [1, 1, 0, 0, 0]
+    assert set(rows_by_path(spark, table, fmt)) == paths - {f"file:{f}" for f in gone}
+
+
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_drop_root_deletes_that_folders_rows_and_forgets_it(spark, tmp_path, local_conf, fmt, capsys):
+    data, table = tmp_path / "data", tmp_path / "t"
+    folders = {name: write_images(data / name, 2, seed=i) for i, name in enumerate(("A", "AB", "it's 50%_"))}
+    for name in folders:
+        assert run(spark, local_conf(data / name, table, f"embed.format={fmt}")).new == 2
+    base = ["embed", "--table", str(table), "--format", fmt, "--conf", str(ROOT / "conf" / "local.yaml"), "--json"]
+    assert main([*base, "--drop-root", str(data / "it's 50%_"), "--drop-root", str(data / "A")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["deleted"] == 4
+    assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
+    if fmt == "delta":
+        assert tables.EmbeddingsTable(spark, str(table)).image_roots() == [f"file:{data / 'AB'}/"]
+    # a root the table does not have (here: dropped already) is an error, nothing is deleted
+    assert main([*base, "--drop-root", str(data / "A")]) == 2
+    err = capsys.readouterr().err
+    assert "--drop-root" in err and str(data / "A") in err and "Traceback" not in err
+    assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
+
+
+def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk(spark, tmp_path, local_conf,
+                                                                                  monkeypatch):
+    """The embed job's Arrow batch size and Delta commit notes are its own: after a run, also one whose
+    chunk fails, the shared session has the values it had before (the later stages of `lakelens refresh`
+    run in it), while the run's commits carry the run's notes."""
+    img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 4)
-    key = "spark.sql.execution.arrow.maxRecordsPerBatch"
-    conf = local_conf(img, tmp_path / "t", "embed.batch_size=16")
-    assert run(spark, conf).embedded == 4
-    assert spark.conf.get(key) == "16"
+    key, note = "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.databricks.delta.commitInfo.userMetadata"
+    conf = local_conf(img, table, "embed.batch_size=16")
+    before = {k: spark.conf.get(k, None) for k in (key, note)}
+    try:
+        spark.conf.set(key, "1000")
+        spark.conf.set(note, "the notebook's own note")
+        assert run(spark, conf).embedded == 4
+        assert (spark.conf.get(key), spark.conf.get(note)) == ("1000", "the notebook's own note")
+        notes = [r[0] for r in spark.sql(f"DESCRIBE HISTORY delta.`{table}`").select("userMetadata").collect()]
+        assert notes and all(n is None or n.startswith("lakelens") for n in notes), notes
 
-    write_images(img, 2, seed=5, start=10)  # two new files: one more chunk to embed
-    seen = []
+        spark.conf.unset(note)
+        write_images(img, 2, seed=5, start=10)  # two new files: one more chunk to embed
+        seen = []
 
-    def lost(self, files, spec, local=False):
-        seen.append((local, spark.conf.get(key)))
-        raise RuntimeError("executor lost")
+        def lost(self, files, spec, local=False):
+            seen.append((local, spark.conf.get(key)))
+            raise RuntimeError("executor lost")
 
-    monkeypatch.setattr(EmbedJob, "_rows", lost)
-    with pytest.raises(RuntimeError, match="executor lost"):
-        run(spark, conf)
-    assert seen == [(True, "128")]  # local paths: 128-row Arrow batches while the chunk ran
-    assert spark.conf.get(key) == "16"
-    assert len(rows_by_path(spark, tmp_path / "t")) == 4  # nothing half-written
+        monkeypatch.setattr(EmbedJob, "_rows", lost)
+        with pytest.raises(RuntimeError, match="executor lost"):
+            run(spark, conf)
+        assert seen == [(True, "128")]  # local paths: 128-row Arrow batches while the chunk ran
+        assert (spark.conf.get(key), spark.conf.get(note, None)) == ("1000", None)
+        assert len(rows_by_path(spark, table)) == 4  # nothing half-written
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
 
 
 def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
@@ -273,6 +341,31 @@ def test_cli_embed_json_and_bad_config(spark, tmp_path, capsys):
     assert "embed.chunk_size" in capsys.readouterr().err
     assert main(["embed", "--table", str(tmp_path / "t")]) == 2
     assert "embed.images" in capsys.readouterr().err
+
+
+def test_relative_paths_from_the_working_folder_as_a_real_process(tmp_path):
+    """`lakelens embed --images A --table T`, then `lakelens refresh --images B --table T --index I ...` from
+    the folder holding them, as a user types it: every relative path is read against the working folder,
+    the second run into the table included (Delta's SQL names a table by an absolute path only)."""
+    write_images(tmp_path / "A", 2)
+    write_images(tmp_path / "B", 2, seed=1)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "LAKELENS_LOCK_DIR": str(tmp_path / "locks")}
+
+    def cli(*argv):
+        return subprocess.run([str(ROOT / ".venv" / "bin" / "lakelens"), *argv, "--conf", str(ROOT / "conf" / "local.yaml")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    first = cli("embed", "--images", "A", "--table", "T")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = cli("refresh", "--images", "B", "--table", "T", "--index", "I", "--tags", "tags",
+                 "--vocab", str(ROOT / "conf" / "vocab" / "shapes.csv"), "--set", "tag.threshold=-1")
+    assert second.returncode == 0, second.stderr[-3000:]
+    line = json.loads(second.stdout.strip().splitlines()[-1])
+    assert line["embed"]["new"] == 2 and line["embed"]["deleted"] == 0 and line["index"]["rows"] == 4
+    manifest = json.loads((tmp_path / "I" / line["index"]["version"] / "manifest.json").read_text())
+    assert manifest["source"]["table"] == str(tmp_path / "T")
+    assert manifest["source"]["image_roots"] == [f"file:{tmp_path / 'A'}/", f"file:{tmp_path / 'B'}/"]
+    assert (tmp_path / "tags" / "_delta_log").is_dir()
 
 
 def test_engines_write_the_torch_engines_vectors(spark, tmp_path, local_conf):

@@ -204,3 +204,47 @@ def fetch(url: str) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def test_a_name_that_is_not_utf8_is_an_error_row_and_the_rest_is_embedded(spark, tmp_path, local_conf):
+    """Linux names are bytes: one that is not UTF-8 (here byte 0xff, and a folder with 0xfe) cannot be
+    a Spark string as it is, so it gets an error row whose path spells each such byte as `\\xNN`, with the
+    file's size and time, and the rest of the folder is embedded. A re-run leaves it unchanged, and the
+    index job builds over the rows that have vectors."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "ok.png").write_bytes(image_bytes("ok.png", 40))
+    raw = os.fsencode(root)
+    with open(raw + b"/bad\xff.png", "wb") as f:
+        f.write(image_bytes("bad.png", 41))
+    os.mkdir(raw + b"/dir\xfe")
+    with open(raw + b"/dir\xfe/in.png", "wb") as f:
+        f.write(image_bytes("in.png", 42))
+    table, index = tmp_path / "table", tmp_path / "index"
+    conf = local_conf(root, table, f"index.table={table}", f"index.index={index}")
+    first = EmbedJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (first.new, first.embedded, first.failed) == (3, 1, 2)
+
+    rows = {r["path"]: r for r in spark.read.format("delta").load(str(table)).collect()}
+    bad, inner = f"file:{root}/bad\\xff.png", f"file:{root}/dir\\xfe/in.png"
+    assert set(rows) == {f"file:{root}/ok.png", bad, inner}
+    assert rows[f"file:{root}/ok.png"]["error"] is None
+    for path, raw_path in ((bad, raw + b"/bad\xff.png"), (inner, raw + b"/dir\xfe/in.png")):
+        r = rows[path]
+        assert (r["error"], r["embedding"], r["id"]) == ("name not UTF-8", None, path_id(path))
+        assert r["size_bytes"] == os.path.getsize(raw_path)
+
+    again = EmbedJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (again.new, again.changed, again.deleted, again.embedded, again.failed, again.unchanged) == (0, 0, 0, 0, 0, 3)
+    assert {r["path"]: r["embedded_at"] for r in spark.read.format("delta").load(str(table)).collect()} == {
+        p: r["embedded_at"] for p, r in rows.items()}
+
+    with open(raw + b"/later\xfd.png", "wb") as f:  # one more, into the table that exists now
+        f.write(image_bytes("later.png", 43))
+    third = EmbedJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (third.new, third.embedded, third.failed, third.unchanged) == (1, 0, 1, 3)
+    rows = {r["path"]: r for r in spark.read.format("delta").load(str(table)).collect()}
+    assert len(rows) == 4 and rows[f"file:{root}/later\\xfd.png"]["error"] == "name not UTF-8"
+
+    result = IndexJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert result.built and result.rows == 1

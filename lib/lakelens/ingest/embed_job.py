@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -19,7 +19,16 @@ from lakelens.ingest.embedder import cached_embedder
 from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
 from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
-from lakelens.ingest.table import REGIONS_TYPE, SCHEMA, UDF_SCHEMA, ChunkSizes, EmbeddingsTable, path_id_col, with_retries
+from lakelens.ingest.table import (
+    COMMIT_NOTE,
+    REGIONS_TYPE,
+    SCHEMA,
+    UDF_SCHEMA,
+    ChunkSizes,
+    EmbeddingsTable,
+    path_id_col,
+    with_retries,
+)
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -29,6 +38,7 @@ from lakelens.spark import Job, session_settings
 # is small whatever the images. On a 2-core node 128 embedded 1.047x as fast as 32 with AMX (median of 5
 # alternating pairs) and as fast without it (BENCHMARKS.md).
 LOCAL_ARROW_BATCH = 128
+ARROW_BATCH = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
 def read_local(pdf: pd.DataFrame, max_bytes: int) -> tuple[pd.DataFrame, list, list]:
@@ -167,20 +177,26 @@ class EmbedStats:
 
 class EmbedJob(Job):
     """`EmbedJob(spark=None, conf=None).launch()` -> EmbedStats. A run killed part-way and started
-    again skips the chunks it already committed and ends with the same table."""
+    again skips the chunks it already committed and ends with the same table. A run reconciles only the
+    rows of the image root it lists (`root_of(embed.images)`): each folder embedded into a table keeps
+    its rows until `drop_roots` names it (its rows are deleted and it is forgotten, before any embedding;
+    with no embed.images that is all the run does)."""
 
     def __init__(self, spark=None, conf=None, on_chunk: Callable[[int, int], None] | None = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, drop_roots: Sequence[str] = ()):
         super().__init__(spark, conf)
         self.on_chunk = on_chunk  # (chunk index, files left) after each committed chunk; tests crash runs here
         self.log = log
+        self.drop_roots = list(drop_roots)
 
-    def _check(self):
+    def _check(self) -> ModelSpec | None:
         c = self.conf.embed
-        if not c.images:
+        if not c.images and not self.drop_roots:
             raise ConfigError("embed.images: required (a folder, glob or URI of images; --images)")
         if not c.table:
             raise ConfigError("embed.table: required (where the embeddings table lives; --table)")
+        if not c.images:
+            return None  # only dropping roots: no model
         if not 1 <= c.region_grid <= MAX_GRID:
             raise ConfigError(f"embed.region_grid: must be between 1 and {MAX_GRID}, got {c.region_grid}")
         spec = ModelSpec.from_config(self.conf.model)
@@ -206,9 +222,24 @@ class EmbedJob(Job):
     def run(self) -> EmbedStats:
         spec = self._check()
         c = self.conf.embed
-        # one run per table on this machine; runs on other machines meet Delta's conflict checks
-        with RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait):
-            return self._run(spec)
+        # one run per table on this machine; runs on other machines meet Delta's conflict checks.
+        # Arrow batches the size of a model batch where the rows carry the images' bytes (large rows, and
+        # memory is per batch; local chunks set their own), and the run's commit notes: the session has its
+        # own values back after the run, for whatever runs in it next (refresh's later stages, a notebook).
+        with (RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait),
+              session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
+            dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
+            stats = self._run(spec) if spec is not None else EmbedStats()
+            stats.deleted += dropped
+            return stats
+
+    def _drop(self, root: str) -> int:
+        c = self.conf.embed
+        table = EmbeddingsTable(self.spark, c.table, c.format)
+        note = f"lakelens embed: drop image root {root}"
+        rows = with_retries(lambda: table.drop_root(root, note), c.commit_retries, note, self.log)
+        self.log(f"lakelens embed: dropped image root {root}: {rows} rows deleted")
+        return rows
 
     def _run(self, spec: ModelSpec) -> EmbedStats:
         t0 = time.time()
@@ -222,25 +253,23 @@ class EmbedJob(Job):
             yield
             phases[name] = phases.get(name, 0.0) + time.time() - start
 
-        # Arrow batches the size of a model batch where the rows carry the images' bytes (large rows, and
-        # memory is per batch); where they carry only local paths, LOCAL_ARROW_BATCH (set per chunk below).
-        arrow_batch = "spark.sql.execution.arrow.maxRecordsPerBatch"
-        spark.conf.set(arrow_batch, str(c.batch_size))
         table = EmbeddingsTable(spark, c.table, c.format)
+        root = root_of(c.images)  # the rows this run reconciles: other roots' rows are not its business
         warmup, plan = Warmup(spark, spec, c), None
         try:
             with phase("list"):
                 listing = list_files(spark, c.images, c.path_glob)
             with phase("plan"):
                 table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
-                plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local)
+                plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local,
+                                  root=root)
                 if c.format == "delta":
                     if c.regions:
                         with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)
-                    created = with_retries(lambda: table.create_if_missing([root_of(c.images)]), c.commit_retries,
+                    created = with_retries(lambda: table.create_if_missing([root]), c.commit_retries,
                                            "create the table", self.log)
                     if not created:  # a new table has the folder already
-                        with_retries(lambda: table.add_image_root(root_of(c.images)), c.commit_retries,
+                        with_retries(lambda: table.add_image_root(root), c.commit_retries,
                                      "record the image folder", self.log)
         finally:
             with phase("embed"):  # the workers' start belongs to embedding
@@ -263,9 +292,9 @@ class EmbedJob(Job):
             else:
                 pending.append(rows)
 
-        if plan.unread:  # empty and oversize files: error rows without reading a byte
+        if plan.unread:  # empty and oversize files, names Spark cannot hold: error rows without reading a byte
             commit(self._unread_rows(plan.unread_rows(), spec),
-                   f"lakelens embed {run_id}: {plan.unread} empty or oversize files")
+                   f"lakelens embed {run_id}: {plan.unread} files not read (empty, too large or name not UTF-8)")
             stats.failed += plan.unread
         done = 0
         for i, paths in enumerate(plan.chunks(sizes)):
@@ -273,7 +302,7 @@ class EmbedJob(Job):
             with phase("embed"):
                 if all(is_local(p) for p in paths):  # the Python workers read the files themselves
                     files = local_paths(spark, paths, self.partitions(len(paths)))
-                    with session_settings(spark, {arrow_batch: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
+                    with session_settings(spark, {ARROW_BATCH: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
                         rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
                 else:
                     with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
@@ -296,12 +325,13 @@ class EmbedJob(Job):
             if c.format == "delta":
                 if plan.deleted:
                     note = f"lakelens embed {run_id}: drop {plan.deleted} deleted files"
-                    with_retries(lambda: table.delete_missing(listing.df, note), c.commit_retries, note, self.log)
+                    with_retries(lambda: table.delete_missing(listing.df, root, note), c.commit_retries, note,
+                                 self.log)
             elif pending or plan.deleted or not table.exists():
                 new_rows = pending[0] if pending else None
                 for more in pending[1:]:
                     new_rows = new_rows.unionByName(more)
-                table.write_parquet_snapshot(listing.df, new_rows)
+                table.write_parquet_snapshot(listing.df, new_rows, root)
         stats.table_version = table.version()
         stats.seconds = time.time() - t0
         self.log(f"lakelens embed done: {stats.summary()}")

@@ -16,7 +16,18 @@ from pyspark.sql import functions as F
 from tqdm.auto import tqdm
 
 from lakelens.errors import DataError
-from lakelens.ingest.paths import GLOB_CHARS, from_uri, glob_escape, is_local, is_remote, root_of, to_local, to_stored
+from lakelens.ingest.paths import (
+    GLOB_CHARS,
+    NAME_NOT_UTF8,
+    escape_undecodable,
+    from_uri,
+    glob_escape,
+    is_local,
+    is_remote,
+    root_of,
+    to_local,
+    to_stored,
+)
 from lakelens.spark import session_settings
 
 
@@ -73,7 +84,8 @@ def _uris_to_paths(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
 
 class Listing(NamedTuple):
     """The files to consider: `df` (path, size_bytes, modified), their `count`, and for a local folder
-    listed on the driver the same rows as pandas (`local`, sorted by path), else None."""
+    listed on the driver the same rows as pandas (`local`, sorted by path), else None. A local listing
+    has a fourth column, `error`: why a file cannot be read, known from its name (NAME_NOT_UTF8), else null."""
 
     df: DataFrame
     count: int
@@ -81,6 +93,7 @@ class Listing(NamedTuple):
 
 
 LISTING_SCHEMA = "path string, size_bytes long, modified timestamp"
+LOCAL_LISTING_SCHEMA = LISTING_SCHEMA + ", error string"
 
 
 def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing:
@@ -90,7 +103,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing
     folder = _local_folder(images)
     if folder is not None:
         local = walk_local(folder, _name_filter(spark, path_glob))
-        return Listing(spark.createDataFrame(local, LISTING_SCHEMA), len(local), local)
+        return Listing(spark.createDataFrame(local, LOCAL_LISTING_SCHEMA), len(local), local)
     return list_with_spark(spark, images, path_glob)
 
 
@@ -117,14 +130,17 @@ def _name_filter(spark: SparkSession, path_glob: str):
 
 
 def walk_local(folder: str, keep=None) -> pd.DataFrame:
-    """(path, size_bytes, modified) of the regular files below a local folder, as Spark's binaryFile
+    """(path, size_bytes, modified, error) of the regular files below a local folder, as Spark's binaryFile
     listing with recursiveFileLookup holds them (stored spelling, sizes, modification times in whole
     milliseconds, zero-length files included, symlinks followed, copies in progress ('._COPYING_') left
     out), minus every name starting with '_' or '.' (files and folders); `keep(name)` filters file names
-    (pathGlobFilter). A folder linked into itself is walked once; an unreadable folder raises DataError."""
+    (pathGlobFilter). A folder linked into itself is walked once; an unreadable folder raises DataError.
+    A path that is not UTF-8, which Spark's listing drops without a word, is kept with its bad bytes
+    escaped (`escape_undecodable`) and error NAME_NOT_UTF8, so the table says it is there; where that
+    spelling is a real file's name too, the real file has the row."""
     root = to_stored(folder).rstrip("/")
     base = str(to_local(root))
-    rows = []  # (path, size, milliseconds)
+    rows = {}  # path -> (size, milliseconds, error)
     seen = set()
     stack = [(base, root)]
     with tqdm(desc="listing", unit=" files", disable=None, mininterval=2.0) as bar:
@@ -151,12 +167,17 @@ def walk_local(folder: str, keep=None) -> pd.DataFrame:
                     est = entry.stat()
                 except OSError:  # gone meanwhile, or a broken link
                     continue
-                rows.append((f"{stored}/{name}", est.st_size, hadoop_millis(est)))
+                path = f"{stored}/{name}"
+                spelled = escape_undecodable(path)
+                if spelled == path:
+                    rows[path] = (est.st_size, hadoop_millis(est), None)
+                else:
+                    rows.setdefault(spelled, (est.st_size, hadoop_millis(est), NAME_NOT_UTF8))
             bar.update(len(entries))
-    rows.sort()  # by path: every path is listed once
-    paths, sizes, times = zip(*rows) if rows else ((), (), ())
+    paths = sorted(rows)
+    sizes, times, errors = zip(*(rows[p] for p in paths)) if rows else ((), (), ())
     return pd.DataFrame({"path": pd.Series(paths, dtype=object), "size_bytes": pd.Series(sizes, dtype="int64"),
-                         "modified": millis_to_times(list(times))})
+                         "modified": millis_to_times(list(times)), "error": pd.Series(errors, dtype=object)})
 
 
 def list_with_spark(spark: SparkSession, images: str, path_glob: str = "") -> Listing:

@@ -20,6 +20,8 @@ from lakelens.errors import DataError
 LOCAL_SCHEME = "file:"
 REMOTE_SCHEMES = ("s3a://", "s3://", "s3n://")
 GLOB_CHARS = "\\*?[]{}"
+# The error of a file whose name (or a folder's on its path) is not valid UTF-8 (Linux names are bytes).
+NAME_NOT_UTF8 = "name not UTF-8"
 
 
 def from_uri(uri: str) -> str:
@@ -114,6 +116,17 @@ def common_root(paths: list[str]) -> str:
         return ""
     prefix = os.path.commonprefix([to_stored(p) if not is_remote(p) else p for p in paths])
     return prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
+
+
+def escape_undecodable(path: str) -> str:
+    """A path as the OS gave it to Python -> one Spark can hold: bytes that are not UTF-8 (which Python
+    carries as surrogate escapes, and Spark's strings cannot) spelled `\\xNN`; a UTF-8 path unchanged.
+    Hadoop cannot name such a file either, so the spelling only names it: nothing opens it."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def path_id(path: str) -> int:

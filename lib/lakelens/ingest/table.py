@@ -25,6 +25,8 @@ from lakelens.ingest.paths import path_id
 
 FORMATS = ("delta", "parquet")
 ROOTS_PROPERTY = "lakelens.image_roots"
+# The session setting Delta takes a commit's note (its history's userMetadata) from.
+COMMIT_NOTE = "spark.databricks.delta.commitInfo.userMetadata"
 
 # A row's regions (embed.regions): each crop's box, (x0, y0, x1, y1) as fractions of the image, and its
 # unit vector; null when regions are off or the image failed.
@@ -75,6 +77,19 @@ def path_id_col(col: str = "path"):
     return F.conv(F.substring(F.sha2(F.col(col), 256), 1, 16), 16, -10).cast("long")
 
 
+def under_root(root: str, col: str = "path"):
+    """A column: true for the rows of image root `root` (a stored folder ending in '/', as `root_of` makes
+    it): paths below it, or the one file it names when a single file was listed. A prefix test on the
+    text, not LIKE, so '%', '_' and '\\' in names are themselves; root /a/A never holds /a/AB/x."""
+    path = F.col(col)
+    return path.startswith(F.lit(root)) | (path == F.lit(root[:-1]))
+
+
+def sql_string(text: str) -> str:
+    """`text` as a Spark SQL string literal (the parser reads backslash escapes in literals)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 NEW, CHANGED, DELETED, UNCHANGED = "new", "changed", "deleted", "unchanged"
 # A concurrent writer committed first: Delta's optimistic concurrency says so with one of these, and
 # the losing commit is safe to retry (it re-reads the table).
@@ -98,7 +113,8 @@ class Plan:
     paths: list[str] | None = None  # the paths to embed, sorted, when the plan was made on the driver
 
     def unread_rows(self) -> DataFrame:
-        """(path, size_bytes, modified, error) of new and changed files that are empty or too large."""
+        """(path, size_bytes, modified, error) of new and changed files not to be read: empty, too large, or
+        named in bytes that are not UTF-8."""
         return (self.todo.where(F.col("status").isin(NEW, CHANGED) & F.col("error").isNotNull())
                 .select("path", "size_bytes", "modified", "error"))
 
@@ -241,22 +257,24 @@ class EmbeddingsTable:
 
     # --- change detection ----------------------------------------------------------------------
     def plan(self, listing: DataFrame, listed: int, model_key: str, max_file_bytes: int,
-             regions: bool = False, local: pd.DataFrame | None = None) -> Plan:
-        """Classify the `listed` files of `listing` against the table: new, changed (size, mtime or model
-        differ; or `regions` are wanted and an embedded row has none), unchanged; rows of files no longer
-        listed are deleted. The classification stays on the executors; only the counts per status come back.
+             regions: bool = False, local: pd.DataFrame | None = None, *, root: str) -> Plan:
+        """Classify the `listed` files of `listing` (the files of image root `root`) against the table's
+        rows of that root: new, changed (size, mtime or model differ; or `regions` are wanted and an
+        embedded row has none), unchanged; its rows of files no longer listed are deleted, and rows of
+        other roots are not looked at. The classification stays on the executors; only the counts per status come back.
         A listing held on the driver too (`local`, sorted by path) for a table not made yet is planned there:
-        every file is new."""
+        every file is new. A listing's own `error` (a name Spark cannot hold) makes an unread file."""
         exists = self.exists()
         if local is not None and not exists:
             return self._plan_new(local, max_file_bytes)
+        listed_error = (F.col("error") if "error" in listing.columns else F.lit(None).cast("string")).alias("listed")
         if not exists:
-            todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"))
+            todo = listing.select("path", "size_bytes", "modified", F.lit(NEW).alias("status"), listed_error)
         else:
             stored = self.read()
             lacks = (F.col("regions").isNull() & F.col("error").isNull() if "regions" in stored.columns
                      else F.col("error").isNull()) if regions else F.lit(False)
-            existing = stored.select("path", F.col("size_bytes").alias("old_size"),
+            existing = stored.where(under_root(root)).select("path", F.col("size_bytes").alias("old_size"),
                                      F.col("modified").alias("old_modified"), F.col("model").alias("old_model"),
                                      lacks.alias("lacks_regions"))
             status = (F.when(F.col("size_bytes").isNull(), DELETED)
@@ -266,12 +284,13 @@ class EmbeddingsTable:
                             | (F.col("old_model") != F.lit(model_key)) | F.col("lacks_regions"), CHANGED)
                       .otherwise(UNCHANGED))
             todo = (listing.join(existing, "path", "full_outer")
-                    .select("path", "size_bytes", "modified", status.alias("status"))
+                    .select("path", "size_bytes", "modified", status.alias("status"), listed_error)
                     .where(F.col("status") != UNCHANGED))
         error = (F.when(F.col("status") == DELETED, None)
+                 .when(F.col("listed").isNotNull(), F.col("listed"))
                  .when(F.col("size_bytes") == 0, "empty file")
                  .when(F.col("size_bytes") > max_file_bytes, "too large"))
-        todo = todo.withColumn("error", error).localCheckpoint()
+        todo = todo.withColumn("error", error).drop("listed").localCheckpoint()
         counts = {(r["status"], r["unread"]): r["count"] for r in
                   todo.groupBy("status", F.col("error").isNotNull().alias("unread")).count().collect()}
         by_status = Counter()
@@ -285,7 +304,10 @@ class EmbeddingsTable:
     def _plan_new(self, local: pd.DataFrame, max_file_bytes: int) -> Plan:
         sizes = local["size_bytes"]
         error = np.where(sizes == 0, "empty file", np.where(sizes > max_file_bytes, "too large", None))
-        todo = local.assign(status=NEW, error=pd.Series(error, index=local.index, dtype=object))
+        if "error" in local.columns:  # known from the listing: it comes first
+            error = np.where(local["error"].notna(), local["error"], error)
+        todo = local[["path", "size_bytes", "modified"]].assign(
+            status=NEW, error=pd.Series(error, index=local.index, dtype=object))
         df = self.spark.createDataFrame(todo, "path string, size_bytes long, modified timestamp, status string, "
                                               "error string")
         unread = int(todo["error"].notna().sum())
@@ -328,12 +350,38 @@ class EmbeddingsTable:
         merge = target.alias("t").merge(rows.select([c for c in COLUMNS if c in have]).alias("s"), "t.path = s.path")
         (merge if new_only else merge.whenMatchedUpdateAll()).whenNotMatchedInsertAll().execute()
 
-    def delete_missing(self, listing: DataFrame, note: str = "") -> None:
-        """Delete rows whose path is not in `listing`, in one Delta commit (MERGE ... NOT MATCHED BY SOURCE)."""
+    def delete_missing(self, listing: DataFrame, root: str, note: str = "") -> None:
+        """Delete the rows of image root `root` whose path is not in `listing`, in one Delta commit (MERGE
+        ... NOT MATCHED BY SOURCE AND the row is under the root); other roots' rows stay."""
         self._set_commit_note(note)
         (DeltaTable.forPath(self.spark, self.location).alias("t")
          .merge(listing.select("path").hint("merge").alias("s"), "t.path = s.path")
-         .whenNotMatchedBySourceDelete().execute())
+         .whenNotMatchedBySourceDelete(condition=under_root(root, "t.path")).execute())
+
+    def drop_root(self, root: str, note: str = "") -> int:
+        """Delete every row of image root `root` and forget the root (Delta: one commit each, the rows
+        first, so a run stopped between them can drop it again); the rows deleted. DataError when the
+        table has neither the root nor rows under it (a typo, or dropped already)."""
+        if not self.exists():
+            raise DataError(f"--drop-root {root}: there is no table at {self.location}")
+        roots = self.image_roots()
+        rows = self.read().where(under_root(root)).count()
+        if not rows and root not in roots:
+            known = f"its image roots are {', '.join(roots)}" if roots else "it has no rows there"
+            raise DataError(f"--drop-root {root}: not an image root of {self.location} ({known})")
+        if self.format == "parquet":
+            if rows:
+                current = self.read()
+                self._swap_parquet(current.where(~under_root(root)))
+            return rows
+        location = self.location.replace("`", "``")
+        if rows:
+            self._set_commit_note(note)
+            self.spark.sql(f"DELETE FROM delta.`{location}` WHERE startswith(path, {sql_string(root)}) "
+                           f"OR path = {sql_string(root[:-1])}")
+        if root in roots:
+            self._set_roots([r for r in roots if r != root])
+        return rows
 
     def table_id(self) -> str | None:
         """Delta's id of the table: a table re-created at the same location gets a new one."""
@@ -361,15 +409,19 @@ class EmbeddingsTable:
         roots = self.image_roots()
         if self.format != "delta" or root in roots:
             return
-        value = json.dumps(sorted({*roots, root})).replace("\\", "\\\\").replace("'", "\\'")
+        self._set_roots([*roots, root])
+
+    def _set_roots(self, roots: list[str]) -> None:
         location = self.location.replace("`", "``")
-        self.spark.sql(f"ALTER TABLE delta.`{location}` SET TBLPROPERTIES ('{ROOTS_PROPERTY}' = '{value}')")
+        value = sql_string(json.dumps(sorted(set(roots))))
+        self.spark.sql(f"ALTER TABLE delta.`{location}` SET TBLPROPERTIES ('{ROOTS_PROPERTY}' = {value})")
 
     def _set_commit_note(self, note: str) -> None:
-        self.spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", note or "lakelens")
+        self.spark.conf.set(COMMIT_NOTE, note or "lakelens")
 
-    def write_parquet_snapshot(self, listing: DataFrame, new_rows: DataFrame | None) -> None:
-        """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename."""
+    def write_parquet_snapshot(self, listing: DataFrame, new_rows: DataFrame | None, root: str) -> None:
+        """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename. Kept:
+        the listed files' rows of image root `root` and every row of other roots."""
         keep = None
         if self.exists():
             current = self.read()
@@ -377,13 +429,18 @@ class EmbeddingsTable:
                 current = current.withColumn("regions", F.lit(None).cast(REGIONS_TYPE))
             current = current.select(COLUMNS)
             replaced = new_rows.select("path") if new_rows is not None else None
-            keep = current.join(listing.select("path"), "path", "left_semi")
+            listed = listing.select("path", F.lit(True).alias("listed"))
+            keep = (current.join(listed, "path", "left").where(F.col("listed").isNotNull() | ~under_root(root))
+                    .select(COLUMNS))
             if replaced is not None:
                 keep = keep.join(replaced, "path", "left_anti")
         parts = [df for df in (keep, new_rows.select(COLUMNS) if new_rows is not None else None) if df is not None]
         if not parts:
             return
-        out = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+        self._swap_parquet(parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1]))
+
+    def _swap_parquet(self, out: DataFrame) -> None:
+        """Write `out` to a sibling folder, then swap it in for the table by rename."""
         jvm = self.spark._jvm
         path, fs = self._hadoop_path()
         tmp = jvm.org.apache.hadoop.fs.Path(f"{self.location.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
