@@ -213,3 +213,30 @@ def test_drift_below_the_recall_target_retrains(spark, tmp_path):
     assert r.build == "full" and r.build_reason.startswith("drift: recall@10") and ix.versions(folder) == ["v0001",
                                                                                                           "v0002"]
     assert ix.read_manifest(folder)["build"] == "full"
+
+
+def test_a_table_re_created_at_the_same_version_is_rebuilt(spark, tmp_path):
+    """Deleted and made again with other rows, a table reaches the version the live index was built from:
+    the version alone says 'unchanged', the table's Delta id says it is another table."""
+    import json
+    import shutil
+
+    table, folder = tmp_path / "t", tmp_path / "idx"
+    create(spark, table, rows_for(0, 300, seed=20))
+    assert index(spark, table, folder).build == "full"
+    shutil.rmtree(table)
+    others = rows_for(5000, 200, seed=21)
+    create(spark, table, others)
+    assert EmbeddingsTable(spark, str(table)).version() == ix.read_manifest(folder)["source"]["version"]
+    r = index(spark, table, folder)
+    assert r.build == "full" and "re-created" in r.build_reason and str(table) in r.build_reason
+    assert r.version == "v0002" and sorted(Searcher.open(folder).ids.tolist()) == sorted(row[0] for row in others)
+    assert index(spark, table, folder).build == "none"  # the same table, unchanged since
+    # a live version that records no table id (made before ids were kept): the id is unknown, the
+    # version is trusted as before, and nothing is rebuilt
+    manifest = folder / "v0002" / "manifest.json"
+    legacy = json.loads(manifest.read_text())
+    del legacy["source"]["table_id"]
+    manifest.write_text(json.dumps(legacy))
+    r = index(spark, table, folder)
+    assert r.build == "none" and r.version == "v0002"

@@ -136,6 +136,14 @@ def entries(rows: DataFrame) -> DataFrame:
     return whole.unionByName(crops)
 
 
+def recreated(old_id: str | None, new_id: str | None) -> bool:
+    """Whether a Delta table is not the one a live version was built from: deleted and made again at the
+    same place, it gets a new id (at any version, the same one included). An id the live version does not
+    record (versions made before ids were kept) is unknown: the table is taken to be the same one, as
+    before ids were kept, so upgrading never forces a rebuild; the next version built records the id."""
+    return bool(old_id) and bool(new_id) and old_id != new_id
+
+
 def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
     """Reasons for a full build that need no data; kind 'changes' when none applies: the change feed
     decides the rest (decide_from_changes)."""
@@ -150,8 +158,9 @@ def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
         return Decision("full", "a Parquet table has no change feed")
     if old.get("table") != source["table"]:
         return Decision("full", f"another table ({old.get('table')} -> {source['table']})")
-    if old.get("table_id") and old.get("table_id") != source.get("table_id"):
-        return Decision("full", "the table was re-created since the live version")
+    if recreated(old.get("table_id"), source.get("table_id")):
+        return Decision("full", f"the table {source['table']} was re-created since the live version (Delta id "
+                                f"{old['table_id']} -> {source['table_id']})")
     if live.get("settings") != settings:
         return Decision("full", f"index settings changed ({live.get('settings')} -> {settings})")
     if source["version"] < old["version"]:
