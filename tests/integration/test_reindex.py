@@ -240,3 +240,24 @@ def test_a_table_re_created_at_the_same_version_is_rebuilt(spark, tmp_path):
     manifest.write_text(json.dumps(legacy))
     r = index(spark, table, folder)
     assert r.build == "none" and r.version == "v0002"
+
+
+@pytest.mark.parametrize("factory", ["IVF2,SQ8", "IVF12,PQ16"])
+def test_an_explicit_compressed_factory_updates_incrementally(spark, tmp_path, factory):
+    """SQ8 and PQ codes without raw vectors beside them (an explicit factory keeps none): the drift probe's
+    exact side decodes the codes, and the new rows are found in the incremental version."""
+    table, folder = tmp_path / "t", tmp_path / "idx"
+    create(spark, table, rows_for(0, 1200, seed=22))
+    first = index(spark, table, folder, f"index.factory={factory}", "index.shards=2")
+    assert first.build == "full" and ix.read_manifest(folder)["rerank"] == 0
+    added = rows_for(20_000, 20, seed=23)  # the probe's queries: enough that one query's misses do not decide
+    upsert(spark, table, added)
+    r = index(spark, table, folder, f"index.factory={factory}", "index.shards=2")
+    m = ix.read_manifest(folder)
+    assert (r.build, r.version, m["build"], m["factory"]) == ("incremental", "v0002", "incremental", factory), r
+    assert m["drift_recall"] >= 0.9 and r.deltas == 1
+    s = Searcher.open(folder)
+    assert len(s) == 1220
+    for row in added:
+        assert row[0] in set(s.search_vector(np.asarray(row[8], np.float32), k=5)["id"])
+        assert s.path_of(row[0]) == row[1]
