@@ -104,3 +104,26 @@ def test_keyword_index_follows_index_versions(spark, tmp_path):
     s.reload()
     assert path_id(path_of(8)) in set(s.search(text="tag:dog", k=50)["id"])
     assert run(spark, table, tags, folder, vocab).build == "none"
+
+
+def test_a_tags_table_re_created_at_the_same_version_rebuilds_the_keywords(spark, tmp_path):
+    import shutil
+
+    table, tags, folder, vocab = tmp_path / "t", str(tmp_path / "tags"), tmp_path / "idx", tmp_path / "v.csv"
+    vocab.write_text(VOCAB)
+    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
+        .property("delta.enableChangeDataFeed", "true").execute()
+    EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows(range(12), 4), SCHEMA))
+    write_tags(spark, tags, range(12), kind, touched=False)
+    first = run(spark, table, tags, folder, vocab)
+    tags_at = ix.read_manifest(folder)["keywords"]["tags_version"]
+    shutil.rmtree(tags)
+    write_tags(spark, tags, range(12), lambda j: "cat", touched=False)  # the same commits: the same version
+    second = run(spark, table, tags, folder, vocab)
+    m = ix.read_manifest(folder)
+    assert second.build == "incremental" and "re-created" in second.build_reason and tags in second.build_reason
+    assert m["keywords"]["tags_version"] == tags_at and m["keywords"]["build"] == "full"
+    assert m["shards"] == ix.read_manifest(folder, first.version)["shards"]  # the vectors are shared
+    s = Searcher.open(folder)
+    assert s.search(text="tag:dog", k=50).empty and len(s.search(text="tag:cat", k=50)) == 12
+    assert run(spark, table, tags, folder, vocab).build == "none"

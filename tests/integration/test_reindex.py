@@ -213,3 +213,51 @@ def test_drift_below_the_recall_target_retrains(spark, tmp_path):
     assert r.build == "full" and r.build_reason.startswith("drift: recall@10") and ix.versions(folder) == ["v0001",
                                                                                                           "v0002"]
     assert ix.read_manifest(folder)["build"] == "full"
+
+
+def test_a_table_re_created_at_the_same_version_is_rebuilt(spark, tmp_path):
+    """Deleted and made again with other rows, a table reaches the version the live index was built from:
+    the version alone says 'unchanged', the table's Delta id says it is another table."""
+    import json
+    import shutil
+
+    table, folder = tmp_path / "t", tmp_path / "idx"
+    create(spark, table, rows_for(0, 300, seed=20))
+    assert index(spark, table, folder).build == "full"
+    shutil.rmtree(table)
+    others = rows_for(5000, 200, seed=21)
+    create(spark, table, others)
+    assert EmbeddingsTable(spark, str(table)).version() == ix.read_manifest(folder)["source"]["version"]
+    r = index(spark, table, folder)
+    assert r.build == "full" and "re-created" in r.build_reason and str(table) in r.build_reason
+    assert r.version == "v0002" and sorted(Searcher.open(folder).ids.tolist()) == sorted(row[0] for row in others)
+    assert index(spark, table, folder).build == "none"  # the same table, unchanged since
+    # a live version that records no table id (made before ids were kept): the id is unknown, the
+    # version is trusted as before, and nothing is rebuilt
+    manifest = folder / "v0002" / "manifest.json"
+    legacy = json.loads(manifest.read_text())
+    del legacy["source"]["table_id"]
+    manifest.write_text(json.dumps(legacy))
+    r = index(spark, table, folder)
+    assert r.build == "none" and r.version == "v0002"
+
+
+@pytest.mark.parametrize("factory", ["IVF2,SQ8", "IVF12,PQ16"])
+def test_an_explicit_compressed_factory_updates_incrementally(spark, tmp_path, factory):
+    """SQ8 and PQ codes without raw vectors beside them (an explicit factory keeps none): the drift probe's
+    exact side decodes the codes, and the new rows are found in the incremental version."""
+    table, folder = tmp_path / "t", tmp_path / "idx"
+    create(spark, table, rows_for(0, 1200, seed=22))
+    first = index(spark, table, folder, f"index.factory={factory}", "index.shards=2")
+    assert first.build == "full" and ix.read_manifest(folder)["rerank"] == 0
+    added = rows_for(20_000, 20, seed=23)  # the probe's queries: enough that one query's misses do not decide
+    upsert(spark, table, added)
+    r = index(spark, table, folder, f"index.factory={factory}", "index.shards=2")
+    m = ix.read_manifest(folder)
+    assert (r.build, r.version, m["build"], m["factory"]) == ("incremental", "v0002", "incremental", factory), r
+    assert m["drift_recall"] >= 0.9 and r.deltas == 1
+    s = Searcher.open(folder)
+    assert len(s) == 1220
+    for row in added:
+        assert row[0] in set(s.search_vector(np.asarray(row[8], np.float32), k=5)["id"])
+        assert s.path_of(row[0]) == row[1]

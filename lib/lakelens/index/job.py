@@ -19,7 +19,7 @@ from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
 from lakelens.index.incremental import TRAINED, Decision, link_version
-from lakelens.index.keyword_job import load_vocab_file, stage_full, stage_incremental, tags_version
+from lakelens.index.keyword_job import keywords_stale, load_vocab_file, stage_full, stage_incremental, tags_state
 from lakelens.index.shards import TOMBSTONES
 from lakelens.index.update import (
     ROWS_PER_AUTO_SHARD,
@@ -29,6 +29,7 @@ from lakelens.index.update import (
     entries,
     precheck,
     read_changes,
+    recreated,
     region_count,
     shard_rows,
 )
@@ -99,6 +100,7 @@ class IndexJob(Job):
         version = (c.version if c.version >= 0 else table.version()) if c.format == "delta" else None
         df = table.read(version)
         fingerprint = _fingerprint(table, df, version)
+        table_id = table.table_id()
         settings = {"factory": c.factory, "shards": c.shards, "memory_budget": c.memory_budget}
         live_name = current_version(c.index)
         live = read_manifest(c.index, live_name) if live_name else None
@@ -108,13 +110,20 @@ class IndexJob(Job):
                 raise ConfigError("index.tags: a keyword index needs a Delta embeddings table (index.format delta)")
             location = c.tags.rstrip("/")
             vocab = load_vocab_file(c.vocab)
-            self._tags = {"table": location, "tags_version": tags_version(spark, location),
+            tags_at, tags_id = tags_state(spark, location)
+            self._tags = {"table": location, "tags_version": tags_at, "table_id": tags_id,
                           "vocab": vocab.digest if vocab else None}
         if live and not (c.force or c.full):
-            if live["source"]["fingerprint"] == fingerprint and live["source"]["table"] == table.location \
-                    and live.get("settings") == settings:
-                if self._tags and not self._keywords_current(live):
-                    return self._keywords_only(live_name, live, df, t0)
+            old = live["source"]
+            # the version alone cannot tell a table deleted and made again up to the same version
+            if old["fingerprint"] == fingerprint and old["table"] == table.location \
+                    and live.get("settings") == settings and not recreated(old.get("table_id"), table_id):
+                stale = keywords_stale(live.get("keywords"), self._tags) if self._tags else None
+                if stale:
+                    return self._keywords_only(live_name, live, df, t0, stale)
+                if c.format == "delta" and not old.get("table_id"):
+                    self.log(f"lakelens index: {live_name} records no table id (made before ids were kept): "
+                             f"trusting the table version alone")
                 self.log(f"lakelens index: {c.table} unchanged since {live_name} ({fingerprint}); nothing to do")
                 pruned = prune_locked(c.index, c.prune) if c.prune else []
                 return IndexResult(live_name, False, live["rows"], len(live["shards"]), live["factory"],
@@ -122,7 +131,7 @@ class IndexJob(Job):
                                    build_reason="the table has not changed")
 
         source = {"table": table.location, "format": c.format, "version": version, "fingerprint": fingerprint,
-                  "table_id": table.table_id()}
+                  "table_id": table_id}
         decision = Decision("full", "no live version") if not live else precheck(c, live, source, settings)
         if decision.kind == "changes":  # the change feed tells the rest, without a table scan
             decision, changes = self._from_changes(live, source, table, version)
@@ -136,9 +145,10 @@ class IndexJob(Job):
                         if kw:
                             return {"keywords": stage_incremental(
                                 spark, staged, Path(c.index) / live_name, kw, rows_at, touched, self._tags["table"],
-                                self._tags["tags_version"], c.vocab, self.log)}
+                                self._tags["tags_version"], c.vocab, self.log, self._tags["table_id"])}
                         return {"keywords": stage_full(spark, staged, rows_at, self._tags["table"],
-                                                       self._tags["tags_version"], c.vocab, self.log)}
+                                                       self._tags["tags_version"], c.vocab, self.log,
+                                                       self._tags["table_id"])}
                 published, drift = build_incremental(spark, c.index, live_name, live, changes, source, decision,
                                                      c.min_recall, self.log, finish)
                 if published:
@@ -183,11 +193,7 @@ class IndexJob(Job):
         return self._full(good, n, dim, choice, model_keys[0], source, settings, decision, trained, t0,
                           {"images": images, "regions": regions, "per_image": 1 + int(counted["most"] or 0)})
 
-    def _keywords_current(self, live: dict) -> bool:
-        kw = live.get("keywords") or {}
-        return all(kw.get(key) == self._tags[key] for key in ("table", "tags_version", "vocab"))
-
-    def _keywords_only(self, live_name: str, live: dict, df, t0: float) -> IndexResult:
+    def _keywords_only(self, live_name: str, live: dict, df, t0: float, why: str) -> IndexResult:
         """The vectors are current but the tags changed: a version that shares every file of the live one
         (hard links) and re-indexes the images whose tags changed."""
         c = self.conf.index
@@ -200,10 +206,10 @@ class IndexJob(Job):
             kw = live.get("keywords")
             touched = self.spark.createDataFrame([], "id long")
             entry = (stage_incremental(self.spark, staged, Path(c.index) / live_name, kw, rows, touched,
-                                       self._tags["table"], self._tags["tags_version"], c.vocab, self.log)
+                                       self._tags["table"], self._tags["tags_version"], c.vocab, self.log,
+                                       self._tags["table_id"])
                      if kw else stage_full(self.spark, staged, rows, self._tags["table"], self._tags["tags_version"],
-                                           c.vocab, self.log))
-            why = "the tags changed" if kw else "a keyword index was asked for (--tags)"
+                                           c.vocab, self.log, self._tags["table_id"]))
             published = publish(c.index, staged, {**live, "build": "incremental", "build_reason": why,
                                                   "keywords": entry})
         except BaseException:
@@ -276,7 +282,8 @@ class IndexJob(Job):
             trained=trained, kind=decision.kind, why=decision.reason, build_seconds=round(time.time() - t0, 2),
             **counts,
             finish=(lambda staged: {"keywords": stage_full(spark, staged, good, self._tags["table"],
-                                                           self._tags["tags_version"], c.vocab, self.log)})
+                                                           self._tags["tags_version"], c.vocab, self.log,
+                                                           self._tags["table_id"])})
             if self._tags else None)
         self.log(f"lakelens index: published {published} ({decision.kind}, {n} vectors, {shards} shards, "
                  f"{time.time() - t0:.1f} s){'; pruned ' + ', '.join(pruned) if pruned else ''}")

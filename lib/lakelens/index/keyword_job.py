@@ -9,19 +9,38 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from delta.tables import DeltaTable
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.keyword import TagRow, build_keywords
+from lakelens.index.update import recreated
+from lakelens.ingest.table import EmbeddingsTable
 
 
-def tags_version(spark: SparkSession, location: str) -> int:
-    if not DeltaTable.isDeltaTable(spark, location):
+def tags_state(spark: SparkSession, location: str) -> tuple[int, str | None]:
+    """(latest version, Delta id) of the tags table: a table made again at the same place gets a new id."""
+    table = EmbeddingsTable(spark, location)  # its Delta look-ups (version, id) hold for any Delta table
+    if not table.exists():
         raise DataError(f"index.tags: no tags table (Delta) at {location}; make one with lakelens tag")
-    return int(DeltaTable.forPath(spark, location).history(1).select("version").first()[0])
+    return int(table.version()), table.table_id()
+
+
+def keywords_stale(live_kw: dict | None, tags: dict) -> str | None:
+    """Why the live version's keyword part no longer matches the tags table (`tags`: table, tags_version,
+    table_id, vocab), or None when it does."""
+    if not live_kw:
+        return "a keyword index was asked for (--tags)"
+    if live_kw.get("table") != tags["table"]:
+        return f"another tags table ({live_kw.get('table')} -> {tags['table']})"
+    if recreated(live_kw.get("table_id"), tags["table_id"]):
+        return f"the tags table {tags['table']} was re-created since the live version"
+    if live_kw.get("vocab") != tags["vocab"]:
+        return "another vocabulary"
+    if live_kw.get("tags_version") != tags["tags_version"]:
+        return "the tags changed"
+    return None
 
 
 def load_vocab_file(path: str):
@@ -61,26 +80,32 @@ def changed_tag_ids(spark: SparkSession, location: str, start: int, end: int) ->
 
 
 def stage_full(spark: SparkSession, staged: Path, rows: DataFrame, location: str, version: int, vocab_path: str,
-               log) -> dict:
-    """The keyword part of a full build: every indexed row's document."""
+               log, table_id: str | None = None) -> dict:
+    """The keyword part of a full build: every indexed row's document. `table_id`: the tags table's Delta id,
+    kept so a re-created tags table is told apart."""
     vocab = load_vocab_file(vocab_path)
     info = build_keywords(staged, _docs(rows, read_tags_at(spark, location, version)), vocab)
     log(f"lakelens index: keyword index of {info['documents']} images ({info['tag_rows']} tag terms, "
         f"{info['captions']} captions) from {location}@{version}")
-    return {**info, "table": location, "tags_version": version, "vocab": vocab.digest if vocab else None}
+    return {**info, "table": location, "tags_version": version, "table_id": table_id,
+            "vocab": vocab.digest if vocab else None}
 
 
 def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live_kw: dict, table_rows: DataFrame,
-                      touched: DataFrame, location: str, version: int, vocab_path: str, log) -> dict:
+                      touched: DataFrame, location: str, version: int, vocab_path: str, log,
+                      table_id: str | None = None) -> dict:
     """Re-index only what changed: ids `touched` by the embeddings' change (column id), plus ids whose tags
     changed since the live version's tags version. `table_rows`: the table's rows at the new version (only
     the touched ids' rows are read). A tags table that was re-created or vacuumed, or another vocabulary,
-    gets a full keyword build."""
+    gets a full keyword build (a re-created one may have a change feed that covers the versions since the
+    live one, but says nothing about the table the live version read)."""
     vocab = load_vocab_file(vocab_path)
     digest = vocab.digest if vocab else None
     reason = None
     if live_kw.get("table") != location:
         reason = "another tags table"
+    elif recreated(live_kw.get("table_id"), table_id):
+        reason = "the tags table was re-created"
     elif live_kw.get("vocab") != digest:
         reason = "another vocabulary"
     elif version < live_kw.get("tags_version", -1):
@@ -93,7 +118,7 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
             reason = f"the tags table's change feed does not cover its versions since the live one: {e}"
     if reason is not None:
         log(f"lakelens index: full keyword build ({reason})")
-        return stage_full(spark, staged, table_rows, location, version, vocab_path, log)
+        return stage_full(spark, staged, table_rows, location, version, vocab_path, log, table_id)
     ids = ids.distinct().localCheckpoint()
     gone = np.asarray(ids.toPandas()["id"].to_numpy(np.int64))  # bounded by the change, not the table
     rows = table_rows.join(ids, "id", "left_semi")
@@ -101,4 +126,4 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
     info = build_keywords(staged, _docs(rows, tags), vocab, base=live_folder, delete_ids=gone)
     log(f"lakelens index: keyword index updated: {info['deleted']} images re-indexed, {info['added']} live "
         f"({info['documents']} documents)")
-    return {**info, "table": location, "tags_version": version, "vocab": digest}
+    return {**info, "table": location, "tags_version": version, "table_id": table_id, "vocab": digest}

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
@@ -136,6 +137,14 @@ def entries(rows: DataFrame) -> DataFrame:
     return whole.unionByName(crops)
 
 
+def recreated(old_id: str | None, new_id: str | None) -> bool:
+    """Whether a Delta table is not the one a live version was built from: deleted and made again at the
+    same place, it gets a new id (at any version, the same one included). An id the live version does not
+    record (versions made before ids were kept) is unknown: the table is taken to be the same one, as
+    before ids were kept, so upgrading never forces a rebuild; the next version built records the id."""
+    return bool(old_id) and bool(new_id) and old_id != new_id
+
+
 def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
     """Reasons for a full build that need no data; kind 'changes' when none applies: the change feed
     decides the rest (decide_from_changes)."""
@@ -150,8 +159,9 @@ def precheck(conf, live: dict, source: dict, settings: dict) -> Decision:
         return Decision("full", "a Parquet table has no change feed")
     if old.get("table") != source["table"]:
         return Decision("full", f"another table ({old.get('table')} -> {source['table']})")
-    if old.get("table_id") and old.get("table_id") != source.get("table_id"):
-        return Decision("full", "the table was re-created since the live version")
+    if recreated(old.get("table_id"), source.get("table_id")):
+        return Decision("full", f"the table {source['table']} was re-created since the live version (Delta id "
+                                f"{old['table_id']} -> {source['table_id']})")
     if live.get("settings") != settings:
         return Decision("full", f"index settings changed ({live.get('settings')} -> {settings})")
     if source["version"] < old["version"]:
@@ -201,13 +211,83 @@ def build_fn(trained_bc, staged: str, rerank: bool, generation: int = 0):
     return build
 
 
+class DecodedCodes:
+    """The vectors a compressed IVF shard's codes (SQ, PQ) stand for, decoded a slice of positions at a
+    time (positions in list order), with their `ids`: what exact_topk reads in place of the raw vectors a
+    shard of an explicit compressed factory does not keep. Their inner products are the scores FAISS
+    gives the codes, so exact search over them is the shard visiting every list. ValueError for codes
+    that cannot be decoded this way (fast-scan's packed blocks)."""
+
+    def __init__(self, shard):
+        self.ivf = ivf = faiss.extract_index_ivf(shard)
+        lists = ivf.invlists
+        if lists.code_size == faiss.InvertedLists.INVALID_CODE_SIZE:
+            raise ValueError(f"{type(faiss.downcast_InvertedLists(lists)).__name__} codes are packed")
+        self.code_size, self.prefix = int(lists.code_size), int(ivf.coarse_code_size())
+        sizes = np.array([lists.list_size(lst) for lst in range(ivf.nlist)], np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        ids = []
+        for lst in np.flatnonzero(sizes):
+            ptr = lists.get_ids(int(lst))
+            ids.append(faiss.rev_swig_ptr(ptr, int(sizes[lst])).copy())
+            lists.release_ids(int(lst), ptr)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        try:
+            self[:1]
+        except RuntimeError as e:  # an index type without standalone decoding
+            raise ValueError(str(e).strip().splitlines()[0]) from None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        start, stop, _ = part.indices(len(self))
+        lists, out = self.ivf.invlists, []
+        lst = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            a, b = start - self.starts[lst], min(stop, self.starts[lst + 1]) - self.starts[lst]
+            if b > a:
+                ptr = lists.get_codes(lst)
+                codes = faiss.rev_swig_ptr(ptr, int(b) * self.code_size).reshape(-1, self.code_size)[a:b]
+                # FAISS's standalone code: the list number (little-endian), then the list's code
+                standalone = np.empty((b - a, self.prefix + self.code_size), np.uint8)
+                standalone[:, :self.prefix] = np.array([lst], "<i8").view(np.uint8)[:self.prefix]
+                standalone[:, self.prefix:] = codes
+                lists.release_codes(lst, ptr)
+                out.append(self.ivf.sa_decode(standalone))
+                start = int(self.starts[lst] + b)
+            lst += 1
+        return np.concatenate(out) if out else np.zeros((0, self.ivf.d), np.float32)
+
+
 def exact_over(folder: Path, manifest: dict, tomb, q: np.ndarray, k: int = 10):
-    """Exact top-k of queries over the live vectors of a version's shards (`tomb`: its tombstones)."""
-    shards, rerank, _, keep = open_version(folder, manifest, mmap=True, tomb=tomb)
+    """Exact top-k of queries over the live vectors of a version's shards (`tomb`: its tombstones): the
+    raw vectors beside compressed shards, IVF-Flat's codes, or, for compressed shards without raw vectors
+    (an explicit SQ8 or PQ factory), their decoded codes. The probe then measures what the tuned nprobe
+    misses against visiting every list, as tune_nprobe does, not the codes' error, which no incremental
+    build changes (comparing with the table's vectors would fail PQ's probe on every run)."""
+    shards, rerank, excluded, keep = open_version(folder, manifest, mmap=True, tomb=tomb)
     dead = [dead_ids(tomb, e.get("generation", 0)) for e in shard_entries(manifest)]
-    result = exact_topk(shards, rerank, q, k, dead)
+    try:
+        stored = [_stored(shard, raw) for shard, raw in zip(shards, rerank)]
+    except ValueError:  # codes FAISS decodes only inside its scan: the scan of every list is the reference
+        nlist = faiss.extract_index_ivf(shards[0]).nlist
+        result = search_shards(shards, rerank, q, k, nlist, None, int(manifest.get("rerank") or 0), None, None,
+                               excluded)
+    else:
+        result = exact_topk(shards, stored, q, k, dead)
     del keep
     return result
+
+
+def _stored(shard, raw):
+    """What exact_topk reads for one IVF shard: its raw vectors (`raw`), None for IVF-Flat (its codes are
+    the vectors), else its codes decoded."""
+    ivf = faiss.extract_index_ivf(shard)
+    if raw is not None or ivf.invlists.code_size == 4 * ivf.d:
+        return raw
+    decoded = DecodedCodes(shard)
+    return decoded, decoded.ids
 
 
 def drift_recall(folder: Path, manifest: dict, queries: np.ndarray, k: int = 10, live_exact=None) -> float | None:
