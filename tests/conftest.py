@@ -59,8 +59,9 @@ CONNECT_MODULES = {
 
 def pytest_collection_modifyitems(config, items):
     if SPARK_MODE != "connect":
-        return
-    keep = [i for i in items if i.path.name in CONNECT_MODULES and "classic_only" not in i.keywords]
+        keep = [i for i in items if "connect_only" not in i.keywords]
+    else:
+        keep = [i for i in items if i.path.name in CONNECT_MODULES and "classic_only" not in i.keywords]
     dropped = [i for i in items if i not in keep]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -70,6 +71,8 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "classic_only: a test of what only a classic session has (its JVM, "
                                        "spark-submit's driver); not run in the Spark Connect half")
+    config.addinivalue_line("markers", "connect_only: a test of the Spark Connect path itself; run in the Spark "
+                                       "Connect half only (LAKELENS_TEST_SPARK=connect)")
 
 
 @pytest.fixture(scope="session")

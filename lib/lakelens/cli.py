@@ -18,6 +18,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set embed.batch_size=16 (repeatable)")
     p.add_argument("--master", help="Spark master URL (default: spark-submit's, else local[*])")
+    p.add_argument("--remote", metavar="sc://HOST:PORT",
+                   help="run on a Spark Connect server (as SPARK_REMOTE does; wins over the config's spark.master)")
 
 
 def add_embed_args(p: argparse.ArgumentParser) -> None:
@@ -498,12 +500,24 @@ PATH_FLAGS = ("table", "tags", "index", "images", "out", "queries", "captions", 
               "thresholds", "plot", "calibrate")
 
 
+def use_remote(args) -> None:
+    """--remote is pyspark's SPARK_REMOTE for this command: the session is a Spark Connect one, whatever master
+    the config file names (a master and a remote on one command line are refused)."""
+    remote = getattr(args, "remote", None)
+    if not remote:
+        return
+    if getattr(args, "master", None):
+        raise ConfigError("--master and --remote: a session is either classic (master) or Spark Connect (remote)")
+    os.environ["SPARK_REMOTE"] = remote
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in PATH_FLAGS:
         if isinstance(getattr(args, name, None), str):  # demo's --images is a count
             setattr(args, name, config.absolute_path(getattr(args, name)))
     try:
+        use_remote(args)
         return args.func(args)
     except LakelensError as e:  # expected failures: one line, no traceback; anything else is a bug
         reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

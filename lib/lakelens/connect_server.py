@@ -27,8 +27,10 @@ class ConnectServer:
         self.url = f"sc://127.0.0.1:{port}"
 
     @classmethod
-    def start(cls, log: Path, master: str = "local[2]", port: int = 0, timeout: float = 180) -> ConnectServer:
-        """Start a server and wait until it listens; its output goes to `log`."""
+    def start(cls, log: Path, master: str = "local[2]", port: int = 0, timeout: float = 180,
+              wrapper: tuple[str, ...] = ()) -> ConnectServer:
+        """Start a server and wait until it listens; its output goes to `log`. `wrapper`: a command the server
+        runs under (its last argument is followed by spark-submit's)."""
         from lakelens.spark import find_jars, find_s3_jars
 
         port = port or free_port()
@@ -54,7 +56,7 @@ class ConnectServer:
             env["SPARK_SUBMIT_OPTS"] = " ".join(filter(None, [opts, jvm.java_options()]))
         log.parent.mkdir(parents=True, exist_ok=True)
         out = open(log, "wb")
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen([*wrapper, *cmd], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         server = cls(proc, port, log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import logging
 import os
 import re
+import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +30,7 @@ S3_JARS_SUBDIR = "s3"
 HADOOP_PREFIX = "spark.hadoop."
 # Tasks per job stage under Spark Connect when the server does not say (spark.default.parallelism).
 CONNECT_DEFAULT_PARALLELISM = 8
+CONNECT_DEFAULT_PORT = 15002  # pyspark's, for an sc:// URL without one
 
 
 def find_jars(jars_dir: str = "") -> list[str]:
@@ -86,10 +87,14 @@ def remote_url(conf: SparkConfig) -> str:
 
 
 def _check_connect_client() -> None:
-    missing = [m for m in ("grpc", "grpc_status", "google.rpc", "zstandard") if importlib.util.find_spec(m.split(".")[0]) is None]
-    if missing:
+    try:
+        import google.rpc  # noqa: F401
+        import grpc  # noqa: F401
+        import grpc_status  # noqa: F401
+        import zstandard  # noqa: F401
+    except ImportError:
         raise SparkSetupError("Spark Connect needs its client packages (grpcio, grpcio-status, googleapis-common-protos, "
-                              "zstandard): pip install 'lakelens[connect]'")
+                              "zstandard): pip install 'lakelens[connect]'") from None
 
 
 def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None) -> tuple[SparkSession, bool]:
@@ -164,6 +169,7 @@ def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
             settings[key[len(HADOOP_PREFIX):]] = str(value)
         elif key.startswith("spark.sql.") or ".delta." in key:
             settings[key] = str(value)
+    _check_reachable(remote)
     b = SparkSession.builder.remote(remote)
     for key, value in settings.items():
         b = b.config(key, value)
@@ -174,6 +180,20 @@ def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SparkSetupError(f"cannot open a Spark Connect session on {remote}: {first}") from None
+
+
+def _check_reachable(remote: str, timeout: float = 10.0) -> None:
+    """A server that is not there fails in seconds with its address, rather than after pyspark's gRPC retries
+    (minutes) with a trace."""
+    m = re.fullmatch(r"sc://\[?([^/\]]+?)\]?(?::(\d+))?(?:/.*)?", remote.strip())
+    if not m:
+        return  # local[N] (a server in this process) or a form pyspark will judge itself
+    host, port = m.group(1), int(m.group(2) or CONNECT_DEFAULT_PORT)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise SparkSetupError(f"cannot reach the Spark Connect server at {host}:{port} ({e.strerror or e}); "
+                              "is it running? (spark.remote / SPARK_REMOTE / --remote)") from None
 
 
 def is_connect(spark: SparkSession) -> bool:

@@ -25,6 +25,7 @@ from lakelens.index.update import (
     ROWS_PER_AUTO_SHARD,
     build_fn,
     build_incremental,
+    check_executors_see,
     decide_from_changes,
     entries,
     precheck,
@@ -36,7 +37,7 @@ from lakelens.index.update import (
 from lakelens.index.versions import current_version, index_lock, prune_locked, publish, read_manifest, staging_dir
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable
-from lakelens.spark import Job
+from lakelens.spark import Job, parallelism
 
 
 @dataclass
@@ -251,7 +252,7 @@ class IndexJob(Job):
               decision: Decision, trained: bytes | None, t0: float, counts: dict) -> IndexResult:
         """A full build (trained afresh) or a compaction (`trained`: the live version's structures)."""
         c, spark = self.conf.index, self.spark
-        shards = c.shards or max(1, min(2 * spark.sparkContext.defaultParallelism, math.ceil(n / ROWS_PER_AUTO_SHARD)))
+        shards = c.shards or max(1, min(2 * parallelism(spark), math.ceil(n / ROWS_PER_AUTO_SHARD)))
         self.log(f"lakelens index: {shards} shard(s) of {choice.factory}: {choice.reason}")
         # bounded samples on the driver: tuning queries first, then training rows that leave them out
         probe_pdf = (good.sample(fraction=min(1.0, 1.5 * TUNING_QUERIES / n), seed=1).limit(TUNING_QUERIES)
@@ -267,13 +268,10 @@ class IndexJob(Job):
             sample = np.stack(rest.sample(fraction=min(1.0, 1.2 * size / n), seed=0).limit(size)
                               .select("embedding").toPandas()["embedding"].to_numpy()).astype(np.float32)
 
-        def build(trained_bytes, staged):
-            bc = spark.sparkContext.broadcast(trained_bytes)
-            try:
-                built = (shard_rows(good, shards).mapInPandas(build_fn(bc, str(staged), bool(choice.rerank)),
-                                                              "shard int, count long").collect())
-            finally:
-                bc.unpersist()
+        def build(trained_bytes, staged):  # assemble wrote trained_bytes into staged: the tasks read them there
+            check_executors_see(spark, staged)
+            built = (shard_rows(good, shards).mapInPandas(build_fn(str(staged), bool(choice.rerank)),
+                                                          "shard int, count long").collect())
             return {r["shard"]: r["count"] for r in built}
 
         published, choice, pruned = assemble(

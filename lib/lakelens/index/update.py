@@ -4,6 +4,7 @@ build an incremental version (delta shards on the executors, tombstones, links t
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pandas as pd
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from lakelens import classic
+from lakelens.errors import IndexDirError
 from lakelens.index.build import META_COLUMNS, build_batches
 from lakelens.index.incremental import (
     TRAINED,
@@ -201,12 +205,36 @@ def shard_rows(df, shards: int):
             .repartitionByRange(shards, "shard"))
 
 
-def build_fn(trained_bc, staged: str, rerank: bool, generation: int = 0):
+def check_executors_see(spark, staged) -> None:
+    """Under Spark Connect the client may sit on another machine than the executors (Databricks Connect):
+    the index folder must be the same folder for both. One task looks for the trained structures this
+    process just wrote into the staging folder; IndexDirError when it does not find them. A classic
+    session's driver is where its executors' shared folder is mounted, as before: nothing to ask."""
+    if classic.is_classic(spark):
+        return
+    target = str(Path(staged) / TRAINED)
+
+    def look(batches):
+        for _ in batches:
+            pass
+        yield pd.DataFrame({"seen": [os.path.isfile(target)]})
+
+    if not spark.range(0, 1, 1, 1).mapInPandas(look, "seen boolean").first()["seen"]:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise IndexDirError(f"index folder {Path(staged).parent}: the Spark executors do not see what this "
+                            "machine wrote there; under Spark Connect the index folder must be a path both see "
+                            "(a shared mount, a Databricks volume)")
+
+
+def build_fn(staged: str, rerank: bool, generation: int = 0):
     """mapInPandas function: the rows of a partition -> their shards' files in the staging folder, written
     on the executor; only (shard, count) comes back to the driver."""
 
     def build(batches):
-        yield from build_batches(trained_bc.value, staged, rerank, batches, generation)
+        # the trained structures come from the staging folder, which the executors write the shards into
+        # anyway: no broadcast (Spark Connect has none), and each task reads them once
+        trained = (Path(staged) / TRAINED).read_bytes()
+        yield from build_batches(trained, staged, rerank, batches, generation)
 
     return build
 
@@ -336,7 +364,6 @@ def build_incremental(spark, index_dir: str, live_name: str, live: dict, changes
 def _build_incremental(spark, index_dir, live_name, live, changes, source, decision, min_recall, log, generation,
                        staged, pool, finish):
     link_version(Path(index_dir) / live_name, staged)
-    trained = (staged / TRAINED).read_bytes()
     changed, rows, n = changes.rows, changes.rows_after, changes.live_after
     # the replaced and deleted ids come to the driver: bounded by the change, not by the table
     ids = (changes.tombstones if changes.tombstones is not None else changes.replaced).toPandas()["id"].to_numpy(np.int64)
@@ -349,13 +376,10 @@ def _build_incremental(spark, index_dir, live_name, live, changes, source, decis
     shards = max(1, math.ceil(n / ROWS_PER_AUTO_SHARD)) if n else 0
     deltas = []
     if n:
-        bc = spark.sparkContext.broadcast(trained)
-        try:
-            built = (shard_rows(changed, shards)
-                     .mapInPandas(build_fn(bc, str(staged), bool(live.get("rerank")), generation),
-                                  "shard int, count long").collect())
-        finally:
-            bc.unpersist()
+        check_executors_see(spark, staged)
+        built = (shard_rows(changed, shards)
+                 .mapInPandas(build_fn(str(staged), bool(live.get("rerank")), generation), "shard int, count long")
+                 .collect())
         deltas = [{"file": delta_file(generation, r["shard"]), "meta": delta_meta_file(generation, r["shard"]),
                    "count": int(r["count"]), "factory": live["factory"], "generation": generation}
                   for r in sorted(built, key=lambda r: r["shard"])]

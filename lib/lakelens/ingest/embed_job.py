@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 from pyspark.sql import functions as F
 
+from lakelens import classic
 from lakelens.config import EmbedConfig
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
@@ -32,7 +33,7 @@ from lakelens.ingest.table import (
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
-from lakelens.spark import Job, session_settings
+from lakelens.spark import Job, parallelism, session_settings
 
 # Rows of local paths a worker gets at once (Arrow batch): the worker reads the bytes itself, so a batch
 # is small whatever the images. On a 2-core node 128 embedded 1.047x as fast as 32 with AMX (median of 5
@@ -114,15 +115,16 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig, local: bool = False):
 class Warmup:
     """The Python workers started, each with its model loaded, while the driver lists and plans: a job of
     one task per core that builds the embedder the chunks' tasks then find in their reused workers. It
-    runs on its own thread, in its own job group; `finish` waits for it, or cancels it when there is
-    nothing to embed. A failure here is left for the first chunk to report."""
+    runs on its own thread, its job tagged (SparkSession.addTag, classic and Connect alike); `finish` waits
+    for it, or interrupts it when there is nothing to embed. A failure here is left for the first chunk to
+    report."""
 
     def __init__(self, spark, spec: ModelSpec, conf: EmbedConfig):
         from pyspark import InheritableThread
 
-        self.sc = spark.sparkContext
-        self.group = f"lakelens-embed-warmup-{uuid.uuid4().hex[:8]}"
-        n = self.sc.defaultParallelism
+        self.spark = spark
+        self.tag = f"lakelens-embed-warmup-{uuid.uuid4().hex[:8]}"
+        n = parallelism(spark)
         build = worker_embedder(spec, conf)  # the very embedder the chunks' tasks ask their workers for
 
         def load(batches: Iterator) -> Iterator:
@@ -131,17 +133,20 @@ class Warmup:
 
         def run():
             try:
-                self.sc.setJobGroup(self.group, "lakelens embed: start the Python workers and load the model")
+                spark.addTag(self.tag)  # tags are the thread's own: the chunks' jobs do not carry it
                 spark.range(0, n, 1, n).mapInPandas(load, "id long").collect()
             except Exception:  # cancelled, or the model does not load: the chunks say why
                 pass
+            finally:
+                spark.removeTag(self.tag)
 
-        self.thread = InheritableThread(target=run, daemon=True)
+        self.thread = InheritableThread(target=run, daemon=True, **({} if classic.is_classic(spark) else
+                                                                      {"session": spark}))
         self.thread.start()
 
     def finish(self, cancel: bool = False) -> None:
         if cancel:
-            self.sc.cancelJobGroup(self.group)
+            self.spark.interruptTag(self.tag)
         self.thread.join()
 
 
@@ -205,7 +210,7 @@ class EmbedJob(Job):
 
     def partitions(self, n_files: int) -> int:
         """Splits per chunk: embed.partitions, else two per core, so every core stays busy."""
-        return max(1, min(n_files, self.conf.embed.partitions or 2 * self.spark.sparkContext.defaultParallelism))
+        return max(1, min(n_files, self.conf.embed.partitions or 2 * parallelism(self.spark)))
 
     def _rows(self, files, spec: ModelSpec, local: bool = False):
         rows = embed_files(files, spec, self.conf.embed, local)

@@ -4,7 +4,6 @@ reading exactly the files of a chunk."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -15,7 +14,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from tqdm.auto import tqdm
 
+from lakelens import classic
 from lakelens.errors import DataError
+from lakelens.ingest.globs import name_filter
 from lakelens.ingest.paths import (
     GLOB_CHARS,
     NAME_NOT_UTF8,
@@ -28,7 +29,7 @@ from lakelens.ingest.paths import (
     to_local,
     to_stored,
 )
-from lakelens.spark import session_settings
+from lakelens.spark import parallelism, session_settings
 
 
 def hidden(root: str):
@@ -99,12 +100,74 @@ LOCAL_LISTING_SCHEMA = LISTING_SCHEMA + ", error string"
 def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing:
     """Every file under a folder (recursive), a glob or a URI; names starting with '_' or '.' below the
     folder are skipped (`hidden`). A local folder is walked on the driver (`walk_local`: a stat per
-    file, no Spark job); anything else is listed by Spark (`list_with_spark`)."""
+    file, no Spark job); anything else is listed by Spark (`list_with_spark`). Under Spark Connect the
+    client may sit on another machine than the cluster, so a local folder is walked by one executor task
+    instead (`walk_on_executor`), never through the client's file system."""
+    keep = name_filter(path_glob)  # a bad glob fails here, before any listing
+    if not classic.is_classic(spark):
+        if not is_remote(images) and not any(ch in images for ch in GLOB_CHARS):
+            listing = walk_on_executor(spark, images, path_glob)
+            if listing is not None:
+                return listing
+        return list_with_spark(spark, images, path_glob)
     folder = _local_folder(images)
     if folder is not None:
-        local = walk_local(folder, _name_filter(spark, path_glob))
+        local = walk_local(folder, keep)
         return Listing(spark.createDataFrame(local, LOCAL_LISTING_SCHEMA), len(local), local)
     return list_with_spark(spark, images, path_glob)
+
+
+def _walk_fn(folder: str, path_glob: str):
+    """mapInPandas over one row: `walk_local` of `folder` on the executor running it. A folder that cannot
+    be listed comes back as one row with no path and the reason as its error; no folder at all, as none."""
+
+    def walk(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for _ in batches:
+            pass
+        try:
+            local = str(to_local(to_stored(folder)))
+        except DataError as e:
+            yield _walk_failure(str(e))
+            return
+        if not os.path.isdir(local):
+            return  # not a folder here: a file or a pattern, for Spark's own listing
+        try:
+            yield walk_local(local, name_filter(path_glob))
+        except DataError as e:
+            yield _walk_failure(str(e))
+
+    return walk
+
+
+def _walk_failure(reason: str) -> pd.DataFrame:
+    return pd.DataFrame({"path": pd.Series([None], dtype=object), "size_bytes": pd.Series([0], dtype="int64"),
+                         "modified": millis_to_times([None]), "error": [reason]})
+
+
+def walk_on_executor(spark: SparkSession, folder: str, path_glob: str = "") -> Listing | None:
+    """A local (or mounted) folder listed by one executor task, the way the driver lists it on a classic
+    session; None when the executor sees no folder there (then Spark lists the path)."""
+    rows = (spark.range(0, 1, 1, 1).mapInPandas(_walk_fn(folder, path_glob), LOCAL_LISTING_SCHEMA)
+            .localCheckpoint())
+    failed = rows.where(F.col("path").isNull()).select("error").limit(1).collect()
+    if failed:
+        raise DataError(failed[0]["error"])
+    count = rows.count()
+    if count == 0 and not _executor_sees_folder(spark, folder):
+        return None
+    return Listing(rows, count)
+
+
+def _executor_sees_folder(spark: SparkSession, folder: str) -> bool:
+    def check(batches):
+        for _ in batches:
+            pass
+        try:
+            yield pd.DataFrame({"folder": [os.path.isdir(str(to_local(to_stored(folder))))]})
+        except DataError:
+            yield pd.DataFrame({"folder": [False]})
+
+    return bool(spark.range(0, 1, 1, 1).mapInPandas(check, "folder boolean").first()["folder"])
 
 
 def _local_folder(images: str) -> str | None:
@@ -118,15 +181,6 @@ def _local_folder(images: str) -> str | None:
     if any(ch in folder for ch in GLOB_CHARS) or not os.path.isdir(folder):
         return None
     return folder
-
-
-def _name_filter(spark: SparkSession, path_glob: str):
-    """Spark's pathGlobFilter as a Python test of a file name: Hadoop's own GlobPattern compiles the glob
-    to the regular expression its filter matches whole names with."""
-    if not path_glob:
-        return None
-    regex = re.compile(str(spark._jvm.org.apache.hadoop.fs.GlobPattern(path_glob).compiled().pattern()))
-    return lambda name: regex.fullmatch(name) is not None
 
 
 def walk_local(folder: str, keep=None) -> pd.DataFrame:
@@ -201,21 +255,25 @@ def list_with_spark(spark: SparkSession, images: str, path_glob: str = "") -> Li
     counts = {r["hidden"]: r["count"] for r in scanned.groupBy("hidden").count().collect()}
     listing = scanned.where(~F.col("hidden")).drop("hidden")
     count = counts.get(False, 0)
-    indexed = files._jdf.inputFiles()  # a JVM array: its length is one call
-    if len(indexed) > count + counts.get(True, 0):
-        # The file index's URIs (file:///a%20b) stay in the JVM: a Dataset made there and converted to
-        # stored paths (file:/a b) by Python workers never passes through the Python driver. The join
-        # is a sort-merge join: a broadcast join would collect the listing on the driver, and Spark
-        # judges it small when the files are (its estimate is their bytes, not their number).
-        jvm = spark._jvm
-        seq = jvm.scala.collection.immutable.ArraySeq.unsafeWrapArray(indexed)
-        uris = DataFrame(spark._jsparkSession.createDataset(seq, jvm.org.apache.spark.sql.Encoders.STRING()).toDF(),
-                         spark).withColumnRenamed("value", "uri")
+    indexed, uris = _index_uris(spark, files)
+    if indexed > count + counts.get(True, 0):
+        # The join is a sort-merge join: a broadcast join would collect the listing on the driver, and
+        # Spark judges it small when the files are (its estimate is their bytes, not their number).
         missing = (uris.mapInPandas(_uris_to_paths, "path string").where(~skip)
                    .join(listing.hint("merge"), "path", "left_anti"))
         listing = listing.unionByName(missing.mapInPandas(_stat_files, listing.schema)).localCheckpoint()
         count = listing.count()
     return Listing(listing, count)
+
+
+def _index_uris(spark: SparkSession, files: DataFrame) -> tuple[int, DataFrame]:
+    """(how many, DataFrame of `uri`) of the files in the file index of `files` (zero-length ones too). On a
+    classic session the URIs (file:///a%20b) stay in the JVM, converted to stored paths by Python workers,
+    never passing through the Python driver; Spark Connect has no such way, and its client gets the list."""
+    if classic.is_classic(spark):
+        return classic.index_uris(spark, files)
+    uris = files.inputFiles()
+    return len(uris), spark.createDataFrame(pd.DataFrame({"uri": pd.Series(uris, dtype=object)}), "uri string")
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
@@ -226,7 +284,7 @@ def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
     if all(is_local(p) for p in paths):
         spark.conf.set(f"{key}.threshold", str(len(paths) + 1))
     else:
-        spark.conf.set(f"{key}.parallelism", str(2 * spark.sparkContext.defaultParallelism))
+        spark.conf.set(f"{key}.parallelism", str(2 * parallelism(spark)))
     return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
 
 
@@ -235,8 +293,14 @@ def local_paths(spark: SparkSession, paths: list[str], partitions: int) -> DataF
     read the files themselves: no file index on the driver and no file bytes through the JVM."""
     n = max(1, min(partitions, len(paths)))
     slices = [paths[i * len(paths) // n:(i + 1) * len(paths) // n] for i in range(n)]  # sizes differ by <= 1
-    rdd = spark.sparkContext.parallelize(slices, n).flatMap(lambda part: [(p,) for p in part])
-    return spark.createDataFrame(rdd, "path string")
+
+    def emit(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        # the chunk's paths travel inside the function (Spark ships a large one as a broadcast by itself)
+        for pdf in batches:
+            for i in pdf["id"]:
+                yield pd.DataFrame({"path": pd.Series(slices[int(i)], dtype=object)})
+
+    return spark.range(0, n, 1, n).mapInPandas(emit, "path string")
 
 
 @contextmanager

@@ -13,13 +13,13 @@ from itertools import islice
 
 import numpy as np
 import pandas as pd
-from delta import exceptions as dx
-from delta.tables import DeltaTable
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from lakelens import classic, delta_sql
+from lakelens.delta_sql import sql_string
 from lakelens.errors import ConfigError, DataError, IdCollisionError
 from lakelens.ingest.paths import path_id
 
@@ -77,6 +77,11 @@ def path_id_col(col: str = "path"):
     return F.conv(F.substring(F.sha2(F.col(col), 256), 1, 16), 16, -10).cast("long")
 
 
+def root_condition(root: str, col: str = "path") -> str:
+    """`under_root` as SQL text, for MERGE and DELETE conditions."""
+    return f"startswith({col}, {sql_string(root)}) OR {col} = {sql_string(root[:-1])}"
+
+
 def under_root(root: str, col: str = "path"):
     """A column: true for the rows of image root `root` (a stored folder ending in '/', as `root_of` makes
     it): paths below it, or the one file it names when a single file was listed. A prefix test on the
@@ -85,17 +90,7 @@ def under_root(root: str, col: str = "path"):
     return path.startswith(F.lit(root)) | (path == F.lit(root[:-1]))
 
 
-def sql_string(text: str) -> str:
-    """`text` as a Spark SQL string literal (the parser reads backslash escapes in literals)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 NEW, CHANGED, DELETED, UNCHANGED = "new", "changed", "deleted", "unchanged"
-# A concurrent writer committed first: Delta's optimistic concurrency says so with one of these, and
-# the losing commit is safe to retry (it re-reads the table).
-CONFLICTS = (dx.ConcurrentAppendException, dx.ConcurrentDeleteReadException, dx.ConcurrentDeleteDeleteException,
-             dx.ConcurrentTransactionException, dx.MetadataChangedException, dx.ProtocolChangedException,
-             dx.ConcurrentWriteException, dx.DeltaConcurrentModificationException)
 
 
 @dataclass
@@ -182,7 +177,9 @@ def with_retries(action, retries: int, what: str, log=None):
     for attempt in range(retries + 1):
         try:
             return action()
-        except CONFLICTS as e:
+        except Exception as e:  # a concurrent writer committed first (Delta's optimistic concurrency)
+            if not delta_sql.is_conflict(e):
+                raise
             if attempt == retries:
                 raise DataError(f"{what}: another writer kept changing the table ({type(e).__name__}); "
                                 f"gave up after {retries} retries") from None
@@ -201,16 +198,16 @@ class EmbeddingsTable:
         self.spark, self.location, self.format = spark, location, fmt
 
     # --- reading -------------------------------------------------------------------------------
-    def _hadoop_path(self):
-        jvm = self.spark._jvm
-        path = jvm.org.apache.hadoop.fs.Path(self.location)
-        return path, path.getFileSystem(self.spark._jsc.hadoopConfiguration())
-
     def exists(self) -> bool:
         if self.format == "delta":
-            return DeltaTable.isDeltaTable(self.spark, self.location)
-        path, fs = self._hadoop_path()
-        return fs.exists(path)
+            return delta_sql.is_delta(self.spark, self.location)
+        if classic.is_classic(self.spark):
+            return classic.HadoopFiles(self.spark, self.location).exists()
+        try:  # Spark Connect: a Parquet folder exists when Spark can read its schema
+            self.spark.read.parquet(self.location).schema
+            return True
+        except AnalysisException:
+            return False
 
     def read(self, version: int | None = None) -> DataFrame:
         reader = self.spark.read.format(self.format)
@@ -219,26 +216,15 @@ class EmbeddingsTable:
         return reader.load(self.location)
 
     def _snapshot(self) -> tuple[int, str, dict] | None:
-        """(version, table id, properties) of the latest Delta version, read from the log by Delta Kernel
-        (shipped with delta-spark) on the driver: no Spark job, which DESCRIBE HISTORY and DESCRIBE DETAIL
-        each cost. None where Kernel cannot read it; callers then ask Spark."""
-        jvm = self.spark._jvm
-        try:
-            engine = jvm.io.delta.kernel.defaults.engine.DefaultEngine.create(self.spark._jsc.hadoopConfiguration())
-            snap = jvm.io.delta.kernel.Table.forPath(engine, self.location).getLatestSnapshot(engine)
-            meta = snap.getMetadata()
-            return int(snap.getVersion()), str(meta.getId()), dict(meta.getConfiguration())
-        except Exception:  # an older Kernel API, or a table feature Kernel cannot read: Spark's way
-            return None
+        """(version, table id, properties) of the latest Delta version; None for a missing table."""
+        return delta_sql.snapshot(self.spark, self.location)
 
     def version(self) -> int | None:
         """The latest Delta version, or None for Parquet / a missing table."""
         if self.format != "delta" or not self.exists():
             return None
         snap = self._snapshot()
-        if snap is not None:
-            return snap[0]
-        return DeltaTable.forPath(self.spark, self.location).history(1).collect()[0]["version"]
+        return None if snap is None else snap[0]
 
     def create_if_missing(self, image_roots: list[str] = ()) -> bool:
         """A new Delta table (Change Data Feed on), its first image roots recorded in the same commit. True
@@ -246,9 +232,8 @@ class EmbeddingsTable:
         if self.format != "delta" or self.exists():
             return False
         try:
-            (DeltaTable.create(self.spark).location(self.location).addColumns(SCHEMA)
-             .property("delta.enableChangeDataFeed", "true")
-             .property(ROOTS_PROPERTY, json.dumps(sorted(set(image_roots)))).execute())
+            delta_sql.create(self.spark, self.location, SCHEMA, {
+                "delta.enableChangeDataFeed": "true", ROOTS_PROPERTY: json.dumps(sorted(set(image_roots)))})
         except AnalysisException:
             if self.exists():  # another writer made it since: its roots may lack ours
                 return False
@@ -336,8 +321,8 @@ class EmbeddingsTable:
     def add_regions_column(self) -> None:
         """Tables made before regions existed get the (nullable) column, in one metadata-only commit."""
         if self.format == "delta" and self.exists() and "regions" not in self.read().columns:
-            location = self.location.replace("`", "``")
-            self.spark.sql(f"ALTER TABLE delta.`{location}` ADD COLUMNS (regions {REGIONS_TYPE.simpleString()})")
+            self.spark.sql(f"ALTER TABLE {delta_sql.table_ref(self.location)} ADD COLUMNS "
+                           f"(regions {REGIONS_TYPE.simpleString()})")
 
     def upsert(self, rows: DataFrame, note: str = "", new_only: bool = False) -> None:
         """Insert or replace rows by path in one Delta commit. A table without a `regions` column (made
@@ -345,18 +330,17 @@ class EmbeddingsTable:
         in the table when the run planned, so the MERGE only inserts (Delta then reads the table's paths
         alone, no full join); a path another writer added since keeps that writer's row."""
         self._set_commit_note(note)
-        target = DeltaTable.forPath(self.spark, self.location)
-        have = set(target.toDF().columns)
-        merge = target.alias("t").merge(rows.select([c for c in COLUMNS if c in have]).alias("s"), "t.path = s.path")
-        (merge if new_only else merge.whenMatchedUpdateAll()).whenNotMatchedInsertAll().execute()
+        have = set(self.read().columns)
+        clauses = ("" if new_only else "WHEN MATCHED THEN UPDATE SET * ") + "WHEN NOT MATCHED THEN INSERT *"
+        delta_sql.merge(self.spark, self.location, rows.select([c for c in COLUMNS if c in have]),
+                        "t.path = s.path", clauses)
 
     def delete_missing(self, listing: DataFrame, root: str, note: str = "") -> None:
         """Delete the rows of image root `root` whose path is not in `listing`, in one Delta commit (MERGE
         ... NOT MATCHED BY SOURCE AND the row is under the root); other roots' rows stay."""
         self._set_commit_note(note)
-        (DeltaTable.forPath(self.spark, self.location).alias("t")
-         .merge(listing.select("path").hint("merge").alias("s"), "t.path = s.path")
-         .whenNotMatchedBySourceDelete(condition=under_root(root, "t.path")).execute())
+        delta_sql.merge(self.spark, self.location, listing.select("path").hint("merge"), "t.path = s.path",
+                        f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
 
     def drop_root(self, root: str, note: str = "") -> int:
         """Delete every row of image root `root` and forget the root (Delta: one commit each, the rows
@@ -374,11 +358,9 @@ class EmbeddingsTable:
                 current = self.read()
                 self._swap_parquet(current.where(~under_root(root)))
             return rows
-        location = self.location.replace("`", "``")
         if rows:
             self._set_commit_note(note)
-            self.spark.sql(f"DELETE FROM delta.`{location}` WHERE startswith(path, {sql_string(root)}) "
-                           f"OR path = {sql_string(root[:-1])}")
+            self.spark.sql(f"DELETE FROM {delta_sql.table_ref(self.location)} WHERE {root_condition(root)}")
         if root in roots:
             self._set_roots([r for r in roots if r != root])
         return rows
@@ -388,17 +370,14 @@ class EmbeddingsTable:
         if self.format != "delta" or not self.exists():
             return None
         snap = self._snapshot()
-        if snap is not None:
-            return snap[1]
-        return DeltaTable.forPath(self.spark, self.location).detail().select("id").first()[0]
+        return None if snap is None else snap[1]
 
     def image_roots(self) -> list[str]:
         """The folders the embed job has listed into this table (Delta table property)."""
         if self.format != "delta" or not self.exists():
             return []
         snap = self._snapshot()
-        props = snap[2] if snap is not None else \
-            DeltaTable.forPath(self.spark, self.location).detail().select("properties").first()[0] or {}
+        props = snap[2] if snap is not None else {}
         try:
             return list(json.loads(props.get(ROOTS_PROPERTY, "[]")))
         except ValueError:
@@ -412,9 +391,9 @@ class EmbeddingsTable:
         self._set_roots([*roots, root])
 
     def _set_roots(self, roots: list[str]) -> None:
-        location = self.location.replace("`", "``")
         value = sql_string(json.dumps(sorted(set(roots))))
-        self.spark.sql(f"ALTER TABLE delta.`{location}` SET TBLPROPERTIES ('{ROOTS_PROPERTY}' = {value})")
+        self.spark.sql(f"ALTER TABLE {delta_sql.table_ref(self.location)} SET TBLPROPERTIES "
+                       f"('{ROOTS_PROPERTY}' = {value})")
 
     def _set_commit_note(self, note: str) -> None:
         self.spark.conf.set(COMMIT_NOTE, note or "lakelens")
@@ -440,15 +419,19 @@ class EmbeddingsTable:
         self._swap_parquet(parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1]))
 
     def _swap_parquet(self, out: DataFrame) -> None:
-        """Write `out` to a sibling folder, then swap it in for the table by rename."""
-        jvm = self.spark._jvm
-        path, fs = self._hadoop_path()
-        tmp = jvm.org.apache.hadoop.fs.Path(f"{self.location.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
+        """Write `out` to a sibling folder, then swap it in for the table by rename (classic: Hadoop's
+        FileSystem on the driver). Spark Connect has no file system calls: the rows are materialised on the
+        executors first and then written over the table, so a reader in between may see a partial folder."""
+        if not classic.is_classic(self.spark):
+            out.localCheckpoint(eager=True).write.mode("overwrite").parquet(self.location)
+            return
+        files = classic.HadoopFiles(self.spark, self.location)
+        tmp = files.sibling(f"{self.location.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
         out.write.mode("error").parquet(tmp.toString())
-        old = jvm.org.apache.hadoop.fs.Path(f"{self.location.rstrip('/')}.old-{uuid.uuid4().hex[:8]}")
-        if fs.exists(path) and not fs.rename(path, old):
+        old = files.sibling(f"{self.location.rstrip('/')}.old-{uuid.uuid4().hex[:8]}")
+        if files.exists() and not files.rename(files.path, old):
             raise OSError(f"could not move {self.location} aside to {old.toString()}")
-        if not fs.rename(tmp, path):
+        if not files.rename(tmp, files.path):
             raise OSError(f"could not move {tmp.toString()} into place at {self.location}")
-        if fs.exists(old):
-            fs.delete(old, True)
+        if files.exists(old):
+            files.delete(old)

@@ -1,0 +1,84 @@
+"""The Spark Connect path itself (the Connect half of the suite: LAKELENS_TEST_SPARK=connect): commands with
+--remote, the listing of a local folder by an executor, and the clear error when the executors do not see
+the index folder the client writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_images
+
+from lakelens import EmbedJob, IndexJob, Searcher
+from lakelens.connect_server import ConnectServer
+from lakelens.errors import IndexDirError
+from lakelens.ingest.listing import list_files, walk_local
+from lakelens.spark import is_connect
+
+pytestmark = pytest.mark.connect_only
+LAKELENS = [sys.executable, "-m", "lakelens.cli"]
+
+
+def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SPARK_REMOTE"}  # --remote alone chooses Connect
+    return subprocess.run([*LAKELENS, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_embed_index_and_search_with_remote_on_the_command_line(connect_server, tmp_path):
+    write_images(tmp_path / "img", 9)
+    conf = str(ROOT / "conf" / "local.yaml")
+    emb = run_cli("embed", "--remote", connect_server.url, "--conf", conf, "--images", "img", "--table", "t",
+                  "--json", cwd=tmp_path)
+    assert emb.returncode == 0, emb.stderr[-3000:]
+    stats = json.loads(emb.stdout.strip().splitlines()[-1])
+    assert stats["embedded"] == 9 and stats["failed"] == 0
+    idx = run_cli("index", "--remote", connect_server.url, "--conf", conf, "--table", "t", "--index", "idx",
+                  cwd=tmp_path)
+    assert idx.returncode == 0, idx.stderr[-3000:]
+    hits = Searcher.open(str(tmp_path / "idx"), engine="torch").search_text("a photo", k=3)
+    assert len(hits) == 3 and all(p.startswith(f"file:{tmp_path}/img/im") for p in hits["path"])
+    again = run_cli("embed", "--remote", connect_server.url, "--conf", conf, "--images", "img", "--table", "t",
+                    "--json", cwd=tmp_path)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["unchanged"] == 9
+
+
+def test_a_local_folder_is_listed_by_an_executor_as_the_driver_lists_it(spark, tmp_path):
+    assert is_connect(spark)
+    write_images(tmp_path / "img" / "sub", 4)
+    (tmp_path / "img" / "_hidden.png").write_bytes(b"x")
+    (tmp_path / "img" / "empty.jpg").write_bytes(b"")
+    listing = list_files(spark, str(tmp_path / "img"))
+    assert listing.local is None  # nothing was read through the client's file system
+    got = listing.df.toPandas().sort_values("path").reset_index(drop=True)
+    want = walk_local(str(tmp_path / "img"))
+    assert listing.count == len(want) == 5
+    assert got["path"].tolist() == want["path"].tolist()
+    assert got["size_bytes"].tolist() == want["size_bytes"].tolist()
+
+
+def test_an_index_folder_the_executors_do_not_see_is_a_clear_error(tmp_path, local_conf):
+    """A server whose executors see another file system at the index folder (a private tmpfs mounted over
+    it in the server's mount namespace), as a laptop and a cluster do under Databricks Connect."""
+    from pyspark.sql import SparkSession
+
+    write_images(tmp_path / "img", 5)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    wrapper = ("unshare", "-m", "--propagation", "private", "sh", "-c",
+               f"mount -t tmpfs tmpfs '{hidden}' && exec \"$@\"", "sh")
+    server = ConnectServer.start(tmp_path / "server.log", wrapper=wrapper)
+    try:
+        session = SparkSession.builder.remote(server.url).create()
+        conf = local_conf(tmp_path / "img", tmp_path / "t", f"index.table={tmp_path / 't'}",
+                          f"index.index={hidden / 'idx'}")
+        EmbedJob(spark=session, conf=conf, log=lambda *_: None).launch()
+        with pytest.raises(IndexDirError, match="executors do not see"):
+            IndexJob(spark=session, conf=conf, log=lambda *_: None).launch()
+        assert not (hidden / "idx" / "CURRENT").exists()
+        session.stop()
+    finally:
+        server.stop()
