@@ -96,3 +96,48 @@ def test_caption_images_scope_captions_only_that_folder_and_keeps_the_rest(spark
     # a folder that holds none of the table's images says so, and writes nothing
     with pytest.raises(DataError, match="caption.images"):
         run(f"caption.images={tmp_path / 'elsewhere'}")
+
+
+@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+def test_caption_run_on_one_folder_drops_stale_captions_of_other_folders(spark, tmp_path, local_conf, fmt):
+    """A caption run over folder b after images of folder a changed or went: a's deleted image and a's
+    changed image lose their captions (they were made from pictures that are gone), a's unchanged image
+    keeps its own; a later run over a captions the changed image from its new picture. Delta tables tell
+    by their change feed; Parquet tables by their rows now (gone, or embedded after the last run)."""
+    root, table, tags = tmp_path / "images", tmp_path / "table", tmp_path / "tags"
+    synth.write_dataset(root / "a", 3, seed=5, px=64)
+    synth.write_dataset(root / "b", 2, seed=6, px=64, start=3)
+    embed_conf = local_conf(root, table, "embed.engine=torch", "embed.partitions=1", f"embed.format={fmt}")
+    EmbedJob(spark=spark, conf=embed_conf, log=lambda *_: None).launch()
+
+    def run(*scope):
+        conf = config.load(ROOT / "conf" / "local.yaml", [f"caption.table={table}", f"caption.tags={tags}",
+                                                          f"caption.model={COCA}", "caption.max_tokens=8",
+                                                          "caption.partitions=1", f"caption.format={fmt}",
+                                                          *scope])
+        return CaptionJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+
+    def captions():
+        df = spark.read.format("delta").load(str(tags)).toPandas()
+        return {Path(p).parent.name + "/" + Path(p).name: t for p, t in zip(df["path"], df["tag"])}
+
+    assert run(f"caption.images={root / 'a'}").captioned == 3
+    first = captions()
+    assert sorted(first) == ["a/img000000.png", "a/img000001.jpg", "a/img000002.jpg"]
+
+    (root / "a" / "img000000.png").unlink()
+    changed = root / "a" / "img000001.jpg"
+    synth.render(synth.samples(1, seed=77)[0], 64, seed=77).save(changed, quality=92)  # another picture
+    EmbedJob(spark=spark, conf=embed_conf, log=lambda *_: None).launch()
+
+    other = run(f"caption.images={root / 'b'}")
+    assert (other.mode, other.captioned, other.dropped) == ("full", 2, 2)
+    now = captions()
+    assert sorted(now) == ["a/img000002.jpg", "b/img000003.jpg", "b/img000004.png"]
+    assert now["a/img000002.jpg"] == first["a/img000002.jpg"]
+
+    again = run(f"caption.images={root / 'a'}")  # the changed image is captioned from its new picture
+    assert (again.mode, again.captioned) == ("full", 2)
+    now = captions()
+    assert sorted(now) == ["a/img000001.jpg", "a/img000002.jpg", "b/img000003.jpg", "b/img000004.png"]
+    assert now["a/img000001.jpg"] == Captioner(ModelSpec(COCA), max_tokens=8)([changed.read_bytes()])[0].text

@@ -237,6 +237,8 @@ def test_drop_root_deletes_that_folders_rows_and_forgets_it(spark, tmp_path, loc
     assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
     if fmt == "delta":
         assert tables.EmbeddingsTable(spark, str(table)).image_roots() == [f"file:{data / 'AB'}/"]
+        for text in ("it's 50%_", "back\\slash\\'", "\\u0041 ção"):  # the SQL literals of the DELETE
+            assert spark.sql(f"SELECT {tables.sql_string(text)}").first()[0] == text
     # a root the table does not have (here: dropped already) is an error, nothing is deleted
     assert main([*base, "--drop-root", str(data / "A")]) == 2
     err = capsys.readouterr().err

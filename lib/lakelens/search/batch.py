@@ -1,8 +1,14 @@
 """Batch queries as a Spark job (`lakelens search --queries FILE --out RESULTS`): a distributed k-NN over
-the live version's shards. Queries are embedded on the executors (with the Searcher's query arithmetic),
-each shard is searched for every query by the task that holds it (shards are loaded once per Python
-worker), and the per-shard top lists are merged per query by Spark into (query_id, query, rank, id,
-path, score, error) rows. Nothing per query is collected on the driver."""
+the live version's shards. Each query is parsed as a single query is (search/query.py: filters, phrases,
+query arithmetic) and embedded on the executors; each shard is searched for every query by the task that
+holds it (shards are loaded once per Python worker), a query's filters applied there to the shard's own
+entries; the per-shard top lists are merged per query by Spark in the Searcher's order (score, then
+shard, then place in the shard's list) into (query_id, query, rank, id, path, score, error) rows. Nothing
+per query is collected on the driver.
+
+Queries are keyed by their row in the file (from 0), so two queries never share a top list: a missing
+query_id is that row number, and a query_id given more than once (or not an integer) is an error row for
+each query that carries it."""
 
 from __future__ import annotations
 
@@ -16,58 +22,98 @@ import pandas as pd
 
 from lakelens import index as ix
 from lakelens.errors import DataError, QueryError
+from lakelens.search.query import ParsedQuery, parse_query
 
 RESULT_SCHEMA = "query_id long, query string, rank int, id long, path string, score float, error string"
-VECTORS_SCHEMA = "query_id long, query string, vector array<float>, error string"
+VECTORS_SCHEMA = "row long, query_id long, query string, vector array<float>, error string"
+# k1, k2, k3: the order of a query's hits: (-score, shard, place in the shard's list) for a vector search,
+# (0, 0, place in the tag's best-first list or the id) when a query of filters only browses
+HITS_SCHEMA = "row long, query_id long, query string, id long, path string, score float, k1 float, k2 long, k3 long"
+EMPTY_QUERY = "empty query text: give words, an image, or a filter such as tag:dog"  # as Searcher.search says
 
 
 def read_queries(spark, path: str):
-    """(query_id, query) from a text file (one query a line; ids are line numbers from 0), a CSV with a
-    `query` column (and optionally `query_id`), or Parquet."""
+    """(row, query_id, query, error) of a text file (one query a line), a CSV with a `query` column (and
+    optionally `query_id`) or Parquet: `row` is the query's row in the file (from 0), `query_id` the one
+    given or else the row, and `error` says why a query_id is unusable (not an integer, or given twice)."""
+    from pyspark.errors import AnalysisException
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     name = str(path).lower()
-    if name.endswith(".csv"):
-        df = spark.read.option("header", True).csv(str(path))
-    elif name.endswith(".parquet"):
-        df = spark.read.parquet(str(path))
-    else:
-        df = spark.read.text(str(path)).withColumnRenamed("value", "query")
-    if "query" not in df.columns:
-        raise DataError(f"queries {path}: no 'query' column (columns: {', '.join(df.columns)})")
-    if "query_id" in df.columns:
-        return df.select(F.col("query_id").cast("long"), F.col("query").cast("string"))
-    numbered = df.select("query").rdd.zipWithIndex().map(lambda r: (r[1], r[0]["query"]))
-    return spark.createDataFrame(numbered, "query_id long, query string")
+    try:
+        if name.endswith(".csv"):
+            df = spark.read.option("header", True).csv(str(path))
+        elif name.endswith(".parquet"):
+            df = spark.read.parquet(str(path))
+        else:
+            df = spark.read.text(str(path)).withColumnRenamed("value", "query")
+        columns = df.columns  # analysed here under Spark Connect too, so a missing file is found now
+    except AnalysisException as e:
+        if "PATH_NOT_FOUND" in str(e) or "Path does not exist" in str(e):
+            raise DataError(f"queries: no file at {path}") from None
+        raise
+    if "query" not in columns:
+        raise DataError(f"queries {path}: no 'query' column (columns: {', '.join(columns)})")
+    given = F.col("query_id") if "query_id" in columns else F.lit(None).cast("string")
+    # query files are small: in one partition, Spark's increasing ids are the rows' places in the file
+    numbered = (df.coalesce(1).select(F.col("query").cast("string").alias("query"),
+                                      given.cast("string").alias("given"))
+                .withColumn("row", F.monotonically_increasing_id()))
+    raw = F.trim(F.col("given"))
+    missing = F.col("given").isNull() | (raw == "")
+    as_id = raw.try_cast("long")
+    numbered = numbered.withColumn("query_id", F.when(missing, F.col("row")).otherwise(as_id))
+    same = Window.partitionBy("query_id")
+    return (numbered
+            .withColumn("n", F.count(F.lit(1)).over(same))
+            .withColumn("rows", F.array_join(F.array_sort(F.collect_list("row").over(same)), ", "))
+            .select("row", "query_id", "query", F.when(
+                F.col("query_id").isNull(), F.format_string("query_id %s is not an integer", F.col("given")))
+                .when(F.col("n") > 1, F.format_string(
+                    "query_id %d is given twice or more (rows %s of the file, counted from 0, or a row without "
+                    "one there): give each query its own", F.col("query_id"), F.col("rows")))
+                .alias("error")))
 
 
-def embed_fn(model_key: str, engine: str, onnx_cache: str):
-    """mapInPandas: queries -> their vectors (query arithmetic included), or an error per bad query."""
+def embed_fn(model_key: str, engine: str, onnx_cache: str, version: str, keywords: bool):
+    """mapInPandas: queries -> their vectors (the query's text after its filters, with query arithmetic),
+    no vector for a query of filters only, or an error per bad query (as a single query would raise it)."""
 
     def embed(batches):
         from lakelens.ingest.embedder import cached_embedder
         from lakelens.models.registry import ModelSpec
+        from lakelens.search.keyword_side import need
         from lakelens.search.searcher import QUERY_MAX_PIXELS, query_vector
 
-        embedder = cached_embedder(ModelSpec.from_key(model_key), 32, 1, False, QUERY_MAX_PIXELS, engine,
-                                   onnx_cache=onnx_cache)
+        embedder = None
 
         def embed_text(term: str):
+            nonlocal embedder
+            if embedder is None:
+                embedder = cached_embedder(ModelSpec.from_key(model_key), 32, 1, False, QUERY_MAX_PIXELS, engine,
+                                           onnx_cache=onnx_cache)
             return embedder.embed_texts([term.strip()])[0], []
 
         for pdf in batches:
             vectors, errors = [], []
-            for text in pdf["query"]:
-                try:
-                    if text is None or not str(text).strip():
-                        raise QueryError("empty query text")
-                    vectors.append(query_vector(embed_text, str(text))[0])
-                    errors.append(None)
-                except QueryError as e:
-                    vectors.append(None)
-                    errors.append(str(e))
-            yield pd.DataFrame({"query_id": pdf["query_id"], "query": pdf["query"], "vector": vectors,
-                                "error": errors})
+            for text, error in zip(pdf["query"], pdf["error"]):
+                vector = None
+                if error is None:
+                    try:
+                        q = parse_query(text)
+                        if (q.tags or q.not_tags) and not keywords:
+                            need(None, version, "tag: filters")
+                        if q.has_text:
+                            vector = query_vector(embed_text, q.text)[0]
+                        elif not q.has_filters:
+                            raise QueryError(EMPTY_QUERY)
+                    except QueryError as e:
+                        error = str(e)
+                vectors.append(vector)
+                errors.append(error)
+            yield pd.DataFrame({"row": pdf["row"], "query_id": pdf["query_id"], "query": pdf["query"],
+                                "vector": vectors, "error": errors})
 
     return embed
 
@@ -120,32 +166,113 @@ def shard_hits(batches, folder: str, manifest_text: str, k: int, column: str = "
             yield part, s, scores, ids, metas[s]
 
 
-def search_fn(folder: str, manifest_text: str, k: int):
-    """mapInPandas: (query, shard) pairs -> each query's top k in that shard, with paths."""
+@functools.lru_cache(maxsize=4)
+def _version_facts(folder: str, manifest_text: str, keywords: bool):
+    """(live entries of the version, per shard the ids it holds that are not live there, the tag file or
+    None), once per Python worker."""
+    from lakelens.index.keyword import TagStore
+    from lakelens.index.shards import dead_ids, read_tombstones, shard_entries
+
+    manifest, *_, metas = _opened(folder, manifest_text)
+    tomb = read_tombstones(Path(folder), manifest)
+    dead = [dead_ids(tomb, int(e.get("generation", 0))) for e in shard_entries(manifest)]
+    live = sum(int(len(ids) - np.isin(ids, d).sum()) for (ids, _, _), d in zip(metas, dead))
+    return live, dead, TagStore(Path(folder)) if keywords else None
+
+
+def shard_allowed(q: ParsedQuery, meta, tags) -> np.ndarray:
+    """The entries of one shard a query's filters allow (sorted ids): path: filters test the entry's path
+    (a region carries its image's), tag: filters its image's tags, as the Searcher's allowed ids do."""
+    import pyarrow.compute as pc
+
+    ids, paths, images = meta
+    image_of = ids if images is None else images
+    keep = np.ones(len(ids), bool)
+    for text, wanted in [(p, True) for p in q.paths] + [(p, False) for p in q.not_paths]:
+        keep &= pc.match_substring(paths, text).to_numpy(zero_copy_only=False) == wanted
+    for tag, wanted in [(t, True) for t in q.tags] + [(t, False) for t in q.not_tags]:
+        keep &= np.isin(image_of, tags.ids_with(tag)) == wanted
+    return ids[keep]
+
+
+def search_fn(folder: str, manifest_text: str, k: int, keywords: bool = False):
+    """mapInPandas: (query, shard) pairs -> HITS_SCHEMA rows: each query's top k in that shard among the
+    entries its filters allow, or for a query of filters only the first k images it allows there."""
 
     def search(batches):
+        import faiss
         import pyarrow as pa
 
-        for part, _, scores, ids, meta in shard_hits(batches, folder, manifest_text, k):
-            rows, cols = np.nonzero(ids != -1)
+        from lakelens.index.shards import search_shards
+
+        manifest, shards, rerank, excluded, _, metas = _opened(folder, manifest_text)
+        live, dead, tags = _version_facts(folder, manifest_text, keywords)
+        params = manifest.get("search_params", {})
+        factor = int(manifest.get("rerank") or 0)
+        fetch = min(live or 1, k * per_image(manifest))  # as deep as the Searcher's search of all shards
+
+        def frame(part, rows, ids, scores, k1, k2, k3, meta):
             meta_ids, meta_paths, _ = meta
-            found = ids[rows, cols]
-            pos = np.searchsorted(meta_ids, found)
-            yield pd.DataFrame({"query_id": part["query_id"].to_numpy()[rows],
-                                "query": part["query"].to_numpy()[rows], "id": as_images(found, meta),
-                                "path": meta_paths.take(pa.array(pos)).to_pylist() if len(pos) else [],
-                                "score": scores[rows, cols].astype(np.float32)})
+            pos = np.searchsorted(meta_ids, ids)
+            return pd.DataFrame({"row": part["row"].to_numpy()[rows], "query_id": part["query_id"].to_numpy()[rows],
+                                 "query": part["query"].to_numpy()[rows], "id": as_images(ids, meta),
+                                 "path": meta_paths.take(pa.array(pos)).to_pylist() if len(pos) else [],
+                                 "score": np.asarray(scores, np.float32), "k1": np.asarray(k1, np.float32),
+                                 "k2": np.asarray(k2, np.int64), "k3": np.asarray(k3, np.int64)})
+
+        def hits(part, s, q, selector=None):
+            scores, ids = search_shards([shards[s]], [rerank[s] if rerank else None], q, fetch, params.get("nprobe"),
+                                        params.get("efSearch"), factor, None, selector, [excluded[s]])
+            rows, cols = np.nonzero(ids != -1)
+            return frame(part, rows, ids[rows, cols], scores[rows, cols], -scores[rows, cols],
+                         np.full(len(rows), s), cols, metas[s])
+
+        def browse(part, s, q: ParsedQuery, allowed):
+            meta_ids, _, images = metas[s]
+            whole = allowed if images is None else np.intersect1d(allowed, meta_ids[images == meta_ids])
+            whole = np.setdiff1d(whole, dead[s])
+            if q.tags:  # by the first tag's score, best first
+                best, score = tags.best_for(q.tags[0])
+                place = np.flatnonzero(np.isin(best, whole))[:k]
+                ids, scores = best[place], np.nan_to_num(score[place], nan=0.0)
+            else:  # by id
+                ids = place = whole[:k]
+                scores = np.zeros(len(ids), np.float32)
+            zeros = np.zeros(len(ids))
+            return frame(part, np.zeros(len(ids), int), ids, scores, zeros, zeros, place, metas[s])
+
+        for pdf in batches:
+            for s, part in pdf.groupby("shard", sort=False):
+                s = int(s)
+                queries = [parse_query(text) for text in part["query"]]
+                plain = [i for i, q in enumerate(queries) if not q.has_filters]
+                if plain:  # no filter: one search for all of them
+                    yield hits(part.iloc[plain], s, np.stack(part["vector"].iloc[plain].to_numpy()).astype(np.float32))
+                for i, q in enumerate(queries):
+                    if not q.has_filters:
+                        continue
+                    allowed = shard_allowed(q, metas[s], tags)
+                    one = part.iloc[[i]]
+                    if not len(allowed):
+                        continue
+                    if one["vector"].iloc[0] is None:
+                        yield browse(one, s, q, allowed)
+                    else:
+                        selector = faiss.IDSelectorBatch(allowed)
+                        yield hits(one, s, np.asarray(one["vector"].iloc[0], np.float32)[None, :], selector)
 
     return search
 
 
 def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine: str | None = None,
               onnx_cache: str = "", fmt: str = "delta") -> dict:
-    """Search every query of `queries` in the live version of `index_dir`; write RESULT_SCHEMA rows to
-    `out` (Delta or Parquet, overwritten). Returns counts and seconds."""
+    """Search every query of `queries` in the live version of `index_dir` as `Searcher.search_text` does
+    (mode vector); write RESULT_SCHEMA rows to `out` (Delta or Parquet, overwritten): a query's hits, or
+    one row with its error, or one row with neither when nothing matches it. Returns counts and seconds."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    from lakelens.index.keyword import KEYWORD_DIR
     from lakelens.models.engines import DEFAULT_ENGINE, check_engine
     from lakelens.models.registry import ModelSpec
     from lakelens.search.searcher import MAX_K
@@ -161,26 +288,31 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     manifest = ix.read_manifest(index_dir, version)
     ModelSpec.from_key(manifest["model"]["key"]).check_weights()  # the index's weights, or nothing
     folder = str(Path(index_dir).resolve() / version)
+    keywords = bool(manifest.get("keywords")) and (Path(folder) / KEYWORD_DIR).is_dir()
     entries = len(manifest["shards"]) + len(manifest.get("deltas", []))
-    vectors = (read_queries(spark, queries)
-               .mapInPandas(embed_fn(manifest["model"]["key"], engine, onnx_cache), VECTORS_SCHEMA)
+    read = read_queries(spark, queries).localCheckpoint()
+    # only rows with a query_id reach pandas: a null among 64-bit ids would make them floats there
+    vectors = (read.where(F.col("error").isNull()).repartition(max(1, entries))
+               .mapInPandas(embed_fn(manifest["model"]["key"], engine, onnx_cache, version, keywords), VECTORS_SCHEMA)
                .localCheckpoint())
     good = vectors.where(F.col("error").isNull())
     pairs = (good.crossJoin(spark.range(entries).select(F.col("id").cast("int").alias("shard")))
-             .repartition(max(1, min(entries, spark.sparkContext.defaultParallelism * 2)), "shard"))
-    hits = pairs.mapInPandas(search_fn(folder, json.dumps(manifest), k * per_image(manifest)),
-                             "query_id long, query string, id long, path string, score float")
-    if per_image(manifest) > 1:  # region hits are their images: each image once, at its best entry
-        best = F.row_number().over(Window.partitionBy("query_id", "id").orderBy(F.col("score").desc()))
-        hits = hits.withColumn("best", best).where("best = 1").drop("best")
-    rank = F.row_number().over(Window.partitionBy("query_id").orderBy(F.col("score").desc(), F.col("id")))
-    ranked = (hits.withColumn("rank", rank).where(F.col("rank") <= k)
-              .select("query_id", "query", "rank", "id", "path", "score", F.lit(None).cast("string").alias("error")))
-    failed = vectors.where(F.col("error").isNotNull()).select(
-        "query_id", "query", F.lit(None).cast("int").alias("rank"), F.lit(None).cast("long").alias("id"),
-        F.lit(None).cast("string").alias("path"), F.lit(None).cast("float").alias("score"), "error")
-    result = ranked.unionByName(failed)
+             .repartition(max(1, entries), "shard"))
+    hits = pairs.mapInPandas(search_fn(folder, json.dumps(manifest), k, keywords), HITS_SCHEMA)
+    order = [F.col("k1"), F.col("k2"), F.col("k3")]  # the Searcher's merge: score, then shard, then place
+    if per_image(manifest) > 1:  # region hits are their images: each image once, at its first entry
+        hits = (hits.withColumn("first", F.row_number().over(Window.partitionBy("row", "id").orderBy(*order)))
+                .where("first = 1").drop("first"))
+    ranked = (hits.withColumn("rank", F.row_number().over(Window.partitionBy("row").orderBy(*order)))
+              .where(F.col("rank") <= k).localCheckpoint())  # k rows a query: the shards are searched once
+    nothing = good.join(ranked.select("row").distinct(), "row", "left_anti")  # no image matches the query
+    errors = (vectors.where(F.col("error").isNotNull()).select("query_id", "query", "error")
+              .unionByName(read.where(F.col("error").isNotNull()).select("query_id", "query", "error")))
+    blank = [F.lit(None).cast(t).alias(c) for c, t in (("rank", "int"), ("id", "long"), ("path", "string"),
+                                                        ("score", "float"))]
+    result = (ranked.select("query_id", "query", "rank", "id", "path", "score", F.lit(None).cast("string").alias("error"))
+              .unionByName(nothing.select("query_id", "query", *blank, F.lit(None).cast("string").alias("error")))
+              .unionByName(errors.select("query_id", "query", *blank, "error")))
     result.write.format(fmt).mode("overwrite").option("overwriteSchema", "true").save(str(out))
-    counts = vectors.agg(F.count(F.lit(1)).alias("n"), F.sum(F.col("error").isNotNull().cast("int")).alias("bad")).first()
-    return {"index_version": version, "queries": int(counts["n"]), "failed": int(counts["bad"] or 0), "k": k,
-            "out": str(out), "format": fmt, "seconds": round(time.time() - t0, 1)}
+    return {"index_version": version, "queries": read.count(), "failed": errors.count(), "unmatched": nothing.count(),
+            "k": k, "out": str(out), "format": fmt, "seconds": round(time.time() - t0, 1)}

@@ -8,7 +8,10 @@ score = the CLIP cosine between the image and its caption, model = the caption m
 Incremental: the run state (the embeddings table, its Delta version, the model key and the decoding
 settings) rides in the tags table's commit. A re-run captions only the images the change feed shows as
 new or changed since that version and drops the captions of images gone or failed; another caption model
-or other settings caption everything again."""
+or other settings caption everything again. A run over another folder (caption.images) captions that
+folder in full and keeps the other folders' captions, less those of images changed, failed or gone since
+the last caption run: the change feed from the version it read, or where that is gone (Parquet, vacuumed)
+the table's rows now against the newest `embedded_at` that run saw."""
 
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ class CaptionResult:
     captioned: int  # images given a caption this run
     failed: int  # images read but not captioned (undecodable): no row
     missing: int  # files of the table not found any more: no row
-    dropped: int  # images whose caption rows went without a new one (deleted, failed at embedding)
+    dropped: int  # images whose caption rows went without a new one (deleted, failed, changed outside the scope)
     seconds: float
 
     def to_dict(self) -> dict:
@@ -117,7 +120,8 @@ class CaptionJob(Job):
         scope = to_stored(c.images).rstrip("/") + "/" if c.images else ""
         state = {"table": table.location, "table_id": table.table_id(), "model": spec.key,
                  "max_tokens": c.max_tokens, "beams": c.beams, "images": scope}
-        previous = None if c.full else tags_table.last_state(spark, c.tags, SOURCE)
+        last = tags_table.last_state(spark, c.tags, SOURCE)
+        previous = None if c.full else last
         differs = None
         if previous is not None and previous.get("model") != spec.key:
             differs = f"the caption model changed ({previous.get('model')} -> {spec.key})"
@@ -141,11 +145,14 @@ class CaptionJob(Job):
         if scope and mode == "full":
             if not paths and not table.read(version).where(in_scope).limit(1).count():
                 raise DataError(f"caption.images: the table {c.table} holds no image under {scope}")
-            # a full run of one folder replaces that folder's captions and keeps every other folder's
+            # a full run of one folder replaces that folder's captions and keeps every other folder's,
+            # except those made from pictures that changed or went since the last caption run
             if tags_table.is_table(spark, c.tags):
-                old = (spark.read.format("delta").load(c.tags).where((F.col("source") == SOURCE) & in_scope)
-                       .select("id"))
-                touched = old.unionByName(todo.select("id")).distinct().localCheckpoint()
+                captioned = spark.read.format("delta").load(c.tags).where(F.col("source") == SOURCE)
+                stale, how = self._stale(captioned.select("id"), table, last, version)
+                self.log(f"lakelens caption: captions of other folders checked against {how}")
+                touched = (captioned.where(in_scope).select("id").unionByName(todo.select("id"))
+                           .unionByName(stale).distinct().localCheckpoint())
         present = [p for p in paths if not is_local(p) or os.path.isfile(to_local(p))]
         self.log(f"lakelens caption: {mode} ({reason}): captioning {len(present)} images with {spec.key}"
                  + (f"; {len(paths) - len(present)} files are gone" if len(present) < len(paths) else ""))
@@ -157,12 +164,42 @@ class CaptionJob(Job):
         dropped = 0
         if touched is not None:
             dropped = touched.join(captions.select("id"), "id", "left_anti").count()
-        tags_table.replace_rows(spark, c.tags, captions, touched, SOURCE, {**state, "version": version})
+        mark = table.read(version).agg(F.max(F.unix_micros("embedded_at"))).first()[0]
+        tags_table.replace_rows(spark, c.tags, captions, touched, SOURCE,
+                                {**state, "version": version, "embedded_through": mark})
         result = CaptionResult(version, mode, reason, spec.key, int(counts["ok"]), int(counts["failed"]),
                                len(paths) - len(present), dropped, round(time.time() - t0, 1))
         self.log(f"lakelens caption: {result.captioned} captioned, {result.failed} failed, {result.missing} gone, "
                  f"{result.dropped} dropped ({result.seconds} s)")
         return result
+
+    def _stale(self, captioned: DataFrame, table: EmbeddingsTable, last: dict | None,
+               version: int | None) -> tuple[DataFrame, str]:
+        """Ids among `captioned` whose image changed, failed or went since the last caption run (of any
+        folder), and what told: the change feed from the version that run read, where it covers the range;
+        else the table as it is now (images gone or failed, and rows embedded after that run's newest,
+        `embedded_through`)."""
+        spark = self.spark
+        none = captioned.limit(0)
+        if last is None or last.get("table") != table.location:
+            return none, "nothing (no earlier caption run of this table)"
+        seen = last.get("version")
+        if version is not None and seen is not None and last.get("table_id") == table.table_id() \
+                and seen <= version:
+            if seen == version:
+                return none, f"the change feed (the table is unchanged since version {seen})"
+            changes, _ = tags_table.changes_since(spark, table.location, last, version)
+            if changes is not None:
+                return (changes.replaced.select("id").join(captioned, "id", "left_semi"),
+                        f"the change feed of versions {seen + 1}..{version}")
+        rows = table.read(version)
+        live = rows.where(F.col("error").isNull() & F.col("embedding").isNotNull()).select("id")
+        stale = captioned.join(live, "id", "left_anti")
+        mark = last.get("embedded_through")
+        if mark is not None:
+            newer = rows.where(F.unix_micros("embedded_at") > F.lit(mark)).select("id")
+            stale = stale.unionByName(captioned.join(newer, "id", "left_semi"))
+        return stale, "the table's rows now (no change feed reaches back to the last caption run)"
 
     def _caption(self, paths: list[str], spec: ModelSpec) -> DataFrame:
         spark = self.spark
