@@ -32,7 +32,7 @@ from lakelens.ingest.table import EmbeddingsTable, path_id_col
 from lakelens.models import engines
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec
-from lakelens.spark import Job
+from lakelens.spark import Job, parallelism
 from lakelens.tags import table as tags_table
 
 SOURCE = "caption"
@@ -206,7 +206,7 @@ class CaptionJob(Job):
         if not paths:
             return spark.createDataFrame([], UDF_SCHEMA)
         c = self.conf.caption
-        splits = max(1, min(len(paths), c.partitions or 2 * spark.sparkContext.defaultParallelism))
+        splits = max(1, min(len(paths), c.partitions or 2 * parallelism(spark)))
         spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))  # image bytes: small batches
         with file_splits(spark, len(paths), splits):  # the scan is planned by the action, so it runs inside
             files = read_files(spark, paths).select("path", "content")
