@@ -137,7 +137,8 @@ class IndexJob(Job):
         if decision.kind == "changes":  # the change feed tells the rest, without a table scan
             decision, changes = self._from_changes(live, source, table, version)
             if decision.kind == "incremental":
-                source["image_roots"] = sorted({*live["source"].get("image_roots", []), *table.image_roots()})
+                # the table's roots when it records them (a dropped root is gone from there), else the live ones
+                source["image_roots"] = sorted(table.image_roots() or live["source"].get("image_roots", []))
                 rows_at = table.read(version).where(F.col("error").isNull() & F.col("embedding").isNotNull())
                 finish = None
                 if self._tags:
