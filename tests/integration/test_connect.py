@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_images
 
-from lakelens import EmbedJob, IndexJob, Searcher
+from lakelens import Searcher
 from lakelens.connect_server import ConnectServer
-from lakelens.errors import IndexDirError
 from lakelens.ingest.listing import list_files, walk_local
 from lakelens.spark import is_connect
 
@@ -60,25 +59,24 @@ def test_a_local_folder_is_listed_by_an_executor_as_the_driver_lists_it(spark, t
     assert got["size_bytes"].tolist() == want["size_bytes"].tolist()
 
 
-def test_an_index_folder_the_executors_do_not_see_is_a_clear_error(tmp_path, local_conf):
+def test_an_index_folder_the_executors_do_not_see_is_a_clear_error(tmp_path):
     """A server whose executors see another file system at the index folder (a private tmpfs mounted over
     it in the server's mount namespace), as a laptop and a cluster do under Databricks Connect."""
-    from pyspark.sql import SparkSession
-
     write_images(tmp_path / "img", 5)
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     wrapper = ("unshare", "-m", "--propagation", "private", "sh", "-c",
                f"mount -t tmpfs tmpfs '{hidden}' && exec \"$@\"", "sh")
     server = ConnectServer.start(tmp_path / "server.log", wrapper=wrapper)
+    conf = str(ROOT / "conf" / "local.yaml")
     try:
-        session = SparkSession.builder.remote(server.url).create()
-        conf = local_conf(tmp_path / "img", tmp_path / "t", f"index.table={tmp_path / 't'}",
-                          f"index.index={hidden / 'idx'}")
-        EmbedJob(spark=session, conf=conf, log=lambda *_: None).launch()
-        with pytest.raises(IndexDirError, match="executors do not see"):
-            IndexJob(spark=session, conf=conf, log=lambda *_: None).launch()
-        assert not (hidden / "idx" / "CURRENT").exists()
-        session.stop()
+        emb = run_cli("embed", "--remote", server.url, "--conf", conf, "--images", "img", "--table", "t",
+                      cwd=tmp_path)
+        assert emb.returncode == 0, emb.stderr[-3000:]
+        idx = run_cli("index", "--remote", server.url, "--conf", conf, "--table", "t", "--index", str(hidden / "idx"),
+                      cwd=tmp_path)
     finally:
         server.stop()
+    assert idx.returncode == 2 and "Traceback" not in idx.stderr, idx.stderr[-3000:]
+    assert "the Spark executors do not see what this machine wrote there" in idx.stderr
+    assert not (hidden / "idx" / "CURRENT").exists()
