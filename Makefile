@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean wheel
 
 PY := .venv/bin/python
 
@@ -17,6 +17,11 @@ bench: setup
 	$(PY) bench/serve.py
 	$(PY) bench/finetune.py
 	$(PY) bench/engines_eval.py
+
+# the installable package (README "Install"): build/dist/lakelens-VERSION-py3-none-any.whl
+wheel: setup
+	rm -rf build/dist build/lib build/bdist.*
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/dist .
 
 lint: setup
 	.venv/bin/ruff check lib jobs bench tests

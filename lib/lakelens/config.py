@@ -6,6 +6,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,11 @@ import yaml
 
 from lakelens.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def defaults_text() -> str:
+    """Every config key with its default and what it does: package data lakelens/data/default.yaml
+    (`lakelens config --defaults` prints it)."""
+    return (resources.files("lakelens") / "data" / "default.yaml").read_text(encoding="utf-8")
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
@@ -33,7 +38,7 @@ def parse_size(text: str | int) -> int:
 class SparkConfig:
     master: str = ""  # empty: spark-submit's --master, else local[*]
     app_name: str = "lakelens"
-    jars_dir: str = ""  # empty: $LAKELENS_JARS_DIR, else build/jars of this checkout
+    jars_dir: str = ""  # empty: $LAKELENS_JARS_DIR, else a checkout's build/jars, else Maven (packages)
     packages: str = ""  # spark.jars.packages when no jars dir is found (clusters)
     shuffle_partitions: int = 8
     extra: dict = field(default_factory=dict)  # any other spark.* settings, passed as is
@@ -122,7 +127,7 @@ class DedupConfig:
 class TagConfig:
     table: str = ""  # the embeddings table whose stored vectors are scored
     tags: str = ""  # the tags table (Delta): id, path, tag, score, source, model, vocab
-    vocab: str = ""  # the vocabulary file (CSV: tag[, prompts][, synonyms][, parent]), e.g. conf/vocab/photo.csv
+    vocab: str = ""  # the vocabulary file (CSV: tag[, prompts][, synonyms][, parent]), or a built-in one by name: photo
     format: str = "delta"  # the embeddings table's format
     threshold: float = 0.25  # cosine at or above which a tag is kept, where no calibrated threshold applies
     max_tags: int = 10  # tags kept per image, best first; 0: no cap

@@ -27,9 +27,9 @@ def tags_version(spark: SparkSession, location: str) -> int:
 def load_vocab_file(path: str):
     if not path:
         return None
-    from lakelens.tags.vocab import load_vocab  # tags/ owns vocabularies; only needed when one is given
+    from lakelens.tags.vocab import load_vocab, vocab_path  # tags/ owns vocabularies; needed only for one
 
-    if not Path(path).is_file():
+    if not vocab_path(path).is_file():  # a bare name is a built-in vocabulary
         raise ConfigError(f"index.vocab: no vocabulary file at {path}")
     return load_vocab(path)
 
