@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean wheel
 
 PY := .venv/bin/python
 
@@ -8,8 +8,14 @@ setup:
 demo: setup
 	$(PY) -m lakelens.cli demo --conf conf/local.yaml
 
+# the whole suite on a classic session, then the job tests again through a Spark Connect server
 test: setup
 	$(PY) -m pytest -q tests
+	LAKELENS_TEST_SPARK=connect $(PY) -m pytest -q tests
+
+# the quick lane: every test that starts no JVM (no Spark session, no Spark process)
+test-fast: setup
+	LAKELENS_TEST_SPARK=fast $(PY) -m pytest -q tests
 
 bench: setup
 	$(PY) bench/embed.py
@@ -17,6 +23,11 @@ bench: setup
 	$(PY) bench/serve.py
 	$(PY) bench/finetune.py
 	$(PY) bench/engines_eval.py
+
+# the installable package (README "Install"): build/dist/lakelens-VERSION-py3-none-any.whl
+wheel: setup
+	rm -rf build/dist build/lib build/bdist.*
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/dist .
 
 lint: setup
 	.venv/bin/ruff check lib jobs bench tests

@@ -3,7 +3,7 @@
 The demo's recipe, no Spark: lakelens-tiny is fine-tuned on generated shapes (captions name size, colour,
 shape, position and background), and lakelens-tiny-coca on the same pairs (contrastive + caption loss).
 The held-out images (other seed) are embedded by the fine-tuned CLIP, captioned by the fine-tuned CoCa
-(greedy), and tagged zero-shot with conf/vocab/shapes.csv (thresholds calibrated on the training images
+(greedy), and tagged zero-shot with the built-in vocabulary shapes (thresholds calibrated on the training images
 at precision 0.9). Three index versions are built from the same vectors (build_local), their keyword
 side fed by:
   captions      generated captions only (the issue's setting);
@@ -40,14 +40,14 @@ from lakelens.index.keyword import TagRow  # noqa: E402
 from lakelens.search import Searcher  # noqa: E402
 from lakelens.tags.calibrate import choose_thresholds, select_tags, truth_matrix  # noqa: E402
 from lakelens.tags.captions import Captioner  # noqa: E402
-from lakelens.tags.vocab import load_vocab, tag_vectors  # noqa: E402
+from lakelens.tags.vocab import load_vocab, tag_vectors, vocab_path  # noqa: E402
 from lakelens.train import synth  # noqa: E402
 from lakelens.train.eval_run import read_captions  # noqa: E402
 from lakelens.train.finetune import finetune  # noqa: E402
 
 MODES = ("vector", "keyword", "hybrid")
 KS = (1, 5, 10)
-VOCAB = ROOT / "conf" / "vocab" / "shapes.csv"
+VOCAB = vocab_path("shapes")  # the built-in vocabulary
 ENGINE = "torch"  # images, tags and queries embedded alike
 
 

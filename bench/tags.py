@@ -35,12 +35,12 @@ from lakelens import config, path_id  # noqa: E402
 from lakelens.ingest.embedder import Embedder  # noqa: E402
 from lakelens.models.registry import ModelSpec  # noqa: E402
 from lakelens.tags import calibrate as cal  # noqa: E402
-from lakelens.tags.vocab import load_vocab, tag_vectors  # noqa: E402
+from lakelens.tags.vocab import load_vocab, tag_vectors, vocab_path  # noqa: E402
 from lakelens.train import datasets, synth  # noqa: E402
 
 # labels per image in each data set (one class; colour, shape, background): the cap of the "top-k" setting
 LABELS_PER_IMAGE = {"fashion-mnist": 1, "shapes": 3}
-VOCABS = {"fashion-mnist": ROOT / "conf" / "vocab" / "fashion-mnist.csv", "shapes": ROOT / "conf" / "vocab" / "shapes.csv"}
+VOCABS = {"fashion-mnist": vocab_path("fashion-mnist"), "shapes": vocab_path("shapes")}  # built-in vocabularies
 SWEEP = np.round(np.arange(-0.5, 1.0001, 0.01), 2)
 
 
@@ -179,7 +179,7 @@ def rate(spark, work: Path, rows: int, max_tags: int) -> dict:
     from lakelens.tags.job import TagJob
 
     spec = ModelSpec("lakelens-tiny")
-    vocab = load_vocab(ROOT / "conf" / "vocab" / "photo.csv")
+    vocab = load_vocab("photo")
     t0 = time.time()
     text = tag_vectors(vocab, spec)
     text_s = time.time() - t0
@@ -202,7 +202,7 @@ def rate(spark, work: Path, rows: int, max_tags: int) -> dict:
     numpy_pass()
     numpy_s = time.time() - t0
     conf = config.load(ROOT / "conf" / "local.yaml", [f"tag.table={table}", f"tag.tags={tags}",
-                                                     f"tag.vocab={ROOT / 'conf' / 'vocab' / 'photo.csv'}",
+                                                     "tag.vocab=photo",
                                                      f"tag.threshold={threshold}", f"tag.max_tags={max_tags}",
                                                      f"tag.thresholds={work / 'none.json'}"])
     first = TagJob(spark=spark, conf=conf, log=print).launch()

@@ -23,13 +23,14 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.lakelens-requirements
-want=$(cat requirements.txt setup.py | sha256sum | cut -c1-16)
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned Python packages into .venv"
   .venv/bin/pip install -q --upgrade pip
   # torch, torchvision and open_clip in one command, so pip cannot swap torch for another build
   .venv/bin/pip install -q -r requirements.txt
-  .venv/bin/pip install -q --no-deps -e .
+  # pyproject.toml, built by the pinned setuptools; its dependencies are the pins above
+  .venv/bin/pip install -q --no-deps --no-build-isolation -e .
   .venv/bin/python -c "import torch, torchvision, open_clip, pyspark, delta, faiss"
   echo "$want" > "$stamp"
 fi

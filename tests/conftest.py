@@ -58,7 +58,10 @@ CONNECT_MODULES = {
 
 
 def pytest_collection_modifyitems(config, items):
-    if SPARK_MODE != "connect":
+    if SPARK_MODE == "fast":  # the quick lane (make test-fast): nothing that starts a JVM
+        keep = [i for i in items if "integration" not in i.path.parts and "spark" not in getattr(i, "fixturenames", ())
+                and "connect_only" not in i.keywords and "jvm" not in i.keywords]
+    elif SPARK_MODE != "connect":
         keep = [i for i in items if "connect_only" not in i.keywords]
     else:
         keep = [i for i in items if i.path.name in CONNECT_MODULES and "classic_only" not in i.keywords]
@@ -71,6 +74,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     config.addinivalue_line("markers", "classic_only: a test of what only a classic session has (its JVM, "
                                        "spark-submit's driver); not run in the Spark Connect half")
+    config.addinivalue_line("markers", "jvm: starts a Spark JVM without the `spark` fixture (left out of make test-fast)")
     config.addinivalue_line("markers", "connect_only: a test of the Spark Connect path itself; run in the Spark "
                                        "Connect half only (LAKELENS_TEST_SPARK=connect)")
 

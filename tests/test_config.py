@@ -5,8 +5,15 @@ from lakelens import config
 from lakelens.config import ConfigError
 
 
-def test_defaults_and_shipped_files_load():
-    default = config.load(ROOT / "conf" / "default.yaml")
+def test_defaults_and_shipped_files_load(tmp_path, capsys):
+    # default.yaml is package data (an installed wheel has no conf/); `lakelens config --defaults` prints it
+    from lakelens.cli import main
+
+    assert main(["config", "--defaults"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == config.defaults_text() and "jars_dir:" in printed and printed.startswith("# Every config key")
+    (tmp_path / "default.yaml").write_text(printed)
+    default = config.load(tmp_path / "default.yaml")
     assert default == config.Config()  # default.yaml documents exactly the dataclass defaults
     local = config.load(ROOT / "conf" / "local.yaml")
     assert local.spark.master == "local[2]"

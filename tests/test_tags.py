@@ -4,13 +4,15 @@ precision, P/R/F1, the thresholds file's matching rule)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from conftest import ROOT
 
+import lakelens
 from lakelens.errors import ConfigError
 from lakelens.tags import calibrate as cal
-from lakelens.tags.vocab import VocabError, load_vocab
+from lakelens.tags.vocab import VocabError, builtin_vocabs, load_vocab
 
 
 def write(tmp_path, text, name="v.csv"):
@@ -56,12 +58,32 @@ def test_vocabulary_synonyms_ancestors_prompts_and_digest(tmp_path):
 
 
 def test_shipped_vocabularies_load():
-    photo = load_vocab(ROOT / "conf" / "vocab" / "photo.csv")
+    photo = load_vocab("photo")
     assert len(photo) == 80 + 91 + 26  # COCO things, COCO-Stuff stuff, their supercategories ("person" is both)
     assert photo.ancestors("dog") == ["animal"] and photo.resolve("sofa") == "couch"
-    assert open(ROOT / "conf" / "vocab" / "photo.csv").readline().startswith("#")
-    assert len(load_vocab(ROOT / "conf" / "vocab" / "fashion-mnist.csv")) == 10
-    assert len(load_vocab(ROOT / "conf" / "vocab" / "shapes.csv")) == 15
+    assert open(photo.path).readline().startswith("#")
+    assert len(load_vocab("fashion-mnist")) == 10
+    assert len(load_vocab("shapes")) == 15
+
+
+def test_a_bare_name_is_a_built_in_vocabulary_and_a_path_a_file(tmp_path, monkeypatch):
+    assert builtin_vocabs() == ["fashion-mnist", "photo", "shapes"]
+    shapes = load_vocab("shapes")
+    assert Path(shapes.path).name == "shapes.csv" and Path(shapes.path).is_file()
+    assert Path(shapes.path).parent.parent.parent == Path(lakelens.__file__).parent  # package data
+    monkeypatch.chdir(tmp_path)
+    copy = write(tmp_path, Path(shapes.path).read_text(), "shapes.csv")
+    assert load_vocab(copy).digest == load_vocab("./shapes.csv").digest == shapes.digest  # a path is a file
+    (tmp_path / "mine").write_text("tag\na\n")
+    assert load_vocab("mine").tags == ["a"]  # a bare name that is no built-in but a file here
+    with pytest.raises(VocabError, match=r"nope: no vocabulary file .*\(built in: fashion-mnist, photo, shapes;"):
+        load_vocab("nope")
+    # thresholds calibrated for a built-in vocabulary go to the user's folder, not into the installed package
+    monkeypatch.setenv("LAKELENS_CACHE_DIR", str(tmp_path / "cache"))
+    path = cal.write_thresholds(shapes, np.full(len(shapes), 0.3), {}, "m@none", "simple", 0.9, 5, 0.25, 10)
+    assert path == tmp_path / "cache" / "vocab" / "shapes.thresholds.json"
+    assert "calibrated thresholds from shapes.thresholds.json" in cal.thresholds_for(shapes, "m@none", "simple", 0.25)[1]
+    assert cal.thresholds_path(copy) == tmp_path / "shapes.thresholds.json"  # beside a vocabulary file
 
 
 def test_select_tags_thresholds_cap_and_order():
@@ -156,7 +178,7 @@ def test_eval_tag_metrics_from_an_index_and_a_vocabulary(tmp_path, capsys):
     from lakelens.models.registry import ModelSpec
     from lakelens.tags.vocab import tag_vectors
 
-    vocab_file = ROOT / "conf" / "vocab" / "shapes.csv"
+    vocab_file = "shapes"  # the built-in vocabulary
     vocab = load_vocab(vocab_file)
     text = tag_vectors(vocab, ModelSpec("lakelens-tiny"))
     # image i is tag i's own text vector; its label is tag i, written as a synonym for "purple" (4)
@@ -167,7 +189,7 @@ def test_eval_tag_metrics_from_an_index_and_a_vocabulary(tmp_path, capsys):
     words = [vocab.tags[i] if i != 4 else "violet" for i in range(6)]
     labels.write_text("path,tags\n" + "".join(f"{p},{w}\n" for p, w in zip(paths, words)) + "file:/elsewhere.jpg,red\n")
     out = tmp_path / "m.json"
-    assert main(["eval", "--labels", str(labels), "--index", str(tmp_path / "index"), "--vocab", str(vocab_file),
+    assert main(["eval", "--labels", str(labels), "--index", str(tmp_path / "index"), "--vocab", vocab_file,
                  "--set", "tag.max_tags=1", "--set", "tag.threshold=-1", "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)["tags"]
     assert report["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0} and report["labelled_tags"] == 6

@@ -23,6 +23,16 @@ def jvm_running() -> bool:
     return SparkContext._gateway is not None
 
 
+def end_jvm(timeout: float = 300) -> None:
+    """Close the JVM this process launched (after `spark.stop()`) and wait until it has exited."""
+    from pyspark import SparkContext
+
+    gateway = SparkContext._gateway
+    if gateway is not None and getattr(gateway, "proc", None) is not None:
+        gateway.proc.stdin.close()  # the JVM exits on this
+        gateway.proc.wait(timeout)
+
+
 def default_parallelism(spark: SparkSession) -> int:
     return int(spark.sparkContext.defaultParallelism)
 

@@ -11,10 +11,13 @@ from lakelens import config
 from lakelens.errors import ConfigError, LakelensError, QueryError
 
 ENGINE_CHOICES = config.CHOICES["embed.engine"]
+# top-level modules of the optional dependencies -> the extra that installs them (pyproject.toml)
+EXTRAS = {"dash": "web", "flask": "web", "waitress": "web", "transformers": "hf", "tokenizers": "hf",
+          "grpc": "connect", "grpc_status": "connect", "google": "connect", "zstandard": "connect"}
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--conf", help="YAML config file (conf/default.yaml documents every key)")
+    p.add_argument("--conf", help="YAML config file (`lakelens config --defaults` prints every key)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set embed.batch_size=16 (repeatable)")
     p.add_argument("--master", help="Spark master URL (default: spark-submit's, else local[*])")
@@ -31,7 +34,7 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per model batch and per Arrow batch")
     p.add_argument("--chunk-size", type=int, help="files per committed chunk")
     p.add_argument("--engine", choices=ENGINE_CHOICES,
-                   help="inference engine (default onnx-int8; conf key embed.engine, see conf/default.yaml)")
+                   help="inference engine (default onnx-int8; conf key embed.engine, see lakelens config --defaults)")
     p.add_argument("--regions", action="store_true", default=None,
                    help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
@@ -308,6 +311,16 @@ def cmd_jars(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    if args.defaults:
+        print(config.defaults_text(), end="")
+    else:  # the settings a command given the same --conf and --set would run with
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(config.load(args.conf, args.set)), sort_keys=False), end="")
+    return 0
+
+
 def cmd_jvm_options(args) -> int:
     from lakelens import jvm
 
@@ -396,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tag", help="zero-shot tags of the embeddings table's stored vectors against a vocabulary, "
                                    "into the tags table (Spark); or --calibrate per-tag thresholds on labelled images")
     p.add_argument("--table", help="the embeddings table")
-    p.add_argument("--vocab", help="vocabulary CSV: tag[, prompts][, synonyms][, parent] (e.g. conf/vocab/photo.csv)")
+    p.add_argument("--vocab", help="vocabulary CSV: tag[, prompts][, synonyms][, parent], or a built-in one by name: "
+                                   "photo (COCO, 197 tags), shapes, fashion-mnist")
     p.add_argument("--tags", help="the tags table to write (Delta): id, path, tag, score, source, model, vocab")
     p.add_argument("--format", choices=("delta", "parquet"), help="the embeddings table's format (default delta)")
     p.add_argument("--threshold", type=float, help="global cosine threshold where no calibrated one applies (default 0.25)")
@@ -456,9 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("jars", help="print the spark-submit arguments that bring the Delta jars (--jars ...)")
-    p.add_argument("--jars-dir", help="folder of the Delta jars (default: build/jars)")
+    p.add_argument("--jars-dir", help="folder of the Delta jars (default: $LAKELENS_JARS_DIR, else a checkout's "
+                                      "build/jars, else --packages coordinates)")
     p.add_argument("--s3", action="store_true", help="also the s3a file system (hadoop-aws and the AWS SDK)")
     p.set_defaults(func=cmd_jars)
+    p = sub.add_parser("config", help="print the settings that --conf and --set give (YAML); --defaults: every key "
+                                      "with its default and what it does")
+    p.add_argument("--defaults", action="store_true", help="print the documented defaults (package data default.yaml)")
+    p.add_argument("--conf", help="YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("jvm-options", help="print the JVM options that map lakelens' class archive (faster Spark "
                                            "start; for --driver-java-options of spark-submit); empty when none is built")
     p.add_argument("--build", action="store_true", help="build the archive first if it is missing (about 40 s)")
@@ -514,14 +535,22 @@ def use_remote(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in PATH_FLAGS:
-        if isinstance(getattr(args, name, None), str):  # demo's --images is a count
-            setattr(args, name, config.absolute_path(getattr(args, name)))
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not (name == "vocab" and config.bare_name(value)):  # demo's --images: a count
+            setattr(args, name, config.absolute_path(value))  # --vocab photo: a built-in vocabulary's name
     try:
         use_remote(args)
         return args.func(args)
     except LakelensError as e:  # expected failures: one line, no traceback; anything else is a bug
         reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"lakelens {args.command}: error: {reason}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional part that a plain install leaves out (pyproject's extras)
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"lakelens {args.command}: error: needs {e.name}, which a plain install leaves out: "
+              f"pip install 'lakelens[{extra}]'", file=sys.stderr)
         return 2
 
 

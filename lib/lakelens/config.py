@@ -7,6 +7,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,11 @@ import yaml
 
 from lakelens.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+def defaults_text() -> str:
+    """Every config key with its default and what it does: package data lakelens/data/default.yaml
+    (`lakelens config --defaults` prints it)."""
+    return (resources.files("lakelens") / "data" / "default.yaml").read_text(encoding="utf-8")
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
@@ -35,7 +40,7 @@ class SparkConfig:
     master: str = ""  # empty: spark-submit's --master, else local[*]
     remote: str = ""  # Spark Connect server (sc://host:port); empty: $SPARK_REMOTE, else a classic session
     app_name: str = "lakelens"
-    jars_dir: str = ""  # empty: $LAKELENS_JARS_DIR, else build/jars of this checkout
+    jars_dir: str = ""  # empty: $LAKELENS_JARS_DIR, else a checkout's build/jars, else Maven (packages)
     packages: str = ""  # spark.jars.packages when no jars dir is found (clusters)
     shuffle_partitions: int = 8
     extra: dict = field(default_factory=dict)  # any other spark.* settings, passed as is
@@ -124,7 +129,7 @@ class DedupConfig:
 class TagConfig:
     table: str = ""  # the embeddings table whose stored vectors are scored
     tags: str = ""  # the tags table (Delta): id, path, tag, score, source, model, vocab
-    vocab: str = ""  # the vocabulary file (CSV: tag[, prompts][, synonyms][, parent]), e.g. conf/vocab/photo.csv
+    vocab: str = ""  # the vocabulary file (CSV: tag[, prompts][, synonyms][, parent]), or a built-in one by name: photo
     format: str = "delta"  # the embeddings table's format
     threshold: float = 0.25  # cosine at or above which a tag is kept, where no calibrated threshold applies
     max_tags: int = 10  # tags kept per image, best first; 0: no cap
@@ -221,6 +226,15 @@ PATH_KEYS = ("spark.jars_dir", "embed.images", "embed.table", "embed.onnx_cache"
              "index.tags", "index.vocab", "finetune.pairs", "finetune.out", "dedup.table", "dedup.out", "dedup.index",
              "tag.table", "tag.tags", "tag.vocab", "tag.thresholds", "caption.table", "caption.tags", "caption.images")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+VOCAB_KEYS = ("index.vocab", "tag.vocab")
+
+
+def bare_name(value: str) -> bool:
+    """A word without a folder or an extension (`photo`): a built-in vocabulary's name (tags.vocab.vocab_path)."""
+    return bool(value) and not any(sep and sep in value for sep in ("/", os.sep, os.altsep)) \
+        and not os.path.splitext(value)[1]
 
 
 def absolute_path(path: str) -> str:
@@ -341,7 +355,10 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), **se
         _apply(conf, {section: {k: v for k, v in values.items() if v is not None}})
     for key in PATH_KEYS:
         section, name = key.split(".")
-        setattr(getattr(conf, section), name, absolute_path(getattr(getattr(conf, section), name)))
+        value = getattr(getattr(conf, section), name)
+        if key in VOCAB_KEYS and bare_name(value):
+            continue  # `photo` names a built-in vocabulary, not a file in the working folder
+        setattr(getattr(conf, section), name, absolute_path(value))
     _validate(conf)
     return conf
 

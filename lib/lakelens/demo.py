@@ -37,7 +37,7 @@ QUERIES = {"shapes": ["a large red circle on the left of a grey background",
                          "a large red circle on the left"],
            "fashion-mnist": ["a photo of a sneaker", "a photo of a trouser", "a photo of a bag",
                              "a photo of a dress"]}
-VOCABS = {"shapes": "shapes.csv", "shapes-pt": "shapes.csv", "fashion-mnist": "fashion-mnist.csv"}
+VOCABS = {"shapes": "shapes", "shapes-pt": "shapes", "fashion-mnist": "fashion-mnist"}  # built-in vocabularies
 CAPTION_MODEL = "lakelens-tiny-coca"
 CAPTION_PAIRS, CAPTION_EPOCHS = 1500, 4  # the caption model's budget (bench/captions.py: 2000 pairs, 4 epochs)
 # the hybrid query the demo shows: words for both sides, a tag filter for the keyword side's tags
@@ -94,11 +94,11 @@ def _tags_captions_keywords(spark, conf_path, overrides, sections: dict, dataset
     """Zero-shot tags from the stored vectors; captions by a small CoCa fine-tuned on the training captions
     (caption_epochs > 0); then the index job again with the tags table: a version with a keyword index
     that shares the vectors of the live one."""
-    vocab = str(config.CONF_DIR / "vocab" / VOCABS[dataset])
+    vocab = VOCABS[dataset]
     tags = str(out_dir / "tags")
     conf = config.load(conf_path, list(overrides), **sections, tag={"table": sections["embed"]["table"],
                                                                     "tags": tags, "vocab": vocab})
-    print(f"[demo] tag job: the stored vectors against {Path(vocab).name} ({conf.tag.templates} prompt templates)")
+    print(f"[demo] tag job: the stored vectors against the built-in vocabulary {vocab} ({conf.tag.templates} prompt templates)")
     tagged = TagJob(spark=spark, conf=conf).launch()
     out = {"tag_run": tagged.to_dict()}
     if caption_epochs:

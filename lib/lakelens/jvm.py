@@ -4,7 +4,8 @@ Every fresh Spark JVM loads and verifies the same ~15k Spark, Scala and Delta cl
 seconds of each `lakelens embed` (BENCHMARKS.md: about 5 s of a 2,000-image run). A dynamic CDS archive
 (JDK 13+) of those classes, dumped at the exit of one short Spark + Delta run, lets later JVMs map them
 instead. `make setup` builds it once per JDK, pyspark and Delta jars (`python -m lakelens.jvm`, about
-40 s on 2 cores, ~200 MB under build/cds); `get_session` hands it to the JVM it launches through SPARK_SUBMIT_OPTS.
+40 s on 2 cores, ~200 MB in the cds/ folder beside the jars folder: a checkout's build/cds); `get_session` hands
+it to the JVM it launches through SPARK_SUBMIT_OPTS.
 
 It changes no output: a JVM ignores an archive of another JDK or class path without a word
 (-Xlog:cds*=off keeps the JVM's notes off stdout). LAKELENS_CDS=0 turns it off; a driver started by
@@ -21,19 +22,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lakelens.spark import REPO_JARS
-
-CDS_DIR = REPO_JARS.parent / "cds"
-
 # The training run: session start, a binaryFile listing, a Delta create / MERGE / delete / change feed,
 # mapInPandas and a local checkpoint, the classes that `lakelens embed` and the index job load.
 PROBE = """
 import sys
-from pyspark import SparkContext
 from pyspark.sql import functions as F
 from lakelens import config
 from lakelens.spark import get_session
-spark, _ = get_session(config.load(sys.argv[1]).spark)
+spark, _ = get_session(config.load(sys.argv[1] or None).spark)
 t, files = sys.argv[2], sys.argv[3]
 listed = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(files) \
     .select("path", F.col("length").alias("size_bytes")).localCheckpoint()
@@ -43,19 +39,17 @@ spark.read.format("binaryFile").load(files).mapInPandas(lambda it: it, "path str
                                                          "length long, content binary").count()
 spark.range(20).selectExpr("id", "cast(id as string) as s").write.format("delta") \
     .option("delta.enableChangeDataFeed", "true").save(t)
-from delta.tables import DeltaTable
+from lakelens import classic, delta_sql
 src = spark.range(10, 30).selectExpr("id", "cast(id * 2 as string) as s")
-DeltaTable.forPath(spark, t).alias("a").merge(src.alias("b"), "a.id = b.id").whenMatchedUpdateAll() \
-    .whenNotMatchedInsertAll().whenNotMatchedBySourceDelete().execute()
-DeltaTable.forPath(spark, t).delete("id = 12")
+delta_sql.merge(spark, t, src, "t.id = s.id", "WHEN MATCHED THEN UPDATE SET * WHEN NOT MATCHED THEN INSERT * "
+                "WHEN NOT MATCHED BY SOURCE THEN DELETE")
+spark.sql(f"DELETE FROM {delta_sql.table_ref(t)} WHERE id = 12")
+delta_sql.snapshot(spark, t), delta_sql.history(spark, t, 5)
 spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", 1).load(t) \
     .groupBy("_change_type").count().collect()
 spark.read.format("delta").load(t).mapInPandas(lambda it: it, "id long, s string").toPandas()
 spark.stop()
-gateway = SparkContext._gateway
-if gateway is not None and getattr(gateway, "proc", None) is not None:
-    gateway.proc.stdin.close()  # the JVM exits on this and writes the archive; wait for it
-    gateway.proc.wait(300)
+classic.end_jvm()  # the JVM writes the archive as it exits
 """
 
 
@@ -63,6 +57,19 @@ def _java() -> str | None:
     home = os.environ.get("JAVA_HOME")
     java = os.path.join(home, "bin", "java") if home else shutil.which("java")
     return os.path.realpath(java) if java and os.path.exists(java) else None
+
+
+def cds_dir() -> Path:
+    """The cds/ folder beside the Delta jars folder found (a checkout's build/cds), where it can be written;
+    else $LAKELENS_CACHE_DIR/cds (~/.cache/lakelens/cds), e.g. for jars from Maven or a read-only folder."""
+    from lakelens.spark import jars_folder
+
+    folder = jars_folder()
+    if folder:
+        beside = Path(folder).resolve().parent / "cds"
+        if beside.is_dir() or os.access(beside.parent, os.W_OK):
+            return beside
+    return Path(os.environ.get("LAKELENS_CACHE_DIR") or Path.home() / ".cache" / "lakelens", "cds")
 
 
 def archive_path() -> Path | None:
@@ -78,7 +85,7 @@ def archive_path() -> Path | None:
     jars = sorted((Path(pyspark.__file__).parent / "jars").glob("*.jar")) + [Path(j) for j in find_jars()]
     stamp = [java, os.stat(java).st_mtime_ns, pyspark.__version__,
              [(j.name, j.stat().st_size, j.stat().st_mtime_ns) for j in jars]]
-    return CDS_DIR / f"spark-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa"
+    return cds_dir() / f"spark-{hashlib.sha256(repr(stamp).encode()).hexdigest()[:16]}.jsa"
 
 
 def enabled() -> bool:
@@ -99,9 +106,13 @@ def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> P
     archive = archive_path() if enabled() else None
     if archive is None or archive.is_file():
         return archive
-    conf_path = conf_path or Path(__file__).resolve().parents[2] / "conf" / "local.yaml"
-    CDS_DIR.mkdir(parents=True, exist_ok=True)
-    part = CDS_DIR / f".{archive.name}.{os.getpid()}.part"
+    if conf_path is None:  # a checkout's one-machine settings, else the defaults
+        from lakelens.spark import checkout_root
+
+        root = checkout_root()
+        conf_path = root / "conf" / "local.yaml" if root and (root / "conf" / "local.yaml").is_file() else ""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    part = archive.parent / f".{archive.name}.{os.getpid()}.part"
     with tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp, "files")
         files.mkdir()
@@ -117,7 +128,7 @@ def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> P
     if not part.is_file() or part.stat().st_size == 0:
         part.unlink(missing_ok=True)
         return None
-    for old in CDS_DIR.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
+    for old in archive.parent.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
         old.unlink(missing_ok=True)
     os.replace(part, archive)
     return archive

@@ -19,11 +19,36 @@ from lakelens.errors import ConfigError, SparkSetupError
 
 log = logging.getLogger(__name__)
 
-# Coordinates of the Delta jar matching the pinned pyspark / delta-spark pair (see pom.xml).
-DELTA_PACKAGE = "io.delta:delta-spark_4.2_2.13:4.4.0"
-# Maven coordinates of the s3a file system for spark.jars.packages (clusters without build/jars/s3).
-HADOOP_AWS_PACKAGE = "org.apache.hadoop:hadoop-aws:3.5.0"
-REPO_JARS = Path(__file__).resolve().parents[2] / "build" / "jars"
+
+def _spark_release() -> str:
+    """pyspark's major.minor: Delta publishes one jar per Spark release (delta-spark_4.2_2.13)."""
+    import pyspark
+
+    return ".".join(pyspark.__version__.split(".")[:2])
+
+
+def _hadoop_release() -> str:
+    """The Hadoop release of pyspark's own client jars; hadoop-aws must be the same one."""
+    import pyspark
+
+    found = glob.glob(os.path.join(os.path.dirname(pyspark.__file__), "jars", "hadoop-client-api-*.jar"))
+    return os.path.basename(found[0])[len("hadoop-client-api-"):-len(".jar")] if found else "3.5.0"
+
+
+def _delta_release() -> str:
+    """The installed delta-spark's release: its jar must be the same one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("delta-spark")
+    except PackageNotFoundError:
+        return "4.4.0"
+
+
+# Maven coordinates for spark.jars.packages, used where no jars folder is found (clusters): the jar of the
+# installed delta-spark built for the installed pyspark, and the s3a file system of pyspark's Hadoop.
+DELTA_PACKAGE = f"io.delta:delta-spark_{_spark_release()}_2.13:{_delta_release()}"
+HADOOP_AWS_PACKAGE = f"org.apache.hadoop:hadoop-aws:{_hadoop_release()}"
 # hadoop-aws with its AWS SDK modules, kept out of build/jars itself so that sessions without s3a (which
 # ship spark.jars to every executor of a cluster) do not carry them
 S3_JARS_SUBDIR = "s3"
@@ -34,14 +59,21 @@ CONNECT_DEFAULT_PORT = 15002  # pyspark's, for an sc:// URL without one
 
 
 def find_jars(jars_dir: str = "") -> list[str]:
-    """Delta jars from the configured folder, $LAKELENS_JARS_DIR, or this checkout's build/jars."""
+    """Delta jars from the configured folder, $LAKELENS_JARS_DIR, or a checkout's build/jars; [] when there
+    is none (then sessions take them from Maven: spark.jars.packages)."""
+    folder = jars_folder(jars_dir)
+    return sorted(glob.glob(os.path.join(folder, "*.jar"))) if folder else []
+
+
+def jars_folder(jars_dir: str = "") -> str | None:
+    """The first folder of `_jar_folders` that holds a delta-spark jar. A configured folder without one is
+    a config error, not a reason to look elsewhere."""
     for folder in _jar_folders(jars_dir):
-        jars = sorted(glob.glob(os.path.join(folder, "*.jar")))
-        if any("delta-spark" in os.path.basename(j) for j in jars):
-            return jars
+        if glob.glob(os.path.join(folder, "delta-spark*.jar")):
+            return folder
         if folder == jars_dir:
             raise ConfigError(f"spark.jars_dir: no delta-spark jar in {jars_dir}")
-    return []
+    return None
 
 
 def find_s3_jars(jars_dir: str = "") -> list[str]:
@@ -55,7 +87,24 @@ def find_s3_jars(jars_dir: str = "") -> list[str]:
 
 
 def _jar_folders(jars_dir: str) -> list[str]:
-    return [f for f in (jars_dir, os.environ.get("LAKELENS_JARS_DIR", ""), str(REPO_JARS)) if f]
+    checkout = checkout_root()
+    repo_jars = str(checkout / "build" / "jars") if checkout else ""
+    return [f for f in (jars_dir, os.environ.get("LAKELENS_JARS_DIR", ""), repo_jars) if f]
+
+
+def checkout_root() -> Path | None:
+    """The lakelens source checkout that holds the current folder or this interpreter's venv (a folder
+    with a pyproject.toml naming lakelens), where `make setup` put build/jars; None for an installed
+    wheel used elsewhere. Never found from this file's location: that is site-packages once installed."""
+    for start in (Path.cwd(), Path(sys.prefix)):
+        for folder in (start, *start.parents):
+            project = folder / "pyproject.toml"
+            if project.is_file() and _PROJECT_NAME.search(project.read_text(errors="replace")):
+                return folder
+    return None
+
+
+_PROJECT_NAME = re.compile(r'^name\s*=\s*"lakelens"\s*$', re.M)
 
 
 def uses_s3a(conf: Config | SparkConfig | None) -> bool:

@@ -40,7 +40,7 @@ def test_refresh_script_json_line_exit_codes_and_lock(tmp_path, monkeypatch):
     write_images(img, 1, seed=5, start=100)
     # with a vocabulary, the refresh tags between embedding and indexing and the version gets a keyword index
     tags = tmp_path / "tags"
-    third = last_json(run(tmp_path, img, table, index, "--vocab", ROOT / "conf" / "vocab" / "shapes.csv",
+    third = last_json(run(tmp_path, img, table, index, "--vocab", "shapes",
                           "--tags", tags, "--set", "tag.threshold=-1", "--set", "tag.max_tags=2").stdout)
     assert third["embed"]["embedded"] == 1 and third["index"]["build"] == "incremental"
     assert third["index"]["rows"] == 7 and third["index"]["version"] == "v0002"

@@ -24,10 +24,10 @@ from lakelens.models.registry import ModelSpec
 from lakelens.tags import calibrate as cal
 from lakelens.tags.job import TagJob
 from lakelens.tags.table import read_tags, replace_rows
-from lakelens.tags.vocab import load_vocab, tag_vectors
+from lakelens.tags.vocab import load_vocab, tag_vectors, vocab_path
 
 NOW = datetime(2026, 1, 1)
-SHAPES = ROOT / "conf" / "vocab" / "shapes.csv"
+SHAPES = "shapes"  # the built-in vocabulary
 LOCAL = ROOT / "conf" / "local.yaml"
 
 
@@ -78,7 +78,7 @@ def rows_for(names_to_vec, error=()):
 
 def test_incremental_tagging_by_the_change_feed(spark, tmp_path, capsys):
     vocab_file = tmp_path / "shapes.csv"
-    shutil.copy(SHAPES, vocab_file)
+    shutil.copy(vocab_path(SHAPES), vocab_file)
     vocab = load_vocab(vocab_file)
     text = tag_vectors(vocab, ModelSpec("lakelens-tiny"))
     # image i is tag i's own text vector: its best tag is i (max_tags 1, no threshold)

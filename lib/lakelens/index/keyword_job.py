@@ -46,9 +46,9 @@ def keywords_stale(live_kw: dict | None, tags: dict) -> str | None:
 def load_vocab_file(path: str):
     if not path:
         return None
-    from lakelens.tags.vocab import load_vocab  # tags/ owns vocabularies; only needed when one is given
+    from lakelens.tags.vocab import load_vocab, vocab_path  # tags/ owns vocabularies; needed only for one
 
-    if not Path(path).is_file():
+    if not vocab_path(path).is_file():  # a bare name is a built-in vocabulary
         raise ConfigError(f"index.vocab: no vocabulary file at {path}")
     return load_vocab(path)
 

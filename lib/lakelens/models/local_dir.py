@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 
 from lakelens.errors import ModelLoadError
@@ -31,7 +32,9 @@ CHECKPOINT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safe
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
 END_OF_WORD = "</w>"  # ids 0..3: pad_id 0, eos_id 3 in the model config
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-PROJECT_CONFIGS = Path(__file__).parent / "model_configs"  # registry.MODEL_CONFIG_DIR (registry imports this module)
+# this project's architectures (package data), registry.MODEL_CONFIG_DIR: registry imports this module; a real
+# folder, since open_clip.add_model_config takes a path
+PROJECT_CONFIGS = Path(str(resources.files("lakelens.models") / "model_configs"))
 
 
 def is_local_dir(name: str) -> bool:

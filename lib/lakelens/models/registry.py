@@ -17,7 +17,7 @@ from lakelens.errors import ConfigError, IndexMismatchError, ModelLoadError
 from lakelens.ingest.images import Transform
 from lakelens.models import local_dir
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = local_dir.PROJECT_CONFIGS  # this project's architectures (package data)
 RANDOM_INIT = "none"
 RANDOM_INIT_SEED = 0
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lakelens.errors import ConfigError
+from lakelens.tags.vocab import is_builtin
 
 THRESHOLDS_FORMAT = 1
 CALIBRATED, TOO_FEW, UNREACHABLE = "calibrated", "too few positives", "target not reached"
@@ -152,8 +153,11 @@ def format_table(report: dict) -> str:
 # --- the thresholds file -------------------------------------------------------------------------------
 
 def thresholds_path(vocab_path: str | Path) -> Path:
-    """photo.csv -> photo.thresholds.json in the same folder."""
+    """photo.csv -> photo.thresholds.json in the same folder; for a built-in vocabulary, in
+    $LAKELENS_CACHE_DIR/vocab (~/.cache/lakelens/vocab): the installed package is no place to write."""
     p = Path(vocab_path)
+    if is_builtin(p):
+        p = Path(os.environ.get("LAKELENS_CACHE_DIR") or Path.home() / ".cache" / "lakelens", "vocab", p.name)
     return p.with_name(p.stem + ".thresholds.json")
 
 
@@ -167,6 +171,7 @@ def write_thresholds(vocab, thresholds: np.ndarray, status: dict, model: str, te
            "labelled_images": labelled_images, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            # exact float32 values: a threshold rounded up would drop the image it was chosen at
            "thresholds": {t: float(np.float32(v)) for t, v in zip(vocab.tags, thresholds)}, "status": status}
+    target_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(target_path)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +112,42 @@ def _split(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split("|") if v.strip())
 
 
+def builtin_vocabs() -> list[str]:
+    """Names of the vocabularies shipped with the package (package data lakelens/data/vocab/NAME.csv)."""
+    return sorted(f.name[:-4] for f in _builtin_dir().iterdir() if f.name.endswith(".csv"))
+
+
+def _builtin_dir() -> Path:
+    # a real folder: the package is installed from a wheel or a checkout, never imported from a zip
+    return Path(str(resources.files("lakelens") / "data" / "vocab"))
+
+
+def is_builtin(path: str | Path) -> bool:
+    """True for a file of the built-in vocabularies' folder (thresholds of those go to the user's folder)."""
+    return Path(path).resolve().parent == _builtin_dir().resolve()
+
+
+def vocab_path(name: str | Path) -> Path:
+    """The vocabulary file `name` stands for: a bare name (no folder, no extension: `photo`) names a built-in
+    vocabulary; anything else is a file path. A bare name that is no built-in but a file here is that file."""
+    text = str(name)
+    bare = not any(sep and sep in text for sep in ("/", os.sep, os.altsep)) and not Path(text).suffix
+    if not bare:
+        return Path(text)
+    builtin = _builtin_dir() / f"{text}.csv"
+    if builtin.is_file():
+        return builtin
+    if Path(text).is_file():
+        return Path(text)
+    raise VocabError(f"{text}: no vocabulary file of that name and no built-in vocabulary (built in: "
+                     f"{', '.join(builtin_vocabs())}; a file of your own needs its path, e.g. ./{text}.csv)")
+
+
 def load_vocab(path: str | Path) -> Vocab:
-    """Read and check a vocabulary file. VocabError (a ConfigError) names the file, line and column of
-    the first problem: a missing tag column, an unknown column, an empty or duplicate tag, a synonym two
-    tags share, an unknown parent, a cycle of parents."""
-    p = Path(path)
+    """Read and check a vocabulary file, or a built-in vocabulary by name (`vocab_path`). VocabError (a
+    ConfigError) names the file, line and column of the first problem: a missing tag column, an unknown
+    column, an empty or duplicate tag, a synonym two tags share, an unknown parent, a cycle of parents."""
+    p = vocab_path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
