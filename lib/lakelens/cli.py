@@ -13,7 +13,7 @@ from lakelens.errors import ConfigError, LakelensError, QueryError
 ENGINE_CHOICES = config.CHOICES["embed.engine"]
 # top-level modules of the optional dependencies -> the extra that installs them (pyproject.toml)
 EXTRAS = {"dash": "web", "flask": "web", "waitress": "web", "transformers": "hf", "tokenizers": "hf",
-          "grpc": "connect", "grpc_status": "connect", "google": "connect", "zstandard": "connect"}
+          "grpc": "connect", "grpc_status": "connect", "zstandard": "connect"}
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
