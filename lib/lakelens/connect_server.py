@@ -45,7 +45,8 @@ class ConnectServer:
                "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=2g",
                "--conf", "spark.sql.execution.arrow.pyspark.enabled=true",
                "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.driver.bindAddress=127.0.0.1",
-               "--conf", "spark.python.worker.reuse=true", "--conf", "spark.sql.shuffle.partitions=2"]
+               "--conf", "spark.python.worker.reuse=true", "--conf", "spark.sql.shuffle.partitions=2",
+               "--conf", "spark.databricks.delta.snapshotPartitions=2"]
         env = {**os.environ, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable),
                "SPARK_LOCAL_IP": "127.0.0.1"}
         env.pop("SPARK_REMOTE", None)

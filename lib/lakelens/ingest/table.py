@@ -221,9 +221,9 @@ class EmbeddingsTable:
 
     def version(self) -> int | None:
         """The latest Delta version, or None for Parquet / a missing table."""
-        if self.format != "delta" or not self.exists():
+        if self.format != "delta":
             return None
-        snap = self._snapshot()
+        snap = self._snapshot()  # None for a missing table: one look, not two (each is a query under Connect)
         return None if snap is None else snap[0]
 
     def create_if_missing(self, image_roots: list[str] = ()) -> bool:
@@ -367,14 +367,14 @@ class EmbeddingsTable:
 
     def table_id(self) -> str | None:
         """Delta's id of the table: a table re-created at the same location gets a new one."""
-        if self.format != "delta" or not self.exists():
+        if self.format != "delta":
             return None
         snap = self._snapshot()
         return None if snap is None else snap[1]
 
     def image_roots(self) -> list[str]:
         """The folders the embed job has listed into this table (Delta table property)."""
-        if self.format != "delta" or not self.exists():
+        if self.format != "delta":
             return []
         snap = self._snapshot()
         props = snap[2] if snap is not None else {}
