@@ -11,9 +11,8 @@ from types import SimpleNamespace
 import numpy as np
 import pyarrow.ipc as ipc
 from conftest import ROOT
-from delta.tables import DeltaTable
 
-from lakelens import IndexJob, Searcher, config, path_id
+from lakelens import IndexJob, Searcher, config, delta_sql, path_id
 from lakelens.cli import main
 from lakelens.dedup.job import DedupJob, label_components
 from lakelens.ingest.table import SCHEMA, EmbeddingsTable
@@ -77,8 +76,7 @@ def test_components_of_a_pair_graph():
 def test_dedup_groups_guard_incremental_and_index(spark, tmp_path, capsys):
     items = constructed()
     table = tmp_path / "table"
-    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
-        .property("delta.enableChangeDataFeed", "true").execute()
+    delta_sql.create(spark, str(table), SCHEMA, {"delta.enableChangeDataFeed": "true"})
     EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows(items), SCHEMA))
 
     # exact blockwise path (blocks of 8 rows: pairs inside one block and across blocks), by the command
@@ -103,7 +101,7 @@ def test_dedup_groups_guard_incremental_and_index(spark, tmp_path, capsys):
     # incremental: a near copy of bg07 arrives, a2 is deleted; only the new image is searched
     added = {"n0": (unit(items["bg07"][0] + 0.02 * np.random.default_rng(9).normal(size=DIM)), "9" * 64, 200, 700)}
     EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows(added), SCHEMA))
-    DeltaTable.forPath(spark, str(table)).delete(f"id = {path_id('file:/lib/a2.jpg')}")
+    spark.sql(f"DELETE FROM {delta_sql.table_ref(str(table))} WHERE " + f"id = {path_id('file:/lib/a2.jpg')}")
     inc = DedupJob(spark=spark, conf=dedup_conf(table, out), log=print).launch()
     assert inc.mode == "incremental" and inc.searched == 1
     expected_after = [("a1", ("a0", "a1")), ("c2", ("c1", "c2", "c3")), ("c4", ("c4", "c5")), ("e0", ("e0", "e1")),

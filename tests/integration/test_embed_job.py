@@ -302,6 +302,7 @@ def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_con
     assert delta_version(spark, table) == version
 
 
+@pytest.mark.classic_only  # reads the splits through RDDs and the JVM's plan
 def test_spreads_files_over_every_core_without_a_shuffle(spark, tmp_path, local_conf):
     write_images(tmp_path / "img", 10)
     paths = [f"file:{p}" for p in sorted((tmp_path / "img").iterdir())]

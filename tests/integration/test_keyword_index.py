@@ -7,9 +7,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from conftest import ROOT, clustered
-from delta.tables import DeltaTable
 
-from lakelens import IndexJob, Searcher, config, path_id
+from lakelens import IndexJob, Searcher, config, delta_sql, path_id
 from lakelens import index as ix
 from lakelens.index.keyword import KEYWORD_DIR, KeywordIndex, TagStore
 from lakelens.ingest.table import SCHEMA, EmbeddingsTable
@@ -60,8 +59,7 @@ def kind(j: int) -> str:
 def test_keyword_index_follows_index_versions(spark, tmp_path):
     table, tags, folder, vocab = tmp_path / "t", str(tmp_path / "tags"), tmp_path / "idx", tmp_path / "v.csv"
     vocab.write_text(VOCAB)
-    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
-        .property("delta.enableChangeDataFeed", "true").execute()
+    delta_sql.create(spark, str(table), SCHEMA, {"delta.enableChangeDataFeed": "true"})
     EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows(range(30), 1), SCHEMA))
     write_tags(spark, tags, range(30), kind, touched=False)
 
@@ -79,7 +77,7 @@ def test_keyword_index_follows_index_versions(spark, tmp_path):
 
     # the table changes: 2 new images, one changed (new vector, new tags), one deleted; tags of those follow
     EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows([30, 31], 2) + rows([5], 3), SCHEMA))
-    DeltaTable.forPath(spark, str(table)).delete(f"id = {path_id(path_of(6))}")
+    spark.sql(f"DELETE FROM {delta_sql.table_ref(str(table))} WHERE " + f"id = {path_id(path_of(6))}")
     write_tags(spark, tags, [30, 31, 5], lambda j: "cat" if j == 5 else kind(j))
     second = run(spark, table, tags, folder, vocab)
     assert second.build == "incremental"
@@ -111,8 +109,7 @@ def test_a_tags_table_re_created_at_the_same_version_rebuilds_the_keywords(spark
 
     table, tags, folder, vocab = tmp_path / "t", str(tmp_path / "tags"), tmp_path / "idx", tmp_path / "v.csv"
     vocab.write_text(VOCAB)
-    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
-        .property("delta.enableChangeDataFeed", "true").execute()
+    delta_sql.create(spark, str(table), SCHEMA, {"delta.enableChangeDataFeed": "true"})
     EmbeddingsTable(spark, str(table)).upsert(spark.createDataFrame(rows(range(12), 4), SCHEMA))
     write_tags(spark, tags, range(12), kind, touched=False)
     first = run(spark, table, tags, folder, vocab)

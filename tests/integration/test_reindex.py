@@ -10,10 +10,8 @@ from datetime import datetime
 import numpy as np
 import pytest
 from conftest import ROOT, clustered, exact_topk, recall_at
-from delta.tables import DeltaTable
-from pyspark.sql import functions as F
 
-from lakelens import IndexJob, Searcher, config, path_id
+from lakelens import IndexJob, Searcher, config, delta_sql, path_id
 from lakelens import index as ix
 from lakelens.ingest.table import SCHEMA, EmbeddingsTable
 
@@ -33,8 +31,7 @@ def rows_for(ids_from: int, n: int, seed: int, model: str = "lakelens-tiny@none"
 
 
 def create(spark, table, rows):
-    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
-        .property("delta.enableChangeDataFeed", "true").execute()
+    delta_sql.create(spark, str(table), SCHEMA, {"delta.enableChangeDataFeed": "true"})
     upsert(spark, table, rows)
 
 
@@ -43,7 +40,7 @@ def upsert(spark, table, rows):
 
 
 def delete(spark, table, ids):
-    DeltaTable.forPath(spark, str(table)).delete(f"id IN ({','.join(str(int(i)) for i in ids)})")
+    spark.sql(f"DELETE FROM {delta_sql.table_ref(str(table))} WHERE " + f"id IN ({','.join(str(int(i)) for i in ids)})")
 
 
 def change_one_percent(spark, table, n: int, seed: int):
@@ -179,7 +176,7 @@ def test_each_reason_for_a_full_rebuild_is_taken_and_said(spark, tmp_path):
     assert "settings changed" in index(spark, table, folder, *base, "index.shards=3").build_reason
 
     # the model changed: every row re-embedded with other weights
-    DeltaTable.forPath(spark, str(table)).update(set={"model": F.lit(NEW_MODEL)})
+    spark.sql(f"UPDATE {delta_sql.table_ref(str(table))} SET model = {delta_sql.sql_string(NEW_MODEL)}")
     r = index(spark, table, folder, *base, "index.shards=3")
     assert r.build == "full" and "the model changed" in r.build_reason
 
