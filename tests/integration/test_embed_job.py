@@ -364,7 +364,7 @@ def test_relative_paths_from_the_working_folder_as_a_real_process(tmp_path):
     first = cli("embed", "--images", "A", "--table", "T")
     assert first.returncode == 0, first.stderr[-3000:]
     second = cli("refresh", "--images", "B", "--table", "T", "--index", "I", "--tags", "tags",
-                 "--vocab", str(ROOT / "conf" / "vocab" / "shapes.csv"), "--set", "tag.threshold=-1")
+                 "--vocab", "shapes", "--set", "tag.threshold=-1")
     assert second.returncode == 0, second.stderr[-3000:]
     line = json.loads(second.stdout.strip().splitlines()[-1])
     assert line["embed"]["new"] == 2 and line["embed"]["deleted"] == 0 and line["index"]["rows"] == 4
