@@ -232,6 +232,19 @@ def absolute_path(path: str) -> str:
     return path if os.path.isabs(path) else os.path.abspath(path)
 
 
+def check_utf8(key: str, path: str) -> str:
+    """`path` when it is valid UTF-8. Linux names are bytes, and Python carries those that are not UTF-8
+    as surrogate escapes that no Spark or Hadoop string can hold: such a folder cannot be a table or an
+    image root, so it is refused here, naming `key`, rather than deep in a job."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ConfigError(f"{key}: {shown} is not valid UTF-8 (bytes shown as \\xNN); Spark and Hadoop cannot "
+                          f"name it: rename it") from None
+    return path
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     if typ is bool:
         if isinstance(value, bool):
@@ -341,7 +354,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), **se
         _apply(conf, {section: {k: v for k, v in values.items() if v is not None}})
     for key in PATH_KEYS:
         section, name = key.split(".")
-        setattr(getattr(conf, section), name, absolute_path(getattr(getattr(conf, section), name)))
+        setattr(getattr(conf, section), name, check_utf8(key, absolute_path(getattr(getattr(conf, section), name))))
     _validate(conf)
     return conf
 
