@@ -183,3 +183,17 @@ def test_search_without_an_index_as_a_real_process(tmp_path, make):
     assert len(lines) == 1 and lines[0].startswith("lakelens search: error: "), proc.stderr
     assert str(index) in lines[0]
     assert ("not found" if make == "missing" else "no published index") in lines[0]
+
+
+def test_batch_search_without_its_queries_file_as_a_real_process(tmp_path):
+    """A missing queries file is one line on stderr, as a user sees it: no JVM warning with a Java stack
+    trace before it (the file is looked for before Spark starts)."""
+    v = np.eye(4, dtype=np.float32)
+    ix.build_local(tmp_path / "index", np.arange(4), v, [f"file:/p/{i}.jpg" for i in range(4)],
+                   ix.Choice("Flat", "test", False))
+    proc = run_cli("search", "--index", str(tmp_path / "index"), "--queries", str(tmp_path / "nope.txt"),
+                   "--out", str(tmp_path / "out"), "--conf", CONF)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"lakelens search: error: queries: no file at {tmp_path / 'nope.txt'}"], proc.stderr
+    assert not (tmp_path / "out").exists()

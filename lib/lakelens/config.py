@@ -223,6 +223,11 @@ PATH_KEYS = ("spark.jars_dir", "embed.images", "embed.table", "embed.onnx_cache"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
+def has_scheme(path: str) -> bool:
+    """Whether `path` is a URI (s3a://, file:, dbfs:/), not a local path."""
+    return bool(_SCHEME.match(path))
+
+
 def absolute_path(path: str) -> str:
     """A local path made absolute against the working folder ('~' expanded); '' and anything with a URI
     scheme (s3a://, file:, dbfs:/) stay as they are, as does an absolute path (its spelling is the user's)."""
