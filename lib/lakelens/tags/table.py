@@ -75,13 +75,9 @@ def replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: D
     is replaced (one overwrite of that source, atomic). Else `touched` (column id) names the images whose
     `source` rows go before `rows` are appended: a MERGE that deletes them, then an append carrying the run
     state. A run killed between the two is repeated from the same state, so nothing is lost."""
-    with session_settings(spark, {SKIP_EMPTY_COMMITS: "false"}):
+    # the run's state rides in this commit, also when the run kept no tag or replaced no caption
+    with session_settings(spark, {delta_sql.SKIP_EMPTY_COMMITS: "false"}):
         _replace_rows(spark, location, rows, touched, source, state)
-
-
-# Delta records no commit for a write that adds and removes nothing (a run that kept no tag, or replaced no
-# caption), and the run's state rides in its commit: without one, the next run would start over
-SKIP_EMPTY_COMMITS = "spark.databricks.delta.skipRecordingEmptyCommits"
 
 
 def _replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: DataFrame | None, source: str,
