@@ -108,6 +108,23 @@ def test_missing_images_folder(spark, tmp_path, capsys):
     assert not table.exists()
 
 
+def test_a_folder_named_in_bytes_that_are_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    """Spark and Hadoop cannot name a folder whose name is not UTF-8 (Linux names are bytes): as --images,
+    --table or --drop-root it is refused in one line naming the flag's key, before any Spark work."""
+    raw = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(raw)
+    write_images(tmp_path / "ok", 1)
+    folder = os.fsdecode(raw)
+    common = ["--model", "lakelens-tiny", "--pretrained", "none", "--conf", CONF]
+    reason = one_line_error(capsys, "embed", ["--images", folder, "--table", str(tmp_path / "t"), *common])
+    assert reason.startswith("embed.images: ") and "not valid UTF-8" in reason and "caf\\xe9" in reason
+    reason = one_line_error(capsys, "embed", ["--images", str(tmp_path / "ok"), "--table", folder + "/t", *common])
+    assert reason.startswith("embed.table: ") and "not valid UTF-8" in reason
+    reason = one_line_error(capsys, "embed", ["--table", str(tmp_path / "t"), "--drop-root", folder, "--conf", CONF])
+    assert reason.startswith("--drop-root: ") and "not valid UTF-8" in reason
+    assert not (tmp_path / "t").exists()
+
+
 def test_busy_table_names_the_holder(spark, tmp_path, capsys):
     write_images(tmp_path / "img", 1)
     table = tmp_path / "t"
@@ -166,3 +183,17 @@ def test_search_without_an_index_as_a_real_process(tmp_path, make):
     assert len(lines) == 1 and lines[0].startswith("lakelens search: error: "), proc.stderr
     assert str(index) in lines[0]
     assert ("not found" if make == "missing" else "no published index") in lines[0]
+
+
+def test_batch_search_without_its_queries_file_as_a_real_process(tmp_path):
+    """A missing queries file is one line on stderr, as a user sees it: no JVM warning with a Java stack
+    trace before it (the file is looked for before Spark starts)."""
+    v = np.eye(4, dtype=np.float32)
+    ix.build_local(tmp_path / "index", np.arange(4), v, [f"file:/p/{i}.jpg" for i in range(4)],
+                   ix.Choice("Flat", "test", False))
+    proc = run_cli("search", "--index", str(tmp_path / "index"), "--queries", str(tmp_path / "nope.txt"),
+                   "--out", str(tmp_path / "out"), "--conf", CONF)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"lakelens search: error: queries: no file at {tmp_path / 'nope.txt'}"], proc.stderr
+    assert not (tmp_path / "out").exists()

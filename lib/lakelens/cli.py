@@ -177,7 +177,7 @@ def cmd_eval_tags(args, conf) -> dict:
 
 def search_batch(args) -> int:
     """`lakelens search --queries FILE --out RESULTS`: every query of a file, as a Spark job."""
-    from lakelens.search.batch import run_batch
+    from lakelens.search.batch import check_queries_file, run_batch
     from lakelens.spark import get_session
 
     if not (args.queries and args.out):
@@ -185,6 +185,7 @@ def search_batch(args) -> int:
     if args.query is not None or args.image:
         raise QueryError("give either a query (text or --image) or --queries FILE, not both")
     conf = config.load(args.conf, args.set, spark={"master": args.master})
+    check_queries_file(args.queries)  # before Spark starts: its own look-up prints a Java stack trace first
     spark, owned = get_session(conf.spark)
     try:
         print(json.dumps(run_batch(spark, args.index, args.queries, args.out, args.k, args.engine,

@@ -237,6 +237,11 @@ def bare_name(value: str) -> bool:
         and not os.path.splitext(value)[1]
 
 
+def has_scheme(path: str) -> bool:
+    """Whether `path` is a URI (s3a://, file:, dbfs:/), not a local path."""
+    return bool(_SCHEME.match(path))
+
+
 def absolute_path(path: str) -> str:
     """A local path made absolute against the working folder ('~' expanded); '' and anything with a URI
     scheme (s3a://, file:, dbfs:/) stay as they are, as does an absolute path (its spelling is the user's)."""
@@ -244,6 +249,19 @@ def absolute_path(path: str) -> str:
         return path
     path = os.path.expanduser(path)
     return path if os.path.isabs(path) else os.path.abspath(path)
+
+
+def check_utf8(key: str, path: str) -> str:
+    """`path` when it is valid UTF-8. Linux names are bytes, and Python carries those that are not UTF-8
+    as surrogate escapes that no Spark or Hadoop string can hold: such a folder cannot be a table or an
+    image root, so it is refused here, naming `key`, rather than deep in a job."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ConfigError(f"{key}: {shown} is not valid UTF-8 (bytes shown as \\xNN); Spark and Hadoop cannot "
+                          f"name it: rename it") from None
+    return path
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -358,7 +376,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple = (), **se
         value = getattr(getattr(conf, section), name)
         if key in VOCAB_KEYS and bare_name(value):
             continue  # `photo` names a built-in vocabulary, not a file in the working folder
-        setattr(getattr(conf, section), name, absolute_path(value))
+        setattr(getattr(conf, section), name, check_utf8(key, absolute_path(value)))
     _validate(conf)
     return conf
 

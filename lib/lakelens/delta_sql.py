@@ -59,6 +59,12 @@ def snapshot(spark: SparkSession, location: str) -> tuple[int, str, dict] | None
     return (int(h[0]["version"]) if h else 0), str(d["id"]), dict(d["properties"] or {})
 
 
+# Delta records no commit for a write that adds and removes nothing; where a run's state rides in its
+# commit's userMetadata (tag, caption and dedup runs), an empty result must still be a commit, or the next
+# run does not know this one happened. Set to "false" around such writes.
+SKIP_EMPTY_COMMITS = "spark.databricks.delta.skipRecordingEmptyCommits"
+
+
 def is_delta(spark: SparkSession, location: str) -> bool:
     return snapshot(spark, location) is not None
 

@@ -127,3 +127,24 @@ def test_dedup_groups_guard_incremental_and_index(spark, tmp_path, capsys):
     # one result per group: the group's best hit stands for it, then images of other groups or none
     assert [p.rsplit("/", 1)[1][:-4] for p in collapsed["path"]] == [name[0], *[n for n in name[3:] if n != "c5"]][:3]
     assert list(collapsed["rank"]) == [1, 2, 3]
+
+
+def test_a_run_that_finds_no_duplicates_is_remembered(spark, tmp_path):
+    """Far-apart images give no pairs and no groups: the run's empty overwrite of the groups table is still
+    its commit (Delta skips empty ones), so the next run on an unchanged table does nothing instead of
+    searching the last change again."""
+    rng = np.random.default_rng(5)
+    items = {f"far{i}": (unit(rng.normal(size=DIM)), f"{i:064x}", 64, 1000) for i in range(4)}
+    table, out = tmp_path / "table", tmp_path / "dups"
+    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
+        .property("delta.enableChangeDataFeed", "true").execute()
+    emb = EmbeddingsTable(spark, str(table))
+    emb.upsert(spark.createDataFrame(rows(dict(list(items.items())[:3])), SCHEMA))
+    conf = dedup_conf(table, out, "dedup.threshold=0.999")
+    first = DedupJob(spark=spark, conf=conf, log=print).launch()
+    assert (first.mode, first.groups) == ("full", 0)
+    emb.upsert(spark.createDataFrame(rows(dict(list(items.items())[3:])), SCHEMA))
+    added = DedupJob(spark=spark, conf=conf, log=print).launch()
+    assert (added.mode, added.searched, added.groups) == ("incremental", 1, 0)
+    again = DedupJob(spark=spark, conf=conf, log=print).launch()
+    assert again.mode == "none", again.reason

@@ -141,6 +141,29 @@ def test_incremental_tagging_by_the_change_feed(spark, tmp_path, capsys):
     assert cal.thresholds_for(load_vocab(vocab_file), "lakelens-tiny@none", "simple", 1.0)[1].startswith("calibrated")
 
 
+def test_a_run_that_keeps_no_tag_is_remembered(spark, tmp_path):
+    """A threshold no image reaches (cosine 1; the images are the tags' opposites) writes no tag row: the
+    run is still the last run, so the next one on the unchanged table does nothing and a later one scores
+    only the new image (Delta skips the commit of an empty write, and the run's state rides in a commit)."""
+    vocab = load_vocab(SHAPES)
+    text = tag_vectors(vocab, ModelSpec("lakelens-tiny"))
+    table, tags = tmp_path / "t", tmp_path / "tags"
+    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
+        .property("delta.enableChangeDataFeed", "true").execute()
+    emb = EmbeddingsTable(spark, str(table))
+    emb.upsert(spark.createDataFrame(rows_for({f"im{i}": -text[i] for i in range(3)}), SCHEMA))
+    conf = tag_conf(table, tags, SHAPES, "tag.threshold=1")
+    first = TagJob(spark=spark, conf=conf, log=print).launch()
+    assert (first.mode, first.scored, first.tag_rows) == ("full", 3, 0)
+    again = TagJob(spark=spark, conf=conf, log=print).launch()
+    assert again.mode == "none", again.reason
+    emb.upsert(spark.createDataFrame(rows_for({"im3": -text[3]}), SCHEMA))
+    later = TagJob(spark=spark, conf=conf, log=print).launch()
+    assert (later.mode, later.scored, later.tag_rows) == ("incremental", 1, 0), later.reason
+    assert TagJob(spark=spark, conf=conf, log=print).launch().mode == "none"
+    assert read_tags(spark, str(tags)).count() == 0
+
+
 def test_tag_eval_of_a_tags_table_counts_predicted_tags_for_their_ancestors(spark, tmp_path):
     import pandas as pd
 

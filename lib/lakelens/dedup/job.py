@@ -34,7 +34,7 @@ from lakelens.index.update import read_changes
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.search.batch import as_images, per_image, shard_hits
 from lakelens.search.searcher import GROUPS_FILE
-from lakelens.spark import Job, parallelism
+from lakelens.spark import Job, parallelism, session_settings
 
 PAIRS_SCHEMA = "a long, b long, similarity float"
 STATE_KEYS = ("table", "table_id", "index", "threshold", "neighbors")
@@ -367,8 +367,9 @@ class DedupJob(Job):
                      "representative, grouped again among themselves")
         meta = {**state, "version": version, "guard": c.guard, "pairs": n_pairs, "groups": result.groups,
                 "duplicates": result.duplicates}
-        (groups.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-         .option("userMetadata", json.dumps(meta)).save(c.out))
+        with session_settings(spark, {delta_sql.SKIP_EMPTY_COMMITS: "false"}):  # no groups is a run too
+            (groups.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+             .option("userMetadata", json.dumps(meta)).save(c.out))
         if c.index:
             write_groups_file(groups, Path(c.index), index_version, version)
         result.seconds = round(time.time() - t0, 1)

@@ -14,7 +14,7 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from lakelens import classic
-from lakelens.config import EmbedConfig
+from lakelens.config import EmbedConfig, check_utf8
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
 from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
@@ -198,6 +198,8 @@ class EmbedJob(Job):
         c = self.conf.embed
         if not c.images and not self.drop_roots:
             raise ConfigError("embed.images: required (a folder, glob or URI of images; --images)")
+        for root in self.drop_roots:
+            check_utf8("--drop-root", root)
         if not c.table:
             raise ConfigError("embed.table: required (where the embeddings table lives; --table)")
         if not c.images:

@@ -32,6 +32,20 @@ HITS_SCHEMA = "row long, query_id long, query string, id long, path string, scor
 EMPTY_QUERY = "empty query text: give words, an image, or a filter such as tag:dog"  # as Searcher.search says
 
 
+def check_queries_file(path: str) -> None:
+    """DataError for a local queries file that is not there, looked for before Spark reads it: Spark's own
+    look-up logs a JVM warning with a Java stack trace before its error. URIs are left to Spark."""
+    from lakelens.config import has_scheme
+    from lakelens.ingest.paths import to_local, to_stored
+
+    text = str(path)
+    if has_scheme(text) and not text.startswith("file:"):  # s3a://, dbfs:/, hdfs://: Spark's to find
+        return
+    local = to_local(to_stored(text))
+    if not any(ch in str(local) for ch in "*?[{") and not local.exists():
+        raise DataError(f"queries: no file at {path}")
+
+
 def read_queries(spark, path: str):
     """(row, query_id, query, error) of a text file (one query a line), a CSV with a `query` column (and
     optionally `query_id`) or Parquet: `row` is the query's row in the file (from 0), `query_id` the one
@@ -40,6 +54,7 @@ def read_queries(spark, path: str):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    check_queries_file(path)
     name = str(path).lower()
     try:
         if name.endswith(".csv"):

@@ -12,6 +12,7 @@ from pyspark.sql import types as T
 
 from lakelens import delta_sql
 from lakelens.index.update import read_changes
+from lakelens.spark import session_settings
 
 SOURCES = ("zero-shot", "caption", "region", "manual")
 SCHEMA = T.StructType([
@@ -74,6 +75,13 @@ def replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: D
     is replaced (one overwrite of that source, atomic). Else `touched` (column id) names the images whose
     `source` rows go before `rows` are appended: a MERGE that deletes them, then an append carrying the run
     state. A run killed between the two is repeated from the same state, so nothing is lost."""
+    # the run's state rides in this commit, also when the run kept no tag or replaced no caption
+    with session_settings(spark, {delta_sql.SKIP_EMPTY_COMMITS: "false"}):
+        _replace_rows(spark, location, rows, touched, source, state)
+
+
+def _replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: DataFrame | None, source: str,
+                  state: dict) -> None:
     rows = rows.select(*[F.col(f.name).cast(f.dataType) for f in SCHEMA.fields])
     meta = json.dumps({**state, "source": source})
     if not is_table(spark, location):
