@@ -136,8 +136,7 @@ def test_a_run_that_finds_no_duplicates_is_remembered(spark, tmp_path):
     rng = np.random.default_rng(5)
     items = {f"far{i}": (unit(rng.normal(size=DIM)), f"{i:064x}", 64, 1000) for i in range(4)}
     table, out = tmp_path / "table", tmp_path / "dups"
-    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
-        .property("delta.enableChangeDataFeed", "true").execute()
+    delta_sql.create(spark, str(table), SCHEMA, {"delta.enableChangeDataFeed": "true"})
     emb = EmbeddingsTable(spark, str(table))
     emb.upsert(spark.createDataFrame(rows(dict(list(items.items())[:3])), SCHEMA))
     conf = dedup_conf(table, out, "dedup.threshold=0.999")

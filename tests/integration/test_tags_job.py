@@ -148,8 +148,7 @@ def test_a_run_that_keeps_no_tag_is_remembered(spark, tmp_path):
     vocab = load_vocab(SHAPES)
     text = tag_vectors(vocab, ModelSpec("lakelens-tiny"))
     table, tags = tmp_path / "t", tmp_path / "tags"
-    DeltaTable.createIfNotExists(spark).location(str(table)).addColumns(SCHEMA) \
-        .property("delta.enableChangeDataFeed", "true").execute()
+    delta_sql.create(spark, str(table), SCHEMA, {"delta.enableChangeDataFeed": "true"})
     emb = EmbeddingsTable(spark, str(table))
     emb.upsert(spark.createDataFrame(rows_for({f"im{i}": -text[i] for i in range(3)}), SCHEMA))
     conf = tag_conf(table, tags, SHAPES, "tag.threshold=1")
