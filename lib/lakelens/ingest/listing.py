@@ -272,7 +272,7 @@ def _index_uris(spark: SparkSession, files: DataFrame) -> tuple[int, DataFrame]:
     never passing through the Python driver; Spark Connect has no such way, and its client gets the list."""
     if classic.is_classic(spark):
         return classic.index_uris(spark, files)
-    uris = files.inputFiles()
+    uris = [str(u) for u in files.inputFiles()]  # a protobuf container under Connect, not a list
     return len(uris), spark.createDataFrame(pd.DataFrame({"uri": pd.Series(uris, dtype=object)}), "uri string")
 
 
