@@ -151,12 +151,12 @@ def get_session(conf: Config | SparkConfig | None = None, s3: bool | None = None
     new one built from `conf` (a whole Config or its `spark` section): a Spark Connect session when
     `spark.remote` or SPARK_REMOTE names a server, else a classic one. `s3`: put the s3a jars on a new
     classic session's classpath; None decides from `conf` (`uses_s3a`)."""
+    want_s3 = uses_s3a(conf) if s3 is None else s3
+    conf = (conf.spark if isinstance(conf, Config) else conf) or SparkConfig()
+    remote = remote_url(conf)  # a master and a remote in one config are refused, an active session or not
     active = SparkSession.getActiveSession()
     if active is not None:
         return active, False
-    want_s3 = uses_s3a(conf) if s3 is None else s3
-    conf = (conf.spark if isinstance(conf, Config) else conf) or SparkConfig()
-    remote = remote_url(conf)
     if remote:
         return _connect_session(conf, remote), True
     # Python workers run this interpreter (the project's venv) unless the user chose another.
