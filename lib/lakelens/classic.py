@@ -41,10 +41,6 @@ def class_loadable(spark: SparkSession, name: str) -> bool:
     return bool(spark._jvm.org.apache.spark.util.Utils.classIsLoadable(name))
 
 
-def set_log_level(spark: SparkSession, level: str) -> None:
-    spark.sparkContext.setLogLevel(level)
-
-
 def delta_snapshot(spark: SparkSession, location: str) -> tuple[int, str, dict] | None:
     """(version, table id, properties) of the latest Delta version, read from the log by Delta Kernel
     (shipped with delta-spark) on the driver: no Spark job, which DESCRIBE HISTORY and DESCRIBE DETAIL

@@ -17,6 +17,7 @@ from lakelens.cli import main
 from lakelens.ingest import listing
 from lakelens.ingest import table as tables
 from lakelens.models import registry as models
+from lakelens.spark import session_settings
 
 
 def rows_by_path(spark, table, fmt="delta"):
@@ -255,10 +256,7 @@ def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk
     write_images(img, 4)
     key, note = "spark.sql.execution.arrow.maxRecordsPerBatch", "spark.databricks.delta.commitInfo.userMetadata"
     conf = local_conf(img, table, "embed.batch_size=16")
-    before = {k: spark.conf.get(k, None) for k in (key, note)}
-    try:
-        spark.conf.set(key, "1000")
-        spark.conf.set(note, "the notebook's own note")
+    with session_settings(spark, {key: "1000", note: "the notebook's own note"}):  # the shared session's back after
         assert run(spark, conf).embedded == 4
         assert (spark.conf.get(key), spark.conf.get(note)) == ("1000", "the notebook's own note")
         notes = [r[0] for r in spark.sql(f"DESCRIBE HISTORY delta.`{table}`").select("userMetadata").collect()]
@@ -278,12 +276,6 @@ def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk
         assert seen == [(True, "128")]  # local paths: 128-row Arrow batches while the chunk ran
         assert (spark.conf.get(key), spark.conf.get(note, None)) == ("1000", None)
         assert len(rows_by_path(spark, table)) == 4  # nothing half-written
-    finally:
-        for k, v in before.items():
-            if v is None:
-                spark.conf.unset(k)
-            else:
-                spark.conf.set(k, v)
 
 
 def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
