@@ -44,7 +44,8 @@ def site(tmp_path_factory):
         copies.append(str(root / "img" / name))
         shutil.copy(data.paths[0], copies[-1])
     data.dups = webindex.publish(root / "dups", data.paths[:5] + copies)
-    server = webindex.ThreadServer(data.index, clip_indices=(("dups", str(root / "dups")),))
+    data.live = webindex.publish(root / "live", data.paths[:10])  # republished by a test
+    server = webindex.ThreadServer(data.index, clip_indices=(("dups", str(root / "dups")), ("live", str(root / "live"))))
     data.base, data.server = server.base, server
     yield data
     server.close()
@@ -127,7 +128,7 @@ def test_the_keys_clip_back_reads_are_accepted_as_clients_send_them(site, clip_c
             "num_images": 3, "num_result_ids": 3, "indice_name": "index", **FRONT_END_KEYS}
     r = knn(site, body, headers={"Content-Type": "text/plain;charset=UTF-8"})
     assert r.status_code == 200 and r.json()[0]["id"] == int(site.ids[3])
-    assert requests.get(site.base + "/indices-list", timeout=60).json() == ["index", "dups"]
+    assert requests.get(site.base + "/indices-list", timeout=60).json() == ["index", "dups", "live"]
 
 
 def test_num_images_pages_and_metadata_fills_in_the_rest(site):
@@ -188,9 +189,10 @@ def test_bad_requests_are_400_with_a_reason(site):
     assert "list of 128 numbers" in reason(knn(site, {**base, "embedding_input": [0.1] * 5}), 400)
     assert "list of 128 numbers" in reason(knn(site, {**base, "embedding_input": ["a"] * 128}), 400)
     assert "'photos'" in reason(knn(site, {**base, "text": "x", "indice_name": "photos"}), 400)
-    assert "'index', 'dups'" in reason(knn(site, {**base, "text": "x", "indice_name": "photos"}), 400)
+    assert "'index', 'dups', 'live'" in reason(knn(site, {**base, "text": "x", "indice_name": "photos"}), 400)
     assert "modality" in reason(knn(site, {**base, "text": "x", "modality": "text"}), 400)
     assert "give one of" in reason(knn(site, base), 400)
+    assert "give one of" in reason(knn(site, {**base, "text": "  ", "image": None}), 400)
     assert "not text and image" in reason(knn(site, {**base, "text": "x", "image": "eA=="}), 400)
     assert "num_images" in reason(knn(site, {**base, "text": "x", "num_images": 0}), 400)
     assert "num_result_ids" in reason(knn(site, {**base, "text": "x", "num_result_ids": 10**6}), 400)
@@ -269,3 +271,39 @@ def test_cors_token_and_base64_images(site, clip_client):
                              headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     finally:
         server.close()
+
+
+def test_a_new_index_version_while_a_client_pages(site):
+    """The front end asks /metadata for later pages of an answer; a version published meanwhile answers
+    for the images it still holds, null for the ones it dropped, and queries running across the switch
+    all succeed."""
+    live = site.live
+    query = {"embedding_input": list(map(float, live.vectors[0])), "num_images": 2, "num_result_ids": 10,
+             "indice_name": "live", "deduplicate": False}
+    rows = knn(site, query).json()
+    assert len(rows) == 10 and rows[0]["url"].endswith("?v=v0001")
+    errors = []
+
+    def client():
+        for _ in range(15):
+            r = knn(site, query)
+            if r.status_code != 200 or not r.json():
+                errors.append(r.text)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    webindex.publish(live.index, live.paths[:6])  # v0002: the last four images gone
+    for t in threads:
+        t.join()
+    assert errors == []
+    kept = {int(i) for i in live.ids[:6]}
+    metas = requests.post(site.base + "/metadata", data=json.dumps({"ids": [r["id"] for r in rows[2:]],
+                                                                    "indice_name": "live"}), timeout=60).json()
+    for m in metas:
+        if m["id"] in kept:
+            assert m["metadata"]["url"].endswith("?v=v0002")
+            assert requests.get(m["metadata"]["url"], timeout=60).headers["Content-Type"] == "image/jpeg"
+        else:
+            assert m["metadata"] is None
+    assert {r["id"] for r in knn(site, query).json()} == kept

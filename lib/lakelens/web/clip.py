@@ -24,10 +24,6 @@ from lakelens.web.api import CLIP_ROUTES, Limits, parse_flag, parse_int, parse_q
 from lakelens.web.live import LiveSearcher
 from lakelens.web.thumbs import ThumbCache, ThumbError, parse_id
 
-# keys clip_back reads that need models lakelens does not have (a safety model, a violence detector,
-# aesthetic embeddings, multilingual CLIP): the front end sends them on every query, so they are accepted
-# and have no effect
-IGNORED = ("use_safety_model", "use_violence_detector", "aesthetic_score", "aesthetic_weight", "use_mclip")
 DEFAULT_IMAGES = 40  # ClipClient's num_images; clip_back itself requires the key
 FOLD_SIMILARITY = 0.94  # clip_back's threshold: results this close to a better one are the same image
 FETCH_TIMEOUT_S = 10  # clip_back's timeout for image_url
@@ -57,7 +53,7 @@ def json_body(max_bytes: int) -> dict:
 
 def given(value) -> bool:
     # the front end sends every input, the unused ones as null and an unused text as ""
-    return value is not None and value != ""
+    return value is not None and not (isinstance(value, str) and not value.strip())
 
 
 def count(body: dict, key: str, default: int) -> int:
@@ -289,6 +285,8 @@ def register(server: Flask, served: dict[str, Served], limits: Limits) -> None:
     def knn_service():
         if request.method != "POST":
             return jsonify({"error": 405, "reason": "POST a JSON query to /knn-service"}), 405
+        # use_safety_model, use_violence_detector, aesthetic_score, aesthetic_weight and use_mclip need models
+        # lakelens does not have; the front end sends them on every query: read by no one, never an error
         body = json_body(body_limit)
         one = pick(body)
         modality = body.get("modality") or "image"
