@@ -184,15 +184,17 @@ class Answers:
         self.limits = limits
         self.large = limits.clip_image_size == "large"
 
-    def url(self, served: Served, id_: int, version: str) -> str:
-        url = f"{request.host_url.rstrip('/')}{served.images}/{id_}?v={version}" + ("&size=large" if self.large else "")
+    def url_of(self, served: Served, version: str):
+        """id -> the absolute URL of lakelens's own image of it, in this request's answer."""
+        head = f"{request.host_url.rstrip('/')}{served.images}/"
+        tail = f"?v={version}" + ("&size=large" if self.large else "")
         if self.limits.token and request.args.get("token"):
             # a client that carries the token in its URL (ClipClient) fetches the images the same way
-            url += "&" + urllib.parse.urlencode({"token": request.args["token"]})
-        return url
+            tail += "&" + urllib.parse.urlencode({"token": request.args["token"]})
+        return lambda id_: f"{head}{id_}{tail}"
 
-    def metadata(self, served: Served, s, id_: int, path: str, caption, tags, embed: bool) -> dict:
-        meta = {"url": self.url(served, id_, s.version), "image_path": path, "caption": caption_text(caption, tags)}
+    def metadata(self, served: Served, s, url_of, id_: int, path: str, caption, tags, embed: bool) -> dict:
+        meta = {"url": url_of(id_), "image_path": path, "caption": caption_text(caption, tags)}
         if embed:
             try:
                 meta["image"] = base64.b64encode((served.large if self.large else served.thumbs).get(s, id_)).decode()
@@ -205,12 +207,12 @@ class Answers:
         n = len(results)
         captions = results["caption"] if "caption" in results.columns else [None] * n
         tags = results["tags"] if "tags" in results.columns else [None] * n
-        out = []
+        out, url_of = [], self.url_of(served, s.version)
         for i, (id_, score, path, caption, tag) in enumerate(zip(results["id"], results["score"], results["path"],
                                                                  captions, tags)):
             row = {"id": int(id_), "similarity": round(float(score), 6)}
             if i < num_images:
-                row.update(self.metadata(served, s, int(id_), str(path), caption, tag,
+                row.update(self.metadata(served, s, url_of, int(id_), str(path), caption, tag,
                                          self.limits.clip_base64 and i < self.limits.clip_base64_max))
             out.append(row)
         return out
@@ -342,10 +344,10 @@ def register(server: Flask, served: dict[str, Served], limits: Limits) -> None:
         n = len(rows)
         captions = rows["caption"] if "caption" in rows.columns else [None] * n
         tags = rows["tags"] if "tags" in rows.columns else [None] * n
-        out = []
+        out, url_of = [], answers.url_of(one, s.version)
         for i, (id_, path, caption, tag) in enumerate(zip(ids, rows["path"], captions, tags)):
             meta = None if path is None else answers.metadata(
-                one, s, id_, path, caption, tag, limits.clip_base64 and i < limits.clip_base64_max)
+                one, s, url_of, id_, path, caption, tag, limits.clip_base64 and i < limits.clip_base64_max)
             out.append({"id": id_, "metadata": meta})
         return jsonify(out)
 
