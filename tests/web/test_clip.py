@@ -307,3 +307,16 @@ def test_a_new_index_version_while_a_client_pages(site):
         else:
             assert m["metadata"] is None
     assert {r["id"] for r in knn(site, query).json()} == kept
+
+
+def test_images_over_the_upload_limit_are_413(site):
+    server = webindex.ThreadServer(site.index, max_upload_bytes=100_000)
+    try:
+        for size in (100_001, 120_000):  # just over (its base64 is within the base64 form of the limit) and more
+            body = {"image": base64.b64encode(b"\0" * size).decode()}
+            assert "100000 byte limit" in reason(knn(site, body, base=server.base), 413)
+        with open(site.paths[9], "rb") as f:  # under the limit: searched
+            rows = knn(site, {"image": base64.b64encode(f.read()).decode(), "num_images": 1}, base=server.base).json()
+        assert rows[0]["id"] == int(site.ids[9])
+    finally:
+        server.close()

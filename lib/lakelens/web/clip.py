@@ -78,9 +78,12 @@ def decode_image(text, limits: Limits) -> bytes:
     if len(text) > limits.max_upload_bytes * 4 // 3 + 4:
         raise ThumbError(413, f"image is larger than the {limits.max_upload_bytes} byte limit")
     try:
-        return base64.b64decode("".join(text.split()), validate=True)
+        data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise QueryError("image is not valid base64") from None
+    if len(data) > limits.max_upload_bytes:  # the base64 check above lets a few bytes more through
+        raise ThumbError(413, f"image is larger than the {limits.max_upload_bytes} byte limit")
+    return data
 
 
 def embedding(value, dim: int) -> np.ndarray:
