@@ -105,6 +105,16 @@ def create(spark: SparkSession, location: str, schema, properties: dict[str, str
               + (f" TBLPROPERTIES ({props})" if props else ""))
 
 
+def plain_types(df: DataFrame) -> DataFrame:
+    """`df` with every column holding strings cast to its type's SQL text, before a Delta write. Under Spark
+    Connect a string type that comes from the client (a cast to StringType(), a UDF's output schema) is an
+    explicit UTF8_BINARY collation, which Delta stores as the type "string collate UTF8_BINARY": other Delta
+    readers (delta-rs) refuse the table. The type's text names plain `string`; on a classic session the cast
+    changes nothing."""
+    return df.select(*[df[f"`{f.name}`"].cast(f.dataType.simpleString()).alias(f.name)
+                       if "string" in f.dataType.simpleString() else df[f"`{f.name}`"] for f in df.schema.fields])
+
+
 def has_non_null_elements(data_type) -> bool:
     """Whether a type declares array elements (or map values) that are never null, anywhere inside it."""
     from pyspark.sql import types as T

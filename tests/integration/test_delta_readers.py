@@ -126,3 +126,4 @@ def test_a_table_made_before_nullable_elements_reads_after_the_documented_rewrit
     result = EmbedJob(spark=spark, conf=embed_conf, log=lambda *_: None).launch()
     assert result.embedded == 1
     assert rs_rows(table, changes=True) == spark_rows(spark, table, changes=True)
+
