@@ -4,6 +4,7 @@ committed page must be what the script writes now, so a key added to default.yam
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from conftest import ROOT
 
@@ -13,6 +14,7 @@ from lakelens import config
 def _script():
     spec = importlib.util.spec_from_file_location("config_reference", ROOT / "scripts" / "config_reference.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
