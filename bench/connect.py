@@ -9,7 +9,11 @@ machine's speed falls on both. The marginal rate is the files of chunks 2.. over
 seconds (EmbedStats.chunk_seconds), so session and worker start-up are left out; the index time is
 IndexJob.launch() in a session already open.
 
-    .venv/bin/python bench/connect.py [--images 600] [--chunk 150] [--rounds 2] [--engine onnx-int8]
+    .venv/bin/python bench/connect.py [--images 600] [--chunk 150] [--chunk-seconds 0] [--rounds 2]
+        [--engine onnx-int8] [--model lakelens-tiny --pretrained none]
+
+The model is random-init (no weights are downloaded): `--model ViT-B-32 --pretrained none` gives a real
+model's per-image work, so the per-chunk cost of Connect is weighed against what a user's chunk costs.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ DRIVER = r"""
 import json, sys, time
 from lakelens import EmbedJob, IndexJob, config
 from lakelens.spark import get_session, is_connect
-images, table, index, chunk, engine = sys.argv[1:6]
-conf = config.load(sys.argv[6], [f"embed.images={images}", f"embed.table={table}", f"embed.chunk_size={chunk}",
-                                 "embed.chunk_seconds=0", f"embed.engine={engine}", f"index.table={table}",
-                                 f"index.index={index}"])
+images, table, index, chunk, seconds, engine, model, pretrained = sys.argv[1:9]
+conf = config.load(sys.argv[9], [f"embed.images={images}", f"embed.table={table}", f"embed.chunk_size={chunk}",
+                                 f"embed.chunk_seconds={seconds}", f"embed.engine={engine}", f"model.name={model}",
+                                 f"model.pretrained={pretrained}", f"index.table={table}", f"index.index={index}"])
 spark, _ = get_session(conf)
 t = time.perf_counter()
 stats = EmbedJob(spark, conf, log=lambda *a: None).launch()
@@ -59,13 +63,14 @@ def make_images(folder: Path, n: int) -> None:
     photos(folder, n, 256, 256)
 
 
-def run_round(mode: str, images: Path, work: Path, chunk: int, engine: str, url: str) -> dict:
+def run_round(mode: str, images: Path, work: Path, args, url: str) -> dict:
     env = {k: v for k, v in __import__("os").environ.items() if k != "SPARK_REMOTE"}
     if mode == "connect":
         env["SPARK_REMOTE"] = url
     tag = f"{mode}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-c", DRIVER, str(images), str(work / f"table-{tag}"), str(work / f"index-{tag}"),
-           str(chunk), engine, str(ROOT / "conf" / "local.yaml")]
+           str(args.chunk), str(args.chunk_seconds), args.engine, args.model, args.pretrained,
+           str(ROOT / "conf" / "local.yaml")]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode:
         raise SystemExit(f"{mode} round failed:\n{out.stderr[-3000:]}")
@@ -80,7 +85,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--chunk", type=int, default=150)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--chunk-seconds", type=float, default=0, help="embed.chunk_seconds (0: fixed chunks)")
     ap.add_argument("--engine", default="onnx-int8")
+    ap.add_argument("--model", default="lakelens-tiny")
+    ap.add_argument("--pretrained", default="none")
     ap.add_argument("--out", default=str(RESULTS / "connect.json"))
     args = ap.parse_args()
     from lakelens.connect_server import ConnectServer
@@ -95,7 +103,7 @@ def main() -> None:
             rounds = []
             for i in range(args.rounds):
                 for mode in ("classic", "connect") if i % 2 == 0 else ("connect", "classic"):
-                    r = run_round(mode, work / "images", work, args.chunk, args.engine, server.url)
+                    r = run_round(mode, work / "images", work, args, server.url)
                     print(f"round {i + 1} {mode:8s}: marginal {r['marginal_images_per_s']:.1f} images/s, "
                           f"embed {r['embed_s']:.1f} s, index {r['index_s']:.1f} s")
                     rounds.append({"round": i + 1, "mode": mode, **r})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -126,13 +127,39 @@ def _launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
+def _submit_conf() -> dict[str, str]:
+    """The Spark settings spark-submit gave a Python driver it started in Spark Connect mode (`--remote`, or
+    `--conf spark.api.mode=connect`): spark-submit passes them as PYSPARK_REMOTE_INIT_CONF_<i> JSON, not as
+    SPARK_REMOTE."""
+    out: dict[str, str] = {}
+    for i in range(int(os.environ.get("PYSPARK_REMOTE_INIT_CONF_LEN", "0") or 0)):
+        try:
+            out.update(json.loads(os.environ.get(f"PYSPARK_REMOTE_INIT_CONF_{i}", "{}")))
+        except ValueError:
+            pass
+    return out
+
+
 def remote_url(conf: SparkConfig) -> str:
     """The Spark Connect URL this process should use: the config's `spark.remote`, else pyspark's own
-    SPARK_REMOTE variable; "" for a classic session. A master and a remote in one config are refused."""
+    SPARK_REMOTE variable, else spark-submit's `--remote`; "" for a classic session. A master and a remote in
+    one config are refused; so is spark-submit's connect mode without a server to connect to."""
     if conf.remote and conf.master:
         raise ConfigError("spark.master and spark.remote are both set: a session is either classic (master) "
                           "or Spark Connect (remote); set one")
-    return conf.remote or os.environ.get("SPARK_REMOTE", "")
+    url = conf.remote or os.environ.get("SPARK_REMOTE", "")
+    if url or not _launched_by_spark_submit():
+        return url
+    submitted = _submit_conf()
+    if submitted.get("spark.remote"):
+        return submitted["spark.remote"]
+    if submitted.get("spark.api.mode", "").lower() == "connect":
+        # spark-submit leaves Spark SQL off this driver's classpath in connect mode, so no local Connect server
+        # can start inside it (pyspark fails the same way for any Python application)
+        raise SparkSetupError("spark-submit --conf spark.api.mode=connect: Spark SQL is not on this driver's "
+                              "classpath, so no Connect server can start here; start one (start-connect-server.sh) "
+                              "and pass spark-submit --remote sc://HOST:15002 instead")
+    return ""
 
 
 def _check_connect_client() -> None:

@@ -80,3 +80,51 @@ def test_an_index_folder_the_executors_do_not_see_is_a_clear_error(tmp_path):
     assert idx.returncode == 2 and "Traceback" not in idx.stderr, idx.stderr[-3000:]
     assert "the Spark executors do not see what this machine wrote there" in idx.stderr
     assert not (hidden / "idx" / "CURRENT").exists()
+
+
+def test_spark_submit_with_remote_runs_the_embed_and_index_jobs_on_the_server(connect_server, tmp_path):
+    """`spark-submit --remote sc://HOST:PORT jobs/...`, the way a Python job reaches an open-source cluster's
+    Connect server: spark-submit hands the URL to the job as SPARK_REMOTE and the job runs on a Connect
+    session; the jobs' flags are the same as the commands'."""
+    import pyspark
+
+    write_images(tmp_path / "img", 7)
+    submit = str(Path(pyspark.__file__).parent / "bin" / "spark-submit")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
+    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    conf = str(ROOT / "conf" / "local.yaml")
+
+    def job(script: str, *args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([submit, "--remote", connect_server.url, str(ROOT / "jobs" / script), "--conf", conf,
+                              *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+        return out
+
+    emb = job("embed_images.py", "--images", "img", "--table", "t", "--json")
+    assert "(Spark Connect session)" in emb.stdout  # the job ran on a Connect session, not a classic one
+    stats = json.loads(emb.stdout.strip().splitlines()[-1])
+    assert (stats["embedded"], stats["failed"]) == (7, 0)
+    job("build_index.py", "--table", "t", "--index", "idx")
+    hits = Searcher.open(str(tmp_path / "idx"), engine="torch").search_text("a photo", k=7)
+    assert sorted(hits["path"]) == sorted(f"file:{p}" for p in (tmp_path / "img").iterdir())
+
+
+def test_spark_submit_in_connect_mode_without_a_server_is_one_clear_line(tmp_path):
+    """`spark-submit --conf spark.api.mode=connect` with no --remote: spark-submit leaves Spark SQL off the
+    Python driver's classpath, so no Connect server can start inside it; the job says what to do instead."""
+    import pyspark
+
+    from lakelens.spark import submit_jars_arg
+
+    write_images(tmp_path / "img", 2)
+    submit = str(Path(pyspark.__file__).parent / "bin" / "spark-submit")
+    env = {k: v for k, v in os.environ.items() if k not in ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED")}
+    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    out = subprocess.run([submit, "--master", "local[2]", *submit_jars_arg(), "--conf", "spark.api.mode=connect",
+                          str(ROOT / "jobs" / "embed_images.py"), "--conf", str(ROOT / "conf" / "local.yaml"),
+                          "--images", "img", "--table", "t"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    said = out.stdout + out.stderr  # spark-submit sends the Python driver's stderr to its stdout
+    assert out.returncode == 2 and "Traceback" not in said, said[-3000:]
+    assert "pass spark-submit --remote sc://HOST:15002 instead" in said
+    assert not (tmp_path / "t").exists()

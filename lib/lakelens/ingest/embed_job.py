@@ -33,7 +33,7 @@ from lakelens.ingest.table import (
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
-from lakelens.spark import Job, parallelism, session_settings
+from lakelens.spark import Job, is_connect, parallelism, session_settings
 
 # Rows of local paths a worker gets at once (Arrow batch): the worker reads the bytes itself, so a batch
 # is small whatever the images. On a 2-core node 128 embedded 1.047x as fast as 32 with AMX (median of 5
@@ -286,9 +286,9 @@ class EmbedJob(Job):
         sizes = ChunkSizes(c.chunk_size, c.chunk_seconds)
         run_id = uuid.uuid4().hex[:8]
         grow = f", later ones sized to about {c.chunk_seconds:g} s each" if c.chunk_seconds else ""
-        self.log(f"lakelens embed: {spec.key} over {c.images}: new={plan.new} changed={plan.changed} "
-                 f"unchanged={plan.unchanged} deleted={plan.deleted}; {plan.to_embed} files to embed "
-                 f"in chunks of {c.chunk_size} files{grow}")
+        self.log(f"lakelens embed: {spec.key} over {c.images} ({'Spark Connect' if is_connect(spark) else 'classic'} "
+                 f"session): new={plan.new} changed={plan.changed} unchanged={plan.unchanged} "
+                 f"deleted={plan.deleted}; {plan.to_embed} files to embed in chunks of {c.chunk_size} files{grow}")
         pending = []  # parquet: rows written together at the end
 
         def commit(rows, note):
