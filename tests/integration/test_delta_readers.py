@@ -127,3 +127,20 @@ def test_a_table_made_before_nullable_elements_reads_after_the_documented_rewrit
     assert result.embedded == 1
     assert rs_rows(table, changes=True) == spark_rows(spark, table, changes=True)
 
+
+
+def test_delta_rs_reads_the_embeddings_table_after_drop_root(spark, tmp_path, local_conf):
+    """`lakelens embed --drop-root`: a DELETE and a table property change; delta-rs reads the rows and the
+    feed as Spark does."""
+    first, second, table = tmp_path / "a", tmp_path / "b", tmp_path / "table"
+    synth.write_dataset(first, 3, seed=7, px=48)
+    synth.write_dataset(second, 2, seed=8, px=48)
+    for images in (first, second):
+        EmbedJob(spark=spark, conf=local_conf(images, table, "embed.engine=torch", "embed.partitions=1"),
+                 log=lambda *_: None).launch()
+    EmbedJob(spark=spark, conf=local_conf(second, table, "embed.engine=torch", "embed.partitions=1"),
+             log=lambda *_: None, drop_roots=[str(first)]).launch()
+    got = rs_rows(str(table))
+    assert got == spark_rows(spark, str(table)) and len(got) == 2
+    assert rs_rows(str(table), changes=True) == spark_rows(spark, str(table), changes=True)
+    assert DeltaTable(str(table)).to_pyarrow_dataset().count_rows() == 2

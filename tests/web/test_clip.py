@@ -203,6 +203,12 @@ def test_bad_requests_are_400_with_a_reason(site):
     assert "POST" in reason(requests.get(site.base + "/knn-service", timeout=60), 405)
     assert "ids" in reason(requests.post(site.base + "/metadata", data='{"ids": [1.5]}', timeout=60), 400)
     assert "ids" in reason(requests.post(site.base + "/metadata", data='{"ids": "1"}', timeout=60), 400)
+    # numbers and nesting Python's json reads but no vector or query holds: reasons, not internal errors
+    huge = "1" + "0" * 400
+    assert "not finite" in reason(requests.post(site.base + "/knn-service", timeout=60, data=(
+        '{"embedding_input": [' + ", ".join([huge] * 128) + "]}")), 400)
+    for route in ("/knn-service", "/metadata"):
+        assert "JSON" in reason(requests.post(site.base + route, data="[" * 100_000 + "]" * 100_000, timeout=60), 400)
     # a query that finds nothing is an empty list
     assert knn(site, {**base, "text": "path:nowhere/ a shape"}).json() == []
 
@@ -218,6 +224,11 @@ def test_image_url_is_fetched_only_from_allowed_hosts(site, tmp_path):
             if self.path == "/away":
                 self.send_response(302)
                 self.send_header("Location", "http://localhost.localdomain/x.png")
+                self.end_headers()
+                return
+            if self.path == "/ftp":  # an allowed host, another scheme
+                self.send_response(302)
+                self.send_header("Location", f"ftp://127.0.0.1:{self.server.server_address[1]}/x.png")
                 self.end_headers()
                 return
             super().do_GET()
@@ -238,6 +249,8 @@ def test_image_url_is_fetched_only_from_allowed_hosts(site, tmp_path):
         away = f"http://127.0.0.1:{files.server_address[1]}/away"
         assert "redirects to localhost.localdomain" in reason(knn(site, {"image_url": away}, base=server.base), 400)
         assert "http or https" in reason(knn(site, {"image_url": "file:///etc/passwd"}, base=server.base), 400)
+        ftp = f"http://127.0.0.1:{files.server_address[1]}/ftp"
+        assert "http or https" in reason(knn(site, {"image_url": ftp}, base=server.base), 400)
     finally:
         server.close()
         files.shutdown()

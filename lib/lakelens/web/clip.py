@@ -44,7 +44,7 @@ def json_body(max_bytes: int) -> dict:
         raise ThumbError(413, f"request body is larger than the {max_bytes} byte limit")
     try:
         body = json.loads(data or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise QueryError("the request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise QueryError("the request body must be a JSON object")
@@ -92,7 +92,10 @@ def embedding(value, dim: int) -> np.ndarray:
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
         raise QueryError(f"embedding_input must be a list of {dim} numbers (this index's dimension), got "
                          + (f"a list of {len(value)} items" if isinstance(value, list) else type(value).__name__))
-    vec = np.asarray(value, np.float32)
+    try:
+        vec = np.asarray(value, np.float32)
+    except OverflowError:  # an integer literal beyond any float (JSON has no limit on digits)
+        vec = np.full(dim, np.inf, np.float32)
     if not np.isfinite(vec).all():
         raise QueryError("embedding_input has values that are not finite numbers")
     return vec
@@ -103,7 +106,10 @@ class _SameHostsRedirect(urllib.request.HTTPRedirectHandler):
         self.hosts = hosts
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        host = urllib.parse.urlsplit(newurl).hostname or ""
+        parts = urllib.parse.urlsplit(newurl)
+        host = parts.hostname or ""
+        if parts.scheme not in ("http", "https"):  # urllib would follow ftp: too, to an allowed host
+            raise QueryError(f"image_url redirects to {newurl}, not an http or https URL")
         if host.lower() not in self.hosts:
             raise QueryError(f"image_url redirects to {host or newurl}, a host this server does not fetch from")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
