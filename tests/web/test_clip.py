@@ -333,3 +333,21 @@ def test_images_over_the_upload_limit_are_413(site):
         assert rows[0]["id"] == int(site.ids[9])
     finally:
         server.close()
+
+
+def test_fetch_hosts_and_cors_origins_that_could_never_match_are_config_errors(site):
+    """`--clip-fetch-host http://example.org` (a URL, not a host) or `--clip-cors-origin front.example.org`
+    (no scheme) would match no request: the server refuses to start, naming the option."""
+    from lakelens.errors import ConfigError
+    from lakelens.web import Limits, create_app
+
+    for limits in ({"clip_fetch_hosts": ("http://example.org",)}, {"clip_fetch_hosts": ("example.org:8080",)},
+                   {"clip_fetch_hosts": ("",)}):
+        with pytest.raises(ConfigError, match="--clip-fetch-host"):
+            create_app(site.index, Limits(**limits))
+    for origin in ("front.example.org", "https://front.example.org/app", "ftp://front.example.org"):
+        with pytest.raises(ConfigError, match="--clip-cors-origin"):
+            create_app(site.index, Limits(clip_cors_origins=(origin,)))
+    # what they are meant to be: host names (an IPv6 address with or without brackets), origins, * and null
+    create_app(site.index, Limits(clip_fetch_hosts=("Images.Example.org", "127.0.0.1", "[::1]"),
+                                  clip_cors_origins=("https://front.example.org/", "http://localhost:3000", "null")))

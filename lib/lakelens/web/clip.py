@@ -122,7 +122,7 @@ def fetch_image(url, limits: Limits) -> bytes:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise QueryError("image_url must be an http or https URL")
-    hosts = {h.lower() for h in limits.clip_fetch_hosts}
+    hosts = {h.lower().strip("[]") for h in limits.clip_fetch_hosts}  # urlsplit's hostname: no brackets
     if not hosts:
         raise QueryError("image_url: this server fetches images from no host (lakelens serve --clip-fetch-host HOST "
                          "allows one); send the image itself, in base64, as image")
@@ -246,8 +246,35 @@ def origin_allowed(origin: str, limits: Limits) -> bool:
         return False
 
 
+def check_options(limits: Limits) -> None:
+    """--clip-fetch-host and --clip-cors-origin values that could never match a request are mistakes (a URL
+    given as a host, an origin without its scheme): refused at start, not silently never matched."""
+    for host in limits.clip_fetch_hosts:
+        name = host.strip().lower()
+        try:
+            parts = urllib.parse.urlsplit("//" + name)
+            ok = bool(name) and parts.hostname == name.strip("[]") and parts.port is None
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--clip-fetch-host: expected a host name such as images.example.org, got {host!r}")
+    for origin in limits.clip_cors_origins:
+        if origin in ("*", "null"):
+            continue
+        try:
+            parts = urllib.parse.urlsplit(origin.strip())
+            ok = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/")
+                  and not parts.query and not parts.fragment and (parts.port or 0) >= 0)
+        except ValueError:  # a port that is not a number
+            ok = False
+        if not ok:
+            raise ConfigError(f"--clip-cors-origin: expected an origin such as https://front.example.org (scheme, "
+                              f"host and port only), '*' or 'null', got {origin!r}")
+
+
 def served_indices(live: LiveSearcher, limits: Limits, thumbs: ThumbCache, large: ThumbCache) -> dict[str, Served]:
     """The page's index and the further ones `--clip-index NAME=DIR` names, by name (first: the default)."""
+    check_options(limits)
     served = {index_name(live.index_dir, limits): Served(index_name(live.index_dir, limits), live, thumbs, large, "/thumb")}
     for name, folder in limits.clip_indices:
         if not NAME.match(name) or name in served:
