@@ -351,3 +351,30 @@ def test_fetch_hosts_and_cors_origins_that_could_never_match_are_config_errors(s
     # what they are meant to be: host names (an IPv6 address with or without brackets), origins, * and null
     create_app(site.index, Limits(clip_fetch_hosts=("Images.Example.org", "127.0.0.1", "[::1]"),
                                   clip_cors_origins=("https://front.example.org/", "http://localhost:3000", "null")))
+
+
+def test_folding_near_identical_results_holds_no_n_by_n_matrix():
+    """deduplicate is ClipClient's default, and num_result_ids may be 10,000: folding that many results must
+    not hold an n x n similarity matrix per request (400 MB at 10,000), and keeps what clip_back keeps."""
+    import tracemalloc
+
+    from lakelens.web.clip import fold_near_identical
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((60, 32)).astype(np.float32)
+    small = np.repeat(centres, 4, axis=0) + rng.normal(0, 0.12, (240, 32)).astype(np.float32)  # chains near 0.94
+    small = small[rng.permutation(len(small))]
+    small[7] = np.nan  # a vector not found: kept
+    keep = fold_near_identical(small)
+    rows = [{"id": i} for i in range(len(small))]
+    expected = folded(rows, {i: np.nan_to_num(v) + (1e-9 if i == 7 else 0) for i, v in enumerate(small)})
+    assert 60 < keep.sum() < 240 and np.flatnonzero(keep).tolist() == expected
+
+    many = rng.standard_normal((5000, 64)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        fold_near_identical(many)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MiB to fold 5000 results"

@@ -143,22 +143,25 @@ def fetch_image(url, limits: Limits) -> bytes:
 
 
 # --- the answer ----------------------------------------------------------------------------------
-def fold_near_identical(vectors: np.ndarray, threshold: float = FOLD_SIMILARITY) -> np.ndarray:
+def fold_near_identical(vectors: np.ndarray, threshold: float = FOLD_SIMILARITY, block: int = 1024) -> np.ndarray:
     """Which results to keep when near-identical ones are folded as clip_back folds them: results linked by
     cosine similarity >= threshold (directly or through others) are one image, shown once, at its best
     rank. Rows of NaN (a vector not found) are kept."""
     v = np.nan_to_num(np.asarray(vectors, np.float32))
     norms = np.linalg.norm(v, axis=1, keepdims=True)
     v = v / np.where(norms > 0, norms, 1)
-    near = (v @ v.T) >= threshold
-    np.fill_diagonal(near, False)
-    keep, seen = np.ones(len(v), bool), np.zeros(len(v), bool)
-    for first in range(len(v)):
+    n = len(v)
+    # the links as bits, a block of rows at a time: an n x n similarity matrix is 400 MB at 10,000 results
+    near = np.empty((n, (n + 7) // 8), np.uint8)
+    for start in range(0, n, block):
+        near[start:start + block] = np.packbits(v[start:start + block] @ v.T >= threshold, axis=1)
+    keep, seen = np.ones(n, bool), np.zeros(n, bool)
+    for first in range(n):
         if seen[first]:
             continue
         seen[first], stack = True, [first]
         while stack:
-            linked = np.flatnonzero(near[stack.pop()] & ~seen)
+            linked = np.flatnonzero(np.unpackbits(near[stack.pop()], count=n).view(bool) & ~seen)
             seen[linked], keep[linked] = True, False
             stack.extend(linked.tolist())
     return keep
