@@ -248,6 +248,7 @@ def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
         elif key.startswith("spark.sql.") or ".delta." in key:
             settings[key] = str(value)
     _check_reachable(remote)
+    _quiet_query_context_logs()
     b = SparkSession.builder.remote(remote)
     for key, value in settings.items():
         b = b.config(key, value)
@@ -258,6 +259,16 @@ def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SparkSetupError(f"cannot open a Spark Connect session on {remote}: {first}") from None
+
+
+def _quiet_query_context_logs() -> None:
+    """pyspark's Connect client logs every failed SQL statement with its JVM trace to stderr as it raises it,
+    also the ones lakelens expects and answers in one line (a table that is not there yet); the exception
+    itself still carries the message. Only on sessions lakelens opens: a notebook's session keeps its logs."""
+    from pyspark.logger import PySparkLogger
+
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        PySparkLogger.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _check_reachable(remote: str, timeout: float = 10.0) -> None:
