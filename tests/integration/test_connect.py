@@ -15,6 +15,7 @@ from conftest import ROOT, write_images
 
 from lakelens import Searcher
 from lakelens.connect_server import ConnectServer
+from lakelens.errors import DataError
 from lakelens.ingest.listing import list_files, walk_local
 from lakelens.spark import is_connect
 
@@ -154,3 +155,14 @@ def test_a_connect_server_without_delta_is_one_clear_line(connect_server, tmp_pa
             "DeltaSparkSessionExtension --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog."
             "DeltaCatalog (docs/spark-connect.md)"], out.stderr[-3000:]
     assert not (tmp_path / "t2").exists() and not (tmp_path / "idx" / "CURRENT").exists()
+
+
+def test_a_glob_that_matches_nothing_is_one_line_as_on_a_classic_session(spark, tmp_path):
+    """`--images` with glob characters is a glob (a folder named `a [x]` needs them escaped: `a \\[x\\]`); one that
+    matches nothing is the one line a classic session gives, not PATH_NOT_FOUND from Spark's first action."""
+    assert is_connect(spark)
+    write_images(tmp_path / "gl [x]", 2)
+    for images in (str(tmp_path / "gl [x]"), str(tmp_path / "none" / "*.jpg")):
+        with pytest.raises(DataError, match=r"^embed\.images: nothing found at "):
+            list_files(spark, images)
+    assert list_files(spark, str(tmp_path / "gl \\[x\\]")).count == 2
