@@ -30,7 +30,7 @@ wheel: setup
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w build/dist .
 
 lint: setup
-	.venv/bin/ruff check lib jobs bench tests
+	.venv/bin/ruff check lib jobs bench tests scripts
 
 clean:
 	rm -rf build .pytest_cache

@@ -29,7 +29,7 @@ NAMES = {
     "plus+sign;semi=eq&amp'.png": 19, "sub/k=v/w.png": 20, "sub/x_y.png": 21,
 }
 EMPTY = ["empty one.jpg", "empty #2 %41 ü?.png", "fotos ção/empty[3].jpg"]
-# Names starting with '_' or '.' below the listed folder are skipped, files and folders alike (README).
+# Names starting with '_' or '.' below the listed folder are skipped, files and folders alike (docs/embedding.md).
 # Spark's own rule has exceptions that lakelens does not keep: its file index holds '_metadata*' and
 # '_common_metadata*' files (its scan then drops them) and '_metadata*' folders, and its scan keeps
 # '_' names holding '='. Spark also skips files ending in '._COPYING_' (a copy in progress).
