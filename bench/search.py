@@ -41,6 +41,7 @@ from machine import describe, latencies  # noqa: E402
 
 from lakelens import Searcher  # noqa: E402
 from lakelens import index as ix  # noqa: E402
+from lakelens.config import parse_size  # noqa: E402
 
 
 def folder_bytes(path: Path) -> int:
@@ -270,7 +271,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="lakelens-search-"))
     try:
-        auto = ix.choose_factory(args.rows, args.dim, ix.parse_size(args.budget))
+        auto = ix.choose_factory(args.rows, args.dim, parse_size(args.budget))
         results = {
             "what": f"{args.rows} x {args.dim} unit vectors around 1000 random centres (noise 0.4); "
                     f"{len(q)} held-out queries from the same mixture; one shard; Searcher.search_vector "

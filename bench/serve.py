@@ -3,6 +3,11 @@ called in-process on the same index and queries, in one run: errors, throughput,
 Writes bench/results/serve.json.
 
     .venv/bin/python bench/serve.py [--rows 100000] [--clients 20] [--requests 25] [--threads 8]
+
+With --knn: clip-retrieval's API (/knn-service, as ClipClient posts it) against /api/search on the same index
+and text queries, and against clip-retrieval's own back end (`clip-retrieval back`, from bench/.venv-clipret)
+serving the same vectors (the same HNSW graph, taken out of lakelens's shard) for the same embedding queries,
+in one run (bench/knn.py). Writes bench/results/serve-knn.json.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from conftest import clustered  # noqa: E402  (the same generator the tests use)
 
 from lakelens import Searcher  # noqa: E402
 from lakelens import index as ix  # noqa: E402
+from lakelens.config import parse_size  # noqa: E402
 from lakelens.train import synth  # noqa: E402
 
 MODEL_KEY = "lakelens-tiny@none"  # random-init tiny CLIP: real text embedding per query, 128-d
@@ -51,10 +57,17 @@ def in_process(searcher: Searcher, queries: list[str], k: int) -> tuple[list[flo
     return times, time.perf_counter() - t0
 
 
-def http_clients(base: str, queries: list[str], clients: int, per_client: int, k: int) -> dict:
-    """`clients` threads, each with its own keep-alive session, `per_client` requests each, all started together."""
+def http_clients(base: str, queries: list, clients: int, per_client: int, k: int, send=None) -> dict:
+    """`clients` threads, each with its own keep-alive session, `per_client` requests each, all started together.
+    `send(session, query) -> error or None`; default: /api/search?q=query&k=k."""
     times, errors, lock = [], [], threading.Lock()
     start = threading.Barrier(clients + 1)
+
+    def api_search(session, q):
+        r = session.get(f"{base}/api/search", params={"q": q, "k": k}, timeout=120)
+        return None if r.status_code == 200 and len(r.json()["results"]) == k else f"{r.status_code}: {r.text[:200]}"
+
+    send = send or api_search
 
     def client(c: int):
         session = requests.Session()
@@ -63,9 +76,7 @@ def http_clients(base: str, queries: list[str], clients: int, per_client: int, k
             q = queries[(c * per_client + i) % len(queries)]
             t = time.perf_counter()
             try:
-                r = session.get(f"{base}/api/search", params={"q": q, "k": k}, timeout=120)
-                ok = r.status_code == 200 and len(r.json()["results"]) == k
-                err = None if ok else f"{r.status_code}: {r.text[:200]}"
+                err = send(session, q)
             except Exception as e:  # counted, not raised: the run reports every failure
                 err = f"{type(e).__name__}: {e}"
             with lock:
@@ -86,10 +97,10 @@ def http_clients(base: str, queries: list[str], clients: int, per_client: int, k
             "error_samples": errors[:5]}
 
 
-def start_server(index_dir: Path, threads: int, log_path: Path):
+def start_server(index_dir: Path, threads: int, log_path: Path, *more: str):
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "lakelens.cli", "serve", "--index", str(index_dir),
-                             "--port", "0", "--threads", str(threads)], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--port", "0", "--threads", str(threads), *more], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=log, text=True)
     line = proc.stdout.readline()
     m = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
@@ -108,7 +119,13 @@ def main() -> int:
     ap.add_argument("-k", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=4, help="alternating blocks of 50 for the 1-client comparison")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    ap.add_argument("--knn", action="store_true", help="clip-retrieval's API: bench/knn.py, serve-knn.json")
     args = ap.parse_args()
+    if args.knn:
+        from knn import knn_main
+
+        return knn_main(args, ROOT / "bench" / "results" / "serve-knn.json" if args.out.endswith("/serve.json")
+                        else Path(args.out))
 
     work = Path(tempfile.mkdtemp(prefix="lakelens-serve-"))
     proc = None
@@ -117,7 +134,7 @@ def main() -> int:
         x = clustered(args.rows, 128, clusters=500, noise=0.4, seed=0)
         ids = np.arange(args.rows, dtype=np.int64) * 7919 - 10**12
         paths = [f"file:/lake/photos/{i // 1000:04d}/img{i:07d}.jpg" for i in range(args.rows)]
-        choice = ix.choose_factory(args.rows, 128, ix.parse_size("4G"))
+        choice = ix.choose_factory(args.rows, 128, parse_size("4G"))
         ix.build_local(work / "index", ids, x, paths, choice, model_key=MODEL_KEY)
         print(f"[bench] index of {args.rows} x 128 ({choice.factory}) built in {time.perf_counter() - t0:.0f} s",
               flush=True)

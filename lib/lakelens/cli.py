@@ -293,6 +293,12 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--max-upload-mb and --max-megapixels must be > 0 and --threads >= 1, "
                           f"got {args.max_upload_mb}, {args.max_megapixels}, {args.threads}")
     token = args.token if args.token is not None else os.environ.get("LAKELENS_TOKEN", "")
+    clip_indices = []
+    for item in args.clip_index:
+        name, eq, folder = item.partition("=")
+        if not eq or not name or not folder:
+            raise ConfigError(f"--clip-index: expected NAME=INDEX_FOLDER, got {item!r}")
+        clip_indices.append((name, folder))
     s3 = None
     if args.conf or args.set:  # S3 settings for thumbnails of s3a:// images
         from lakelens.ingest.storage import S3Settings
@@ -301,7 +307,10 @@ def cmd_serve(args) -> int:
     serve(args.index, args.host, args.port, args.threads,
           Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                  max_pixels=int(args.max_megapixels * 1_000_000), token=token,
-                 allowed_hosts=tuple(h.lower() for h in args.allowed_host)), s3=s3)
+                 allowed_hosts=tuple(h.lower() for h in args.allowed_host), clip_name=args.clip_name or "",
+                 clip_fetch_hosts=tuple(h.lower() for h in args.clip_fetch_host),
+                 clip_cors_origins=tuple(args.clip_cors_origin), clip_base64=args.clip_base64,
+                 clip_image_size=args.clip_image_size, clip_indices=tuple(clip_indices)), s3=s3)
     return 0
 
 
@@ -499,6 +508,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Host header name to answer for (repeatable; default on loopback: localhost, 127.0.0.1)")
     p.add_argument("--conf", help="YAML config: S3 settings (spark.extra fs.s3a.*) for thumbnails of s3a:// images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
+    # clip-retrieval's API (/knn-service, /indices-list, /metadata): docs/clip-retrieval.md
+    p.add_argument("--clip-name", help="the index's name for clip-retrieval clients (indice_name; default: the "
+                                       "index folder's name)")
+    p.add_argument("--clip-index", action="append", default=[], metavar="NAME=DIR",
+                   help="another index served to clip-retrieval clients only, as indice_name NAME (repeatable)")
+    p.add_argument("--clip-fetch-host", action="append", default=[], metavar="HOST",
+                   help="a host /knn-service may fetch an image_url from (repeatable; default: none)")
+    p.add_argument("--clip-cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web page origin that may read /knn-service's answers, e.g. https://front.example.org "
+                        "(repeatable; '*': any; default: pages served from this machine)")
+    p.add_argument("--clip-base64", action="store_true",
+                   help="/knn-service answers carry each image in base64 (image), as clip_back does for local files")
+    p.add_argument("--clip-image-size", choices=("thumb", "large"), default="thumb",
+                   help="the image url (and base64) of a /knn-service result: thumbnail (default) or large view")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="offline end to end: captioned images, embed, index, eval, fine-tune, again; "
                                     "tags, captions and a keyword index")

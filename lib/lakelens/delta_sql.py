@@ -117,3 +117,46 @@ def create(spark: SparkSession, location: str, schema, properties: dict[str, str
     props = ", ".join(f"{sql_string(k)} = {sql_string(v)}" for k, v in properties.items())
     spark.sql(f"CREATE TABLE {table_ref(location)} ({ddl(schema)}) USING DELTA"
               + (f" TBLPROPERTIES ({props})" if props else ""))
+
+
+def plain_types(df: DataFrame) -> DataFrame:
+    """`df` with every column holding strings cast to its type's SQL text, before a Delta write. Under Spark
+    Connect a string type that comes from the client (a cast to StringType(), a UDF's output schema) is an
+    explicit UTF8_BINARY collation, which Delta stores as the type "string collate UTF8_BINARY": other Delta
+    readers (delta-rs) refuse the table. The type's text names plain `string`; on a classic session the cast
+    changes nothing."""
+    return df.select(*[df[f"`{f.name}`"].cast(f.dataType.simpleString()).alias(f.name)
+                       if "string" in f.dataType.simpleString() else df[f"`{f.name}`"] for f in df.schema.fields])
+
+
+def has_non_null_elements(data_type) -> bool:
+    """Whether a type declares array elements (or map values) that are never null, anywhere inside it."""
+    from pyspark.sql import types as T
+
+    if isinstance(data_type, T.ArrayType):
+        return not data_type.containsNull or has_non_null_elements(data_type.elementType)
+    if isinstance(data_type, T.MapType):
+        return not data_type.valueContainsNull or has_non_null_elements(data_type.valueType)
+    if isinstance(data_type, T.StructType):
+        return any(has_non_null_elements(f.dataType) for f in data_type.fields)
+    return False
+
+
+def rewrite_with_nullable_elements(spark: SparkSession, location: str) -> bool:
+    """Rewrite a table whose schema declares non-null array elements with nullable ones, in one overwrite;
+    False when it declares none. Spark's change-feed files hold nullable elements whatever the table says,
+    and readers that check (delta-rs) refuse the mismatch; SQL cannot relax an element's nullability in
+    place, and Delta refuses a schema change without rewriting. A DataFrame write declares every column
+    nullable and Spark cannot make one NOT NULL again: its NOT NULL columns become CHECK constraints."""
+    df = spark.read.format("delta").load(location)
+    wide = [f for f in df.schema.fields if has_non_null_elements(f.dataType)]
+    if not wide:
+        return False
+    not_null = [f.name for f in df.schema.fields if not f.nullable]
+    # a cast to the type's SQL text is the same type with every element nullable (SQL cannot say otherwise)
+    df = df.select(*[df[f"`{f.name}`"].cast(f.dataType.simpleString()).alias(f.name) if f in wide
+                     else df[f"`{f.name}`"] for f in df.schema.fields])
+    df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(location)
+    for name in not_null:
+        spark.sql(f"ALTER TABLE {table_ref(location)} ADD CONSTRAINT `{name}_not_null` CHECK (`{name}` IS NOT NULL)")
+    return True

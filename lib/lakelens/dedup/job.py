@@ -368,7 +368,7 @@ class DedupJob(Job):
         meta = {**state, "version": version, "guard": c.guard, "pairs": n_pairs, "groups": result.groups,
                 "duplicates": result.duplicates}
         with session_settings(spark, {delta_sql.SKIP_EMPTY_COMMITS: "false"}):  # no groups is a run too
-            (groups.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+            (delta_sql.plain_types(groups).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
              .option("userMetadata", json.dumps(meta)).save(c.out))
         if c.index:
             write_groups_file(groups, Path(c.index), index_version, version)

@@ -287,6 +287,7 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    from lakelens import delta_sql
     from lakelens.index.keyword import KEYWORD_DIR
     from lakelens.models.engines import DEFAULT_ENGINE, check_engine
     from lakelens.models.registry import ModelSpec
@@ -328,6 +329,6 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     result = (ranked.select("query_id", "query", "rank", "id", "path", "score", F.lit(None).cast("string").alias("error"))
               .unionByName(nothing.select("query_id", "query", *blank, F.lit(None).cast("string").alias("error")))
               .unionByName(errors.select("query_id", "query", *blank, "error")))
-    result.write.format(fmt).mode("overwrite").option("overwriteSchema", "true").save(str(out))
+    delta_sql.plain_types(result).write.format(fmt).mode("overwrite").option("overwriteSchema", "true").save(str(out))
     return {"index_version": version, "queries": read.count(), "failed": errors.count(), "unmatched": nothing.count(),
             "k": k, "out": str(out), "format": fmt, "seconds": round(time.time() - t0, 1)}

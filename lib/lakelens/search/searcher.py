@@ -434,6 +434,28 @@ class Searcher:
                 return vec
         return None
 
+    def vectors_of(self, ids) -> np.ndarray:
+        """The stored vectors of indexed images, one row per id, NaN where an id is not live."""
+        st = self._state
+        out = np.full((len(ids), st.manifest["dim"]), np.nan, np.float32)
+        for i, id_ in enumerate(np.asarray(ids, np.int64)):
+            vec = self._vector_of(st, int(id_))
+            if vec is not None:
+                out[i] = vec
+        return out
+
+    def rows_of(self, ids) -> pd.DataFrame:
+        """id and path (None where an id is not live) of indexed images, with their tags and caption when
+        the version has them: what a result row shows, for ids a client already holds."""
+        st = self._state
+        ids = np.asarray(ids, np.int64)
+        return decorate(st.keywords, pd.DataFrame({"id": ids, "path": [st.meta.path_of(int(i)) for i in ids]}))
+
+    @property
+    def has_duplicate_groups(self) -> bool:
+        """Whether `lakelens dedup --index` has written duplicate groups beside the index."""
+        return (self.index_dir / GROUPS_FILE).is_file()
+
     def id_paths(self) -> pd.DataFrame:
         """(id, path) of every image of the live version, sorted by id (every path in memory: for
         whole-collection work such as evaluation, not for queries)."""

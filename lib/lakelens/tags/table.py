@@ -82,7 +82,7 @@ def replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: D
 
 def _replace_rows(spark: SparkSession, location: str, rows: DataFrame, touched: DataFrame | None, source: str,
                   state: dict) -> None:
-    rows = rows.select(*[F.col(f.name).cast(f.dataType) for f in SCHEMA.fields])
+    rows = delta_sql.plain_types(rows.select(*[F.col(f.name).cast(f.dataType) for f in SCHEMA.fields]))
     meta = json.dumps({**state, "source": source})
     if not is_table(spark, location):
         (rows.write.format("delta").option("delta.enableChangeDataFeed", "true").option("userMetadata", meta)

@@ -22,6 +22,8 @@ from lakelens.web.thumbs import ThumbCache, ThumbError, parse_id
 log = logging.getLogger(__name__)
 TOKEN_COOKIE = "lakelens_token"
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+CLIP_ROUTES = ("/knn-service", "/indices-list", "/metadata")  # clip-retrieval's back-end API (web/clip.py)
+JSON_PATHS = ("/api/", "/thumb/", "/clip/", *CLIP_ROUTES)  # errors under these paths are JSON, never the page
 
 
 @dataclass
@@ -42,6 +44,17 @@ class Limits:
     max_pixels: int = 16_000_000  # query images and thumbnails: decoded only up to this many pixels
     token: str = ""  # when set, every request must carry it (Authorization: Bearer, ?token= once, or the cookie)
     allowed_hosts: tuple = ()  # Host header names served; empty: any
+    # clip-retrieval's API (web/clip.py): the index's name there (empty: the index folder's name), the hosts an
+    # image_url may be fetched from (none by default: a server must not fetch URLs for whoever asks), the
+    # origins of pages that may read its answers (empty: pages served from this machine; "*": any), and
+    # whether answers carry the images themselves (base64), and at which size (thumb | large)
+    clip_name: str = ""
+    clip_fetch_hosts: tuple = ()
+    clip_cors_origins: tuple = ()
+    clip_base64: bool = False
+    clip_image_size: str = "thumb"
+    clip_base64_max: int = 100  # results of one answer with the image inside; later ones have its url only
+    clip_indices: tuple = ()  # (name, index folder) of further indices served to clip-retrieval clients only
 
 
 def public_model(manifest: dict) -> dict:
@@ -237,7 +250,14 @@ def bearer(header: str) -> str:
 
 
 # --- routes ------------------------------------------------------------------------------------
-def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCache) -> None:
+def is_preflight(req) -> bool:
+    """A browser's CORS preflight for clip-retrieval's routes: it never carries a token, and answers no data."""
+    return (req.method == "OPTIONS" and req.path in CLIP_ROUTES
+            and "Access-Control-Request-Method" in req.headers)
+
+
+def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCache,
+             large: ThumbCache | None = None) -> None:
     def error(status: int, reason: str):
         return jsonify({"error": status, "reason": reason}), status
 
@@ -253,7 +273,7 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
         # a Host allowlist defeats DNS rebinding (a page elsewhere that resolves its name to this server)
         if allowed and host_name(request.host) not in allowed:
             return error(400, "this server does not answer for that host name")
-        if limits.token:
+        if limits.token and not is_preflight(request):
             supplied = (bearer(request.headers.get("Authorization", "")) or request.args.get("token")
                         or request.cookies.get(TOKEN_COOKIE) or "")
             if not hmac.compare_digest(supplied.encode(), limits.token.encode()):
@@ -347,7 +367,7 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
             group["group"] = str(group["group"])
         return jsonify({"index_version": s.version, **found})
 
-    large = ThumbCache(limits.large_cache, limits.large_side, max_pixels=limits.max_pixels, s3=thumbs.s3)
+    large = large or ThumbCache(limits.large_cache, limits.large_side, max_pixels=limits.max_pixels, s3=thumbs.s3)
 
     @server.get("/thumb/<id_text>")
     def thumb(id_text):
@@ -367,6 +387,8 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
             return error(400, "id must be a decimal 64-bit integer")
         if request.path.startswith("/api/") and not rule.startswith("/api/"):
             return error(404, f"no such API endpoint: {request.path}")
+        if request.path.startswith("/clip/") and not rule.startswith("/clip/"):
+            return error(404, f"no such image: {request.path}")
         return None
 
     @server.errorhandler(QueryError)
@@ -383,13 +405,13 @@ def register(server: Flask, live: LiveSearcher, limits: Limits, thumbs: ThumbCac
 
     @server.errorhandler(HTTPException)
     def http_error(e):
-        if request.path.startswith(("/api/", "/thumb/")):
+        if request.path.startswith(JSON_PATHS):
             return error(e.code or 500, e.description or e.name)
         return e
 
     @server.errorhandler(Exception)
     def unexpected(e):
         log.exception("request %s failed", request.path)
-        if request.path.startswith(("/api/", "/thumb/")):
+        if request.path.startswith(JSON_PATHS):
             return error(500, f"internal error: {type(e).__name__}")
         return "internal error", 500

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flask import Flask
 
-from lakelens.web import api, duplicates
+from lakelens.web import api, clip, duplicates
 from lakelens.web.api import LOOPBACK_HOSTS, Limits
 from lakelens.web.app import build_page
 from lakelens.web.live import LiveSearcher
@@ -28,10 +28,13 @@ def create_app(index_dir: str | Path, limits: Limits | None = None, live: LiveSe
     # base64 in the page's upload callback inflates a file by 4/3; the API checks the raw size itself
     server.config["MAX_CONTENT_LENGTH"] = limits.max_upload_bytes * 4 // 3 + 64 * 1024
     thumbs = ThumbCache(limits.thumb_cache, limits.thumb_side, max_pixels=limits.max_pixels, s3=s3)
-    api.register(server, live, limits, thumbs)
+    large = ThumbCache(limits.large_cache, limits.large_side, max_pixels=limits.max_pixels, s3=s3)
+    api.register(server, live, limits, thumbs, large)
+    served = clip.served_indices(live, limits, thumbs, large)
+    clip.register(server, served, limits)
     duplicates.register(server, live)
     app = build_page(server, live, limits)
-    app.live, app.limits, app.thumbs = live, limits, thumbs
+    app.live, app.limits, app.thumbs, app.served = live, limits, thumbs, served
     return app
 
 
@@ -72,11 +75,14 @@ def serve(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8050, thre
     if warning:
         print(warning, file=sys.stderr, flush=True)
     app = create_app(index_dir, limits, s3=s3)
-    app.live.warm()  # model built before the first request, not inside it (and not by two threads at once)
+    for one in app.served.values():  # models built before the first request, not inside it (nor by two threads)
+        one.live.warm()
     server = make_server(app, host, port, threads)
     s = app.live.searcher
     print(f"lakelens: serving index {index_dir} ({s.version}, {len(s)} images, model "
           f"{s.manifest['model']['name']}) on http://{host}:{server.effective_port}/", flush=True)
+    print(f"lakelens: clip-retrieval clients: http://{host}:{server.effective_port}/knn-service, indice_name "
+          f"{', '.join(app.served)}", flush=True)
     try:
         server.run()
     except KeyboardInterrupt:
