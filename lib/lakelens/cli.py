@@ -547,9 +547,13 @@ PATH_FLAGS = ("table", "tags", "index", "images", "out", "queries", "captions", 
 
 def use_remote(args) -> None:
     """--remote is pyspark's SPARK_REMOTE for this command: the session is a Spark Connect one, whatever master
-    the config file names (a master and a remote on one command line are refused)."""
+    the config file names (a master and a remote on one command line, or --master with SPARK_REMOTE set, are
+    refused)."""
     remote = getattr(args, "remote", None)
     if not remote:
+        if getattr(args, "master", None) and os.environ.get("SPARK_REMOTE"):  # pyspark refuses both as well
+            raise ConfigError("--master and SPARK_REMOTE: a session is either classic (master) or Spark Connect "
+                              "(remote); unset SPARK_REMOTE or leave out --master")
         return
     if getattr(args, "master", None):
         raise ConfigError("--master and --remote: a session is either classic (master) or Spark Connect (remote)")

@@ -28,9 +28,10 @@ class ConnectServer:
 
     @classmethod
     def start(cls, log: Path, master: str = "local[2]", port: int = 0, timeout: float = 180,
-              wrapper: tuple[str, ...] = ()) -> ConnectServer:
+              wrapper: tuple[str, ...] = (), delta: bool = True) -> ConnectServer:
         """Start a server and wait until it listens; its output goes to `log`. `wrapper`: a command the server
-        runs under (its last argument is followed by spark-submit's)."""
+        runs under (its last argument is followed by spark-submit's). `delta=False`: without Delta's SQL
+        extension and catalog (the jars stay), as a server set up for Spark alone."""
         from lakelens.spark import find_jars, find_s3_jars
 
         port = port or free_port()
@@ -38,8 +39,9 @@ class ConnectServer:
         submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
         cmd = [str(submit), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
                "--master", master, "--jars", ",".join(jars),
-               "--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
-               "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog",
+               *(["--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
+                  "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog"]
+                 if delta else []),
                "--conf", "spark.connect.grpc.binding.address=127.0.0.1",
                "--conf", f"spark.connect.grpc.binding.port={port}",
                "--conf", "spark.ui.enabled=false", "--conf", "spark.driver.memory=2g",

@@ -11,6 +11,7 @@ from pyspark.errors import AnalysisException, PySparkException
 from pyspark.sql import DataFrame, Row, SparkSession
 
 from lakelens import classic
+from lakelens.errors import SparkSetupError
 
 # Delta's conflict errors (a concurrent writer committed first); the losing commit is safe to retry. A classic
 # session raises delta.exceptions' classes, Spark Connect a PySparkException with one of these conditions.
@@ -32,6 +33,17 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+NO_DELTA_SQL = ("the Spark Connect server does not understand Delta Lake's SQL (DESCRIBE DETAIL): start it with "
+                "Delta's jars and --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension --conf "
+                "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog (docs/spark-connect.md)")
+
+
+def _without_delta_sql(exc: AnalysisException) -> bool:
+    # Spark's own parser reads `DESCRIBE DETAIL x` as DESCRIBE TABLE `DETAIL` (column x): a session without
+    # Delta's extension fails on a table named DETAIL, whichever location it was asked about
+    return exc.getCondition() == "TABLE_OR_VIEW_NOT_FOUND" and "`DETAIL`" in str(exc)
+
+
 def is_conflict(exc: BaseException) -> bool:
     if type(exc).__name__ in CONFLICT_NAMES:
         return True
@@ -51,7 +63,9 @@ def snapshot(spark: SparkSession, location: str) -> tuple[int, str, dict] | None
             return snap
     try:
         d = spark.sql(f"DESCRIBE DETAIL {table_ref(location)}").select("id", "properties", "format").first()
-    except AnalysisException:
+    except AnalysisException as e:
+        if _without_delta_sql(e):
+            raise SparkSetupError(NO_DELTA_SQL) from None
         return None
     if d is None or (d["format"] or "delta").lower() != "delta":
         return None

@@ -248,6 +248,7 @@ def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
         elif key.startswith("spark.sql.") or ".delta." in key:
             settings[key] = str(value)
     _check_reachable(remote)
+    _quiet_query_context_logs()
     b = SparkSession.builder.remote(remote)
     for key, value in settings.items():
         b = b.config(key, value)
@@ -260,9 +261,19 @@ def _connect_session(conf: SparkConfig, remote: str) -> SparkSession:
         raise SparkSetupError(f"cannot open a Spark Connect session on {remote}: {first}") from None
 
 
+def _quiet_query_context_logs() -> None:
+    """pyspark's Connect client logs every failed SQL statement with its JVM trace to stderr as it raises it,
+    also the ones lakelens expects and answers in one line (a table that is not there yet); the exception
+    itself still carries the message. Only on sessions lakelens opens: a notebook's session keeps its logs."""
+    from pyspark.logger import PySparkLogger
+
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        PySparkLogger.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _check_reachable(remote: str, timeout: float = 10.0) -> None:
-    """A server that is not there fails in seconds with its address, rather than after pyspark's gRPC retries
-    (minutes) with a trace."""
+    """A server that is not there, or a port where no Connect server listens, fails in seconds with its address,
+    rather than after pyspark's gRPC retries (minutes) with a trace."""
     m = re.fullmatch(r"sc://\[?([^/\]]+?)\]?(?::(\d+))?(?:/.*)?", remote.strip())
     if not m:
         return  # local[N] (a server in this process) or a form pyspark will judge itself
@@ -272,6 +283,21 @@ def _check_reachable(remote: str, timeout: float = 10.0) -> None:
     except OSError as e:
         raise SparkSetupError(f"cannot reach the Spark Connect server at {host}:{port} ({e.strerror or e}); "
                               "is it running? (spark.remote / SPARK_REMOTE / --remote)") from None
+    # Something listens there; whether it speaks gRPC only a channel tells. The Spark UI's port, a master's
+    # 7077 or any other service would leave pyspark retrying its first call for about ten minutes.
+    import grpc
+    from pyspark.sql.connect.client.core import DefaultChannelBuilder
+
+    channel = DefaultChannelBuilder(remote).toChannel()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise SparkSetupError(f"{host}:{port} does not answer as a Spark Connect server (no gRPC reply in "
+                              f"{timeout:.0f} s); is it the server's Connect port (15002 unless "
+                              "spark.connect.grpc.binding.port says otherwise)? (spark.remote / SPARK_REMOTE / "
+                              "--remote)") from None
+    finally:
+        channel.close()
 
 
 def is_connect(spark: SparkSession) -> bool:

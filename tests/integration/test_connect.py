@@ -15,6 +15,7 @@ from conftest import ROOT, write_images
 
 from lakelens import Searcher
 from lakelens.connect_server import ConnectServer
+from lakelens.errors import DataError
 from lakelens.ingest.listing import list_files, walk_local
 from lakelens.spark import is_connect
 
@@ -128,3 +129,40 @@ def test_spark_submit_in_connect_mode_without_a_server_is_one_clear_line(tmp_pat
     assert out.returncode == 2 and "Traceback" not in said, said[-3000:]
     assert "pass spark-submit --remote sc://HOST:15002 instead" in said
     assert not (tmp_path / "t").exists()
+
+
+def test_a_connect_server_without_delta_is_one_clear_line(connect_server, tmp_path):
+    """pyspark's server class started without Delta's SQL extension (and catalog): embed and index say what the
+    server lacks in one line, rather than a JVM trace or 'no delta table' for a table that is there."""
+    write_images(tmp_path / "img", 3)
+    conf = str(ROOT / "conf" / "local.yaml")
+    made = run_cli("embed", "--remote", connect_server.url, "--conf", conf, "--images", "img", "--table", "t",
+                   cwd=tmp_path)
+    assert made.returncode == 0, made.stderr[-3000:]
+    server = ConnectServer.start(tmp_path / "server.log", delta=False)
+    try:
+        emb = run_cli("embed", "--remote", server.url, "--conf", conf, "--images", "img", "--table", "t2",
+                      cwd=tmp_path)
+        idx = run_cli("index", "--remote", server.url, "--conf", conf, "--table", "t", "--index", "idx",
+                      cwd=tmp_path)
+    finally:
+        server.stop()
+    for command, out in (("embed", emb), ("index", idx)):
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert out.stderr.strip().splitlines() == [
+            f"lakelens {command}: error: the Spark Connect server does not understand Delta Lake's SQL (DESCRIBE "
+            "DETAIL): start it with Delta's jars and --conf spark.sql.extensions=io.delta.sql."
+            "DeltaSparkSessionExtension --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog."
+            "DeltaCatalog (docs/spark-connect.md)"], out.stderr[-3000:]
+    assert not (tmp_path / "t2").exists() and not (tmp_path / "idx" / "CURRENT").exists()
+
+
+def test_a_glob_that_matches_nothing_is_one_line_as_on_a_classic_session(spark, tmp_path):
+    """`--images` with glob characters is a glob (a folder named `a [x]` needs them escaped: `a \\[x\\]`); one that
+    matches nothing is the one line a classic session gives, not PATH_NOT_FOUND from Spark's first action."""
+    assert is_connect(spark)
+    write_images(tmp_path / "gl [x]", 2)
+    for images in (str(tmp_path / "gl [x]"), str(tmp_path / "none" / "*.jpg")):
+        with pytest.raises(DataError, match=r"^embed\.images: nothing found at "):
+            list_files(spark, images)
+    assert list_files(spark, str(tmp_path / "gl \\[x\\]")).count == 2

@@ -234,8 +234,11 @@ def test_drop_root_deletes_that_folders_rows_and_forgets_it(spark, tmp_path, loc
         assert run(spark, local_conf(data / name, table, f"embed.format={fmt}")).new == 2
     base = ["embed", "--table", str(table), "--format", fmt, "--conf", str(ROOT / "conf" / "local.yaml"), "--json"]
     assert main([*base, "--drop-root", str(data / "it's 50%_"), "--drop-root", str(data / "A")]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["deleted"] == 4
+    dropped = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert dropped["deleted"] == 4
     assert set(rows_by_path(spark, table, fmt)) == {f"file:{f}" for f in folders["AB"]}
+    # a run that only drops roots reports the version it left the table at, as any run does
+    assert dropped["table_version"] == (tables.EmbeddingsTable(spark, str(table)).version() if fmt == "delta" else None)
     if fmt == "delta":
         assert tables.EmbeddingsTable(spark, str(table)).image_roots() == [f"file:{data / 'AB'}/"]
         for text in ("it's 50%_", "back\\slash\\'", "\\u0041 ção"):  # the SQL literals of the DELETE

@@ -236,7 +236,10 @@ class EmbedJob(Job):
         with (RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait),
               session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
             dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
-            stats = self._run(spec) if spec is not None else EmbedStats()
+            if spec is not None:
+                stats = self._run(spec)
+            else:  # only roots dropped: the version they left the table at, as any run reports
+                stats = EmbedStats(table_version=EmbeddingsTable(self.spark, c.table, c.format).version())
             stats.deleted += dropped
             return stats
 

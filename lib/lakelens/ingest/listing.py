@@ -243,15 +243,15 @@ def list_with_spark(spark: SparkSession, images: str, path_glob: str = "") -> Li
     reader = spark.read.format("binaryFile").option("recursiveFileLookup", "true")
     if path_glob:
         reader = reader.option("pathGlobFilter", path_glob)
-    try:
+    skip = hidden(root_of(images))
+    try:  # a classic session finds a missing path at load(), Spark Connect (lazy) at the first action
         files = reader.load(images)
+        scanned = (files.select("path", F.col("length").alias("size_bytes"),
+                                F.col("modificationTime").alias("modified"), skip.alias("hidden")).localCheckpoint())
     except AnalysisException as e:
         if "PATH_NOT_FOUND" in str(e) or "Path does not exist" in str(e):
             raise DataError(f"embed.images: nothing found at {images}") from None
         raise
-    skip = hidden(root_of(images))
-    scanned = (files.select("path", F.col("length").alias("size_bytes"), F.col("modificationTime").alias("modified"),
-                            skip.alias("hidden")).localCheckpoint())
     counts = {r["hidden"]: r["count"] for r in scanned.groupBy("hidden").count().collect()}
     listing = scanned.where(~F.col("hidden")).drop("hidden")
     count = counts.get(False, 0)
