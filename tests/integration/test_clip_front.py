@@ -120,7 +120,9 @@ def test_the_front_end_searches_lakelens_and_shows_its_images(site, browser, tmp
                             ".querySelector('#filter select option').value") == "photos"  # from /indices-list
     d.execute_script(CHECKBOX, "Hide (near) duplicate images")
     d.execute_script(CHECKBOX, "Display similarities")
-    figures = shown(d, "40 results with similarities", lambda f: len(f) == 40 and f[0]["similarity"])
+    # the first answer's 40 (the front end may already be loading more below them: a short page has its end
+    # in view at once)
+    figures = shown(d, "40 results with similarities", lambda f: len(f) >= 40 and f[0]["similarity"])[:40]
     expected = lakelens_search(site.index, "a red circle", "-k", str(n))
     assert [image_id(f["src"]) for f in figures] == [int(r["id"]) for r in expected[:40]]
     assert all(f["src"].startswith(f"{site.base}/thumb/") for f in figures)  # lakelens's own images
