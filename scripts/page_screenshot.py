@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +33,7 @@ def main(out: Path) -> None:
         paths = list(pd.read_csv(synth.write_dataset(root / "photos", 40, seed=11))["path"])
         data = webindex.publish(root / "index", paths, keywords=True)
         server = webindex.ThreadServer(data.index)
-        options = webdriver.ChromeOptions()
-        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={WIDTH},{HEIGHT}"):
-            options.add_argument(flag)
-        options.binary_location = "/usr/bin/chromium"
-        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        driver = webindex.headless_chromium(WIDTH, HEIGHT, "--hide-scrollbars")
         try:
             driver.get(server.base + QUERY)
             WebDriverWait(driver, 120, poll_frequency=0.2).until(lambda d: d.execute_script(

@@ -120,3 +120,20 @@ class ThreadServer:
         self.server.trigger.pull_trigger(self.server.close)
         self.thread.join(timeout=5)
         self.server.task_dispatcher.shutdown(timeout=5)
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; setup.sh installs them
+
+
+def headless_chromium(width: int, height: int, *flags: str):
+    """Debian's Chromium, headless, through selenium and Debian's chromedriver (nothing downloaded); without
+    background networking, whose connections the closed network refuses many at a time."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 f"--window-size={width},{height}", *flags):
+        options.add_argument(flag)
+    options.binary_location = CHROMIUM
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)

@@ -17,13 +17,10 @@ from pathlib import Path
 import clipret
 import pytest
 import webindex
-from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT = 60  # an upper bound for a wait-for-condition on 2 busy cores, not a speed check
 
 # the front end's results live in its element's shadow root: each figure's image, its loaded state, and the
@@ -73,12 +70,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--window-size=1280,600"):
-        options.add_argument(flag)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webindex.headless_chromium(1280, 600)
     yield driver
     driver.quit()
 

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import requests
 import webindex
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -21,7 +19,6 @@ from lakelens.search import MAX_K
 from lakelens.web.app import next_k
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's; setup.sh installs them
 TOKEN = "browser-test-token"
 WAIT = 60  # an upper bound for a wait-for-condition on 2 busy cores, not a speed check
 POLL = 0.1  # seconds between looks at the page while waiting (Selenium's default, 0.5 s, idles most waits)
@@ -51,12 +48,7 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    options = webdriver.ChromeOptions()
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--window-size=1280,1000"):
-        options.add_argument(flag)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webindex.headless_chromium(1280, 1000)
     yield driver
     driver.quit()
 
