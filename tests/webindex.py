@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -137,3 +142,21 @@ def headless_chromium(width: int, height: int, *flags: str):
         options.add_argument(flag)
     options.binary_location = CHROMIUM
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@contextmanager
+def serve_command(index: Path, log: Path, *flags: str, env: dict | None = None):
+    """The real `lakelens serve` command on a free port it picks itself: yields (its base URL, the process,
+    the line it announced itself with); stopped after. Its stderr goes to `log`."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lakelens.cli", "serve", "--index", str(index), "--port", "0",
+                                 "--threads", "4", *flags], cwd=Path(__file__).resolve().parents[1],
+                                stdout=subprocess.PIPE, stderr=err, text=True, env=env or os.environ)
+        try:
+            line = proc.stdout.readline()
+            match = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
+            assert match, f"server did not start: {line!r}\n{log.read_text()}"
+            yield match.group(1), proc, line
+        finally:
+            proc.terminate()
+            proc.wait()

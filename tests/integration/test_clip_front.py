@@ -46,26 +46,17 @@ class Quiet(http.server.SimpleHTTPRequestHandler):
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("clipfront")
     data = webindex.build(root)
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "lakelens.cli", "serve", "--index", str(data.index),
-                             "--port", "0", "--threads", "4", "--clip-name", "photos"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ)
     # the front end's static files, from another origin (another port), as `clip-retrieval front` would serve them
     front = clipret.extract_front(clipret.wheel(), root / "front")
     files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(front)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
-        assert match, f"server did not start: {line!r}\n{(root / 'server.log').read_text()}"
-        assert "indice_name photos" in proc.stdout.readline()
-        data.base, data.front = match.group(1), f"http://127.0.0.1:{files.server_address[1]}"
-        yield data
+        with webindex.serve_command(data.index, root / "server.log", "--clip-name", "photos") as (base, proc, _):
+            assert "indice_name photos" in proc.stdout.readline()
+            data.base, data.front = base, f"http://127.0.0.1:{files.server_address[1]}"
+            yield data
     finally:
-        proc.terminate()
-        proc.wait()
         files.shutdown()
-        log.close()
 
 
 @pytest.fixture(scope="module")

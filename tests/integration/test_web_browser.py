@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 from lakelens.search import MAX_K
 from lakelens.web.app import next_k
 
-ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "browser-test-token"
 WAIT = 60  # an upper bound for a wait-for-condition on 2 busy cores, not a speed check
 POLL = 0.1  # seconds between looks at the page while waiting (Selenium's default, 0.5 s, idles most waits)
@@ -28,22 +25,12 @@ POLL = 0.1  # seconds between looks at the page while waiting (Selenium's defaul
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("web")
     data = webindex.build(root)
-    log = open(root / "server.log", "w")
     # the real command line, on a free port it picks itself and announces on stdout
-    proc = subprocess.Popen([sys.executable, "-m", "lakelens.cli", "serve", "--index", str(data.index),
-                             "--port", "0", "--threads", "4"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=log, text=True, env={**os.environ, "LAKELENS_TOKEN": TOKEN})
-    try:
-        line = proc.stdout.readline()
-        match = re.search(r"on (http://127\.0\.0\.1:\d+)/", line)
-        assert match, f"server did not start: {line!r}\n{(root / 'server.log').read_text()}"
+    with webindex.serve_command(data.index, root / "server.log", env={**os.environ, "LAKELENS_TOKEN": TOKEN}) as (
+            base, _, line):
         assert f"({data.version}, {len(data.ids)} images, model lakelens-tiny)" in line
-        data.base = match.group(1)
+        data.base = base
         yield data
-    finally:
-        proc.terminate()
-        proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
