@@ -125,8 +125,14 @@ def plain_types(df: DataFrame) -> DataFrame:
     explicit UTF8_BINARY collation, which Delta stores as the type "string collate UTF8_BINARY": other Delta
     readers (delta-rs) refuse the table. The type's text names plain `string`; on a classic session the cast
     changes nothing."""
-    return df.select(*[df[f"`{f.name}`"].cast(f.dataType.simpleString()).alias(f.name)
-                       if "string" in f.dataType.simpleString() else df[f"`{f.name}`"] for f in df.schema.fields])
+    return _as_sql_text(df, lambda f: "string" in f.dataType.simpleString())
+
+
+def _as_sql_text(df: DataFrame, which) -> DataFrame:
+    """`df` with the columns `which(field)` picks cast to their type's SQL text (the same type, as SQL states
+    it: plain strings, nullable array elements); the other columns as they are."""
+    return df.select(*[df[f"`{f.name}`"].cast(f.dataType.simpleString()).alias(f.name) if which(f)
+                       else df[f"`{f.name}`"] for f in df.schema.fields])
 
 
 def has_non_null_elements(data_type) -> bool:
@@ -154,8 +160,7 @@ def rewrite_with_nullable_elements(spark: SparkSession, location: str) -> bool:
         return False
     not_null = [f.name for f in df.schema.fields if not f.nullable]
     # a cast to the type's SQL text is the same type with every element nullable (SQL cannot say otherwise)
-    df = df.select(*[df[f"`{f.name}`"].cast(f.dataType.simpleString()).alias(f.name) if f in wide
-                     else df[f"`{f.name}`"] for f in df.schema.fields])
+    df = _as_sql_text(df, lambda f: f in wide)
     df.write.format("delta").mode("overwrite").option("overwriteSchema", "true").save(location)
     for name in not_null:
         spark.sql(f"ALTER TABLE {table_ref(location)} ADD CONSTRAINT `{name}_not_null` CHECK (`{name}` IS NOT NULL)")
