@@ -4,8 +4,6 @@ all cores), so every number can be read beside them; and the one latency loop th
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import re
@@ -192,19 +190,3 @@ class ProcessTreeCPU:
         if span <= 0:
             return {}
         return {k: round((last[1].get(k, 0.0) - first[1].get(k, 0.0)) / span, 2) for k in sorted(last[1])}
-
-
-def probe_run(name: str) -> tuple[argparse.Namespace, dict]:
-    """A model-only probe benchmark's arguments (--model ViT-B-32, --images 64, --rounds 5, --out
-    bench/results/NAME.json) and this machine's description, printed first."""
-    from pathlib import Path
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="ViT-B-32")
-    ap.add_argument("--images", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / f"{name}.json"))
-    args = ap.parse_args()
-    machine = describe()
-    print(json.dumps(machine), flush=True)
-    return args, machine

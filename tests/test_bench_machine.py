@@ -1,5 +1,5 @@
 """bench/machine.py's ProcessTreeCPU: the CPU-seconds of a command and its descendants, by kind, read from
-/proc while it runs (bench/embed_profile.py's split of a Spark command between its JVM and workers)."""
+/proc while it runs (bench/embed.py's split of a Spark command between its JVM and workers)."""
 
 import subprocess
 import sys

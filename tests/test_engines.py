@@ -455,15 +455,6 @@ def test_pixel_int8_patch_product_recovers_the_pixels_exactly(tmp_path):
     assert engine.takes_pixels
     assert np.array_equal(t.to_pixels(x), t.pixels(Image.fromarray(pixels))[None])
     assert np.array_equal(engine.encode_image(t.pixels(Image.fromarray(pixels))[None]), engine.encode_image(x))
-    # the same graph given a float input it turns back into pixels (export format 6's form, which
-    # bench/pixel_input.py times against this one) gives the same vector too
-    from lakelens.models import int8_source
-
-    float_graph = tmp_path / "float-input.onnx"
-    int8_source.with_float_input(str(engine.folder / "image.onnx"), str(float_graph), t.mean, t.std)
-    session = engines._session(float_graph, 1)
-    assert not engines.takes_pixels(session)
-    assert np.array_equal(session.run(None, {"image": x})[0], engine.encode_image(x))
 
 
 def test_embedder_feeds_the_int8_tower_pixels_and_the_fp32_graph_floats(tmp_path):

@@ -47,8 +47,8 @@ EXPORT_FORMAT = 9  # bump when the exported graphs change, so old caches are not
 # tensor's range over CALIBRATION_IMAGES probe images other than the check's: an image's vector no longer
 # depends on its batch mates, so the engine runs INT8_BATCH images per call, which reuses each weight
 # matrix across the batch's rows, and each product scales and adds its bias as it writes its output
-# (int8_source.fuse_integer_products; bench/int8_batch.py: 1.17-1.36x the one-image calls on AVX2, VNNI
-# and AMX kernels). A graph whose static scales fail the probe check keeps its per-call (dynamic) scales and
+# (int8_source.fuse_integer_products; 1.17-1.36x the one-image calls on AVX2, VNNI and AMX kernels:
+# docs/decisions/int8-engine.md). A graph whose static scales fail the probe check keeps its per-call (dynamic) scales and
 # runs one image per call.
 INT8_OPTIONS = {"per_channel": True, "op_types": ["MatMul", "Gemm", "Attention"]}
 # Weight bits are chosen from the CPU's flags at export. Without VNNI, x86 multiplies uint8 x int8 pairs
@@ -169,7 +169,7 @@ def machine_int8_weight_bits() -> tuple[int, str]:
 
 def bf16_copy(model):
     """A copy of `model` with every weight and buffer cast to bf16 once. (bf16 autocast casts each weight
-    again on every call: 0.62x fp32 on an AMX Xeon, where this copy runs 4.27x fp32: bench/bf16.py.)"""
+    again on every call: 0.62x fp32 on an AMX Xeon, where this copy runs 4.27x fp32: docs/decisions/bf16-engine.md.)"""
     import copy
 
     import torch

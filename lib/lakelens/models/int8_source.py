@@ -1,6 +1,6 @@
 """The int8 image tower's source graph: the image tower traced with a dynamic batch, with two rewrites that
-give the same numbers in fp32 and run faster in ONNX Runtime once quantised (bench/int8_source.py measures
-them):
+give the same numbers in fp32 and run faster in ONNX Runtime once quantised (measured in
+docs/decisions/int8-engine.md):
 
 - a patch embedding (a Conv2d whose kernel equals its stride, no padding) becomes a reshape and a matrix
   product. The quantiser leaves that product alone (`pixel_matmuls` names it): pixels quantised with one
@@ -242,26 +242,6 @@ def _pixel_front(g, image: str, mean64: np.ndarray, std64: np.ndarray) -> list:
             helper.make_node("Clip", ["pixels_rounded", "pixels_min", "pixels_max"], ["pixels_clipped"],
                              name="pixels_clip"),
             helper.make_node("Cast", ["pixels_clipped"], [PIXELS], to=TensorProto.UINT8, name="pixels_u8")]
-
-
-def with_float_input(path: str, out: str, mean, std) -> None:
-    """The int8 graph at `path`, which takes 8-bit pixels, written to `out` with a float input (`image`, the
-    normalised image) that it turns back into its pixels in front of the patch product: the engine's
-    graph as export format 6 made it. bench/pixel_input.py times the two against each other."""
-    import onnx
-    from onnx import TensorProto
-
-    model = onnx.load(path)
-    g = model.graph
-    if g.input[0].name != PIXELS:
-        raise ValueError(f"{path}: its input is {g.input[0].name!r}, not the 8-bit {PIXELS!r}")
-    front = _pixel_front(g, "image", np.asarray(mean, np.float64), np.asarray(std, np.float64))
-    g.input[0].name = "image"
-    g.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
-    nodes = list(g.node)
-    del g.node[:]
-    g.node.extend(front + nodes)
-    onnx.save(model, out)
 
 
 def export(image_tower: nn.Module, visual: nn.Module, image_size: int, path: str, opset: int) -> dict:
