@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-fast bench lint clean wheel
+.PHONY: setup demo test test-fast bench bench-smoke lint clean wheel
 
 PY := .venv/bin/python
 
@@ -23,6 +23,10 @@ bench: setup
 	$(PY) bench/serve.py
 	$(PY) bench/finetune.py
 	$(PY) bench/engines_eval.py
+
+# every benchmark behind a claim at a tiny size, into a temp folder (bench/README.md): none can rot unseen
+bench-smoke: setup
+	$(PY) bench/smoke.py
 
 # the installable package (README "Install"): build/dist/lakelens-VERSION-py3-none-any.whl
 wheel: setup

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import SMOKE_HELP, SMOKE_PAIRS, describe, smoke  # noqa: E402
 
 from lakelens.config import FinetuneConfig  # noqa: E402
 from lakelens.ingest.embedder import prepare  # noqa: E402
@@ -83,7 +83,9 @@ def main() -> None:
     ap.add_argument("--speed-images", type=int, default=128)
     ap.add_argument("--work", default=str(ROOT / "build" / "bench-captions"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "captions.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, train=SMOKE_PAIRS, batch_size=60, held_out=4, epochs=1, speed_images=4)
     work = Path(args.work)
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": describe(), "model": MODEL,
                "settings": {k: v for k, v in vars(args).items() if k not in ("work", "out")}}

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import describe  # bench/ is on the path: this script's folder
+from machine import SMOKE_HELP, describe, smoke  # bench/ is on the path: this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--model", default="lakelens-tiny")
     ap.add_argument("--pretrained", default="none")
     ap.add_argument("--out", default=str(RESULTS / "connect.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, images=8, chunk=4, rounds=1)
     from lakelens.connect_server import ConnectServer
 
     machine = describe()

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered  # noqa: E402  (the tests' generator of embedding-shaped vectors)
-from machine import describe  # noqa: E402
+from machine import SMOKE_HELP, SMOKE_PAIRS, describe, smoke  # noqa: E402
 
 from lakelens import Embedder, IndexJob, ModelSpec, config, get_session, path_id  # noqa: E402
 from lakelens.dedup.job import DedupJob  # noqa: E402
@@ -116,7 +116,8 @@ def write_table(spark, location: str, vectors: np.ndarray, names: list[str], siz
     pdf = pd.DataFrame({"id": [path_id(p) for p in paths], "path": paths,
                         "content_sha256": [f"{i:064x}" for i in range(len(paths))], "size_bytes": sizes or 100_000,
                         "modified": now, "width": 640, "height": 480, "model": "lakelens-tiny@none",
-                        "embedding": list(vectors.astype(np.float32)), "error": None, "embedded_at": now})
+                        "embedding": list(vectors.astype(np.float32)), "error": None, "embedded_at": now,
+                        "regions": None})
     from delta.tables import DeltaTable
 
     DeltaTable.createIfNotExists(spark).location(location).addColumns(SCHEMA) \
@@ -127,7 +128,7 @@ def write_table(spark, location: str, vectors: np.ndarray, names: list[str], siz
 
 
 def quality(spark, work: Path, n_orig: int, copies_per: int, model: str, pretrained: str, threshold: float,
-            guard: float) -> dict:
+            guard: float, fig_path: Path) -> dict:
     rng = random.Random(0)
     base = originals(n_orig)
     n_copied = n_orig // 3
@@ -174,7 +175,6 @@ def quality(spark, work: Path, n_orig: int, copies_per: int, model: str, pretrai
     true_pairs = {(int(a), int(b)) for a, b in zip(*iu) if origin[a] == origin[b]}
     tp = len(found & true_pairs)
 
-    fig_path = ROOT / "bench" / "results" / "dedup-pr.png"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +215,7 @@ def quality(spark, work: Path, n_orig: int, copies_per: int, model: str, pretrai
             "job": {"groups": result.groups, "pairs_found": len(found), "true_pairs": len(true_pairs),
                     "precision": round(tp / max(1, len(found)), 4), "recall": round(tp / max(1, len(true_pairs)), 4),
                     "split_off": result.split_off, "seconds": result.seconds},
-            "plot": str(fig_path.relative_to(ROOT))}
+            "plot": str(fig_path.relative_to(ROOT)) if fig_path.is_relative_to(ROOT) else str(fig_path)}
 
 
 def rate(spark, work: Path, rows: int, dim: int) -> dict:
@@ -259,11 +259,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--skip-rate", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dedup.json"),
+                    help="the results; the plot beside it, NAME-pr.png")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, originals=12, copies=2, train=SMOKE_PAIRS, epochs=1, rows=2000, dim=16)
     machine = describe()
     print(json.dumps(machine))
     defaults = config.Config().dedup
-    out = ROOT / "bench" / "results" / "dedup.json"
+    out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}  # a part not run keeps its last result
     spark, _ = get_session(config.load(ROOT / "conf" / "local.yaml").spark)
     spark.sparkContext.setLogLevel("ERROR")
@@ -276,7 +280,7 @@ def main() -> None:
             result["training"] = {"pairs": 0 if args.pretrained else args.train, "epochs": args.epochs,
                                   "seconds": round(time.time() - t0, 1)}
             result["quality"] = quality(spark, work, args.originals, args.copies, args.model, weights,
-                                        defaults.threshold, defaults.guard)
+                                        defaults.threshold, defaults.guard, out.with_name(f"{out.stem}-pr.png"))
             if not args.pretrained:
                 result["quality"]["model"] = "lakelens-tiny fine-tuned here"
             print(json.dumps({k: v for k, v in result["quality"].items() if k != "curve"}, indent=1))

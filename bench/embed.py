@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import ProcessTreeCPU, best_rate, describe, ort_int8_rate  # bench/ is on the path: this script's folder
+from machine import SMOKE_HELP, ProcessTreeCPU, best_rate, describe, ort_int8_rate, side, smoke  # bench/ on the path
 from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,17 +104,18 @@ def compute_bounds(model_name: str) -> dict:
     from lakelens.models import registry as models
 
     out = {}
-    for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 512)):
+    for name, dtype, n in (("fp32", torch.float32, side(2048)), ("bf16", torch.bfloat16, side(512))):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         out[f"matmul_{name}_gflops"] = best_rate(lambda: a @ b, 2 * n ** 3, 3.0)
     out["bf16_native"] = engines.bf16_supported()
-    q = torch.randint(-128, 128, (2048, 2048), dtype=torch.int8)
+    n = side(2048)
+    q = torch.randint(-128, 128, (n, n), dtype=torch.int8)
     try:  # int8 x int8 -> int32 products (VNNI where the CPU has it)
-        out["matmul_int8_torch_gops"] = best_rate(lambda: torch._int_mm(q, q), 2 * 2048 ** 3, 3.0)
+        out["matmul_int8_torch_gops"] = best_rate(lambda: torch._int_mm(q, q), 2 * n ** 3, 3.0)
     except (RuntimeError, AttributeError):
         out["matmul_int8_torch_gops"] = None
     # the int8 engine's own kernel family (ONNX Runtime uint8 x int8); the bound is the faster of the two
-    out["matmul_int8_ort_gops"] = ort_int8_rate(seconds=3.0)
+    out["matmul_int8_ort_gops"] = ort_int8_rate(n, seconds=3.0)
     rates = {k: out[k] for k in ("matmul_int8_torch_gops", "matmul_int8_ort_gops") if out[k]}
     out["matmul_int8_gops"] = max(rates.values()) if rates else None
     out["matmul_int8_kernel"] = max(rates, key=rates.get) if rates else None
@@ -324,18 +325,12 @@ def repeated_links(paths: list[Path], folder: Path, n: int) -> Path:
     return folder
 
 
-_SPARK = {}
-
-
 def read_table(table: Path) -> dict:
-    if "s" not in _SPARK:
-        from lakelens import config
-        from lakelens.spark import get_session
+    """path -> vector of the table the command wrote, read by delta-rs (no Spark session of our own)."""
+    from deltalake import DeltaTable
 
-        _SPARK["s"] = get_session(config.load(ROOT / "conf" / "local.yaml").spark)[0]
-        _SPARK["s"].sparkContext.setLogLevel("ERROR")
-    return {r["path"]: np.array(r["embedding"], dtype=np.float32)
-            for r in _SPARK["s"].read.format("delta").load(str(table)).select("path", "embedding").collect()}
+    rows = DeltaTable(str(table)).to_pyarrow_table(columns=["path", "embedding"]).to_pydict()
+    return {p: np.array(v, dtype=np.float32) for p, v in zip(rows["path"], rows["embedding"])}
 
 
 def loadavg() -> list[float]:
@@ -363,7 +358,11 @@ def main() -> int:
                     help="run the plain loop (and parity) on the first N files of the whole-command set (0: all)")
     ap.add_argument("--no-large", action="store_true", help="skip the 12-MP set")
     ap.add_argument("--out", default=str(RESULTS / "embed.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    # a smoke run: lakelens-tiny, one engine, two fixed chunks (the 12-MP set runs the same code at another size)
+    smoke(args, model="lakelens-tiny", small=6, marginal=8, chunk=4, chunk_seconds=0, engines="onnx-int8",
+          no_clip_retrieval=True, no_large=True)
 
     from lakelens.models import engines
     from lakelens.models import registry as models
@@ -422,8 +421,6 @@ def main() -> int:
         results["loadavg_after"] = loadavg()
         return finish(results, args.out)
     finally:
-        if "s" in _SPARK:
-            _SPARK["s"].stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -43,6 +43,8 @@ DEVICE = os.environ.get("LAKELENS_BENCH_DEVICE", "cuda")
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "lib"))
 
+from machine import SMOKE_HELP, smoke  # noqa: E402
+
 
 def _make(args):
     from embed import photo_like  # bench/embed.py: photo-like 256-px JPEGs, as in the CPU benchmark
@@ -234,7 +236,9 @@ def main() -> int:
     ap.add_argument("--plain-run", nargs=2, metavar=("FOLDER", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--shares", default="", help="only this: k core processes sharing the GPU, e.g. 1,4,8,16")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP + "; without a GPU it only says so")
     args = ap.parse_args()
+    smoke_run = smoke(args, files="16,32", batch=16, model_only="ViT-B-32", workers=min(4, args.workers))
     if args.core_run:
         core_run(*args.core_run, args.model, args.ckpt, args.batch, args.workers)
         return 0
@@ -246,7 +250,7 @@ def main() -> int:
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
         print("bench/embed_gpu.py: torch sees no CUDA device here; the GPU part runs only on a GPU machine")
-        return 2
+        return 0 if smoke_run else 2
     from lakelens import ModelSpec
     from lakelens.models import registry
 

@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from machine import describe  # noqa: E402  (bench/ is on the path: this script's folder)
+from machine import SMOKE_HELP, describe, smoke  # noqa: E402  (bench/ is on the path: this script's folder)
 
 from lakelens.ingest import images  # noqa: E402
 from lakelens.models import engines  # noqa: E402
@@ -32,8 +32,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo", default=str(ROOT / "build" / "bench-shapes"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "engines_eval.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP + "; --demo: bench/finetune.py --smoke's")
     args = ap.parse_args()
+    smoke(args)
     demo = Path(args.demo)
+    if not (demo / "images.captions.csv").is_file():
+        raise SystemExit(f"bench/engines_eval.py: {demo} holds no finished demo (make demo, or bench/finetune.py)")
     captions = pd.read_csv(demo / "images.captions.csv")
     spec = models.ModelSpec("lakelens-tiny", str(demo / "model" / "final.pt"))
     loaded = models.load(spec)
@@ -67,6 +71,7 @@ def main() -> int:
     base = out["engines"]["torch"]["t2i_recall@10"]
     for v in out["engines"].values():
         v["recall@10_points_vs_torch"] = round(100 * (v["t2i_recall@10"] - base), 2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -32,7 +32,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import describe  # noqa: E402
+from machine import SMOKE_HELP, SMOKE_PAIRS, describe, smoke  # noqa: E402
 
 from lakelens import Embedder, ModelSpec, config, path_id  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -90,8 +90,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--coca-epochs", type=int, default=4)
     ap.add_argument("--coca-pairs", type=int, default=2000)
+    ap.add_argument("--coca-batch-size", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "hybrid.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, train=SMOKE_PAIRS, held_out=8, epochs=1, coca_epochs=1, coca_pairs=SMOKE_PAIRS, coca_batch_size=60)
     result = {"machine": describe(), "settings": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -101,7 +104,8 @@ def main() -> None:
                                                                                  train_csv)))
         # the CoCa recipe of bench/captions.py: smaller batches, a higher learning rate
         coca = ModelSpec.from_config(config.ModelConfig("lakelens-tiny-coca", train(
-            work, "lakelens-tiny-coca", args.coca_epochs, train_csv, "finetune.batch_size=16", "finetune.lr=0.002",
+            work, "lakelens-tiny-coca", args.coca_epochs, train_csv, f"finetune.batch_size={args.coca_batch_size}",
+            "finetune.lr=0.002",
             f"finetune.max_pairs={args.coca_pairs}")))
 
         paths = list(held["path"])

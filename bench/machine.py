@@ -1,6 +1,7 @@
 """What machine a benchmark ran on: the CPU's name and the flags that decide kernels (AVX2, AVX-512,
 VNNI, AVX512-BF16, AMX), and its measured matrix product rates (numpy fp32; torch fp32, bf16 and int8;
-all cores), so every number can be read beside them; and the one latency loop the benchmarks share."""
+all cores), so every number can be read beside them; the one latency loop the benchmarks share; and the
+--smoke switch every benchmark takes (`smoke`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,49 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+SMOKE = "LAKELENS_BENCH_SMOKE"  # set by --smoke, so the processes a benchmark starts know it too
+SMOKE_HELP = "a tiny run of every code path, not a measurement (make bench-smoke); results go to a temp folder"
+RESULTS = Path(__file__).resolve().parent / "results"
+# training pairs of a smoke run's fine-tuning: a tenth is held out by a hash of the (temp) paths, and the
+# fine-tuner needs 2 held out (at 120 pairs, fewer is a 1 in 20,000 draw)
+SMOKE_PAIRS = 120
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def smoke(args, **tiny) -> bool:
+    """True when the run was asked for with --smoke (args.smoke): then every `tiny` setting replaces its
+    argument, and every argument that names a file under bench/results or a work folder under build/
+    (a real run's) names one in a temp folder instead, so a smoke run never writes over a measurement."""
+    if not getattr(args, "smoke", False):
+        return in_smoke()
+    os.environ[SMOKE] = "1"
+    for key, value in tiny.items():
+        setattr(args, key, value)
+    guarded = (str(RESULTS), str(RESULTS.parents[1] / "build"))
+    scratch = Path(tempfile.gettempdir()) / "lakelens-bench-smoke"
+    scratch.mkdir(exist_ok=True)
+    for key, value in vars(args).items():
+        if isinstance(value, str) and value.startswith(guarded):
+            setattr(args, key, str(scratch / Path(value).name))
+            print(f"[smoke] --{key.replace('_', '-')} {getattr(args, key)} (not {value})", flush=True)
+    return True
+
+
+def in_smoke() -> bool:
+    """Inside a --smoke run (this process or the benchmark that started it)."""
+    return os.environ.get(SMOKE) == "1"
+
+
+def side(n: int) -> int:
+    """The side of the square matrices a rate is measured on: `n`, or 256 in a smoke run."""
+    return 256 if in_smoke() else n
 
 
 def describe() -> dict:
@@ -21,20 +59,22 @@ def describe() -> dict:
     name = re.search(r"Model name:\s*(.+)", text)
     found = re.search(r"Flags:\s*(.+)", text)
     flags = set(found.group(1).split()) if found else set()
-    a = np.random.default_rng(0).normal(size=(2048, 2048)).astype(np.float32)
+    n = side(2048)
+    a = np.random.default_rng(0).normal(size=(n, n)).astype(np.float32)
     return {"cpu": name.group(1).strip() if name else platform.processor(), "cores": os.cpu_count(),
-            "flags": [f for f in FLAGS if f in flags], "matmul_fp32_gflops": best_rate(lambda: a @ a, 2 * 2048 ** 3, 2.0),
-            **torch_rates(), "ort_matmul_int8_gops": ort_int8_rate(),
+            "flags": [f for f in FLAGS if f in flags], "matmul_fp32_gflops": best_rate(lambda: a @ a, 2 * n ** 3, 2.0),
+            **torch_rates(side(2048)), "ort_matmul_int8_gops": ort_int8_rate(side(2048)),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
             **({"cpu_view": os.environ["LAKELENS_CPU_VIEW"]} if os.environ.get("LAKELENS_CPU_VIEW") else {})}
 
 
 def best_rate(fn, ops: float, seconds: float = 1.0) -> float:
     """G(FL)OP/s of `fn` doing `ops` operations: the best of as many calls as fit in `seconds` after one
-    warm-up (the machine's rate, not its load)."""
+    warm-up (the machine's rate, not its load); one call in a smoke run."""
     fn()
     best, t0 = float("inf"), time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    seconds = 0.0 if in_smoke() else seconds
+    while best == float("inf") or time.perf_counter() - t0 < seconds:
         t = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t)

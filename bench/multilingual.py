@@ -23,7 +23,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 
-from machine import describe  # noqa: E402
+from machine import SMOKE_HELP, describe, smoke  # noqa: E402
 
 from lakelens import Embedder, ModelSpec, path_id  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -51,7 +51,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--work", default=str(ROOT / "build" / "bench-multilingual"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "multilingual.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, train=40, held_out=20, epochs=1)
     work = Path(args.work)
     machine = describe()
     print(f"[multilingual] machine: {machine['cpu']}, {machine['cores']} cores, load {machine['loadavg']}")

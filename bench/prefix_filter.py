@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered  # noqa: E402  (the same generator the tests use)
-from machine import describe, latencies  # noqa: E402
+from machine import SMOKE_HELP, describe, latencies, smoke  # noqa: E402
 
 from lakelens import Choice, Searcher, build_local  # noqa: E402
 from lakelens.index.factory import nlist_for  # noqa: E402
@@ -60,7 +60,9 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prefix_filter.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, rows=3000, dim=16, queries=5)
     info = describe()
     print(f"[bench] {info}", flush=True)
     x = clustered(args.rows, args.dim, clusters=300, noise=0.4, seed=0, centres_seed=0)
@@ -92,6 +94,7 @@ def main() -> int:
             s = before = None  # release the index before its folder goes
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from machine import describe  # noqa: E402
+from machine import SMOKE_HELP, SMOKE_PAIRS, describe, smoke  # noqa: E402
 
 from lakelens import Embedder, ModelSpec, config  # noqa: E402
 from lakelens.train import synth  # noqa: E402
@@ -72,7 +72,10 @@ def main() -> None:
     ap.add_argument("--timing-scenes", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "regions.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    # no checkpoint: the demo's recipe trains one here, at the smoke's size
+    smoke(args, scenes=8, checkpoint="", train=SMOKE_PAIRS, epochs=1, timing_scenes=8, rounds=1)
     shown = {k: (str(Path(v).relative_to(ROOT)) if isinstance(v, str) and v.startswith(str(ROOT)) else v)
              for k, v in vars(args).items()}  # paths in the repo, as the repo names them
     result = {"machine": describe(), "settings": shown}

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered, exact_topk, recall_at  # noqa: E402  (the same generator the tests use)
-from machine import describe, latencies  # noqa: E402
+from machine import SMOKE_HELP, describe, latencies, smoke  # noqa: E402
 
 from lakelens import IndexJob, Searcher, config, get_session, path_id  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -45,7 +45,7 @@ def frame(start, x: np.ndarray, model: str = "lakelens-tiny@none") -> pd.DataFra
     now = datetime(2026, 1, 1)
     return pd.DataFrame({"id": [path_id(p) for p in paths], "path": paths, "content_sha256": "0" * 64,
                          "size_bytes": 100_000, "modified": now, "width": 640, "height": 480, "model": model,
-                         "embedding": list(x), "error": None, "embedded_at": now})
+                         "embedding": list(x), "error": None, "embedded_at": now, "regions": None})
 
 
 def quality(index_dir: Path, q: np.ndarray, ids: np.ndarray, vecs: np.ndarray) -> dict:
@@ -63,7 +63,9 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reindex.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    smoke(args, rows=4000, dim=16, queries=20)
     results = {"what": __doc__.split("\n\n")[1].replace("\n", " "), "machine": describe(),
                "rows": args.rows, "dim": args.dim}
     print(f"[bench] {results['machine']}", flush=True)

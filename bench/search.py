@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from conftest import clustered, exact_topk, recall_at  # noqa: E402  (the same generator the tests use)
-from machine import describe, latencies  # noqa: E402
+from machine import SMOKE_HELP, describe, latencies, smoke  # noqa: E402
 
 from lakelens import Searcher  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -119,7 +119,7 @@ def write_table(spark, table: Path, rows: int, dim: int) -> None:
                            "modified": pa.array([now] * n, now.type), "width": pa.array([640] * n, pa.int32()),
                            "height": pa.array([480] * n, pa.int32()), "model": pa.array(["lakelens-tiny@none"] * n),
                            "embedding": embedding, "error": pa.nulls(n, pa.string()),
-                           "embedded_at": pa.array([now] * n, now.type)}
+                           "embedded_at": pa.array([now] * n, now.type), "regions": pa.nulls(n)}
                 yield pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
 
     chunks = -(-rows // CHUNK)
@@ -254,7 +254,10 @@ def main() -> int:
     ap.add_argument("--job", action="store_true", help="the scale run: a Delta table and the index job")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "search.json"))
     ap.add_argument("--out-job", default=str(ROOT / "bench" / "results" / "search_job.json"))
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    # a budget the raw vectors exceed: IVF with 8-bit codes, re-ranked (the 5M run's kind of index)
+    smoke(args, rows=3000, dim=32, queries=20, batch=4, budget="200K")
     if args.job or args.rows > 2_000_000:
         return run_job(args)
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import clustered  # noqa: E402  (the same generator the tests use)
+from machine import SMOKE_HELP, smoke  # noqa: E402  (bench/ is on the path: this script's folder)
 
 from lakelens import Searcher  # noqa: E402
 from lakelens import index as ix  # noqa: E402
@@ -120,11 +121,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="alternating blocks of 50 for the 1-client comparison")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     ap.add_argument("--knn", action="store_true", help="clip-retrieval's API: bench/knn.py, serve-knn.json")
+    ap.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = ap.parse_args()
+    # one round of 50 queries for the 1-client comparison; --knn: two rounds of 12 requests a client
+    smoke(args, rows=2000, clients=2, requests=25 if not args.knn else 24, threads=2,
+          rounds=1 if not args.knn else 2)
     if args.knn:
         from knn import knn_main
 
-        return knn_main(args, ROOT / "bench" / "results" / "serve-knn.json" if args.out.endswith("/serve.json")
+        return knn_main(args, Path(args.out).with_name("serve-knn.json") if args.out.endswith("/serve.json")
                         else Path(args.out))
 
     work = Path(tempfile.mkdtemp(prefix="lakelens-serve-"))

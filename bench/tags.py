@@ -144,7 +144,8 @@ def write_table(spark, location: str, vectors: np.ndarray, paths: list[str], mod
     pdf = pd.DataFrame({"id": [path_id(p) for p in paths], "path": paths,
                         "content_sha256": [f"{i:064x}" for i in range(len(paths))], "size_bytes": 1000,
                         "modified": now, "width": 64, "height": 64, "model": model,
-                        "embedding": list(vectors.astype(np.float32)), "error": None, "embedded_at": now})
+                        "embedding": list(vectors.astype(np.float32)), "error": None, "embedded_at": now,
+                        "regions": None})
     DeltaTable.createIfNotExists(spark).location(location).addColumns(SCHEMA) \
         .property("delta.enableChangeDataFeed", "true").execute()
     for i in range(0, len(pdf), 25_000):
@@ -260,7 +261,9 @@ def main() -> None:
     ap.add_argument("--rate-rows", type=int, default=100_000)
     ap.add_argument("--work", default=str(ROOT / "build" / "bench-tags"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tags.json"))
+    ap.add_argument("--smoke", action="store_true", help=machine.SMOKE_HELP)
     args = ap.parse_args()
+    machine.smoke(args, train=machine.SMOKE_PAIRS, epochs=1, fashion=20, shapes=20, rate_rows=500)
     t_start = time.time()
     work = Path(args.work)
     for old in ("fm-table", "fm-tags", "rate-table", "rate-tags"):  # tables of an earlier run: start afresh
