@@ -1,4 +1,6 @@
-"""Inference engines against the torch model, the ONNX cache, device choice and engine config checks."""
+"""Inference engines against the torch model, the ONNX cache, device choice and engine config checks
+(lakelens.models.engines and the modules it is made of: devices, cpu, torch_engine, onnx_export,
+int8_calibration, onnx_engine)."""
 
 import json
 import os
@@ -10,7 +12,7 @@ from conftest import encode, noise_image
 
 from lakelens import Embedder, ModelSpec, config
 from lakelens.config import ConfigError
-from lakelens.models import engines
+from lakelens.models import cpu, engines, int8_calibration
 from lakelens.models import registry as models
 
 TINY = ModelSpec("lakelens-tiny")
@@ -75,14 +77,14 @@ def test_int8_vectors_do_not_depend_on_the_batch_or_threads(contents, cache):
 
 
 def test_int8_graph_that_fails_its_probe_check_is_not_used(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(engines, "INT8_MIN_COSINE", 1.01)  # no int8 graph can reach it
+    monkeypatch.setattr(int8_calibration, "INT8_MIN_COSINE", 1.01)  # no int8 graph can reach it
     engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
     bits = engines.machine_int8_weight_bits()[0]
     meta = json.loads((tmp_path / engines.cache_key(TINY) / f"int8-w{bits}" / "meta.json").read_text())
     assert meta["accepted"] is False and 0.999 < meta["probe_min_cosine"] < 1.0 and meta["probe_images"] == 16
     assert engine.folder.name == "fp32" and engine.precision == "fp32" and engine.weight_bits is None
     assert "running the fp32 graph instead" in caplog.text
-    monkeypatch.setattr(engines, "INT8_MIN_COSINE", 0.999)
+    monkeypatch.setattr(int8_calibration, "INT8_MIN_COSINE", 0.999)
     assert engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path).precision == "fp32"  # decided once
 
 
@@ -157,7 +159,7 @@ def test_engine_runs_the_weight_bits_chosen_for_this_cpu(cache, caplog):
 
 def test_8bit_graph_that_fails_its_check_falls_back_to_7bit(tmp_path, monkeypatch, caplog):
     """A VNNI CPU whose 8-bit graph failed its probe check (its kernels saturate after all) runs 7 bits."""
-    monkeypatch.setattr(engines, "machine_int8_weight_bits", lambda: (8, "the CPU has avx512_vnni"))
+    monkeypatch.setattr(cpu, "machine_int8_weight_bits", lambda: (8, "the CPU has avx512_vnni"))
     w8 = engines.onnx_graphs(TINY, True, tmp_path)
     meta_path = w8 / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "accepted": False, "probe_min_cosine": 0.984}))
@@ -169,9 +171,9 @@ def test_8bit_graph_that_fails_its_check_falls_back_to_7bit(tmp_path, monkeypatc
 def test_shared_cache_serves_each_cpu_kind_its_own_graph(tmp_path, monkeypatch):
     """A cache folder shared by a VNNI machine and an AVX2-only one: neither runs the other's int8 graph."""
     root = str(tmp_path / engines.cache_key(TINY))
-    monkeypatch.setattr(engines, "machine_int8_weight_bits", lambda: (8, "vnni"))
+    monkeypatch.setattr(cpu, "machine_int8_weight_bits", lambda: (8, "vnni"))
     assert engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path).weight_bits == 8
-    monkeypatch.setattr(engines, "machine_int8_weight_bits", lambda: (7, "no vnni"))
+    monkeypatch.setattr(cpu, "machine_int8_weight_bits", lambda: (7, "no vnni"))
     engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
     assert engine.weight_bits == 7 and engine.folder.name == "int8-w7"
     assert engines.EXPORTS[(root, "int8-w7")] == 1 and engines.EXPORTS[(root, "fp32")] == 1  # fp32 is shared
@@ -228,7 +230,7 @@ def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
 
     from lakelens.models import int8_source
 
-    monkeypatch.setattr(engines, "CALIBRATION_MARGIN", 0.02)  # publishes the per-call-scale graph
+    monkeypatch.setattr(int8_calibration, "CALIBRATION_MARGIN", 0.02)  # publishes the per-call-scale graph
     dynamic = engines.onnx_graphs(TINY, True, tmp_path) / "image.onnx"
     loaded = models.load(TINY)
     pixels = loaded.transform.to_pixels(engines.probe_images(loaded, 8, seed=11))
@@ -248,7 +250,7 @@ def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(tmp_path, mo
     computed per call and the engine runs one image per call."""
     import onnx
 
-    monkeypatch.setattr(engines, "CALIBRATION_MARGIN", 0.02)
+    monkeypatch.setattr(int8_calibration, "CALIBRATION_MARGIN", 0.02)
     folder = engines.onnx_graphs(TINY, True, tmp_path)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["static_probe_min_cosine"] < 0.999 and meta["activation_scales"] == "dynamic"
