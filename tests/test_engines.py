@@ -256,7 +256,18 @@ def test_int8_graph_has_static_scales_and_runs_batches(cache, caplog):
     assert np.array_equal(together[2:3], engine.encode_image(x[2:3]))
 
 
-def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def narrow_ranges_cache(tmp_path_factory):
+    """A cache whose int8 graph was exported with calibrated ranges far too narrow (values saturate): its
+    static scales fail the probe check, so it keeps the per-call-scale graph."""
+    folder = tmp_path_factory.mktemp("narrow-ranges")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engines, "CALIBRATION_MARGIN", 0.02)
+        engines.onnx_graphs(TINY, True, folder)
+    return folder
+
+
+def test_fused_integer_products_give_the_unfused_numbers(tmp_path, narrow_ranges_cache):
     """fuse_integer_products turns each MatMulInteger -> Cast -> Mul [-> Add] chain into one
     MatMulIntegerToFloat: the same vectors, to float rounding, from fewer passes over the activations."""
     import onnx
@@ -264,8 +275,7 @@ def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
 
     from lakelens.models import int8_source
 
-    monkeypatch.setattr(engines, "CALIBRATION_MARGIN", 0.02)  # publishes the per-call-scale graph
-    dynamic = engines.onnx_graphs(TINY, True, tmp_path) / "image.onnx"
+    dynamic = engines.onnx_graphs(TINY, True, narrow_ranges_cache) / "image.onnx"  # the per-call-scale graph
     loaded = models.load(TINY)
     pixels = loaded.transform.to_pixels(engines.probe_images(loaded, 8, seed=11))
     ranges = int8_source.activation_ranges(str(dynamic), [{"pixels": pixels[i:i + 1]} for i in range(8)])
@@ -279,35 +289,34 @@ def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
     assert np.abs(out[True] - out[False]).max() < 1e-5
 
 
-def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(tmp_path, monkeypatch, caplog):
+def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(narrow_ranges_cache):
     """Calibrated ranges far too narrow (values saturate) fail the probe check: the graph keeps scales
     computed per call and the engine runs one image per call."""
     import onnx
 
-    monkeypatch.setattr(engines, "CALIBRATION_MARGIN", 0.02)
-    folder = engines.onnx_graphs(TINY, True, tmp_path)
+    folder = engines.onnx_graphs(TINY, True, narrow_ranges_cache)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["static_probe_min_cosine"] < 0.999 and meta["activation_scales"] == "dynamic"
     assert meta["accepted"] and meta["probe_min_cosine"] >= 0.999 and meta["images_per_call"] == 1
     assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(folder / "image.onnx")).graph.node}
     assert not (folder / "image-static.onnx").exists()
-    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=narrow_ranges_cache)
     assert engine.precision == "int8" and engine.per_call == 1
 
 
-def test_onnx_worker_never_imports_torch(tmp_path):
+def test_onnx_worker_never_imports_torch(cache):
     """A Spark worker with a cached graph embeds images with ONNX Runtime, PIL and numpy alone."""
     import subprocess
     import sys
 
-    engines.onnx_graphs(TINY, True, tmp_path)  # the export (here, in the test process) needs torch
+    engines.onnx_graphs(TINY, True, cache)  # the export (here, in the test process, if not done) needs torch
     code = ("import sys, io, numpy as np; from PIL import Image; from lakelens import Embedder; "
             "from lakelens import ModelSpec; buf = io.BytesIO(); "
             "Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buf, 'PNG'); "
             "r = Embedder(ModelSpec('lakelens-tiny'), engine=sys.argv[2], onnx_cache=sys.argv[1])([buf.getvalue()])[0]; "
             "print(r.embedding.shape, r.error, 'torch' in sys.modules, 'open_clip' in sys.modules)")
     for engine in ("onnx", "onnx-int8"):
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path), engine], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", code, cache, engine], capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split() == ["(128,)", "None", "False", "False"]
