@@ -44,6 +44,7 @@ from lakelens.index.shards import (
     shared_quantizer,
 )
 from lakelens.index.versions import publish, staging_dir
+from lakelens.ingest.table import with_source_columns
 
 ROWS_PER_AUTO_SHARD = 250_000
 DRIFT_QUERIES = 100
@@ -82,8 +83,8 @@ def read_changes(spark, location: str, start: int, end: int) -> Changes:
     ok = F.col("error").isNull() & F.col("embedding").isNotNull()
     last_cols = [c for c in META_COLUMNS if c != "id"] + ["embedding", "model"]
     try:
-        feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
-                .option("endingVersion", end).load(location))
+        feed = with_source_columns(spark.read.format("delta").option("readChangeFeed", "true")
+                                   .option("startingVersion", start).option("endingVersion", end).load(location))
         with_regions = "regions" in feed.columns
         if with_regions:
             last_cols.append("regions")
@@ -135,7 +136,7 @@ def entries(rows: DataFrame) -> DataFrame:
         return whole
     crops = (rows.where(F.col("regions").isNotNull())
              .select(*META_COLUMNS, F.posexplode("regions").alias("r", "region"))
-             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height",
+             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height", "caption", "locator",
                      F.col("id").alias("image"), F.col("region.box").alias("box"),
                      F.col("region.embedding").alias("embedding")))
     return whole.unionByName(crops)
