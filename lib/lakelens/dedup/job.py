@@ -30,10 +30,10 @@ from pyspark.sql import functions as F
 from lakelens import delta_sql
 from lakelens import index as ix
 from lakelens.errors import ConfigError, DataError
-from lakelens.index.update import read_changes
+from lakelens.index.layout import GROUPS_FILE
+from lakelens.ingest.changes import read_changes
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.search.batch import as_images, per_image, shard_hits
-from lakelens.search.searcher import GROUPS_FILE
 from lakelens.spark import Job, parallelism, session_settings
 
 PAIRS_SCHEMA = "a long, b long, similarity float"

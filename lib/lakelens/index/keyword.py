@@ -25,9 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-KEYWORD_DIR = "keyword"
-TAGS_FILE = "tags.arrow"
-CAPTIONS_FILE = "captions.arrow"
+from lakelens.index.layout import CAPTIONS_FILE, KEYWORD_DIR, TAGS_FILE
+
 TEXT_FIELDS = ("tags", "caption", "path")  # searched by free words and phrases, scored by BM25
 TAGS_SCHEMA = pa.schema([("id", pa.int64()), ("term", pa.string()), ("direct", pa.bool_()), ("score", pa.float32()),
                          ("source", pa.string())])

@@ -15,6 +15,7 @@ import numpy as np
 
 from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice
+from lakelens.index.layout import rerank_files
 
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
@@ -22,13 +23,6 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.save(f, arr)
     os.replace(tmp, path)
-
-
-def rerank_files(shard_path: str | Path) -> tuple[Path, Path]:
-    """Raw vectors and their ids beside a shard, for exact re-ranking of compressed-code candidates."""
-    p = Path(shard_path)
-    stem = p.name[: -len(".faiss")] if p.name.endswith(".faiss") else p.name
-    return p.with_name(stem + ".vectors.npy"), p.with_name(stem + ".ids.npy")
 
 
 class ShardWriter:
@@ -274,7 +268,6 @@ def reconstruct(shard, id_: int, rerank=None) -> np.ndarray | None:
         return None
 
 
-TOMBSTONES = "tombstones.parquet"
 
 
 def shard_entries(manifest: dict) -> list[dict]:

@@ -192,6 +192,14 @@ class ModelSpec:
                               f"allowed: {', '.join(tags) or '(none)'}, a checkpoint path, or none")
 
 
+def architecture_config(name: str) -> dict | None:
+    """open_clip's config of architecture `name` (this project's small ones included); None for a Hugging
+    Face hub or local-dir model, whose config lives with its weights, and for a name open_clip does not know."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    return _open_clip().get_model_config(name)
+
+
 def is_coca(model) -> bool:
     """True for open_clip's CoCa (a CLIP with a text decoder that writes captions): its encode_image and
     encode_text give the contrastive vectors like any CLIP's, so it embeds and indexes as one."""

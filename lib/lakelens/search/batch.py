@@ -288,7 +288,7 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     from pyspark.sql import functions as F
 
     from lakelens import delta_sql
-    from lakelens.index.keyword import KEYWORD_DIR
+    from lakelens.index.layout import KEYWORD_DIR
     from lakelens.models.engines import DEFAULT_ENGINE, check_engine
     from lakelens.models.registry import ModelSpec
     from lakelens.search.searcher import MAX_K

@@ -67,7 +67,7 @@ def check_coca(spec: ModelSpec, max_tokens: int) -> None:
     """ConfigError on the driver, before any task starts, for an architecture without a text decoder or
     captions longer than its text context (the Captioner checks again where the config is not known)."""
     spec.validate()
-    cfg = models._open_clip().get_model_config(spec.name) if not spec.name.startswith(("hf-hub:", "local-dir:")) else None
+    cfg = models.architecture_config(spec.name)
     if cfg is None:
         return
     if "multimodal_cfg" not in cfg:

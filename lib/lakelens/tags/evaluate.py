@@ -14,13 +14,13 @@ import pandas as pd
 
 from lakelens.errors import DataError
 from lakelens.ingest.paths import to_stored
+from lakelens.ingest.small_tables import is_delta_path
 from lakelens.tags import calibrate as cal
-from lakelens.train.eval_run import _is_delta
 
 
 def read_labels(path: str, spark_conf=None, spark=None) -> pd.DataFrame:
     """(path as stored in the tables, tags as a list of words) per labelled image."""
-    if _is_delta(path):
+    if is_delta_path(path):
         from lakelens.spark import get_session
 
         session, owned = (spark, False) if spark is not None else get_session(spark_conf)

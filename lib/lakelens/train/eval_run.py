@@ -12,7 +12,8 @@ import pandas as pd
 from lakelens.errors import DataError
 from lakelens.index.meta import MetaStore
 from lakelens.index.shards import dead_ids, merge_topk, open_version, prepare_direct_map, read_tombstones, shard_entries, top_rows
-from lakelens.ingest.paths import to_local, to_stored
+from lakelens.ingest.paths import to_stored
+from lakelens.ingest.small_tables import is_delta_path
 from lakelens.search import Searcher
 from lakelens.train import metrics as ev
 
@@ -21,18 +22,10 @@ class PairsTableError(DataError):
     """A captions / pairs table lacks a required column."""
 
 
-def _is_delta(path: str) -> bool:
-    """A local folder with a _delta_log, or a remote URI (s3a://, abfss://, ...) that names no CSV or
-    Parquet file: only Spark reads those."""
-    if "://" in path and not path.startswith("file:"):
-        return not path.lower().endswith((".csv", ".parquet"))
-    return (to_local(to_stored(path)) / "_delta_log").is_dir()
-
-
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
     optionally label, split and lang (the caption's language, e.g. en, pt)."""
-    if _is_delta(path):
+    if is_delta_path(path):
         # Spark only for Delta captions tables: CSV and Parquet evaluations never start a JVM
         from lakelens.ingest.table import read_pairs
         from lakelens.spark import get_session
