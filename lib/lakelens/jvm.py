@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lakelens.files import replacing
 from lakelens.jars import checkout_root, find_jars, jars_folder
 
 # The training run: session start, a binaryFile listing, a Delta create / MERGE / delete / change feed,
@@ -108,8 +109,7 @@ def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> P
         root = checkout_root()
         conf_path = root / "conf" / "local.yaml" if root and (root / "conf" / "local.yaml").is_file() else ""
     archive.parent.mkdir(parents=True, exist_ok=True)
-    part = archive.parent / f".{archive.name}.{os.getpid()}.part"
-    with tempfile.TemporaryDirectory() as tmp:
+    with replacing(archive) as part, tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp, "files")
         files.mkdir()
         for i in range(3):
@@ -121,12 +121,11 @@ def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> P
                            env=env, cwd=tmp, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
-    if not part.is_file() or part.stat().st_size == 0:
-        part.unlink(missing_ok=True)
-        return None
-    for old in archive.parent.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
-        old.unlink(missing_ok=True)
-    os.replace(part, archive)
+        if not part.is_file() or part.stat().st_size == 0:
+            part.unlink(missing_ok=True)  # nothing replaces the archive
+            return None
+        for old in archive.parent.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
+            old.unlink(missing_ok=True)
     return archive
 
 

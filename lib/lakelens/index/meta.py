@@ -9,8 +9,6 @@ have neither column and hold whole images only."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from lakelens.files import write_sorted_arrow
 
 META_COLUMNS = ["id", "path", "width", "height"]  # what an image row gives its entries
 ENTRY_COLUMNS = [*META_COLUMNS, "image", "box"]
@@ -33,11 +33,7 @@ def write_meta(path: str | Path, meta: pd.DataFrame) -> None:
                              meta["image"].fillna(0).to_numpy().astype(np.int64))
     if meta["box"].dtype != object:  # no region among them: a column of nulls, not of NaN
         meta["box"] = pd.Series([None] * len(meta), index=meta.index, dtype=object)
-    table = pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False).combine_chunks()
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, META_SCHEMA) as writer:
-        writer.write_table(table, max_chunksize=max(1, len(table)))
-    os.replace(tmp, path)
+    write_sorted_arrow(path, pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False))
 
 
 def read_meta(path: str | Path, columns=None) -> pa.Table:

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 from lakelens.errors import ConfigError, IndexDirError
+from lakelens.files import write_text
 from lakelens.index.layout import CURRENT, LOCK, MANIFEST, STAGING_PREFIX, VERSION_RE, version_name
 from lakelens.locks import RunLock
 
@@ -39,14 +40,6 @@ def read_manifest(index_dir: str | Path, version: str | None = None) -> dict:
     if not path.is_file():
         raise IndexDirError(f"{index_dir}: {CURRENT} names {version}, which has no {MANIFEST}")
     return json.loads(path.read_text())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def index_lock(index_dir: str | Path, wait: float = 0.0) -> RunLock:
@@ -87,12 +80,7 @@ def publish(index_dir: str | Path, staged: Path, manifest: dict) -> str:
             number += 1
     else:
         raise IndexDirError(f"{index_dir}: no free version number after {version_name(number)}")
-    tmp = d / f".{CURRENT}.{uuid.uuid4().hex[:6]}"
-    tmp.write_text(name + "\n")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, d / CURRENT)
-    _fsync_dir(d)
+    write_text(d / CURRENT, name + "\n")
     return name
 
 

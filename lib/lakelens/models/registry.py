@@ -14,6 +14,7 @@ from typing import Any
 
 from lakelens.config import ModelConfig
 from lakelens.errors import ConfigError, IndexMismatchError, ModelLoadError
+from lakelens.files import write_text
 from lakelens.ingest.images import Transform
 from lakelens.models import local_dir
 
@@ -83,9 +84,7 @@ def _file_digest(path: str, version: tuple) -> str:
     digest = h.hexdigest()[:DIGEST_CHARS]
     try:  # a cache that cannot be written costs a hash per process, nothing else
         entry.parent.mkdir(parents=True, exist_ok=True)
-        part = entry.with_name(f".{key}.{os.getpid()}")
-        part.write_text(digest)
-        os.replace(part, entry)
+        write_text(entry, digest)
     except OSError:
         pass
     return digest

@@ -8,7 +8,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import pandas as pd
 
 from lakelens.config import FinetuneConfig
 from lakelens.errors import DataError, FinetuneError
+from lakelens.files import replacing
 from lakelens.ingest import images
 from lakelens.ingest.embedder import prepare
 from lakelens.ingest.paths import to_local, to_stored
@@ -177,9 +177,8 @@ def evaluate_split(model, split: Split, batch_size: int, ks=(1, 5, 10)) -> dict:
 def _atomic_save(obj, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
