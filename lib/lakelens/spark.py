@@ -339,6 +339,21 @@ def session_settings(spark: SparkSession, settings: dict[str, str]):
                 spark.conf.set(k, v)
 
 
+@contextmanager
+def owned_session(conf: Config | SparkConfig | None = None, settings: dict[str, str] | None = None,
+                  s3: bool | None = None):
+    """`with owned_session(conf) as spark:` the active session, or a new one (`get_session`) that is stopped
+    when the block ends, also after an error; a session it did not start is never stopped. `settings`: SQL
+    settings for the block, each back to its value before after it (`session_settings`)."""
+    spark, owned = get_session(conf, s3)
+    try:
+        with session_settings(spark, settings or {}):
+            yield spark
+    finally:
+        if owned:
+            spark.stop()
+
+
 class Job:
     """Base of the Spark jobs: `Job(spark=None, conf=None).launch()`; uses the active session if any."""
 

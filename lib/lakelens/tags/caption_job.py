@@ -32,7 +32,7 @@ from lakelens.ingest.table import EmbeddingsTable, path_id_col
 from lakelens.models import engines
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec
-from lakelens.spark import Job, parallelism
+from lakelens.spark import Job, parallelism, session_settings
 from lakelens.tags import table as tags_table
 
 SOURCE = "caption"
@@ -207,7 +207,8 @@ class CaptionJob(Job):
             return spark.createDataFrame([], UDF_SCHEMA)
         c = self.conf.caption
         splits = max(1, min(len(paths), c.partitions or 2 * parallelism(spark)))
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))  # image bytes: small batches
-        with file_splits(spark, len(paths), splits):  # the scan is planned by the action, so it runs inside
+        # image bytes: small Arrow batches; the scan is planned by the action, so it runs inside
+        with (session_settings(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(c.batch_size)}),
+              file_splits(spark, len(paths), splits, paths)):
             files = read_files(spark, paths).select("path", "content")
             return files.mapInPandas(partition_captioner(spec, c), UDF_SCHEMA).localCheckpoint(eager=True)
