@@ -9,42 +9,19 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from lakelens.errors import DataError
 from lakelens.index.meta import MetaStore
 from lakelens.index.shards import dead_ids, merge_topk, open_version, prepare_direct_map, read_tombstones, shard_entries, top_rows
 from lakelens.ingest.paths import to_stored
-from lakelens.ingest.small_tables import is_delta_path
+from lakelens.ingest.small_tables import read_small_table
 from lakelens.search import Searcher
 from lakelens.train import metrics as ev
-
-
-class PairsTableError(DataError):
-    """A captions / pairs table lacks a required column."""
 
 
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
     optionally label, split and lang (the caption's language, e.g. en, pt)."""
-    if is_delta_path(path):
-        # Spark only for Delta captions tables: CSV and Parquet evaluations never start a JVM
-        from lakelens.ingest.table import read_pairs
-        from lakelens.spark import get_session
-
-        spark, owned = get_session(spark_conf)
-        try:
-            df = read_pairs(spark, path)
-        finally:
-            if owned:
-                spark.stop()
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"captions table not found: {path}")
-        df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
-    missing = {"path", "caption"} - set(df.columns)
-    if missing:
-        raise PairsTableError(f"captions table {path} lacks column(s) {', '.join(sorted(missing))}")
-    return df
+    return read_small_table(path, ("path", "caption"), ("label", "split", "lang"), what="captions table",
+                            spark_conf=spark_conf)
 
 
 def _stored_vectors(shard, raw, rows: int = 16_384):
