@@ -37,6 +37,10 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="inference engine (default onnx-int8; conf key embed.engine, see lakelens config --defaults)")
     p.add_argument("--regions", action="store_true", default=None,
                    help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
+    p.add_argument("--source", choices=("auto", "files", "webdataset"),
+                   help="files, or the image members of WebDataset .tar shards with their captions "
+                        "(default auto: webdataset when the folder holds .tar files)")
+    p.add_argument("--caption-key", help="webdataset: the member extension holding the caption (default txt)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
     p.add_argument("--drop-root", action="append", default=[], metavar="ROOT",
                    help="delete the table's rows of this image folder (glob, URI) and forget it, before embedding "
@@ -51,7 +55,7 @@ def embed_conf(args) -> config.Config:
         model={"name": args.model, "pretrained": args.pretrained},
         embed={"images": args.images, "table": args.table, "format": args.format,
                "batch_size": args.batch_size, "chunk_size": args.chunk_size, "engine": args.engine,
-               "regions": args.regions},
+               "regions": args.regions, "source": args.source, "caption_key": args.caption_key},
     )
 
 

@@ -35,7 +35,7 @@ from lakelens.index.update import (
 from lakelens.index.versions import current_version, index_lock, prune_locked, publish, read_manifest, staging_dir
 from lakelens.ingest.changes import read_changes, region_count
 from lakelens.ingest.paths import common_root
-from lakelens.ingest.table import EmbeddingsTable
+from lakelens.ingest.table import EmbeddingsTable, with_source_columns
 from lakelens.spark import Job, parallelism
 
 
@@ -98,7 +98,7 @@ class IndexJob(Job):
         if not table.exists():
             raise DataError(f"index.table: no {c.format} table at {c.table}")
         version = (c.version if c.version >= 0 else table.version()) if c.format == "delta" else None
-        df = table.read(version)
+        df = with_source_columns(table.read(version))
         fingerprint = _fingerprint(table, df, version)
         table_id = table.table_id()
         settings = {"factory": c.factory, "shards": c.shards, "memory_budget": c.memory_budget}

@@ -55,7 +55,7 @@ def entries(rows: DataFrame) -> DataFrame:
         return whole
     crops = (rows.where(F.col("regions").isNotNull())
              .select(*META_COLUMNS, F.posexplode("regions").alias("r", "region"))
-             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height",
+             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height", "caption", "locator",
                      F.col("id").alias("image"), F.col("region.box").alias("box"),
                      F.col("region.embedding").alias("embedding")))
     return whole.unionByName(crops)

@@ -10,8 +10,11 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-# what each touched id's last row keeps: the columns of an index entry, its vector and the model that made it
-ROW_COLUMNS = ("path", "width", "height", "embedding", "model")
+from lakelens.ingest.table import with_source_columns
+
+# what each touched id's last row keeps: the columns of an index entry (index.meta.META_COLUMNS), its vector
+# and the model that made it
+ROW_COLUMNS = ("path", "width", "height", "caption", "locator", "embedding", "model")
 
 
 @dataclass
@@ -47,7 +50,7 @@ def read_changes(spark, location: str, start: int, end: int) -> Changes:
     ok = F.col("error").isNull() & F.col("embedding").isNotNull()
     last_cols = list(ROW_COLUMNS)
     try:
-        rows_feed = change_feed(spark, location, start, end)
+        rows_feed = with_source_columns(change_feed(spark, location, start, end))
         with_regions = "regions" in rows_feed.columns
         if with_regions:
             last_cols.append("regions")

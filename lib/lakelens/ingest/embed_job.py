@@ -11,15 +11,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
+from pyspark.errors import AnalysisException
 from pyspark.sql import functions as F
 
 from lakelens import classic
 from lakelens.config import EmbedConfig, check_utf8
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
-from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
+from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_folder, local_paths, millis_to_times, read_files
 from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
+from lakelens.ingest.shard_job import SHARD_GLOB, run_shards
 from lakelens.ingest.table import (
     COMMIT_NOTE,
     REGIONS_TYPE,
@@ -236,12 +238,33 @@ class EmbedJob(Job):
         with (RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait),
               session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
             dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
-            if spec is not None:
+            if spec is not None and self.source() == "webdataset":
+                stats = run_shards(self, spec, worker_embedder(spec, c), EmbedStats(), self.log)
+            elif spec is not None:
                 stats = self._run(spec)
             else:  # only roots dropped: the version they left the table at, as any run reports
                 stats = EmbedStats(table_version=EmbeddingsTable(self.spark, c.table, c.format).version())
             stats.deleted += dropped
             return stats
+
+    def source(self) -> str:
+        """embed.source, with `auto` decided: webdataset when the images' folder holds .tar files at its top
+        (img2dataset's output: shards beside their Parquet and JSON files), else files."""
+        c = self.conf.embed
+        if c.source != "auto":
+            return c.source
+        if any(ch in c.images for ch in "*?[{") or c.images.rstrip("/").endswith(SHARD_GLOB[1:]):
+            return "webdataset" if c.images.rstrip("/").endswith(SHARD_GLOB[1:]) else "files"
+        folder = local_folder(c.images) if classic.is_classic(self.spark) else None
+        if folder is not None:  # the driver sees the folder: a look at its top, stopping at the first shard
+            with os.scandir(folder) as entries:
+                return "webdataset" if any(e.name.endswith(".tar") and e.is_file() for e in entries) else "files"
+        try:
+            found = (self.spark.read.format("binaryFile").option("pathGlobFilter", SHARD_GLOB).load(c.images)
+                     .select("path").limit(1).collect())
+        except AnalysisException:  # nothing there, or no .tar at the top: the files listing says the rest
+            return "files"
+        return "webdataset" if found else "files"
 
     def _drop(self, root: str) -> int:
         c = self.conf.embed

@@ -110,7 +110,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing
             if listing is not None:
                 return listing
         return list_with_spark(spark, images, path_glob)
-    folder = _local_folder(images)
+    folder = local_folder(images)
     if folder is not None:
         local = walk_local(folder, keep)
         return Listing(spark.createDataFrame(local, LOCAL_LISTING_SCHEMA), len(local), local)
@@ -170,7 +170,7 @@ def _executor_sees_folder(spark: SparkSession, folder: str) -> bool:
     return bool(spark.range(0, 1, 1, 1).mapInPandas(check, "folder boolean").first()["folder"])
 
 
-def _local_folder(images: str) -> str | None:
+def local_folder(images: str) -> str | None:
     """The local folder `images` names, when it names one without glob characters; else None."""
     if is_remote(images):
         return None

@@ -8,6 +8,7 @@ pyarrow's S3 client, configured from the same `spark.hadoop.fs.s3a.*` keys the S
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -131,6 +132,32 @@ class S3Settings:
                     object.__setattr__(self, "_fs", fs)
         return fs
 
+    def _split(self, path: str) -> tuple[str, str]:
+        scheme = next((s for s in REMOTE_SCHEMES if path.startswith(s)), None)
+        bucket, _, key = path[len(scheme):].partition("/") if scheme else ("", "", "")
+        if not bucket or not key or key.endswith("/"):
+            raise StorageError(404, "not an object storage path")
+        return bucket, key
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of the object at stored `path`: one ranged GET."""
+        bucket, key = self._split(path)
+        try:
+            with self.filesystem().open_input_file(f"{bucket}/{key}") as f:
+                if offset + length > f.size():
+                    raise StorageError(404, "image shard changed since it was indexed")
+                data = f.read_at(length, offset)
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise StorageError(404, "image shard is gone") from None
+        except (OSError, ValueError) as e:
+            log.warning("reading %s from object storage failed: %s", path, e)
+            raise StorageError(404, "image could not be read from object storage") from None
+        if len(data) != length:
+            raise StorageError(404, "image shard changed while it was read")
+        return data
+
     def read(self, path: str, max_bytes: int) -> bytes:
         """The bytes of the object at stored `path` (`s3a://bucket/key`, the key as Hadoop spells it: never
         percent-encoded). StorageError 404 when it is missing or cannot be read, 413 when it is larger than
@@ -156,3 +183,45 @@ class S3Settings:
             raise StorageError(404, "image file changed while it was read")
         return data
 
+
+
+def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str] | None = None, s3=None) -> bytes:
+    """The bytes of an indexed image: a file at stored `path`, or (with `locator`, the JSON that
+    ingest.table.with_source_columns writes) a member of a tar shard, read by its offset and length alone
+    (a ranged read on object storage, never the whole shard). The same limits as read_bounded: the shard
+    must lie under `roots`, a regular file, and the image no larger than `max_bytes`."""
+    if not locator:
+        return read_bounded(path, max_bytes, roots, s3)
+    try:
+        where = json.loads(locator)
+        shard, offset, length = str(where["path"]), int(where["offset"]), int(where["length"])
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(404, "image location is unreadable") from None
+    if where.get("column"):
+        raise StorageError(404, "images inside tables are not served")
+    if roots is not None and not under(shard, roots):
+        raise StorageError(404, "image is outside the image folders of the index")
+    if length > max_bytes:
+        raise StorageError(413, f"image file is larger than {max_bytes} bytes")
+    if offset < 0 or length < 0:
+        raise StorageError(404, "image location is unreadable")
+    if is_remote(shard):
+        if s3 is None:
+            raise StorageError(404, "image is on object storage and no S3 settings were given (--conf)")
+        return s3.read_range(shard, offset, length)
+    try:
+        fd = os.open(to_local(shard), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, DataError):
+        raise StorageError(404, "image shard is gone") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(404, "image shard is not a regular file")
+        if offset + length > st.st_size:
+            raise StorageError(404, "image shard changed since it was indexed")
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise StorageError(404, "image shard changed while it was read")
+    return data
