@@ -5,6 +5,7 @@ indexed, and their thumbnails read back through the Parquet footer."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ def img2dataset_parquet(folder, shard: int, keys: list[int], bad: tuple = ()):
         "caption": [f"a table photo {k}" for k in keys], "url": [f"http://example/{k}.jpg" for k in keys],
         "width": [64] * len(keys), "height": [48] * len(keys), "status": ["success"] * len(keys)}),
         folder / f"{shard:05d}.parquet", row_group_size=2)
-    (folder / f"{shard:05d}_stats.json").write_text('{"count": %d}' % len(keys))
+    (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(keys)}))
 
 
 def test_img2dataset_parquet_embeds_in_place_with_captions_and_reruns_per_data_file(spark, tmp_path):
