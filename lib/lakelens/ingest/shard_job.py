@@ -283,7 +283,8 @@ def run_containers(job, spec, source: ContainerSource, stats, log):
                 .localCheckpoint(eager=True))
         counts = rows.agg(F.count(F.lit(1)).alias("n"), F.count(F.col("embedding")).alias("ok")).first()
         check_member_ids(table, rows)
-        phases["embed"] = phases.get("embed", 0.0) + time.time() - t
+        embed_s = time.time() - t
+        phases["embed"] = phases.get("embed", 0.0) + embed_s
         again = [p for p in chunk["path"] if p in changed]
         if again:  # rows of images the changed containers no longer hold: the commit deletes them
             stats.deleted += (table.read().where(F.col("container.path").isin(again))
@@ -294,6 +295,7 @@ def run_containers(job, spec, source: ContainerSource, stats, log):
         with_retries(lambda: table.upsert(rows, note, new_only=not (again or source.merge_all), containers=again),
                      c.commit_retries, note, log)
         phases["commit"] = phases.get("commit", 0.0) + time.time() - t
+        stats.chunk_seconds.append([int(counts["n"]), round(embed_s, 3), round(time.time() - t, 3)])
         stats.embedded += int(counts["ok"])
         stats.failed += int(counts["n"]) - int(counts["ok"])
         stats.chunks += 1
