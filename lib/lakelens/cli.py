@@ -37,10 +37,13 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="inference engine (default onnx-int8; conf key embed.engine, see lakelens config --defaults)")
     p.add_argument("--regions", action="store_true", default=None,
                    help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
-    p.add_argument("--source", choices=("auto", "files", "webdataset"),
-                   help="files, or the image members of WebDataset .tar shards with their captions "
-                        "(default auto: webdataset when the folder holds .tar files)")
+    p.add_argument("--source", choices=("auto", "files", "webdataset", "table"),
+                   help="files; the image members of WebDataset .tar shards; or the rows of a Delta table or "
+                        "Parquet dataset of image bytes; with their captions (default auto: by what --images holds)")
     p.add_argument("--caption-key", help="webdataset: the member extension holding the caption (default txt)")
+    p.add_argument("--image-column", help="table: the column of image bytes (default: found by name and type)")
+    p.add_argument("--caption-column", help="table: the caption column (default: caption, txt or text)")
+    p.add_argument("--key-column", help="table: the column identifying a row (default: key)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
     p.add_argument("--drop-root", action="append", default=[], metavar="ROOT",
                    help="delete the table's rows of this image folder (glob, URI) and forget it, before embedding "
@@ -55,7 +58,8 @@ def embed_conf(args) -> config.Config:
         model={"name": args.model, "pretrained": args.pretrained},
         embed={"images": args.images, "table": args.table, "format": args.format,
                "batch_size": args.batch_size, "chunk_size": args.chunk_size, "engine": args.engine,
-               "regions": args.regions, "source": args.source, "caption_key": args.caption_key},
+               "regions": args.regions, "source": args.source, "caption_key": args.caption_key,
+               "image_column": args.image_column, "caption_column": args.caption_column, "key_column": args.key_column},
     )
 
 

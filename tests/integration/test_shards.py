@@ -120,6 +120,13 @@ def test_thumbnails_read_exactly_the_member_and_results_carry_the_caption(spark,
     assert hits.iloc[0]["path"] == f"file:{shards}/00000.tar/000000001.jpg"
     assert hits.iloc[0]["caption"] == "ein Fahrrad, é 🚲"
     assert searcher.details(path_id(f"file:{shards}/00001.tar/000010001.jpg"))["caption"] == "a photo number 10001"
+    # the captions make a keyword index without any tags table: words and phrases find their images
+    found = searcher.search_text("Fahrrad", k=5, mode="keyword")
+    assert list(found["path"]) == [f"file:{shards}/00000.tar/000000001.jpg"]
+    found = searcher.search_text('"number 10001"', k=5, mode="keyword")
+    assert list(found["path"]) == [f"file:{shards}/00001.tar/000010001.jpg"]
+    # "more like this" from a member: itself first
+    assert searcher.search_id(path_id(f"file:{shards}/00002.tar/000020000.jpg"), k=1).iloc[0]["score"] > 0.999
     # the member's place comes from the index, never from a request: a shard outside the roots is refused
     where = json.dumps({"path": f"file:{base}/elsewhere.tar", "offset": 0, "length": 10, "column": None})
     with pytest.raises(StorageError, match="outside"):

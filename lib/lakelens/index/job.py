@@ -113,6 +113,10 @@ class IndexJob(Job):
             tags_at, tags_id = tags_state(spark, location)
             self._tags = {"table": location, "tags_version": tags_at, "table_id": tags_id,
                           "vocab": vocab.digest if vocab else None}
+        elif c.format == "delta" and "container" in df.columns and df.where(F.col("caption").isNotNull()).limit(1).count():
+            # images from shards or tables brought their own captions: a keyword index of those, no tags table
+            vocab = load_vocab_file(c.vocab)
+            self._tags = {"table": "", "tags_version": None, "table_id": None, "vocab": vocab.digest if vocab else None}
         if live and not (c.force or c.full):
             old = live["source"]
             # the version alone cannot tell a table deleted and made again up to the same version
@@ -138,7 +142,8 @@ class IndexJob(Job):
             if decision.kind == "incremental":
                 # the table's roots when it records them (a dropped root is gone from there), else the live ones
                 source["image_roots"] = sorted(table.image_roots() or live["source"].get("image_roots", []))
-                rows_at = table.read(version).where(F.col("error").isNull() & F.col("embedding").isNotNull())
+                rows_at = with_source_columns(table.read(version)).where(F.col("error").isNull()
+                                                                         & F.col("embedding").isNotNull())
                 finish = None
                 if self._tags:
                     def finish(staged, touched):

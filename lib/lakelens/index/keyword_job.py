@@ -31,7 +31,7 @@ def keywords_stale(live_kw: dict | None, tags: dict) -> str | None:
     """Why the live version's keyword part no longer matches the tags table (`tags`: table, tags_version,
     table_id, vocab), or None when it does."""
     if not live_kw:
-        return "a keyword index was asked for (--tags)"
+        return "a keyword index was asked for (--tags)" if tags["table"] else "the images have their own captions"
     if live_kw.get("table") != tags["table"]:
         return f"another tags table ({live_kw.get('table')} -> {tags['table']})"
     if recreated(live_kw.get("table_id"), tags["table_id"]):
@@ -53,15 +53,22 @@ def load_vocab_file(path: str):
     return load_vocab(path)
 
 
-def _docs(rows: DataFrame, tags: DataFrame) -> Iterator[tuple]:
-    per_id = (tags.groupBy("id").agg(
-        F.collect_list(F.when(F.col("source") != "caption", F.struct("tag", "score", "source"))).alias("tags"),
-        F.collect_list(F.when(F.col("source") == "caption", F.struct("tag", "score"))).alias("captions")))
-    # the join's partitions (spark.sql.shuffle.partitions): the driver holds one of them at a time
-    docs = rows.select("id", "path").join(per_id, "id", "left")
+def _docs(rows: DataFrame, tags: DataFrame | None) -> Iterator[tuple]:
+    """(id, path, tags, captions) per row: the tags table's tags and generated captions, and the source's own
+    caption (a shard's or a table's, the rows' `caption` column) after them."""
+    own = F.col("caption") if "caption" in rows.columns else F.lit(None).cast("string")
+    docs = rows.select("id", "path", own.alias("own"))
+    if tags is not None:
+        per_id = (tags.groupBy("id").agg(
+            F.collect_list(F.when(F.col("source") != "caption", F.struct("tag", "score", "source"))).alias("tags"),
+            F.collect_list(F.when(F.col("source") == "caption", F.struct("tag", "score"))).alias("captions")))
+        # the join's partitions (spark.sql.shuffle.partitions): the driver holds one of them at a time
+        docs = docs.join(per_id, "id", "left")
     for r in docs.toLocalIterator(prefetchPartitions=True):
-        tag_rows = [TagRow(t["tag"], t["score"], t["source"]) for t in (r["tags"] or [])]
-        captions = [(c["tag"], c["score"]) for c in (r["captions"] or [])]
+        tag_rows = [TagRow(t["tag"], t["score"], t["source"]) for t in ((r["tags"] or []) if tags is not None else [])]
+        captions = [(c["tag"], c["score"]) for c in ((r["captions"] or []) if tags is not None else [])]
+        if r["own"]:
+            captions.append((r["own"], None))
         yield int(r["id"]), r["path"], tag_rows, captions
 
 
@@ -74,9 +81,9 @@ def stage_full(spark: SparkSession, staged: Path, rows: DataFrame, location: str
     """The keyword part of a full build: every indexed row's document. `table_id`: the tags table's Delta id,
     kept so a re-created tags table is told apart."""
     vocab = load_vocab_file(vocab_path)
-    info = build_keywords(staged, _docs(rows, read_tags_at(spark, location, version)), vocab)
+    info = build_keywords(staged, _docs(rows, read_tags_at(spark, location, version) if location else None), vocab)
     log(f"lakelens index: keyword index of {info['documents']} images ({info['tag_rows']} tag terms, "
-        f"{info['captions']} captions) from {location}@{version}")
+        f"{info['captions']} captions) from " + (f"{location}@{version}" if location else "the images' own captions"))
     return {**info, "table": location, "tags_version": version, "table_id": table_id,
             "vocab": vocab.digest if vocab else None}
 
@@ -98,10 +105,10 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
         reason = "the tags table was re-created"
     elif live_kw.get("vocab") != digest:
         reason = "another vocabulary"
-    elif version < live_kw.get("tags_version", -1):
+    elif location and version < live_kw.get("tags_version", -1):
         reason = "the tags table is older than the live version's"
     ids = touched.select("id")
-    if reason is None and version > live_kw["tags_version"]:
+    if reason is None and location and version > live_kw["tags_version"]:
         try:
             ids = ids.unionByName(changed_ids(spark, location, live_kw["tags_version"] + 1, version))
         except LookupError as e:
@@ -112,7 +119,7 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
     ids = ids.distinct().localCheckpoint()
     gone = np.asarray(ids.toPandas()["id"].to_numpy(np.int64))  # bounded by the change, not the table
     rows = table_rows.join(ids, "id", "left_semi")
-    tags = read_tags_at(spark, location, version).join(ids, "id", "left_semi")
+    tags = read_tags_at(spark, location, version).join(ids, "id", "left_semi") if location else None
     info = build_keywords(staged, _docs(rows, tags), vocab, base=live_folder, delete_ids=gone)
     log(f"lakelens index: keyword index updated: {info['deleted']} images re-indexed, {info['added']} live "
         f"({info['documents']} documents)")

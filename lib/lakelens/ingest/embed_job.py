@@ -11,17 +11,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
-from pyspark.errors import AnalysisException
 from pyspark.sql import functions as F
 
-from lakelens import classic
+from lakelens import classic, delta_sql
 from lakelens.config import EmbedConfig, check_utf8
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
 from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_folder, local_paths, millis_to_times, read_files
-from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
+from lakelens.ingest.paths import glob_escape, is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
-from lakelens.ingest.shard_job import SHARD_GLOB, run_shards
+from lakelens.ingest.shard_job import run_containers, shard_source
 from lakelens.ingest.table import (
     COMMIT_NOTE,
     REGIONS_TYPE,
@@ -32,6 +31,7 @@ from lakelens.ingest.table import (
     path_id_col,
     with_retries,
 )
+from lakelens.ingest.table_source import table_source
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -112,6 +112,16 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig, local: bool = False):
             })
 
     return embed_batches
+
+
+def _extensions(folder: str, depth: int = 1) -> set[str]:
+    """The extensions of the files at the top of a local folder; for a folder of only folders, theirs."""
+    with os.scandir(folder) as entries:
+        found = [(e.name, e.is_file(), e.path) for e in entries if not e.name.startswith(("_", "."))]
+    files = {name.rsplit(".", 1)[-1] for name, is_file, _ in found if is_file}
+    if files or depth == 0:
+        return files
+    return set().union(*(_extensions(path, depth - 1) for _, is_file, path in found if not is_file))
 
 
 class Warmup:
@@ -238,8 +248,11 @@ class EmbedJob(Job):
         with (RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait),
               session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
             dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
-            if spec is not None and self.source() == "webdataset":
-                stats = run_shards(self, spec, worker_embedder(spec, c), EmbedStats(), self.log)
+            source = self.source() if spec is not None else "files"
+            if source == "webdataset":
+                stats = run_containers(self, spec, shard_source(self, worker_embedder(spec, c)), EmbedStats(), self.log)
+            elif source == "table":
+                stats = run_containers(self, spec, table_source(self, worker_embedder(spec, c)), EmbedStats(), self.log)
             elif spec is not None:
                 stats = self._run(spec)
             else:  # only roots dropped: the version they left the table at, as any run reports
@@ -249,22 +262,41 @@ class EmbedJob(Job):
 
     def source(self) -> str:
         """embed.source, with `auto` decided: webdataset when the images' folder holds .tar files at its top
-        (img2dataset's output: shards beside their Parquet and JSON files), else files."""
+        (img2dataset's output: shards beside their Parquet and JSON files), table for a Delta table or a
+        folder whose top holds .parquet files (and no shards), else files."""
         c = self.conf.embed
         if c.source != "auto":
             return c.source
-        if any(ch in c.images for ch in "*?[{") or c.images.rstrip("/").endswith(SHARD_GLOB[1:]):
-            return "webdataset" if c.images.rstrip("/").endswith(SHARD_GLOB[1:]) else "files"
-        folder = local_folder(c.images) if classic.is_classic(self.spark) else None
-        if folder is not None:  # the driver sees the folder: a look at its top, stopping at the first shard
-            with os.scandir(folder) as entries:
-                return "webdataset" if any(e.name.endswith(".tar") and e.is_file() for e in entries) else "files"
-        try:
-            found = (self.spark.read.format("binaryFile").option("pathGlobFilter", SHARD_GLOB).load(c.images)
-                     .select("path").limit(1).collect())
-        except AnalysisException:  # nothing there, or no .tar at the top: the files listing says the rest
+        images = c.images.rstrip("/")
+        if any(ch in images for ch in "*?[{"):
             return "files"
-        return "webdataset" if found else "files"
+        if images.endswith(".tar"):
+            return "webdataset"
+        if delta_sql.is_delta(self.spark, images):
+            return "table"
+        folder = local_folder(images) if classic.is_classic(self.spark) else None
+        if folder is not None:  # the driver sees the folder: a look at its top (and below, when it holds only folders:
+            tops = _extensions(folder)  # a Hugging Face dataset's data/)
+        else:
+            tops = self._spark_extensions(glob_escape(to_stored(images)))
+            if tops is None:  # nothing there: the files listing says so
+                return "files"
+            if not tops:  # only folders at the top: what they hold
+                tops = self._spark_extensions(glob_escape(to_stored(images)) + "/*") or set()
+        if "tar" in tops:
+            return "webdataset"
+        # img2dataset's Parquet output keeps NNNNN_stats.json files beside the Parquet files
+        return "table" if "parquet" in tops and tops <= {"parquet", "json"} else "files"
+
+    def _spark_extensions(self, pattern: str, sample: int = 1000) -> set[str] | None:
+        """The extensions of (up to `sample` of) the files Spark lists at `pattern`, not below it; None when
+        nothing is there."""
+        try:
+            paths = (self.spark.read.format("binaryFile").load(pattern).select("path").limit(sample).collect())
+        except Exception:  # nothing there, or folders Spark's partition discovery refuses: files, then
+            return None
+        names = [r["path"].rsplit("/", 1)[-1] for r in paths]
+        return {n.rsplit(".", 1)[-1] for n in names if not n.startswith(("_", "."))}
 
     def _drop(self, root: str) -> int:
         c = self.conf.embed

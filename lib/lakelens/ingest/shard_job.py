@@ -1,4 +1,4 @@
-"""The embed job over WebDataset shards (`embed.source: webdataset`): shards listed like files, planned
+"""The embed job over images inside containers: WebDataset shards (`embed.source: webdataset`) listed like files, planned
 per shard against the table (a shard of the same size and modification time is not read again), spread
 over tasks that each read a shard sequentially and embed its image members a batch at a time, committed
 a chunk of shards per Delta commit, rows of removed shards deleted at the end."""
@@ -55,7 +55,7 @@ def _rows(shard: dict, members: list, results: list) -> pd.DataFrame:
                     [{"box": list(box), "embedding": vec} for box, vec in r.regions] for m, r in zip(members, results)],
         "caption": [m.caption for m in members],
         "container": [{"path": shard["path"], "size_bytes": shard["size_bytes"], "modified": shard["when"],
-                       "offset": m.offset, "column": None, "rows": None} for m in members],
+                       "offset": m.offset, "column": None, "key_column": None, "key": None, "rows": None} for m in members],
     })
 
 
@@ -67,7 +67,7 @@ def _error_row(shard: dict, failure: ShardError) -> pd.DataFrame:
         "height": pd.array([None], dtype="Int32"), "embedding": [None], "error": [failure.error],
         "regions": [None], "caption": [None],
         "container": [{"path": shard["path"], "size_bytes": shard["size_bytes"], "modified": shard["when"],
-                       "offset": None, "column": None, "rows": None}]})
+                       "offset": None, "column": None, "key_column": None, "key": None, "rows": None}]})
 
 
 def shard_embedder(build: Callable, max_bytes: int, caption_key: str, s3: S3Settings | None):
@@ -154,9 +154,10 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
     size, modification time or model, or regions wanted and missing), unchanged. Per shard a row of
     facts comes to the driver (shards are few: thousands of images each)."""
     # times as epoch milliseconds computed by Spark: pandas would see them in the session's time zone
-    shards = (listing.select("path", "size_bytes", F.unix_millis("modified").alias("millis")).toPandas()
-              .sort_values("path", kind="stable").reset_index(drop=True))
-    stored = pd.DataFrame(columns=["path", "size_bytes", "millis", "stale"])
+    rows_col = F.col("rows") if "rows" in listing.columns else F.lit(None).cast("long")
+    shards = (listing.select("path", "size_bytes", F.unix_millis("modified").alias("millis"), rows_col.alias("rows"))
+              .toPandas().sort_values("path", kind="stable").reset_index(drop=True))
+    stored = pd.DataFrame(columns=["path", "size_bytes", "millis", "rows", "stale"])
     deleted = 0
     if table.exists():
         rows = table.read()
@@ -169,11 +170,12 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
                    .agg(F.min("container.size_bytes").alias("size_bytes"), F.max("container.size_bytes").alias("size_max"),
                         F.min(F.unix_millis("container.modified")).alias("millis"),
                         F.max(F.unix_millis("container.modified")).alias("mod_max"),
+                        F.max("container.rows").alias("rows"),
                         F.max(((F.col("model") != F.lit(model_key)) & F.col("error").isNull()) | lacks).alias("stale"))
                    .toPandas())
             # a shard whose rows disagree (a run stopped between commits) is read again
             per["stale"] = per["stale"] | (per["size_bytes"] != per["size_max"]) | (per["millis"] != per["mod_max"])
-            stored = per[["path", "size_bytes", "millis", "stale"]]
+            stored = per[["path", "size_bytes", "millis", "rows", "stale"]]
             loose = mine.where(F.col("container").isNull()).count()
         else:
             loose = rows.where(under_root(root)).count()
@@ -183,7 +185,9 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
                                .count()) if len(gone) else 0)
     both = shards.merge(stored, on="path", how="left", suffixes=("", "_old"))
     is_new = both["size_bytes_old"].isna()
-    changed = ~is_new & ((both["size_bytes"] != both["size_bytes_old"]) | (both["millis"] != both["millis_old"])
+    # a table's data file whose live rows changed (a Delta delete through a deletion vector) changed too
+    fewer = both["rows"].notna() & both["rows_old"].notna() & (both["rows"] != both["rows_old"])
+    changed = ~is_new & ((both["size_bytes"] != both["size_bytes_old"]) | (both["millis"] != both["millis_old"]) | fewer
                          | both["stale"].astype("boolean").fillna(False).astype(bool))
     to_read = both[is_new | changed][["path", "size_bytes", "millis"]].reset_index(drop=True)
     return ShardPlan(shards[["path", "size_bytes", "millis"]], to_read, int(is_new.sum()), int(changed.sum()),
@@ -219,21 +223,46 @@ def shard_chunks(shards: pd.DataFrame, images: int) -> Iterator[pd.DataFrame]:
         yield shards.iloc[start:]
 
 
-def run_shards(job, spec, build: Callable, stats, log):
-    """Embed the WebDataset shards of `job.conf.embed.images` into its table: the EmbedJob's work for source
-    webdataset. `build`: the workers' embedder (embed_job.worker_embedder); `stats`: an EmbedStats to fill."""
+@dataclass
+class ContainerSource:
+    """Images inside containers (WebDataset shards, or a table's data files), for `run_containers`: what
+    they are called in the log, the root their rows' paths lie under, the listing of containers (path,
+    size_bytes, modified), and `embed(containers) -> rows of SOURCE_UDF_SCHEMA`. `merge_all`: a row may
+    move from one container to another (a table's key into a rewritten data file), so every commit
+    updates rows it matches instead of only inserting new ones."""
+
+    what: str
+    root: str
+    listing: DataFrame
+    embed: Callable[[pd.DataFrame], DataFrame]
+    merge_all: bool = False
+
+
+def shard_source(job, build: Callable) -> ContainerSource:
+    """The WebDataset shards under embed.images (`*.tar`, or embed.path_glob)."""
+    c, spark = job.conf.embed, job.spark
+    listing = list_files(spark, c.images, c.path_glob or SHARD_GLOB)
+    embed = shard_embedder(build, c.max_file_bytes, c.caption_key, S3Settings.from_config(job.conf))
+
+    def rows(chunk: pd.DataFrame) -> DataFrame:
+        return shard_tasks(spark, chunk, job.partitions(len(chunk))).mapInPandas(embed, SOURCE_UDF_SCHEMA)
+
+    return ContainerSource(f"the WebDataset shards of {c.images}", root_of(c.images), listing.df, rows)
+
+
+def run_containers(job, spec, source: ContainerSource, stats, log):
+    """Embed the images inside `source`'s containers into the job's table, a chunk of containers per Delta
+    commit: new and changed containers are read whole, unchanged ones not at all, rows of containers gone
+    (and plain files' rows under the root) deleted at the end. `stats`: an EmbedStats to fill."""
     t0 = time.time()
     c, spark = job.conf.embed, job.spark
     if c.format != "delta":
         raise ConfigError("embed.format: images from shards or tables need a Delta embeddings table (delta)")
     table = EmbeddingsTable(spark, c.table, c.format)
-    root = root_of(c.images)
-    phases: dict = {}
+    root = source.root
+    phases: dict = {"list": time.time() - t0}
     t = time.time()
-    listing = list_files(spark, c.images, c.path_glob or SHARD_GLOB)
-    phases["list"] = time.time() - t
-    t = time.time()
-    plan = plan_shards(table, listing.df, root, spec.key, c.regions)
+    plan = plan_shards(table, source.listing, root, spec.key, c.regions)
     created = with_retries(lambda: table.create_if_missing([root]), c.commit_retries, "create the table", log)
     if not created:
         with_retries(lambda: table.add_columns(["caption", "container", *(["regions"] if c.regions else [])]),
@@ -241,33 +270,32 @@ def run_shards(job, spec, build: Callable, stats, log):
         with_retries(lambda: table.add_image_root(root), c.commit_retries, "record the image folder", log)
     phases["plan"] = time.time() - t
     stats.unchanged, stats.new, stats.changed, stats.phases = plan.unchanged, plan.new, plan.changed, phases
-    log(f"lakelens embed: {spec.key} over the WebDataset shards of {c.images}: new={plan.new} "
-        f"changed={plan.changed} unchanged={plan.unchanged} shards, {plan.deleted} rows of removed shards to delete")
+    log(f"lakelens embed: {spec.key} over {source.what}: new={plan.new} changed={plan.changed} "
+        f"unchanged={plan.unchanged}, {plan.deleted} rows of removed ones to delete")
     run_id = uuid.uuid4().hex[:8]
     changed = set(plan.changed_paths)
-    embed = shard_embedder(build, c.max_file_bytes, c.caption_key,
-                           S3Settings.from_config(job.conf))
     done = 0
     for i, chunk in enumerate(shard_chunks(plan.to_read, c.chunk_size)):
         t = time.time()
-        tasks = shard_tasks(spark, chunk, job.partitions(len(chunk)))
-        rows = (tasks.mapInPandas(embed, SOURCE_UDF_SCHEMA)
+        rows = (source.embed(chunk)
                 .select(path_id_col().alias("id"), "*", F.lit(spec.key).alias("model"),
                         F.current_timestamp().alias("embedded_at"))
                 .localCheckpoint(eager=True))
         counts = rows.agg(F.count(F.lit(1)).alias("n"), F.count(F.col("embedding")).alias("ok")).first()
         check_member_ids(table, rows)
-        phases["embed"] = phases.get("embed", 0.0) + time.time() - t
+        embed_s = time.time() - t
+        phases["embed"] = phases.get("embed", 0.0) + embed_s
         again = [p for p in chunk["path"] if p in changed]
-        if again:  # rows of members the changed shards no longer hold: the commit deletes them
+        if again:  # rows of images the changed containers no longer hold: the commit deletes them
             stats.deleted += (table.read().where(F.col("container.path").isin(again))
                               .join(rows.select("path"), "path", "left_anti").count())
-        what = f"chunk {i + 1}, shards {done + 1}-{done + len(chunk)} of {len(plan.to_read)}"
+        what = f"chunk {i + 1}, {done + 1}-{done + len(chunk)} of {len(plan.to_read)}"
         note = f"lakelens embed {run_id}: {what}"
         t = time.time()
-        with_retries(lambda: table.upsert(rows, note, new_only=not again, containers=again), c.commit_retries,
-                     note, log)
+        with_retries(lambda: table.upsert(rows, note, new_only=not (again or source.merge_all), containers=again),
+                     c.commit_retries, note, log)
         phases["commit"] = phases.get("commit", 0.0) + time.time() - t
+        stats.chunk_seconds.append([int(counts["n"]), round(embed_s, 3), round(time.time() - t, 3)])
         stats.embedded += int(counts["ok"])
         stats.failed += int(counts["n"]) - int(counts["ok"])
         stats.chunks += 1
@@ -276,13 +304,19 @@ def run_shards(job, spec, build: Callable, stats, log):
         if job.on_chunk:
             job.on_chunk(i, len(plan.to_read) - done)
     t = time.time()
-    if plan.deleted:
-        note = f"lakelens embed {run_id}: drop rows of {plan.deleted} images of removed shards"
-        with_retries(lambda: table.delete_missing_containers(listing.df, root, note), c.commit_retries, note, log)
-    stats.deleted += plan.deleted
+    if plan.deleted:  # counted again: rows that moved into a container read above stay
+        mine = table.read().where(under_root(root))
+        gone = (mine.where(F.col("container").isNull()).count()
+                + mine.join(source.listing.select(F.col("path").alias("_container")),
+                            F.col("container.path") == F.col("_container"), "left_anti")
+                .where(F.col("container").isNotNull()).count())
+        if gone:
+            note = f"lakelens embed {run_id}: drop rows of {gone} images whose containers are gone"
+            with_retries(lambda: table.delete_missing_containers(source.listing, root, note), c.commit_retries, note,
+                         log)
+        stats.deleted += gone
     phases["delete"] = time.time() - t
     stats.table_version = table.version()
     stats.seconds = time.time() - t0
     log(f"lakelens embed done: {stats.summary()}")
     return stats
-

@@ -194,15 +194,16 @@ def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str
         return read_bounded(path, max_bytes, roots, s3)
     try:
         where = json.loads(locator)
-        shard, offset, length = str(where["path"]), int(where["offset"]), int(where["length"])
+        shard, length = str(where["path"]), int(where["length"])
+        offset = int(where["offset"]) if where.get("offset") is not None else -1
     except (ValueError, KeyError, TypeError):
         raise StorageError(404, "image location is unreadable") from None
-    if where.get("column"):
-        raise StorageError(404, "images inside tables are not served")
     if roots is not None and not under(shard, roots):
         raise StorageError(404, "image is outside the image folders of the index")
     if length > max_bytes:
         raise StorageError(413, f"image file is larger than {max_bytes} bytes")
+    if where.get("column"):
+        return read_table_row(shard, where, s3)
     if offset < 0 or length < 0:
         raise StorageError(404, "image location is unreadable")
     if is_remote(shard):
@@ -225,3 +226,61 @@ def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str
     if len(data) != length:
         raise StorageError(404, "image shard changed while it was read")
     return data
+
+
+# A row group larger than this is not read for one image (its image column chunk, compressed).
+MAX_ROW_GROUP_BYTES = 512 * 1024 * 1024
+
+
+def read_table_row(file: str, where: dict, s3=None) -> bytes:
+    """One image from a table's Parquet data file, found through the file's footer: by its row index
+    (`offset`), or by its key in `key_column` (Delta rows), reading only that row group's key and image
+    column chunks, never the whole file."""
+    import pyarrow.parquet as pq
+
+    column, key_column, key = where["column"], where.get("key_column"), where.get("key")
+    top = column.split(".", 1)[0]
+    try:
+        if is_remote(file):
+            if s3 is None:
+                raise StorageError(404, "image is on object storage and no S3 settings were given (--conf)")
+            scheme, _, rest = file.partition("://")
+            source = s3.filesystem().open_input_file(rest)
+        else:
+            source = str(to_local(file))
+        with pq.ParquetFile(source) as pf:
+            meta, start = pf.metadata, 0
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                n = group.num_rows
+                if where.get("offset") is not None and key_column is None:
+                    if not start <= int(where["offset"]) < start + n:
+                        start += n
+                        continue
+                    i = int(where["offset"]) - start
+                else:
+                    keys = pf.read_row_group(g, columns=[key_column.split(".", 1)[0]]).column(0)
+                    if "." in key_column:
+                        keys = keys.combine_chunks().field(key_column.split(".", 1)[1])
+                    found = [j for j, k in enumerate(keys.to_pylist()) if k is not None and str(k) == key]
+                    if not found:
+                        start += n
+                        continue
+                    i = found[0]
+                size = sum(group.column(c).total_compressed_size for c in range(group.num_columns)
+                           if group.column(c).path_in_schema.split(".", 1)[0] == top)
+                if size > MAX_ROW_GROUP_BYTES:
+                    raise StorageError(413, "the image's row group is too large to read for one image")
+                value = pf.read_row_group(g, columns=[top]).column(0)[i].as_py()
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if not data:
+                    raise StorageError(404, "the table's row has no image")
+                return bytes(data)
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise StorageError(404, "the table's data file is gone") from None
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("reading %s from %s failed: %s", column, file, e)
+        raise StorageError(404, "image could not be read from its table") from None
+    raise StorageError(404, "the table's row is gone")

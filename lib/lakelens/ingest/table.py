@@ -52,14 +52,18 @@ UDF_SCHEMA = T.StructType([
 
 # Where an image inside a shard or a table lives (null for a plain file): the shard or data file (`path`,
 # with its size and modification time when embedded, which tell a changed container), the image's place in
-# it (a tar member's data offset; a table row's index in its data file), the image column of a table row,
-# and the container's live rows when embedded (tables: a delete leaves a data file's bytes as they were).
+# it (a tar member's data offset; a Parquet row's index in its data file, or the key column and the row's
+# key there, by which a Delta table's row is found), the image column of a table row (`image.bytes` for a
+# Hugging Face Image struct), and the container's live rows when embedded (a Delta delete can leave a data
+# file's bytes as they were).
 CONTAINER_TYPE = T.StructType([
     T.StructField("path", T.StringType(), True),
     T.StructField("size_bytes", T.LongType(), True),
     T.StructField("modified", T.TimestampType(), True),
     T.StructField("offset", T.LongType(), True),
     T.StructField("column", T.StringType(), True),
+    T.StructField("key_column", T.StringType(), True),
+    T.StructField("key", T.StringType(), True),
     T.StructField("rows", T.LongType(), True),
 ])
 # The columns an image from a shard or a table adds to the UDF's: its source's caption and its container.
@@ -101,7 +105,8 @@ def with_source_columns(df: DataFrame) -> DataFrame:
         return df.withColumn("locator", F.lit(None).cast("string"))
     return df.withColumn("locator", F.when(F.col("container").isNull(), F.lit(None).cast("string")).otherwise(
         F.to_json(F.struct(F.col("container.path").alias("path"), F.col("container.offset").alias("offset"),
-                           F.col("size_bytes").alias("length"), F.col("container.column").alias("column")))))
+                           F.col("size_bytes").alias("length"), F.col("container.column").alias("column"),
+                           F.col("container.key_column").alias("key_column"), F.col("container.key").alias("key")))))
 
 
 def path_id_col(col: str = "path"):
