@@ -8,18 +8,29 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
+from pyspark.sql import functions as F
 
 from lakelens.index.meta import MetaStore
 from lakelens.index.shards import dead_ids, merge_topk, open_version, prepare_direct_map, read_tombstones, shard_entries, top_rows
 from lakelens.ingest.paths import to_stored
-from lakelens.ingest.small_tables import read_small_table
+from lakelens.ingest.small_tables import read_small_table, spark_table, table_format
+from lakelens.ingest.table import with_source_columns
 from lakelens.search import Searcher
+from lakelens.spark import owned_session
 from lakelens.train import metrics as ev
 
 
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
-    optionally label, split and lang (the caption's language, e.g. en, pt)."""
+    optionally label, split and lang (the caption's language, e.g. en, pt). An embeddings table whose images
+    came from shards or tables is a captions table too: its embedded rows with a caption, each with where
+    its image lives (`locator`, for fine-tuning)."""
+    if table_format(path) == "delta":
+        with owned_session(spark_conf) as spark:
+            df = spark_table(spark, path, "delta")
+            if {"container", "caption", "embedding", "error"} <= set(df.columns):
+                return (with_source_columns(df).where(F.col("caption").isNotNull() & F.col("error").isNull())
+                        .select("path", "caption", "locator").toPandas())
     return read_small_table(path, ("path", "caption"), ("label", "split", "lang"), what="captions table",
                             spark_conf=spark_conf)
 
