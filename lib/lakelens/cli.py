@@ -165,14 +165,10 @@ def cmd_eval_tags(args, conf) -> dict:
 
     vocab = load_vocab(args.vocab) if args.vocab else None
     if args.tags:
-        from lakelens.spark import get_session
+        from lakelens.spark import owned_session
 
-        spark, owned = get_session(conf.spark)
-        try:
+        with owned_session(conf.spark) as spark:
             report = evaluate_tags_table(spark, args.tags, read_labels(args.labels, spark=spark), vocab, args.source)
-        finally:
-            if owned:
-                spark.stop()
     elif args.index and vocab is not None:
         t = conf.tag
         report = evaluate_index_tags(args.index, read_labels(args.labels, conf.spark), vocab, t.threshold, t.max_tags,
@@ -186,7 +182,7 @@ def cmd_eval_tags(args, conf) -> dict:
 def search_batch(args) -> int:
     """`lakelens search --queries FILE --out RESULTS`: every query of a file, as a Spark job."""
     from lakelens.search.batch import check_queries_file, run_batch
-    from lakelens.spark import get_session
+    from lakelens.spark import owned_session
 
     if not (args.queries and args.out):
         raise QueryError("a batch search needs both --queries FILE and --out RESULTS")
@@ -194,13 +190,9 @@ def search_batch(args) -> int:
         raise QueryError("give either a query (text or --image) or --queries FILE, not both")
     conf = config.load(args.conf, args.set, spark={"master": args.master})
     check_queries_file(args.queries)  # before Spark starts: its own look-up prints a Java stack trace first
-    spark, owned = get_session(conf.spark)
-    try:
+    with owned_session(conf.spark) as spark:
         print(json.dumps(run_batch(spark, args.index, args.queries, args.out, args.k, args.engine,
                                    fmt=args.out_format)), flush=True)
-    finally:
-        if owned:
-            spark.stop()
     return 0
 
 

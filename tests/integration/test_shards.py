@@ -133,6 +133,43 @@ def test_thumbnails_read_exactly_the_member_and_results_carry_the_caption(spark,
         read_located("x", where, 1 << 20, [f"file:{shards}/"])
 
 
+def test_captions_evaluation_and_fine_tuning_read_members_where_they_live(spark, lake, tmp_path):
+    """After embedding: the table is a captions table for `lakelens eval`, fine-tuning reads the members
+    by their locator, and CoCa's caption job captions members as it captions files."""
+    from conftest import ROOT
+
+    from lakelens import config
+    from lakelens.config import FinetuneConfig
+    from lakelens.models.registry import ModelSpec
+    from lakelens.tags.caption_job import CaptionJob
+    from lakelens.tags.captions import Captioner
+    from lakelens.train.eval_run import evaluate_index, read_captions
+    from lakelens.train.finetune import finetune
+
+    base, shards, _, _ = lake
+    pairs = read_captions(str(base / "t"))
+    # the embedded members with captions: not the bad ones, not the truncated shard's own row
+    assert len(pairs) == 6 and pairs["locator"].notna().all()
+    assert dict(zip(pairs["path"], pairs["caption"]))[f"file:{shards}/00000.tar/000000001.jpg"] == "ein Fahrrad, é 🚲"
+    metrics = evaluate_index(str(base / "index"), pairs)
+    assert (metrics["queries"], metrics["images"], metrics["missing_images"]) == (6, 6, 0)
+    result = finetune(pairs, ModelSpec("lakelens-tiny"), FinetuneConfig(out=str(tmp_path / "ft"), epochs=1,
+                                                                         batch_size=2, val_fraction=0.5),
+                      progress=False)
+    assert (result.train_pairs + result.val_pairs, result.skipped_pairs) == (6, 0)
+
+    coca = "lakelens-tiny-coca"
+    conf = config.load(ROOT / "conf" / "local.yaml", [f"caption.table={base / 't'}", f"caption.tags={tmp_path / 'tags'}",
+                                                      f"caption.model={coca}", "caption.max_tokens=6",
+                                                      "caption.partitions=1"])
+    made = CaptionJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (made.captioned, made.failed, made.missing) == (6, 0, 0)
+    got = {r["path"]: r["tag"] for r in spark.read.format("delta").load(str(tmp_path / "tags")).collect()}
+    name = "000000001.jpg"
+    want = Captioner(ModelSpec(coca), max_tokens=6)([member_bytes(shards / "00000.tar", name)])[0].text
+    assert got[f"file:{shards}/00000.tar/{name}"] == want
+
+
 def test_a_rerun_reads_only_new_and_changed_shards_and_drops_removed_ones(spark, lake):
     base, shards, conf, _ = lake
     before = rows_by_path(spark, base / "t")

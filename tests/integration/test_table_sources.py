@@ -5,6 +5,7 @@ indexed, and their thumbnails read back through the Parquet footer."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ def img2dataset_parquet(folder, shard: int, keys: list[int], bad: tuple = ()):
         "caption": [f"a table photo {k}" for k in keys], "url": [f"http://example/{k}.jpg" for k in keys],
         "width": [64] * len(keys), "height": [48] * len(keys), "status": ["success"] * len(keys)}),
         folder / f"{shard:05d}.parquet", row_group_size=2)
-    (folder / f"{shard:05d}_stats.json").write_text('{"count": %d}' % len(keys))
+    (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(keys)}))
 
 
 def test_img2dataset_parquet_embeds_in_place_with_captions_and_reruns_per_data_file(spark, tmp_path):
@@ -120,3 +121,20 @@ def test_a_table_without_image_bytes_is_a_config_error_naming_the_columns(spark,
         run(spark, local_config(src, tmp_path / "t", "embed.image_column=jpg"))
     with pytest.raises(ConfigError, match=r"no image columns found.*jpg \(string\)"):
         run(spark, local_config(src, tmp_path / "t"))
+
+
+def test_a_delta_source_deleting_through_deletion_vectors_loses_those_rows(spark, tmp_path):
+    """A delete that marks rows in a deletion vector leaves the data file's bytes as they were: the file's
+    live rows tell the change, and the deleted row's image goes from the embeddings table."""
+    delta = str(tmp_path / "dv")
+    spark.createDataFrame([(f"k{k}", bytearray(sample_image(200 + k))) for k in range(4)],
+                          "key string, jpg binary").coalesce(1).write.format("delta") \
+        .option("delta.enableDeletionVectors", "true").save(delta)
+    conf = local_config(delta, tmp_path / "t")
+    assert run(spark, conf).embedded == 4
+    files_before = set(spark.read.format("delta").load(delta).inputFiles())
+    spark.sql(f"DELETE FROM delta.`{delta}` WHERE key = 'k1'")
+    assert set(spark.read.format("delta").load(delta).inputFiles()) == files_before  # a vector, not a rewrite
+    second = run(spark, conf)
+    assert second.changed == 1
+    assert set(rows_by_path(spark, tmp_path / "t")) == {f"file:{delta}/k{k}" for k in (0, 2, 3)}

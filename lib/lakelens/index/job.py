@@ -18,9 +18,9 @@ from lakelens.config import parse_size
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
-from lakelens.index.incremental import TRAINED, Decision, link_version
+from lakelens.index.incremental import Decision, link_version
 from lakelens.index.keyword_job import keywords_stale, load_vocab_file, stage_full, stage_incremental, tags_state
-from lakelens.index.shards import TOMBSTONES
+from lakelens.index.layout import TOMBSTONES, TRAINED
 from lakelens.index.update import (
     ROWS_PER_AUTO_SHARD,
     build_fn,
@@ -29,12 +29,11 @@ from lakelens.index.update import (
     decide_from_changes,
     entries,
     precheck,
-    read_changes,
     recreated,
-    region_count,
     shard_rows,
 )
 from lakelens.index.versions import current_version, index_lock, prune_locked, publish, read_manifest, staging_dir
+from lakelens.ingest.changes import read_changes, region_count
 from lakelens.ingest.paths import common_root
 from lakelens.ingest.table import EmbeddingsTable, with_source_columns
 from lakelens.spark import Job, parallelism

@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.keyword import TagRow, build_keywords
 from lakelens.index.update import recreated
+from lakelens.ingest.changes import changed_ids
 from lakelens.ingest.table import EmbeddingsTable
 
 
@@ -76,16 +76,6 @@ def read_tags_at(spark: SparkSession, location: str, version: int) -> DataFrame:
     return spark.read.format("delta").option("versionAsOf", version).load(location)
 
 
-def changed_tag_ids(spark: SparkSession, location: str, start: int, end: int) -> DataFrame:
-    """Ids whose tag rows changed between tags-table versions start..end (its change feed); LookupError
-    when the feed does not cover the range."""
-    try:
-        return (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
-                .option("endingVersion", end).load(location).select("id").distinct().localCheckpoint())
-    except AnalysisException as e:
-        raise LookupError(str(e).strip().splitlines()[0][:300]) from None
-
-
 def stage_full(spark: SparkSession, staged: Path, rows: DataFrame, location: str, version: int, vocab_path: str,
                log, table_id: str | None = None) -> dict:
     """The keyword part of a full build: every indexed row's document. `table_id`: the tags table's Delta id,
@@ -120,7 +110,7 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
     ids = touched.select("id")
     if reason is None and location and version > live_kw["tags_version"]:
         try:
-            ids = ids.unionByName(changed_tag_ids(spark, location, live_kw["tags_version"] + 1, version))
+            ids = ids.unionByName(changed_ids(spark, location, live_kw["tags_version"] + 1, version))
         except LookupError as e:
             reason = f"the tags table's change feed does not cover its versions since the live one: {e}"
     if reason is not None:

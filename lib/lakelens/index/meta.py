@@ -9,8 +9,6 @@ have neither column and hold whole images only."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from lakelens.files import write_sorted_arrow
 
 # what an image row gives its entries: caption, the source's own (a shard's or a table's), and locator,
 # where the query side reads an image inside a shard or a table (ingest.table.locator), are null for files
@@ -37,11 +37,7 @@ def write_meta(path: str | Path, meta: pd.DataFrame) -> None:
     for column in ("box", "caption", "locator"):
         if meta[column].dtype != object:  # none among them: a column of nulls, not of NaN
             meta[column] = pd.Series([None] * len(meta), index=meta.index, dtype=object)
-    table = pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False).combine_chunks()
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, META_SCHEMA) as writer:
-        writer.write_table(table, max_chunksize=max(1, len(table)))
-    os.replace(tmp, path)
+    write_sorted_arrow(path, pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False))
 
 
 def read_meta(path: str | Path, columns=None) -> pa.Table:

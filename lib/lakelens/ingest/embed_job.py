@@ -370,7 +370,7 @@ class EmbedJob(Job):
                     with session_settings(spark, {ARROW_BATCH: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
                         rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
                 else:
-                    with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
+                    with file_splits(spark, len(paths), self.partitions(len(paths)), paths):  # planned by the action
                         rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok

@@ -154,9 +154,10 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
     size, modification time or model, or regions wanted and missing), unchanged. Per shard a row of
     facts comes to the driver (shards are few: thousands of images each)."""
     # times as epoch milliseconds computed by Spark: pandas would see them in the session's time zone
-    shards = (listing.select("path", "size_bytes", F.unix_millis("modified").alias("millis")).toPandas()
-              .sort_values("path", kind="stable").reset_index(drop=True))
-    stored = pd.DataFrame(columns=["path", "size_bytes", "millis", "stale"])
+    rows_col = F.col("rows") if "rows" in listing.columns else F.lit(None).cast("long")
+    shards = (listing.select("path", "size_bytes", F.unix_millis("modified").alias("millis"), rows_col.alias("rows"))
+              .toPandas().sort_values("path", kind="stable").reset_index(drop=True))
+    stored = pd.DataFrame(columns=["path", "size_bytes", "millis", "rows", "stale"])
     deleted = 0
     if table.exists():
         rows = table.read()
@@ -169,11 +170,12 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
                    .agg(F.min("container.size_bytes").alias("size_bytes"), F.max("container.size_bytes").alias("size_max"),
                         F.min(F.unix_millis("container.modified")).alias("millis"),
                         F.max(F.unix_millis("container.modified")).alias("mod_max"),
+                        F.max("container.rows").alias("rows"),
                         F.max(((F.col("model") != F.lit(model_key)) & F.col("error").isNull()) | lacks).alias("stale"))
                    .toPandas())
             # a shard whose rows disagree (a run stopped between commits) is read again
             per["stale"] = per["stale"] | (per["size_bytes"] != per["size_max"]) | (per["millis"] != per["mod_max"])
-            stored = per[["path", "size_bytes", "millis", "stale"]]
+            stored = per[["path", "size_bytes", "millis", "rows", "stale"]]
             loose = mine.where(F.col("container").isNull()).count()
         else:
             loose = rows.where(under_root(root)).count()
@@ -183,7 +185,9 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
                                .count()) if len(gone) else 0)
     both = shards.merge(stored, on="path", how="left", suffixes=("", "_old"))
     is_new = both["size_bytes_old"].isna()
-    changed = ~is_new & ((both["size_bytes"] != both["size_bytes_old"]) | (both["millis"] != both["millis_old"])
+    # a table's data file whose live rows changed (a Delta delete through a deletion vector) changed too
+    fewer = both["rows"].notna() & both["rows_old"].notna() & (both["rows"] != both["rows_old"])
+    changed = ~is_new & ((both["size_bytes"] != both["size_bytes_old"]) | (both["millis"] != both["millis_old"]) | fewer
                          | both["stale"].astype("boolean").fillna(False).astype(bool))
     to_read = both[is_new | changed][["path", "size_bytes", "millis"]].reset_index(drop=True)
     return ShardPlan(shards[["path", "size_bytes", "millis"]], to_read, int(is_new.sum()), int(changed.sum()),
@@ -279,7 +283,8 @@ def run_containers(job, spec, source: ContainerSource, stats, log):
                 .localCheckpoint(eager=True))
         counts = rows.agg(F.count(F.lit(1)).alias("n"), F.count(F.col("embedding")).alias("ok")).first()
         check_member_ids(table, rows)
-        phases["embed"] = phases.get("embed", 0.0) + time.time() - t
+        embed_s = time.time() - t
+        phases["embed"] = phases.get("embed", 0.0) + embed_s
         again = [p for p in chunk["path"] if p in changed]
         if again:  # rows of images the changed containers no longer hold: the commit deletes them
             stats.deleted += (table.read().where(F.col("container.path").isin(again))
@@ -290,6 +295,7 @@ def run_containers(job, spec, source: ContainerSource, stats, log):
         with_retries(lambda: table.upsert(rows, note, new_only=not (again or source.merge_all), containers=again),
                      c.commit_retries, note, log)
         phases["commit"] = phases.get("commit", 0.0) + time.time() - t
+        stats.chunk_seconds.append([int(counts["n"]), round(embed_s, 3), round(time.time() - t, 3)])
         stats.embedded += int(counts["ok"])
         stats.failed += int(counts["n"]) - int(counts["ok"])
         stats.chunks += 1

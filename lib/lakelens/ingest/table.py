@@ -22,6 +22,7 @@ from lakelens import classic, delta_sql
 from lakelens.delta_sql import sql_string
 from lakelens.errors import ConfigError, DataError, IdCollisionError
 from lakelens.ingest.paths import path_id
+from lakelens.spark import session_settings
 
 FORMATS = ("delta", "parquet")
 ROOTS_PROPERTY = "lakelens.image_roots"
@@ -106,16 +107,6 @@ def with_source_columns(df: DataFrame) -> DataFrame:
         F.to_json(F.struct(F.col("container.path").alias("path"), F.col("container.offset").alias("offset"),
                            F.col("size_bytes").alias("length"), F.col("container.column").alias("column"),
                            F.col("container.key_column").alias("key_column"), F.col("container.key").alias("key")))))
-
-
-def read_pairs(spark: SparkSession, path: str, version: int = -1):
-    """A Delta table of (path, caption[, label][, split][, lang]) pairs, as pandas, at `version` (-1: latest)."""
-    reader = spark.read.format("delta")
-    if version >= 0:
-        reader = reader.option("versionAsOf", version)
-    df = reader.load(path)
-    keep = [c for c in ("path", "caption", "label", "split", "lang") if c in df.columns]
-    return df.select(*keep).toPandas()
 
 
 def path_id_col(col: str = "path"):
@@ -385,29 +376,29 @@ class EmbeddingsTable:
         in the table when the run planned, so the MERGE only inserts (Delta then reads the table's paths
         alone, no full join); a path another writer added since keeps that writer's row. `containers`:
         shards or data files read again whole: their rows that `rows` do not hold go in the same commit."""
-        self._set_commit_note(note)
         have = set(self.read().columns)
         clauses = ("" if new_only else "WHEN MATCHED THEN UPDATE SET * ") + "WHEN NOT MATCHED THEN INSERT *"
         if containers:
             listed = ", ".join(sql_string(c) for c in sorted(containers))
             clauses += f" WHEN NOT MATCHED BY SOURCE AND t.container.path IN ({listed}) THEN DELETE"
-        delta_sql.merge(self.spark, self.location, with_columns_of(rows, [c for c in COLUMNS if c in have]),
-                        "t.path = s.path", clauses)
+        with self._commit_note(note):
+            delta_sql.merge(self.spark, self.location, with_columns_of(rows, [c for c in COLUMNS if c in have]),
+                            "t.path = s.path", clauses)
 
     def delete_missing(self, listing: DataFrame, root: str, note: str = "") -> None:
         """Delete the rows of image root `root` whose path is not in `listing`, in one Delta commit (MERGE
         ... NOT MATCHED BY SOURCE AND the row is under the root); other roots' rows stay."""
-        self._set_commit_note(note)
-        delta_sql.merge(self.spark, self.location, listing.select("path").hint("merge"), "t.path = s.path",
-                        f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
+        with self._commit_note(note):
+            delta_sql.merge(self.spark, self.location, listing.select("path").hint("merge"), "t.path = s.path",
+                            f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
 
     def delete_missing_containers(self, containers: DataFrame, root: str, note: str = "") -> None:
         """Delete the rows of image root `root` whose container is not among `containers` (column path):
         images of shards or data files gone, and plain files' rows of that root, in one Delta commit."""
-        self._set_commit_note(note)
-        delta_sql.merge(self.spark, self.location, containers.select("path").distinct().hint("merge"),
-                        "t.container.path = s.path",
-                        f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
+        with self._commit_note(note):
+            delta_sql.merge(self.spark, self.location, containers.select("path").distinct().hint("merge"),
+                            "t.container.path = s.path",
+                            f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
 
     def drop_root(self, root: str, note: str = "") -> int:
         """Delete every row of image root `root` and forget the root (Delta: one commit each, the rows
@@ -426,8 +417,8 @@ class EmbeddingsTable:
                 self._swap_parquet(current.where(~under_root(root)))
             return rows
         if rows:
-            self._set_commit_note(note)
-            self.spark.sql(f"DELETE FROM {delta_sql.table_ref(self.location)} WHERE {root_condition(root)}")
+            with self._commit_note(note):
+                self.spark.sql(f"DELETE FROM {delta_sql.table_ref(self.location)} WHERE {root_condition(root)}")
         if root in roots:
             self._set_roots([r for r in roots if r != root])
         return rows
@@ -462,8 +453,9 @@ class EmbeddingsTable:
         self.spark.sql(f"ALTER TABLE {delta_sql.table_ref(self.location)} SET TBLPROPERTIES "
                        f"('{ROOTS_PROPERTY}' = {value})")
 
-    def _set_commit_note(self, note: str) -> None:
-        self.spark.conf.set(COMMIT_NOTE, note or "lakelens")
+    def _commit_note(self, note: str):
+        """The block's Delta commits carry `note` as their userMetadata; the session's own comes back after."""
+        return session_settings(self.spark, {COMMIT_NOTE: note or "lakelens"})
 
     def write_parquet_snapshot(self, listing: DataFrame, new_rows: DataFrame | None, root: str) -> None:
         """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename. Kept:

@@ -172,7 +172,8 @@ def table_source(job, build: Callable) -> ContainerSource:
         return (picked.join(uris.hint("broadcast"), "uri")
                 .mapInPandas(table_embedder(build, c.max_file_bytes, root, column), SOURCE_UDF_SCHEMA))
 
-    return ContainerSource(f"the {kind} table {location}", root, files.select("path", "size_bytes", "modified"), rows,
+    return ContainerSource(f"the {kind} table {location}", root, files.select("path", "size_bytes", "modified", "rows"),
+                           rows,
                            merge_all=True)
 
 

@@ -25,8 +25,8 @@ from lakelens.config import CHOICES, ConfigError, EmbedConfig
 from lakelens.ingest.images import Transform
 from lakelens.models import local_dir
 from lakelens.models import registry as models
+from lakelens.models import shapes as synth
 from lakelens.models.registry import ModelSpec
-from lakelens.train import synth
 
 ENGINES: tuple = CHOICES["embed.engine"]
 DEVICES: tuple = CHOICES["embed.device"]
