@@ -58,7 +58,7 @@ CONNECT_MODULES = {
     "test_embed_job.py", "test_names.py", "test_index_job.py", "test_reindex.py", "test_refresh.py",
     "test_keyword_index.py", "test_tags_job.py", "test_region_tags.py", "test_regions.py", "test_caption_job.py",
     "test_dedup.py", "test_batch_search.py", "test_pairs_delta.py", "test_s3.py", "test_connect.py",
-    "test_delta_readers.py", "test_shards.py", "test_table_sources.py",
+    "test_delta_readers.py", "test_shards.py",
 }
 
 
