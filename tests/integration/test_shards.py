@@ -219,5 +219,8 @@ def test_a_shard_is_read_forward_once_with_samples_grouped_by_key():
     got = list(read_members(ForwardOnly(buf.getvalue()), 100))
     assert [(m.name, m.data, m.caption) for m in got] == [
         ("a/k1.jpg", b"J1", "caption first"), ("k2.png", b"P2", "after"), ("k3.seg.png", b"S3", None)]
+    # a shard split between two tasks: each reads it whole and takes every other image, together all of them
+    halves = [[m.name for m in read_members(ForwardOnly(buf.getvalue()), 100, part=p, parts=2)] for p in (0, 1)]
+    assert halves == [["a/k1.jpg", "k3.seg.png"], ["k2.png"]]
     bad = list(read_members(io.BytesIO(b"not a tar at all" * 64), 100))
     assert len(bad) == 1 and bad[0].error in ("not a tar shard", TRUNCATED_SHARD)

@@ -157,7 +157,7 @@ class Warmup:
         self.thread.start()
 
     def finish(self, cancel: bool = False) -> None:
-        if cancel:
+        if cancel and self.thread.is_alive():
             self.spark.interruptTag(self.tag)
         self.thread.join()
 
@@ -249,10 +249,15 @@ class EmbedJob(Job):
               session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
             dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
             source = self.source() if spec is not None else "files"
-            if source == "webdataset":
-                stats = run_containers(self, spec, shard_source(self, worker_embedder(spec, c)), EmbedStats(), self.log)
-            elif source == "table":
-                stats = run_containers(self, spec, table_source(self, worker_embedder(spec, c)), EmbedStats(), self.log)
+            if source in ("webdataset", "table"):
+                # the workers start, their model loaded, while the driver lists and plans
+                warmup = Warmup(self.spark, spec, c)
+                try:
+                    make = shard_source if source == "webdataset" else table_source
+                    stats = run_containers(self, spec, make(self, worker_embedder(spec, c)), EmbedStats(), self.log,
+                                           ready=lambda todo: warmup.finish(cancel=not todo))
+                finally:
+                    warmup.finish(cancel=True)
             elif spec is not None:
                 stats = self._run(spec)
             else:  # only roots dropped: the version they left the table at, as any run reports

@@ -21,6 +21,7 @@ from lakelens.ingest.paths import is_remote, root_of, to_local
 from lakelens.ingest.shards import ShardError, member_path, read_members
 from lakelens.ingest.storage import S3Settings
 from lakelens.ingest.table import SOURCE_UDF_SCHEMA, EmbeddingsTable, path_id_col, under_root, with_retries
+from lakelens.spark import parallelism
 
 SHARD_GLOB = "*.tar"
 # Image members per Arrow batch a shard task yields (a model batch at most; members are small).
@@ -84,16 +85,18 @@ def shard_embedder(build: Callable, max_bytes: int, caption_key: str, s3: S3Sett
                     try:
                         stream = open_shard(shard["path"], s3)
                     except (OSError, ValueError) as e:
-                        yield shard, ShardError("unreadable", str(e))
+                        if shard["part"] == 0:
+                            yield shard, ShardError("unreadable", str(e))
                         continue
                     with stream:
                         batch = []
-                        for item in read_members(stream, max_bytes, caption_key):
+                        for item in read_members(stream, max_bytes, caption_key, shard["part"], shard["parts"]):
                             if isinstance(item, ShardError):
                                 if batch:
                                     yield shard, batch
                                     batch = []
-                                yield shard, item
+                                if shard["part"] == 0:  # one row for the shard, whichever tasks read it
+                                    yield shard, item
                                 continue
                             batch.append(item)
                             if len(batch) >= MEMBERS_PER_BATCH:
@@ -118,22 +121,25 @@ def shard_embedder(build: Callable, max_bytes: int, caption_key: str, s3: S3Sett
     return embed_shards
 
 
-def shard_tasks(spark: SparkSession, shards: pd.DataFrame, partitions: int) -> DataFrame:
-    """(path, size_bytes, millis) rows of `shards` in `partitions` partitions of consecutive shards: the list
-    travels inside the function, so no file index and no shard bytes pass through the JVM."""
-    n = max(1, min(partitions, len(shards)))
-    records = shards[["path", "size_bytes", "millis"]].to_dict("records")
-    slices = [records[i * len(records) // n:(i + 1) * len(records) // n] for i in range(n)]
+def shard_tasks(spark: SparkSession, shards: pd.DataFrame, parallelism: int) -> DataFrame:
+    """(path, size_bytes, millis, part, parts) rows, one task each: every shard, split into `parts` tasks when
+    there are too few shards to keep `parallelism` cores busy to the end (each part reads the shard and
+    embeds every parts-th image; reading is cheap beside embedding). One task per partition, so Spark
+    hands the next one to whichever core is free. The list travels inside the function: no file index and
+    no shard bytes pass through the JVM."""
+    parts = max(1, min(8, -(-4 * parallelism // max(1, len(shards)))))
+    records = [(r["path"], int(r["size_bytes"]), int(r["millis"]), part, parts)
+               for r in shards[["path", "size_bytes", "millis"]].to_dict("records") for part in range(parts)]
+    n = max(1, len(records))
 
     def emit(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
             for i in pdf["id"]:
-                part = slices[int(i)]
-                yield pd.DataFrame({"path": pd.Series([r["path"] for r in part], dtype=object),
-                                    "size_bytes": pd.Series([r["size_bytes"] for r in part], dtype="int64"),
-                                    "millis": pd.Series([r["millis"] for r in part], dtype="int64")})
+                path, size, millis, part, count = records[int(i)]
+                yield pd.DataFrame({"path": pd.Series([path], dtype=object), "size_bytes": [size], "millis": [millis],
+                                    "part": [part], "parts": [count]})
 
-    return spark.range(0, n, 1, n).mapInPandas(emit, "path string, size_bytes long, millis long")
+    return spark.range(0, n, 1, n).mapInPandas(emit, "path string, size_bytes long, millis long, part int, parts int")
 
 
 @dataclass
@@ -245,15 +251,16 @@ def shard_source(job, build: Callable) -> ContainerSource:
     embed = shard_embedder(build, c.max_file_bytes, c.caption_key, S3Settings.from_config(job.conf))
 
     def rows(chunk: pd.DataFrame) -> DataFrame:
-        return shard_tasks(spark, chunk, job.partitions(len(chunk))).mapInPandas(embed, SOURCE_UDF_SCHEMA)
+        return shard_tasks(spark, chunk, parallelism(spark)).mapInPandas(embed, SOURCE_UDF_SCHEMA)
 
     return ContainerSource(f"the WebDataset shards of {c.images}", root_of(c.images), listing.df, rows)
 
 
-def run_containers(job, spec, source: ContainerSource, stats, log):
+def run_containers(job, spec, source: ContainerSource, stats, log, ready: Callable[[int], None] | None = None):
     """Embed the images inside `source`'s containers into the job's table, a chunk of containers per Delta
     commit: new and changed containers are read whole, unchanged ones not at all, rows of containers gone
-    (and plain files' rows under the root) deleted at the end. `stats`: an EmbedStats to fill."""
+    (and plain files' rows under the root) deleted at the end. `stats`: an EmbedStats to fill; `ready(n)` is
+    told the containers to read once the plan is made (the job's worker warm-up waits for it)."""
     t0 = time.time()
     c, spark = job.conf.embed, job.spark
     if c.format != "delta":
@@ -269,6 +276,10 @@ def run_containers(job, spec, source: ContainerSource, stats, log):
                      c.commit_retries, "add the caption and container columns", log)
         with_retries(lambda: table.add_image_root(root), c.commit_retries, "record the image folder", log)
     phases["plan"] = time.time() - t
+    if ready is not None:
+        t = time.time()
+        ready(len(plan.to_read))
+        phases["embed"] = time.time() - t  # the workers' start belongs to embedding
     stats.unchanged, stats.new, stats.changed, stats.phases = plan.unchanged, plan.new, plan.changed, phases
     log(f"lakelens embed: {spec.key} over {source.what}: new={plan.new} changed={plan.changed} "
         f"unchanged={plan.unchanged}, {plan.deleted} rows of removed ones to delete")

@@ -66,13 +66,16 @@ def _caption(data: bytes) -> str:
     return data[:MAX_CAPTION_BYTES].decode("utf-8", errors="replace").strip()
 
 
-def read_members(stream, max_bytes: int, caption_key: str = "txt") -> Iterator[Member | ShardError]:
+def read_members(stream, max_bytes: int, caption_key: str = "txt", part: int = 0,
+                 parts: int = 1) -> Iterator[Member | ShardError]:
     """The image members of the tar shard read from `stream` (a binary file object, read forward only),
     in shard order, a sample at a time: never more of the shard in memory than one sample's members. A
     member over `max_bytes` is not read (error "too large"). A member name seen again later in the
     shard keeps its first occurrence. When the shard ends early or is not a tar, the samples read whole
-    come first, then one ShardError."""
+    come first, then one ShardError. With `parts` > 1, only every parts-th image member from `part` on
+    is read (the others' bytes are passed over): a shard split between tasks, each reading it whole."""
     seen: set[str] = set()
+    index = 0  # image members met so far
     key, images, caption = None, [], None
 
     def flush():
@@ -97,6 +100,9 @@ def read_members(stream, max_bytes: int, caption_key: str = "txt") -> Iterator[M
                 caption = _caption(tar.extractfile(info).read(MAX_CAPTION_BYTES))
             elif is_image(ext) and info.name not in seen:
                 seen.add(info.name)
+                index += 1
+                if (index - 1) % parts != part:
+                    continue
                 if info.size > max_bytes:
                     images.append(Member(info.name, info.offset_data, info.size, None, "too large"))
                     continue
