@@ -224,3 +224,17 @@ def test_a_shard_is_read_forward_once_with_samples_grouped_by_key():
     assert halves == [["a/k1.jpg", "k3.seg.png"], ["k2.png"]]
     bad = list(read_members(io.BytesIO(b"not a tar at all" * 64), 100))
     assert len(bad) == 1 and bad[0].error in ("not a tar shard", TRUNCATED_SHARD)
+
+
+def test_deleting_every_shard_drops_their_rows_though_img2dataset_metadata_stays(spark, tmp_path):
+    """img2dataset leaves NNNNN.parquet (metadata, no image bytes) and NNNNN_stats.json beside each shard:
+    with the shards gone, those are not a table of images, and the shards' rows go."""
+    from conftest import local_config
+
+    shards = tmp_path / "shards"
+    write_shard(shards, 0, [0, 1])
+    conf = local_config(shards, tmp_path / "t")
+    assert run(spark, conf).embedded == 2
+    (shards / "00000.tar").unlink()
+    gone = run(spark, conf)
+    assert gone.deleted == 2 and rows_by_path(spark, tmp_path / "t") == {}

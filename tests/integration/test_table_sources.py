@@ -138,3 +138,39 @@ def test_a_delta_source_deleting_through_deletion_vectors_loses_those_rows(spark
     second = run(spark, conf)
     assert second.changed == 1
     assert set(rows_by_path(spark, tmp_path / "t")) == {f"file:{delta}/k{k}" for k in (0, 2, 3)}
+
+
+def test_integer_keys_null_image_paths_and_duplicate_keys(spark, tmp_path):
+    """A `key` column of integers is the key; a Hugging Face Image without a `path` is named by its data file and
+    row; a key two rows share stops the run before anything is written, naming the key."""
+    from lakelens.errors import DataError
+
+    delta = str(tmp_path / "ints")
+    spark.createDataFrame([(k, bytearray(sample_image(300 + k))) for k in range(2)],
+                          "key long, jpg binary").coalesce(1).write.format("delta").save(delta)
+    assert run(spark, local_config(delta, tmp_path / "t")).embedded == 2
+    assert set(rows_by_path(spark, tmp_path / "t")) == {f"file:{delta}/{k}" for k in range(2)}
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array([{"bytes": sample_image(k), "path": p} for k, p in
+                                                ((0, "a.jpg"), (1, None), (2, None))], image_type)}),
+                   hf / "train.parquet")
+    assert run(spark, local_config(hf, tmp_path / "t2")).embedded == 3
+    rows = rows_by_path(spark, tmp_path / "t2")
+    assert set(rows) == {f"file:{hf}/{p}" for p in ("a.jpg", "train.parquet#1", "train.parquet#2")}
+    from lakelens.ingest.storage import read_located
+    from lakelens.ingest.table import with_source_columns
+
+    located = {r["path"]: r["locator"] for r in with_source_columns(
+        spark.read.format("delta").load(str(tmp_path / "t2"))).collect()}
+    for k, p in ((0, "a.jpg"), (2, "train.parquet#2")):  # thumbnails: by the path, by the row's place
+        assert read_located(f"file:{hf}/{p}", located[f"file:{hf}/{p}"], 1 << 20) == sample_image(k)
+
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    pq.write_table(pa.table({"key": ["a", "b", "a"], "jpg": [sample_image(k) for k in range(3)]}), dup / "p.parquet")
+    with pytest.raises(DataError, match=r"key 'a' .*2 rows"):
+        run(spark, local_config(dup, tmp_path / "t3"))
+    assert not (tmp_path / "t3" / "_delta_log").exists() or rows_by_path(spark, tmp_path / "t3") == {}

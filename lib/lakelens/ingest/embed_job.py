@@ -31,7 +31,7 @@ from lakelens.ingest.table import (
     path_id_col,
     with_retries,
 )
-from lakelens.ingest.table_source import table_source
+from lakelens.ingest.table_source import image_column, read_source, table_source
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -291,7 +291,20 @@ class EmbedJob(Job):
         if "tar" in tops:
             return "webdataset"
         # img2dataset's Parquet output keeps NNNNN_stats.json files beside the Parquet files
-        return "table" if "parquet" in tops and tops <= {"parquet", "json"} else "files"
+        if not ("parquet" in tops and tops <= {"parquet", "json"}):
+            return "files"
+        # its WebDataset output leaves the same files beside the shards, without image bytes: once every
+        # shard is gone they are what is left, and the run must drop the shards' rows, not fail on them
+        if "json" in tops and not self._has_image_bytes(images):
+            return "webdataset"
+        return "table"
+
+    def _has_image_bytes(self, images: str) -> bool:
+        try:
+            image_column(read_source(self.spark, images)[0].schema, self.conf.embed.image_column)
+        except ConfigError:
+            return False
+        return True
 
     def _spark_extensions(self, pattern: str, sample: int = 1000) -> set[str] | None:
         """The extensions of (up to `sample` of) the files Spark lists at `pattern`, not below it; None when

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lakelens import delta_sql
-from lakelens.errors import ConfigError
+from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.paths import from_uri, glob_escape, to_stored
 from lakelens.ingest.shard_job import ContainerSource
 from lakelens.ingest.table import SOURCE_UDF_SCHEMA
@@ -27,6 +27,7 @@ from lakelens.ingest.table import SOURCE_UDF_SCHEMA
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "content")
 CAPTION_COLUMNS = ("caption", "txt", "text")
 KEY_COLUMNS = ("key",)
+KEY_TYPES = (T.StringType, T.IntegralType)
 
 
 def _is_image_struct(data_type) -> bool:
@@ -61,15 +62,16 @@ def image_column(schema: T.StructType, wanted: str = "") -> str:
     return found[0]
 
 
-def pick_column(schema: T.StructType, wanted: str, defaults: tuple, key: str) -> str | None:
-    """A string column: `wanted` (a ConfigError under `key` when the table lacks it), else the first of
-    `defaults` the table has, else None."""
+def pick_column(schema: T.StructType, wanted: str, defaults: tuple, key: str,
+                types: tuple = (T.StringType,)) -> str | None:
+    """A column: `wanted` (a ConfigError under `key` when the table lacks it), else the first of `defaults`
+    the table has with one of `types`, else None."""
     names = {f.name: f.dataType for f in schema.fields}
     if wanted:
         if wanted not in names:
             raise ConfigError(f"{key}: no column {wanted!r}; the table has {', '.join(names)}")
         return wanted
-    return next((n for n in defaults if isinstance(names.get(n), T.StringType)), None)
+    return next((n for n in defaults if isinstance(names.get(n), types)), None)
 
 
 def read_source(spark: SparkSession, location: str) -> tuple[DataFrame, str]:
@@ -135,7 +137,8 @@ def table_source(job, build: Callable) -> ContainerSource:
     df, kind = read_source(spark, location)
     column = image_column(df.schema, c.image_column)
     caption = pick_column(df.schema, c.caption_column, CAPTION_COLUMNS, "embed.caption_column")
-    key = pick_column(df.schema, c.key_column, KEY_COLUMNS, "embed.key_column")
+    # keys are often numbers (a Delta table's id): they are compared as their text
+    key = pick_column(df.schema, c.key_column, KEY_COLUMNS, "embed.key_column", KEY_TYPES)
     struct_path = (column.endswith(".bytes") and "path" in df.schema[column.split(".")[0]].dataType.fieldNames()
                    and not key)
     if kind == "delta" and not key and not struct_path:
@@ -152,14 +155,23 @@ def table_source(job, build: Callable) -> ContainerSource:
     files = listing.mapInPandas(_stored_files, "path string, size_bytes long, modified timestamp, uri string, "
                                                "rows long").localCheckpoint()
     row_index = meta.row_index if kind == "parquet" else F.lit(None).cast("long")
-    if key:
-        key_col, key_name = F.col(key).cast("string"), F.lit(key)
-    elif struct_path:
-        key_col, key_name = F.col(f"{column.split('.')[0]}.path"), F.lit(f"{column.split('.')[0]}.path")
+    by_place = F.concat(meta.file_name, F.lit("#"), row_index.cast("string"))
+    if key or struct_path:
+        name = key or f"{column.split('.')[0]}.path"
+        own = F.col(key).cast("string") if key else F.col(name)
+        if kind == "parquet":  # a row without a key (an Image made from bytes has no path) is named by its place
+            key_col = F.coalesce(own, by_place)
+            key_name = F.when(own.isNull(), F.lit(None).cast("string")).otherwise(F.lit(name))
+        else:
+            key_col, key_name = own, F.lit(name)
     else:
-        key_col, key_name = F.concat(meta.file_name, F.lit("#"), row_index.cast("string")), F.lit(None).cast("string")
+        key_col, key_name = by_place, F.lit(None).cast("string")
+    checked = []
 
     def rows(chunk: pd.DataFrame) -> DataFrame:
+        if not checked:  # once a run has something to read: a row's path must name one row
+            check_keys(df.select(key_col.alias("key")), location, key or (name if struct_path else None))
+            checked.append(True)
         wanted = files.where(F.col("path").isin(list(chunk["path"]))).select("uri", "rows").collect()
         uris = spark.createDataFrame([(r["uri"], r["rows"]) for r in wanted], "uri string, rows long")
         # a filter on the file's own name lets Spark skip the other data files
@@ -175,6 +187,20 @@ def table_source(job, build: Callable) -> ContainerSource:
     return ContainerSource(f"the {kind} table {location}", root, files.select("path", "size_bytes", "modified", "rows"),
                            rows,
                            merge_all=True)
+
+
+def check_keys(keys: DataFrame, location: str, column: str | None) -> None:
+    """Raise DataError naming keys that more than one row of the table has, or rows without a key: their rows
+    would share one path and one id (one key column read, nothing written yet)."""
+    missing = keys.where(F.col("key").isNull()).count()
+    if missing:
+        raise DataError(f"embed.key_column: {missing} rows of {location} have no {column or 'key'}; every row needs "
+                        f"one (name the column that identifies a row with --key-column)")
+    twice = keys.groupBy("key").count().where(F.col("count") > 1).limit(3).collect()
+    if twice:
+        which = "; ".join(f"key {r['key']!r} is in {r['count']} rows" for r in twice)
+        raise DataError(f"embed.key_column: keys of {location} are not unique ({which}): each row needs its own "
+                        f"key (name another column with --key-column); nothing was written")
 
 
 def _stored_files(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
