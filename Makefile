@@ -13,9 +13,10 @@ test: setup
 	$(PY) -m pytest -q tests
 	LAKELENS_TEST_SPARK=connect $(PY) -m pytest -q tests
 
-# the quick lane: every test that starts no JVM (no Spark session, no Spark process)
+# the quick lane (pyproject.toml's markers): every test that starts no JVM (no Spark session, no Spark
+# process) and no browser, less the few marked slow
 test-fast: setup
-	LAKELENS_TEST_SPARK=fast $(PY) -m pytest -q tests
+	LAKELENS_TEST_SPARK=fast $(PY) -m pytest -q -m "not spark and not browser and not slow" tests
 
 bench: setup
 	$(PY) bench/embed.py

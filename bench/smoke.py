@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from machine import ProcessTreeCPU  # bench/ is on the path: this script's folder
+from machine import SMOKE, ProcessTreeCPU  # bench/ is on the path: this script's folder
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -40,6 +40,7 @@ def lane(tmp: Path) -> list[list[tuple[str, list[str]]]]:
                            "--out", f"{tmp}/engines_eval.json"])],
         one("connect", "connect.py", "--out", f"{tmp}/connect.json"),
         one("embed", "embed.py", "--out", f"{tmp}/embed.json"),
+        one("shards", "shards.py", "--out", f"{tmp}/shards.json"),
         one("hybrid", "hybrid.py", "--out", f"{tmp}/hybrid.json"),
         one("tags", "tags.py", "--work", f"{tmp}/tags", "--out", f"{tmp}/tags.json"),
         one("dedup", "dedup.py", "--out", f"{tmp}/dedup.json"),
@@ -61,7 +62,8 @@ class Lane:
         self.tmp, self.lock = tmp, threading.Lock()
         self.times: list[tuple[str, float, float]] = []
         self.failed: list[str] = []
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # SMOKE: the machine's rates taken in a blink, also by a script with a --smoke of its own
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", SMOKE: "1"}
 
     def say(self, text: str) -> None:
         with self.lock:

@@ -28,8 +28,12 @@ def jvm_class_archive() -> Path | None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def jvm_start():
-    """Every Spark JVM started from here on (this run's session, and subprocesses) maps the archive."""
+def jvm_start(request):
+    """Every Spark JVM started from here on (this run's session, and subprocesses) maps the archive. A run
+    without `spark` tests (make test-fast) starts no JVM, not even to build the archive."""
+    if not any(item.get_closest_marker("spark") for item in request.session.items):
+        yield None
+        return
     archive = jvm_class_archive()
     if archive is None:
         yield None
@@ -54,14 +58,38 @@ CONNECT_MODULES = {
     "test_embed_job.py", "test_names.py", "test_index_job.py", "test_reindex.py", "test_refresh.py",
     "test_keyword_index.py", "test_tags_job.py", "test_region_tags.py", "test_regions.py", "test_caption_job.py",
     "test_dedup.py", "test_batch_search.py", "test_pairs_delta.py", "test_s3.py", "test_connect.py",
-    "test_delta_readers.py",
+    "test_delta_readers.py", "test_shards.py",
 }
 
 
+# --- lanes: every test carries one of the markers unit, spark, browser (given here), and `slow` by hand ------
+# spark: needs a JVM: everything under tests/integration, every test that takes the `spark` or
+#   `connect_server` fixture, and tests marked `spark` by hand (a JVM started in a subprocess).
+# browser: takes the `browser` fixture (tests/webindex.headless_chromium, Debian's headless Chromium).
+# unit: neither. slow: marked by hand; still in `make test`, left out of `make test-fast`.
+# `make test-fast` is `-m "not spark and not browser and not slow"`; LAKELENS_TEST_SPARK=fast still
+# deselects the spark and browser tests by itself.
+JVM_FIXTURES = {"spark", "connect_server"}
+
+
+def lane_markers(item) -> list[str]:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    jvm = ("integration" in item.path.parts or fixtures & JVM_FIXTURES
+           or item.get_closest_marker("spark") or item.get_closest_marker("connect_only"))
+    lanes = ["spark"] if jvm else []
+    if "browser" in fixtures:
+        lanes.append("browser")
+    return lanes or ["unit"]
+
+
+@pytest.hookimpl(tryfirst=True)  # the markers first: -m selects on them after this
 def pytest_collection_modifyitems(config, items):
-    if SPARK_MODE == "fast":  # the quick lane (make test-fast): nothing that starts a JVM
-        keep = [i for i in items if "integration" not in i.path.parts and "spark" not in getattr(i, "fixturenames", ())
-                and "connect_only" not in i.keywords and "jvm" not in i.keywords]
+    for item in items:
+        for lane in lane_markers(item):
+            if not item.get_closest_marker(lane):
+                item.add_marker(lane)
+    if SPARK_MODE == "fast":  # the quick lane: nothing that starts a JVM or a browser
+        keep = [i for i in items if not i.get_closest_marker("spark") and not i.get_closest_marker("browser")]
     elif SPARK_MODE != "connect":
         keep = [i for i in items if "connect_only" not in i.keywords]
     else:
@@ -70,14 +98,6 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "classic_only: a test of what only a classic session has (its JVM, "
-                                       "spark-submit's driver); not run in the Spark Connect half")
-    config.addinivalue_line("markers", "jvm: starts a Spark JVM without the `spark` fixture (left out of make test-fast)")
-    config.addinivalue_line("markers", "connect_only: a test of the Spark Connect path itself; run in the Spark "
-                                       "Connect half only (LAKELENS_TEST_SPARK=connect)")
 
 
 @pytest.fixture(scope="session")

@@ -112,8 +112,44 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")  # ARM names its line otherwise
     assert engines.cpu_flags(info) is None
     assert engines.cpu_flags(tmp_path / "missing") is None
-    # this machine: the engine's choice is the pure function's answer for its own flags
-    assert engines.machine_int8_weight_bits() == engines.int8_weight_bits(engines.cpu_flags())
+
+
+def cpuinfo_text(flags: str, model: str = "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") -> str:
+    """/proc/cpuinfo as Linux writes it on x86: a block per logical CPU, each with its flags line."""
+    block = (f"processor\t: {{n}}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\n"
+             f"flags\t\t: fpu vme de pse tsc msr sse sse2 ssse3 sse4_1 sse4_2 {flags}\n"
+             "bugs\t\t: spectre_v1 spectre_v2\n\n")
+    return "".join(block.format(n=n) for n in range(2))
+
+
+@pytest.mark.parametrize("text, bits, named", [
+    pytest.param(cpuinfo_text("avx avx2 fma bmi2"), 7, None, id="avx2-laptop"),
+    pytest.param(cpuinfo_text("avx avx2 fma avx512f avx512dq avx512bw avx512vl"), 7, None, id="skylake-sp"),
+    pytest.param(cpuinfo_text("avx avx2 fma avx512f avx512bw avx512_vnni"), 8, "avx512_vnni", id="cascade-lake"),
+    pytest.param(cpuinfo_text("avx avx2 fma avx_vnni", "12th Gen Intel(R) Core(TM) i7-12700"), 8, "avx_vnni",
+                 id="alder-lake"),
+    # the words in the model name are no flags: only the flags line counts
+    pytest.param(cpuinfo_text("avx avx2 fma", "avx512_vnni avx_vnni test box"), 7, None, id="vnni-in-the-name"),
+    pytest.param("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n", 7, None, id="arm"),
+])
+def test_machine_weight_bits_are_8_only_on_a_cpuinfo_that_lists_vnni(tmp_path, text, bits, named):
+    info = tmp_path / "cpuinfo"  # a file of its own per case: the answer is cached per file
+    info.write_text(text)
+    got, why = engines.machine_int8_weight_bits(info)
+    assert got == bits
+    if named:
+        assert named in why
+    else:
+        assert "no VNNI" in why or "unknown" in why
+
+
+def test_this_machine_runs_8_bit_weights_if_its_cpuinfo_lists_vnni():
+    try:
+        listed = open("/proc/cpuinfo").read().split()
+    except OSError:
+        listed = []
+    vnni = any(flag in listed for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert engines.machine_int8_weight_bits()[0] == (8 if vnni else 7)
 
 
 def int8_weights(path) -> np.ndarray:
@@ -222,7 +258,18 @@ def test_int8_graph_has_static_scales_and_runs_batches(cache, caplog):
     assert np.array_equal(together[2:3], engine.encode_image(x[2:3]))
 
 
-def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def narrow_ranges_cache(tmp_path_factory):
+    """A cache whose int8 graph was exported with calibrated ranges far too narrow (values saturate): its
+    static scales fail the probe check, so it keeps the per-call-scale graph."""
+    folder = tmp_path_factory.mktemp("narrow-ranges")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8_calibration, "CALIBRATION_MARGIN", 0.02)
+        engines.onnx_graphs(TINY, True, folder)
+    return folder
+
+
+def test_fused_integer_products_give_the_unfused_numbers(tmp_path, narrow_ranges_cache):
     """fuse_integer_products turns each MatMulInteger -> Cast -> Mul [-> Add] chain into one
     MatMulIntegerToFloat: the same vectors, to float rounding, from fewer passes over the activations."""
     import onnx
@@ -230,8 +277,7 @@ def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
 
     from lakelens.models import int8_source
 
-    monkeypatch.setattr(int8_calibration, "CALIBRATION_MARGIN", 0.02)  # publishes the per-call-scale graph
-    dynamic = engines.onnx_graphs(TINY, True, tmp_path) / "image.onnx"
+    dynamic = engines.onnx_graphs(TINY, True, narrow_ranges_cache) / "image.onnx"  # the per-call-scale graph
     loaded = models.load(TINY)
     pixels = loaded.transform.to_pixels(engines.probe_images(loaded, 8, seed=11))
     ranges = int8_source.activation_ranges(str(dynamic), [{"pixels": pixels[i:i + 1]} for i in range(8)])
@@ -245,35 +291,34 @@ def test_fused_integer_products_give_the_unfused_numbers(tmp_path, monkeypatch):
     assert np.abs(out[True] - out[False]).max() < 1e-5
 
 
-def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(tmp_path, monkeypatch, caplog):
+def test_int8_static_scales_that_fail_the_check_keep_dynamic_scales(narrow_ranges_cache):
     """Calibrated ranges far too narrow (values saturate) fail the probe check: the graph keeps scales
     computed per call and the engine runs one image per call."""
     import onnx
 
-    monkeypatch.setattr(int8_calibration, "CALIBRATION_MARGIN", 0.02)
-    folder = engines.onnx_graphs(TINY, True, tmp_path)
+    folder = engines.onnx_graphs(TINY, True, narrow_ranges_cache)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["static_probe_min_cosine"] < 0.999 and meta["activation_scales"] == "dynamic"
     assert meta["accepted"] and meta["probe_min_cosine"] >= 0.999 and meta["images_per_call"] == 1
     assert "DynamicQuantizeLinear" in {n.op_type for n in onnx.load(str(folder / "image.onnx")).graph.node}
     assert not (folder / "image-static.onnx").exists()
-    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=tmp_path)
+    engine = engines.OnnxEngine(TINY, quantized=True, cache_dir=narrow_ranges_cache)
     assert engine.precision == "int8" and engine.per_call == 1
 
 
-def test_onnx_worker_never_imports_torch(tmp_path):
+def test_onnx_worker_never_imports_torch(cache):
     """A Spark worker with a cached graph embeds images with ONNX Runtime, PIL and numpy alone."""
     import subprocess
     import sys
 
-    engines.onnx_graphs(TINY, True, tmp_path)  # the export (here, in the test process) needs torch
+    engines.onnx_graphs(TINY, True, cache)  # the export (here, in the test process, if not done) needs torch
     code = ("import sys, io, numpy as np; from PIL import Image; from lakelens import Embedder; "
             "from lakelens import ModelSpec; buf = io.BytesIO(); "
             "Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(buf, 'PNG'); "
             "r = Embedder(ModelSpec('lakelens-tiny'), engine=sys.argv[2], onnx_cache=sys.argv[1])([buf.getvalue()])[0]; "
             "print(r.embedding.shape, r.error, 'torch' in sys.modules, 'open_clip' in sys.modules)")
     for engine in ("onnx", "onnx-int8"):
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path), engine], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", code, cache, engine], capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split() == ["(128,)", "None", "False", "False"]
@@ -298,14 +343,36 @@ def test_bf16_stays_close_to_fp32(contents, reference):
     assert not np.array_equal(images, reference[0])  # it really ran in bf16
 
 
-def test_torch_bf16_engine_matches_the_cpu_it_runs_on(contents, cache, reference):
+@pytest.mark.parametrize("native, timing, precision", [
+    (True, {"fp32_ms": 9.0, "bf16_ms": 2.5}, "bf16"),  # AMX: bf16 faster
+    (True, {"fp32_ms": 9.0, "bf16_ms": 14.0}, "fp32"),  # AVX512-BF16 without AMX: native, yet slower
+    (True, {"fp32_ms": 9.0, "bf16_ms": 9.0}, "fp32"),  # no faster: no reason to lose precision
+    (False, None, "fp32"),  # emulated bf16: not even timed
+])
+def test_torch_bf16_engine_runs_bf16_only_where_its_probe_found_it_faster(native, timing, precision, contents,
+                                                                         cache, reference, monkeypatch):
+    probes = []
+    monkeypatch.setattr(engines, "bf16_supported", lambda: native)
+    monkeypatch.setattr(engines, "time_bf16", lambda *a, **kw: probes.append(a) or dict(timing))
+    engines.load.cache_clear()  # engines made under these timings are not kept for other tests
+    try:
+        images, _, emb = embed_all("torch-bf16", contents, cache)
+    finally:
+        engines.load.cache_clear()
+    assert emb.engine.name == "torch-bf16" and emb.engine.precision == precision
+    assert emb.engine.timing == timing and len(probes) == (1 if native else 0)
+    assert min_cos(images, reference[0]) >= (0.999 if precision == "bf16" else 0.99999)
+    assert np.array_equal(images, reference[0]) == (precision == "fp32")  # bf16 really ran, or really did not
+
+
+def test_torch_bf16_engine_times_its_probe_where_the_cpu_has_native_bf16(contents, cache, reference):
     images, _, emb = embed_all("torch-bf16", contents, cache)
-    # bf16 only where the CPU has native kernels and a probe batch runs faster in it than in fp32
     timing = emb.engine.timing
-    bf16 = engines.bf16_supported() and timing["bf16_ms"] < timing["fp32_ms"]
     assert (timing is None) == (not engines.bf16_supported())
-    assert emb.engine.precision == ("bf16" if bf16 else "fp32")
-    assert min_cos(images, reference[0]) >= (0.999 if bf16 else 0.99999)
+    assert emb.engine.precision in ("bf16", "fp32") and (timing is not None or emb.engine.precision == "fp32")
+    if timing is not None:
+        assert set(timing) == {"fp32_ms", "bf16_ms"} and all(v > 0 for v in timing.values())
+    assert min_cos(images, reference[0]) >= (0.999 if emb.engine.precision == "bf16" else 0.99999)
 
 
 def test_onnx_cache_is_reused_and_rebuilt_when_the_weights_change(tmp_path):

@@ -55,7 +55,8 @@ def test_text_queries_say_when_they_are_truncated(tmp_path):
 
 
 def test_captions_tables_are_told_apart_by_content_not_by_name(tmp_path, monkeypatch):
-    from lakelens.train.eval_run import _is_delta, read_captions
+    from lakelens.ingest.small_tables import is_delta_path as _is_delta
+    from lakelens.train.eval_run import read_captions
 
     # a relative CSV path whose name starts like a cloud scheme is still a CSV
     monkeypatch.chdir(tmp_path)

@@ -70,6 +70,7 @@ def test_an_unreachable_connect_server_is_one_line(tmp_path):
 
 
 
+@pytest.mark.slow  # waits out the 10 s the command gives a port to answer in gRPC
 def test_a_port_that_is_not_a_connect_server_is_one_line(tmp_path):
     """sc://HOST:PORT naming a port where something else listens (the Spark UI's 4040, a master's 7077, a
     socket that never answers): one line in seconds, not pyspark's gRPC retries for minutes. The bound of the

@@ -37,6 +37,13 @@ def add_embed_args(p: argparse.ArgumentParser) -> None:
                    help="inference engine (default onnx-int8; conf key embed.engine, see lakelens config --defaults)")
     p.add_argument("--regions", action="store_true", default=None,
                    help="also embed crops (a 2x2 grid and the centre) of each image (embed.regions)")
+    p.add_argument("--source", choices=("auto", "files", "webdataset", "table"),
+                   help="files; the image members of WebDataset .tar shards; or the rows of a Delta table or "
+                        "Parquet dataset of image bytes; with their captions (default auto: by what --images holds)")
+    p.add_argument("--caption-key", help="webdataset: the member extension holding the caption (default txt)")
+    p.add_argument("--image-column", help="table: the column of image bytes (default: found by name and type)")
+    p.add_argument("--caption-column", help="table: the caption column (default: caption, txt or text)")
+    p.add_argument("--key-column", help="table: the column identifying a row (default: key)")
     p.add_argument("--json", action="store_true", help="print the run's counts as JSON")
     p.add_argument("--drop-root", action="append", default=[], metavar="ROOT",
                    help="delete the table's rows of this image folder (glob, URI) and forget it, before embedding "
@@ -51,7 +58,8 @@ def embed_conf(args) -> config.Config:
         model={"name": args.model, "pretrained": args.pretrained},
         embed={"images": args.images, "table": args.table, "format": args.format,
                "batch_size": args.batch_size, "chunk_size": args.chunk_size, "engine": args.engine,
-               "regions": args.regions},
+               "regions": args.regions, "source": args.source, "caption_key": args.caption_key,
+               "image_column": args.image_column, "caption_column": args.caption_column, "key_column": args.key_column},
     )
 
 
@@ -157,14 +165,10 @@ def cmd_eval_tags(args, conf) -> dict:
 
     vocab = load_vocab(args.vocab) if args.vocab else None
     if args.tags:
-        from lakelens.spark import get_session
+        from lakelens.spark import owned_session
 
-        spark, owned = get_session(conf.spark)
-        try:
+        with owned_session(conf.spark) as spark:
             report = evaluate_tags_table(spark, args.tags, read_labels(args.labels, spark=spark), vocab, args.source)
-        finally:
-            if owned:
-                spark.stop()
     elif args.index and vocab is not None:
         t = conf.tag
         report = evaluate_index_tags(args.index, read_labels(args.labels, conf.spark), vocab, t.threshold, t.max_tags,
@@ -178,7 +182,7 @@ def cmd_eval_tags(args, conf) -> dict:
 def search_batch(args) -> int:
     """`lakelens search --queries FILE --out RESULTS`: every query of a file, as a Spark job."""
     from lakelens.search.batch import check_queries_file, run_batch
-    from lakelens.spark import get_session
+    from lakelens.spark import owned_session
 
     if not (args.queries and args.out):
         raise QueryError("a batch search needs both --queries FILE and --out RESULTS")
@@ -186,13 +190,9 @@ def search_batch(args) -> int:
         raise QueryError("give either a query (text or --image) or --queries FILE, not both")
     conf = config.load(args.conf, args.set, spark={"master": args.master})
     check_queries_file(args.queries)  # before Spark starts: its own look-up prints a Java stack trace first
-    spark, owned = get_session(conf.spark)
-    try:
+    with owned_session(conf.spark) as spark:
         print(json.dumps(run_batch(spark, args.index, args.queries, args.out, args.k, args.engine,
                                    fmt=args.out_format)), flush=True)
-    finally:
-        if owned:
-            spark.stop()
     return 0
 
 

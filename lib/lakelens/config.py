@@ -73,6 +73,11 @@ class EmbedConfig:
     commit_retries: int = 5  # a chunk's Delta commit is retried this often after a concurrent-write conflict
     regions: bool = False  # also embed crops (a grid and the centre) of each image, kept in its row's `regions`
     region_grid: int = 2  # the crops: region_grid x region_grid cells plus the centre (2: five crops)
+    source: str = "auto"  # files | webdataset | table | auto (ingest: shard_job, table_source)
+    caption_key: str = "txt"  # webdataset: the member extension holding a sample's caption
+    image_column: str = ""  # table: the image bytes (default: the one binary jpg/png/webp/image/content, or Image struct)
+    caption_column: str = ""  # table: the caption (default: caption, txt or text where present)
+    key_column: str = ""  # table: what identifies a row (default: key, else the Image struct's path)
 
 
 @dataclass
@@ -172,7 +177,8 @@ class Config:
 CHOICES = {"embed.format": ("delta", "parquet"), "index.format": ("delta", "parquet"), "dedup.format": ("delta", "parquet"),
            "tag.format": ("delta", "parquet"), "tag.templates": ("simple", "openai"),
            "caption.format": ("delta", "parquet"),
-           "embed.engine": ("torch", "torch-bf16", "onnx", "onnx-int8"), "embed.device": ("auto", "cpu", "cuda")}
+           "embed.engine": ("torch", "torch-bf16", "onnx", "onnx-int8"),
+           "embed.source": ("auto", "files", "webdataset", "table"), "embed.device": ("auto", "cpu", "cuda")}
 MINIMUMS = {
     "spark.shuffle_partitions": 1,
     "embed.batch_size": 1,

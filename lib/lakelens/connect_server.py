@@ -32,7 +32,7 @@ class ConnectServer:
         """Start a server and wait until it listens; its output goes to `log`. `wrapper`: a command the server
         runs under (its last argument is followed by spark-submit's). `delta=False`: without Delta's SQL
         extension and catalog (the jars stay), as a server set up for Spark alone."""
-        from lakelens.spark import find_jars, find_s3_jars
+        from lakelens.jars import find_jars, find_s3_jars
 
         port = port or free_port()
         jars = find_jars() + find_s3_jars()

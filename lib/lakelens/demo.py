@@ -17,7 +17,7 @@ from lakelens.ingest.paths import path_id, to_local, to_stored
 from lakelens.models import local_dir
 from lakelens.models.registry import ModelSpec
 from lakelens.search import Searcher
-from lakelens.spark import get_session
+from lakelens.spark import owned_session
 from lakelens.tags.caption_job import CaptionJob
 from lakelens.tags.job import TagJob
 from lakelens.train import metrics as ev
@@ -170,8 +170,7 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
     conf = config.load(conf_path, list(overrides), **sections)
     spec = ModelSpec.from_config(conf.model)
     phases = {}
-    spark, owned = get_session(conf.spark)
-    try:
+    with owned_session(conf.spark) as spark:
         print(f"[demo] embed job + index job + eval with {spec.key} (before fine-tuning)")
         t = time.time()
         before = _embed_index_eval(spark, conf, captions, eval_dir, "before")
@@ -197,9 +196,6 @@ def run_demo(out: str = "build/demo", dataset: str = "shapes", n_train: int | No
         keywords = _tags_captions_keywords(spark, conf_path, overrides, sections, dataset, out_dir, train_captions,
                                            min(CAPTION_EPOCHS, epochs) if with_captions else 0)
         phases["tags_captions_keywords_seconds"] = round(time.time() - t, 1)
-    finally:
-        if owned:
-            spark.stop()
 
     ks = (1, 5, 10, 50)
     curves = {f"{name}, {tag}": {k: m["metrics"][f"{name}_recall@{k}"] for k in ks}

@@ -22,6 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lakelens.files import replacing
+from lakelens.jars import checkout_root, find_jars, jars_folder
+
 # The training run: session start, a binaryFile listing, a Delta create / MERGE / delete / change feed,
 # mapInPandas and a local checkpoint, the classes that `lakelens embed` and the index job load.
 PROBE = """
@@ -62,8 +65,6 @@ def _java() -> str | None:
 def cds_dir() -> Path:
     """The cds/ folder beside the Delta jars folder found (a checkout's build/cds), where it can be written;
     else $LAKELENS_CACHE_DIR/cds (~/.cache/lakelens/cds), e.g. for jars from Maven or a read-only folder."""
-    from lakelens.spark import jars_folder
-
     folder = jars_folder()
     if folder:
         beside = Path(folder).resolve().parent / "cds"
@@ -76,8 +77,6 @@ def archive_path() -> Path | None:
     """Where the archive for this JDK, pyspark install and Delta jars lives (built or not); None without
     a java."""
     import pyspark
-
-    from lakelens.spark import find_jars
 
     java = _java()
     if java is None:
@@ -107,13 +106,10 @@ def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> P
     if archive is None or archive.is_file():
         return archive
     if conf_path is None:  # a checkout's one-machine settings, else the defaults
-        from lakelens.spark import checkout_root
-
         root = checkout_root()
         conf_path = root / "conf" / "local.yaml" if root and (root / "conf" / "local.yaml").is_file() else ""
     archive.parent.mkdir(parents=True, exist_ok=True)
-    part = archive.parent / f".{archive.name}.{os.getpid()}.part"
-    with tempfile.TemporaryDirectory() as tmp:
+    with replacing(archive) as part, tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp, "files")
         files.mkdir()
         for i in range(3):
@@ -125,12 +121,11 @@ def build(conf_path: str | os.PathLike | None = None, timeout: float = 300) -> P
                            env=env, cwd=tmp, capture_output=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
-    if not part.is_file() or part.stat().st_size == 0:
-        part.unlink(missing_ok=True)
-        return None
-    for old in archive.parent.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
-        old.unlink(missing_ok=True)
-    os.replace(part, archive)
+        if not part.is_file() or part.stat().st_size == 0:
+            part.unlink(missing_ok=True)  # nothing replaces the archive
+            return None
+        for old in archive.parent.glob("spark-*.jsa"):  # archives of an older JDK, pyspark or Delta
+            old.unlink(missing_ok=True)
     return archive
 
 

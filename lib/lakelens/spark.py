@@ -10,13 +10,13 @@ import re
 import socket
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from lakelens import classic
+from lakelens import classic, jvm
 from lakelens.config import Config, SparkConfig
 from lakelens.errors import ConfigError, SparkSetupError
+from lakelens.jars import S3_JARS_SUBDIR, checkout_root, find_jars, find_s3_jars, jars_folder  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -50,62 +50,10 @@ def _delta_release() -> str:
 # installed delta-spark built for the installed pyspark, and the s3a file system of pyspark's Hadoop.
 DELTA_PACKAGE = f"io.delta:delta-spark_{_spark_release()}_2.13:{_delta_release()}"
 HADOOP_AWS_PACKAGE = f"org.apache.hadoop:hadoop-aws:{_hadoop_release()}"
-# hadoop-aws with its AWS SDK modules, kept out of build/jars itself so that sessions without s3a (which
-# ship spark.jars to every executor of a cluster) do not carry them
-S3_JARS_SUBDIR = "s3"
 HADOOP_PREFIX = "spark.hadoop."
 # Tasks per job stage under Spark Connect when the server does not say (spark.default.parallelism).
 CONNECT_DEFAULT_PARALLELISM = 8
 CONNECT_DEFAULT_PORT = 15002  # pyspark's, for an sc:// URL without one
-
-
-def find_jars(jars_dir: str = "") -> list[str]:
-    """Delta jars from the configured folder, $LAKELENS_JARS_DIR, or a checkout's build/jars; [] when there
-    is none (then sessions take them from Maven: spark.jars.packages)."""
-    folder = jars_folder(jars_dir)
-    return sorted(glob.glob(os.path.join(folder, "*.jar"))) if folder else []
-
-
-def jars_folder(jars_dir: str = "") -> str | None:
-    """The first folder of `_jar_folders` that holds a delta-spark jar. A configured folder without one is
-    a config error, not a reason to look elsewhere."""
-    for folder in _jar_folders(jars_dir):
-        if glob.glob(os.path.join(folder, "delta-spark*.jar")):
-            return folder
-        if folder == jars_dir:
-            raise ConfigError(f"spark.jars_dir: no delta-spark jar in {jars_dir}")
-    return None
-
-
-def find_s3_jars(jars_dir: str = "") -> list[str]:
-    """The s3a jars (hadoop-aws and the AWS SDK v2 modules it uses) from the s3/ folder beside the Delta
-    jars (`make setup` fetches them into build/jars/s3); [] when there is none."""
-    for folder in _jar_folders(jars_dir):
-        jars = sorted(glob.glob(os.path.join(folder, S3_JARS_SUBDIR, "*.jar")))
-        if any(os.path.basename(j).startswith("hadoop-aws-") for j in jars):
-            return jars
-    return []
-
-
-def _jar_folders(jars_dir: str) -> list[str]:
-    checkout = checkout_root()
-    repo_jars = str(checkout / "build" / "jars") if checkout else ""
-    return [f for f in (jars_dir, os.environ.get("LAKELENS_JARS_DIR", ""), repo_jars) if f]
-
-
-def checkout_root() -> Path | None:
-    """The lakelens source checkout that holds the current folder or this interpreter's venv (a folder
-    with a pyproject.toml naming lakelens), where `make setup` put build/jars; None for an installed
-    wheel used elsewhere. Never found from this file's location: that is site-packages once installed."""
-    for start in (Path.cwd(), Path(sys.prefix)):
-        for folder in (start, *start.parents):
-            project = folder / "pyproject.toml"
-            if project.is_file() and _PROJECT_NAME.search(project.read_text(errors="replace")):
-                return folder
-    return None
-
-
-_PROJECT_NAME = re.compile(r'^name\s*=\s*"lakelens"\s*$', re.M)
 
 
 def uses_s3a(conf: Config | SparkConfig | None) -> bool:
@@ -334,8 +282,6 @@ def parallelism(spark: SparkSession) -> int:
 def _class_archive():
     """While a JVM is launched here (not under spark-submit, none running yet), SPARK_SUBMIT_OPTS maps the
     JVM class archive that `make setup` built (lakelens.jvm), when there is one."""
-    from lakelens import jvm
-
     before = os.environ.get("SPARK_SUBMIT_OPTS")
     options = "" if _launched_by_spark_submit() or classic.jvm_running() else jvm.java_options()
     if not options or "SharedArchiveFile" in (before or "") or "ArchiveClassesAtExit" in (before or ""):
@@ -391,6 +337,21 @@ def session_settings(spark: SparkSession, settings: dict[str, str]):
                 spark.conf.unset(k)
             else:
                 spark.conf.set(k, v)
+
+
+@contextmanager
+def owned_session(conf: Config | SparkConfig | None = None, settings: dict[str, str] | None = None,
+                  s3: bool | None = None):
+    """`with owned_session(conf) as spark:` the active session, or a new one (`get_session`) that is stopped
+    when the block ends, also after an error; a session it did not start is never stopped. `settings`: SQL
+    settings for the block, each back to its value before after it (`session_settings`)."""
+    spark, owned = get_session(conf, s3)
+    try:
+        with session_settings(spark, settings or {}):
+            yield spark
+    finally:
+        if owned:
+            spark.stop()
 
 
 class Job:

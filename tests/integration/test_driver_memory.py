@@ -93,7 +93,7 @@ def test_index_job_under_a_1m_result_limit(spark, tmp_path):
     df.write.format("delta").mode("append").save(str(table))  # ~18 MB of rows
     got = spark.read.format("delta").load(str(table)).schema  # as CREATE TABLE declares it (no element nullability)
     assert [(f.name, f.dataType.simpleString(), f.nullable) for f in got] == [
-        (f.name, f.dataType.simpleString(), f.nullable) for f in tables.SCHEMA]
+        (f.name, f.dataType.simpleString(), f.nullable) for f in tables.TABLE_SCHEMA]
 
     result = run_cli(["index", "--table", str(table), "--index", str(index), "--shards", "3"], tmp_path)
     assert result["built"] and result["rows"] == n and result["shards"] == 3

@@ -39,7 +39,7 @@ def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
     # made by CREATE TABLE (SQL, classic and Spark Connect alike): the columns, their types and which are NOT
     # NULL; SQL cannot declare array elements non-null, so the vectors' elements are declared nullable
     assert ([(f.name, f.dataType.simpleString(), f.nullable) for f in df.schema]
-            == [(f.name, f.dataType.simpleString(), f.nullable) for f in tables.SCHEMA])
+            == [(f.name, f.dataType.simpleString(), f.nullable) for f in tables.TABLE_SCHEMA])
     detail = spark.sql(f"DESCRIBE DETAIL delta.`{tmp_path / 't'}`").collect()[0]
     props = detail["properties"]
     assert props.get("delta.enableChangeDataFeed") == "true"

@@ -131,7 +131,7 @@ def test_every_name_is_one_row_with_its_literal_path_then_served_as_its_own_thum
         for name in EMPTY:  # error rows are not indexed
             assert fetch(f"{server.base}/thumb/{path_id('file:' + str(root / name))}")[0] == 404
     finally:
-        stop(server)
+        server.close()
 
 
 def test_names_starting_with_underscore_or_dot_are_skipped(spark, lake):
@@ -191,15 +191,6 @@ def test_a_folder_linked_into_itself_is_walked_once(tmp_path):
     listed = walk_local(str(tmp_path))
     assert listed["path"].tolist() == [f"file:{tmp_path}/a/x.png"]
     assert listed["size_bytes"].tolist() == [1]
-
-
-def stop(server: ThreadServer) -> None:
-    """Close the server from its own loop thread (a trigger thunk), so the loop ends instead of selecting
-    on closed sockets; then stop its worker threads."""
-    waitress = server.server
-    waitress.trigger.pull_trigger(waitress.close)
-    server.thread.join(10)
-    waitress.task_dispatcher.shutdown(timeout=5)
 
 
 def fetch(url: str) -> tuple[int, bytes]:

@@ -3,9 +3,12 @@
 import json
 
 import pandas as pd
+import pytest
 
 from lakelens import EmbedJob, IndexJob
 from lakelens.cli import main
+from lakelens.errors import DataError
+from lakelens.ingest.small_tables import read_small_table
 from lakelens.train import synth
 
 
@@ -39,3 +42,17 @@ def test_eval_and_finetune_read_delta_pairs(spark, tmp_path, local_conf, capsys)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["train_pairs"], result["val_pairs"]) == (36, 12)  # the split column decided
     assert (tmp_path / "ft" / "final.pt").is_file()
+
+
+def test_a_delta_table_is_read_at_a_version_with_the_columns_asked_for(spark, tmp_path):
+    delta = str(tmp_path / "labels")
+    spark.createDataFrame(pd.DataFrame({"path": ["/a.jpg"], "tags": ["red"], "extra": [1]})).write.format("delta") \
+        .save(delta)
+    spark.createDataFrame(pd.DataFrame({"path": ["/a.jpg"], "tags": ["blue"], "extra": [1]})).write.format("delta") \
+        .mode("overwrite").save(delta)
+    first = read_small_table(delta, ("path", "tags"), ("lang",), version=0, spark=spark)
+    assert first.to_dict("list") == {"path": ["/a.jpg"], "tags": ["red"]}
+    assert read_small_table(delta, ("path", "tags"), spark=spark)["tags"].tolist() == ["blue"]
+    with pytest.raises(DataError, match=r"labels table .* lacks column\(s\) caption"):
+        read_small_table(delta, ("path", "caption"), what="labels table", spark=spark)
+    assert spark.getActiveSession() is not None  # a session it did not start is not stopped

@@ -152,3 +152,35 @@ def test_embed_index_search_and_thumbnails_on_s3a(s3_spark, s3, tmp_path, local_
     finally:
         server.close()
         server.task_dispatcher.shutdown(timeout=5)
+
+
+def test_webdataset_shards_on_s3a_embed_and_serve_members_by_ranged_reads(s3_spark, s3, tmp_path, local_conf):
+    """img2dataset's shards in a bucket: the Python workers read each shard from object storage, and a
+    thumbnail reads one member's bytes by offset (a ranged GET), as the same member's render."""
+    from webdataset import member_bytes, write_shard
+
+    from lakelens.web.thumbs import ThumbCache
+
+    spark, bucket = s3_spark, s3.bucket()
+    local = tmp_path / "shards"
+    for n, keys in ((0, [0, 1]), (1, [10000, 0])):
+        shard = write_shard(local, n, keys)
+        s3.put(bucket, f"laion part/{shard.name}", shard.read_bytes())
+        s3.put(bucket, f"laion part/{n:05d}.parquet", (local / f"{n:05d}.parquet").read_bytes())
+    images, table = f"s3a://{bucket}/laion part", f"s3a://{bucket}/lake/emb"
+    conf = local_conf(images, table, f"index.table={table}", f"index.index={tmp_path / 'index'}",
+                      spark={"extra": s3.extra})
+    stats = EmbedJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (stats.new, stats.embedded, stats.failed) == (2, 4, 0)
+    rows = table_rows(spark, table)
+    assert set(rows) == {f"{images}/00000.tar/00000000{k}.jpg" for k in (0, 1)} | {
+        f"{images}/00001.tar/{k:09d}.jpg" for k in (10000, 0)}
+    assert rows[f"{images}/00001.tar/000010000.jpg"]["caption"] == "a photo number 10000"
+    again = EmbedJob(spark=spark, conf=conf, log=lambda *_: None).launch()
+    assert (again.unchanged, again.embedded) == (2, 0)
+    assert IndexJob(spark=spark, conf=conf, log=lambda *_: None).launch().rows == 4
+    searcher = Searcher.open(tmp_path / "index")
+    cache = ThumbCache(s3=S3Settings.from_config(conf))
+    for shard, name in (("00001.tar", "000010000.jpg"), ("00000.tar", "000000001.jpg")):
+        got = cache.get(searcher, path_id(f"{images}/{shard}/{name}"))
+        assert got == render(member_bytes(local / shard, name))

@@ -68,6 +68,9 @@ class FakeSearcher:
     def path_of(self, id_):
         return self.paths.get(id_)
 
+    def locator_of(self, id_):  # files only: images inside shards are tests/integration/test_shards.py's
+        return None
+
 
 def test_cache_is_keyed_by_version_and_evicts_the_least_recent(tmp_path):
     for i, colour in enumerate(("red", "blue", "green")):

@@ -30,10 +30,11 @@ from pyspark.sql import functions as F
 from lakelens import delta_sql
 from lakelens import index as ix
 from lakelens.errors import ConfigError, DataError
-from lakelens.index.update import read_changes
+from lakelens.files import write_sorted_arrow
+from lakelens.index.layout import GROUPS_FILE
+from lakelens.ingest.changes import read_changes
 from lakelens.ingest.table import EmbeddingsTable
 from lakelens.search.batch import as_images, per_image, shard_hits
-from lakelens.search.searcher import GROUPS_FILE
 from lakelens.spark import Job, parallelism, session_settings
 
 PAIRS_SCHEMA = "a long, b long, similarity float"
@@ -396,13 +397,7 @@ def write_groups_file(groups: DataFrame, index_dir: Path, index_version: str, ta
 
 def write_groups_arrow(table, index_dir: Path, index_version: str, table_version) -> Path:
     """(group, id, path, similarity, representative) rows as an Arrow file sorted by id, replaced atomically."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    t = table.sort_by("id").replace_schema_metadata({"index_version": index_version, "table_version": str(table_version)})
     target = Path(index_dir) / GROUPS_FILE
-    tmp = Path(index_dir) / f".{GROUPS_FILE}.tmp"
-    with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, t.schema) as writer:
-        writer.write_table(t)
-    tmp.replace(target)
+    write_sorted_arrow(target, table.replace_schema_metadata({"index_version": index_version,
+                                                              "table_version": str(table_version)}))
     return target

@@ -4,6 +4,7 @@ the Spark index job is lakelens.index.job)."""
 from lakelens.errors import IndexDirError
 from lakelens.index.build import TUNING_QUERIES, assemble, build_local, make_manifest, write_shard
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, new_index, nlist_for, train, training_rows
+from lakelens.index.layout import CURRENT, MANIFEST
 from lakelens.index.shards import (
                                    build_shard,
                                    load_shard,
@@ -14,8 +15,6 @@ from lakelens.index.shards import (
                                    tune_nprobe,
 )
 from lakelens.index.versions import (
-                                   CURRENT,
-                                   MANIFEST,
                                    current_version,
                                    index_lock,
                                    prune,

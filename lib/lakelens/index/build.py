@@ -13,22 +13,14 @@ import pandas as pd
 
 from lakelens.errors import IndexDirError
 from lakelens.index.factory import Choice, train, training_rows
-from lakelens.index.incremental import TRAINED, delta_file, delta_meta_file
 from lakelens.index.keyword import build_keywords
+from lakelens.index.layout import TRAINED, delta_file, delta_meta_file, meta_file, shard_file
 from lakelens.index.meta import ENTRY_COLUMNS, META_COLUMNS, write_meta
 from lakelens.index.shards import ShardWriter, build_shard, shard_of, tune_nprobe
 from lakelens.index.versions import index_lock, prune_locked, publish, staging_dir
 from lakelens.ingest.paths import common_root, to_stored
 
 TUNING_QUERIES = 200
-
-
-def shard_file(s: int) -> str:
-    return f"shard-{s:04d}.faiss"
-
-
-def meta_file(s: int) -> str:
-    return f"meta-{s:04d}.arrow"
 
 
 def write_shard(trained: bytes, s: int, ids: np.ndarray, vectors: np.ndarray, meta: pd.DataFrame,

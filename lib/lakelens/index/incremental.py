@@ -21,10 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lakelens.index.shards import TOMBSTONES
-from lakelens.index.versions import MANIFEST
-
-TRAINED = "trained.faiss"
+from lakelens.index.layout import MANIFEST, TOMBSTONES
 
 
 @dataclass
@@ -41,14 +38,6 @@ def index_kind(factory: str) -> str:
     if m:
         return f"IVF-{m.group(1)}"
     return factory
-
-
-def delta_file(generation: int, s: int) -> str:
-    return f"delta-{generation:04d}-{s:04d}.faiss"
-
-
-def delta_meta_file(generation: int, s: int) -> str:
-    return f"delta-{generation:04d}-{s:04d}.arrow"
 
 
 def link_version(src: Path, staged: Path) -> None:

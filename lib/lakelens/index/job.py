@@ -18,9 +18,9 @@ from lakelens.config import parse_size
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.build import META_COLUMNS, TUNING_QUERIES, assemble
 from lakelens.index.factory import Choice, choose_factory, explicit_choice, training_rows
-from lakelens.index.incremental import TRAINED, Decision, link_version
+from lakelens.index.incremental import Decision, link_version
 from lakelens.index.keyword_job import keywords_stale, load_vocab_file, stage_full, stage_incremental, tags_state
-from lakelens.index.shards import TOMBSTONES
+from lakelens.index.layout import TOMBSTONES, TRAINED
 from lakelens.index.update import (
     ROWS_PER_AUTO_SHARD,
     build_fn,
@@ -29,14 +29,13 @@ from lakelens.index.update import (
     decide_from_changes,
     entries,
     precheck,
-    read_changes,
     recreated,
-    region_count,
     shard_rows,
 )
 from lakelens.index.versions import current_version, index_lock, prune_locked, publish, read_manifest, staging_dir
+from lakelens.ingest.changes import read_changes, region_count
 from lakelens.ingest.paths import common_root
-from lakelens.ingest.table import EmbeddingsTable
+from lakelens.ingest.table import EmbeddingsTable, with_source_columns
 from lakelens.spark import Job, parallelism
 
 
@@ -99,7 +98,7 @@ class IndexJob(Job):
         if not table.exists():
             raise DataError(f"index.table: no {c.format} table at {c.table}")
         version = (c.version if c.version >= 0 else table.version()) if c.format == "delta" else None
-        df = table.read(version)
+        df = with_source_columns(table.read(version))
         fingerprint = _fingerprint(table, df, version)
         table_id = table.table_id()
         settings = {"factory": c.factory, "shards": c.shards, "memory_budget": c.memory_budget}
@@ -114,6 +113,10 @@ class IndexJob(Job):
             tags_at, tags_id = tags_state(spark, location)
             self._tags = {"table": location, "tags_version": tags_at, "table_id": tags_id,
                           "vocab": vocab.digest if vocab else None}
+        elif c.format == "delta" and "container" in df.columns and df.where(F.col("caption").isNotNull()).limit(1).count():
+            # images from shards or tables brought their own captions: a keyword index of those, no tags table
+            vocab = load_vocab_file(c.vocab)
+            self._tags = {"table": "", "tags_version": None, "table_id": None, "vocab": vocab.digest if vocab else None}
         if live and not (c.force or c.full):
             old = live["source"]
             # the version alone cannot tell a table deleted and made again up to the same version
@@ -139,7 +142,8 @@ class IndexJob(Job):
             if decision.kind == "incremental":
                 # the table's roots when it records them (a dropped root is gone from there), else the live ones
                 source["image_roots"] = sorted(table.image_roots() or live["source"].get("image_roots", []))
-                rows_at = table.read(version).where(F.col("error").isNull() & F.col("embedding").isNotNull())
+                rows_at = with_source_columns(table.read(version)).where(F.col("error").isNull()
+                                                                         & F.col("embedding").isNotNull())
                 finish = None
                 if self._tags:
                     def finish(staged, touched):

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import unicodedata
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-KEYWORD_DIR = "keyword"
-TAGS_FILE = "tags.arrow"
-CAPTIONS_FILE = "captions.arrow"
+from lakelens.files import write_sorted_arrow
+from lakelens.index.layout import CAPTIONS_FILE, KEYWORD_DIR, TAGS_FILE
+
 TEXT_FIELDS = ("tags", "caption", "path")  # searched by free words and phrases, scored by BM25
 TAGS_SCHEMA = pa.schema([("id", pa.int64()), ("term", pa.string()), ("direct", pa.bool_()), ("score", pa.float32()),
                          ("source", pa.string())])
@@ -147,14 +146,6 @@ class TagFiles:
         return tags, caps
 
 
-def _write_arrow(table: pa.Table, path: Path) -> None:
-    table = table.sort_by([("id", "ascending")]).combine_chunks()
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:6]}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=max(1, len(table)))
-    os.replace(tmp, path)
-
-
 def _read_arrow(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
@@ -230,8 +221,8 @@ class KeywordWriter:
                     tags = merged
                 else:
                     caps = merged
-        _write_arrow(tags, self.staged / TAGS_FILE)
-        _write_arrow(caps, self.staged / CAPTIONS_FILE)
+        write_sorted_arrow(self.staged / TAGS_FILE, tags)
+        write_sorted_arrow(self.staged / CAPTIONS_FILE, caps)
         self.index.reload()
         return {"dir": KEYWORD_DIR, "tags_file": TAGS_FILE, "captions_file": CAPTIONS_FILE,
                 "documents": int(self.index.searcher().num_docs), "tag_rows": len(tags), "captions": len(caps),

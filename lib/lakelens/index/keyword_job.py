@@ -9,13 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lakelens.errors import ConfigError, DataError
 from lakelens.index.keyword import TagRow, build_keywords
 from lakelens.index.update import recreated
+from lakelens.ingest.changes import changed_ids
 from lakelens.ingest.table import EmbeddingsTable
 
 
@@ -31,7 +31,7 @@ def keywords_stale(live_kw: dict | None, tags: dict) -> str | None:
     """Why the live version's keyword part no longer matches the tags table (`tags`: table, tags_version,
     table_id, vocab), or None when it does."""
     if not live_kw:
-        return "a keyword index was asked for (--tags)"
+        return "a keyword index was asked for (--tags)" if tags["table"] else "the images have their own captions"
     if live_kw.get("table") != tags["table"]:
         return f"another tags table ({live_kw.get('table')} -> {tags['table']})"
     if recreated(live_kw.get("table_id"), tags["table_id"]):
@@ -53,15 +53,22 @@ def load_vocab_file(path: str):
     return load_vocab(path)
 
 
-def _docs(rows: DataFrame, tags: DataFrame) -> Iterator[tuple]:
-    per_id = (tags.groupBy("id").agg(
-        F.collect_list(F.when(F.col("source") != "caption", F.struct("tag", "score", "source"))).alias("tags"),
-        F.collect_list(F.when(F.col("source") == "caption", F.struct("tag", "score"))).alias("captions")))
-    # the join's partitions (spark.sql.shuffle.partitions): the driver holds one of them at a time
-    docs = rows.select("id", "path").join(per_id, "id", "left")
+def _docs(rows: DataFrame, tags: DataFrame | None) -> Iterator[tuple]:
+    """(id, path, tags, captions) per row: the tags table's tags and generated captions, and the source's own
+    caption (a shard's or a table's, the rows' `caption` column) after them."""
+    own = F.col("caption") if "caption" in rows.columns else F.lit(None).cast("string")
+    docs = rows.select("id", "path", own.alias("own"))
+    if tags is not None:
+        per_id = (tags.groupBy("id").agg(
+            F.collect_list(F.when(F.col("source") != "caption", F.struct("tag", "score", "source"))).alias("tags"),
+            F.collect_list(F.when(F.col("source") == "caption", F.struct("tag", "score"))).alias("captions")))
+        # the join's partitions (spark.sql.shuffle.partitions): the driver holds one of them at a time
+        docs = docs.join(per_id, "id", "left")
     for r in docs.toLocalIterator(prefetchPartitions=True):
-        tag_rows = [TagRow(t["tag"], t["score"], t["source"]) for t in (r["tags"] or [])]
-        captions = [(c["tag"], c["score"]) for c in (r["captions"] or [])]
+        tag_rows = [TagRow(t["tag"], t["score"], t["source"]) for t in ((r["tags"] or []) if tags is not None else [])]
+        captions = [(c["tag"], c["score"]) for c in ((r["captions"] or []) if tags is not None else [])]
+        if r["own"]:
+            captions.append((r["own"], None))
         yield int(r["id"]), r["path"], tag_rows, captions
 
 
@@ -69,24 +76,14 @@ def read_tags_at(spark: SparkSession, location: str, version: int) -> DataFrame:
     return spark.read.format("delta").option("versionAsOf", version).load(location)
 
 
-def changed_tag_ids(spark: SparkSession, location: str, start: int, end: int) -> DataFrame:
-    """Ids whose tag rows changed between tags-table versions start..end (its change feed); LookupError
-    when the feed does not cover the range."""
-    try:
-        return (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
-                .option("endingVersion", end).load(location).select("id").distinct().localCheckpoint())
-    except AnalysisException as e:
-        raise LookupError(str(e).strip().splitlines()[0][:300]) from None
-
-
 def stage_full(spark: SparkSession, staged: Path, rows: DataFrame, location: str, version: int, vocab_path: str,
                log, table_id: str | None = None) -> dict:
     """The keyword part of a full build: every indexed row's document. `table_id`: the tags table's Delta id,
     kept so a re-created tags table is told apart."""
     vocab = load_vocab_file(vocab_path)
-    info = build_keywords(staged, _docs(rows, read_tags_at(spark, location, version)), vocab)
+    info = build_keywords(staged, _docs(rows, read_tags_at(spark, location, version) if location else None), vocab)
     log(f"lakelens index: keyword index of {info['documents']} images ({info['tag_rows']} tag terms, "
-        f"{info['captions']} captions) from {location}@{version}")
+        f"{info['captions']} captions) from " + (f"{location}@{version}" if location else "the images' own captions"))
     return {**info, "table": location, "tags_version": version, "table_id": table_id,
             "vocab": vocab.digest if vocab else None}
 
@@ -108,12 +105,12 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
         reason = "the tags table was re-created"
     elif live_kw.get("vocab") != digest:
         reason = "another vocabulary"
-    elif version < live_kw.get("tags_version", -1):
+    elif location and version < live_kw.get("tags_version", -1):
         reason = "the tags table is older than the live version's"
     ids = touched.select("id")
-    if reason is None and version > live_kw["tags_version"]:
+    if reason is None and location and version > live_kw["tags_version"]:
         try:
-            ids = ids.unionByName(changed_tag_ids(spark, location, live_kw["tags_version"] + 1, version))
+            ids = ids.unionByName(changed_ids(spark, location, live_kw["tags_version"] + 1, version))
         except LookupError as e:
             reason = f"the tags table's change feed does not cover its versions since the live one: {e}"
     if reason is not None:
@@ -122,7 +119,7 @@ def stage_incremental(spark: SparkSession, staged: Path, live_folder: Path, live
     ids = ids.distinct().localCheckpoint()
     gone = np.asarray(ids.toPandas()["id"].to_numpy(np.int64))  # bounded by the change, not the table
     rows = table_rows.join(ids, "id", "left_semi")
-    tags = read_tags_at(spark, location, version).join(ids, "id", "left_semi")
+    tags = read_tags_at(spark, location, version).join(ids, "id", "left_semi") if location else None
     info = build_keywords(staged, _docs(rows, tags), vocab, base=live_folder, delete_ids=gone)
     log(f"lakelens index: keyword index updated: {info['deleted']} images re-indexed, {info['added']} live "
         f"({info['documents']} documents)")

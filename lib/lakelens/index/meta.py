@@ -9,8 +9,6 @@ have neither column and hold whole images only."""
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-META_COLUMNS = ["id", "path", "width", "height"]  # what an image row gives its entries
+from lakelens.files import write_sorted_arrow
+
+# what an image row gives its entries: caption, the source's own (a shard's or a table's), and locator,
+# where the query side reads an image inside a shard or a table (ingest.table.locator), are null for files
+META_COLUMNS = ["id", "path", "width", "height", "caption", "locator"]
 ENTRY_COLUMNS = [*META_COLUMNS, "image", "box"]
 META_SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.large_string()), ("width", pa.int32()),
-                         ("height", pa.int32()), ("image", pa.int64()), ("box", pa.list_(pa.float32()))])
+                         ("height", pa.int32()), ("caption", pa.large_string()), ("locator", pa.large_string()),
+                         ("image", pa.int64()), ("box", pa.list_(pa.float32()))])
 
 
 def write_meta(path: str | Path, meta: pd.DataFrame) -> None:
@@ -31,13 +34,10 @@ def write_meta(path: str | Path, meta: pd.DataFrame) -> None:
     ids = meta["id"].to_numpy(np.int64)
     meta["image"] = np.where(meta["image"].isna().to_numpy(), ids,  # whole images: their own id (int64 exact)
                              meta["image"].fillna(0).to_numpy().astype(np.int64))
-    if meta["box"].dtype != object:  # no region among them: a column of nulls, not of NaN
-        meta["box"] = pd.Series([None] * len(meta), index=meta.index, dtype=object)
-    table = pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False).combine_chunks()
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, META_SCHEMA) as writer:
-        writer.write_table(table, max_chunksize=max(1, len(table)))
-    os.replace(tmp, path)
+    for column in ("box", "caption", "locator"):
+        if meta[column].dtype != object:  # none among them: a column of nulls, not of NaN
+            meta[column] = pd.Series([None] * len(meta), index=meta.index, dtype=object)
+    write_sorted_arrow(path, pa.Table.from_pandas(meta, schema=META_SCHEMA, preserve_index=False))
 
 
 def read_meta(path: str | Path, columns=None) -> pa.Table:
@@ -173,13 +173,20 @@ class MetaStore:
 
     def sizes(self, id_: int) -> dict:
         """width and height of a live image (None where unknown)."""
+        return self.row(id_, ("width", "height"))
+
+    def row(self, id_: int, columns) -> dict:
+        """`columns` of a live image's metadata (None where unknown, and for files written before a column)."""
         for part in reversed(self.parts):
             i = int(np.searchsorted(part.ids, id_)) if len(part.ids) else 0
             if i < len(part.ids) and part.ids[i] == id_ and (part.alive is None or part.alive[i]):
-                row = {c: part.table.column(c)[i].as_py() if c in part.table.column_names else None
-                       for c in ("width", "height")}
-                return row
-        return {"width": None, "height": None}
+                return {c: part.table.column(c)[i].as_py() if c in part.table.column_names else None
+                        for c in columns}
+        return dict.fromkeys(columns)
+
+    def captions(self, ids) -> list:
+        """The source's own caption of each id (None for files, unknown ids, versions written before)."""
+        return [self.row(int(i), ("caption",))["caption"] for i in ids]
 
     def with_prefix(self, prefix: str) -> np.ndarray:
         """Sorted live ids whose path starts with `prefix` (a scan of the mapped path columns)."""

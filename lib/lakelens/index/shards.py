@@ -4,7 +4,6 @@ re-rank compressed codes from raw vectors, reconstruct a stored vector, and tune
 from __future__ import annotations
 
 import mmap as mmap_module
-import os
 import re
 import threading
 import uuid
@@ -14,21 +13,9 @@ import faiss
 import numpy as np
 
 from lakelens.errors import IndexDirError
+from lakelens.files import replacing
 from lakelens.index.factory import Choice
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = Path(f"{path}.tmp-{uuid.uuid4().hex[:6]}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
-
-
-def rerank_files(shard_path: str | Path) -> tuple[Path, Path]:
-    """Raw vectors and their ids beside a shard, for exact re-ranking of compressed-code candidates."""
-    p = Path(shard_path)
-    stem = p.name[: -len(".faiss")] if p.name.endswith(".faiss") else p.name
-    return p.with_name(stem + ".vectors.npy"), p.with_name(stem + ".ids.npy")
+from lakelens.index.layout import rerank_files
 
 
 class ShardWriter:
@@ -69,9 +56,8 @@ class ShardWriter:
                 self._write_rerank(ids)
             finally:
                 self._scratch_path.unlink(missing_ok=True)
-        tmp = f"{self.path}.tmp-{uuid.uuid4().hex[:6]}"
-        faiss.write_index(self.index, tmp)
-        os.replace(tmp, self.path)
+        with replacing(self.path) as tmp:
+            faiss.write_index(self.index, str(tmp))
         return int(self.index.ntotal)
 
     def _write_rerank(self, ids: np.ndarray, rows: int = 65_536) -> None:
@@ -79,14 +65,14 @@ class ShardWriter:
         order = np.argsort(ids, kind="stable")
         raw = np.memmap(self._scratch_path, dtype=np.float32, mode="r", shape=(len(ids), self.dim)) if len(ids) \
             else np.zeros((0, self.dim), np.float32)
-        tmp = Path(f"{vec_file}.tmp-{uuid.uuid4().hex[:6]}")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), self.dim))
-        for i in range(0, len(ids), rows):
-            out[i:i + rows] = raw[order[i:i + rows]]
-        out.flush()
-        del out, raw
-        os.replace(tmp, vec_file)
-        _atomic_save_npy(id_file, ids[order])
+        with replacing(vec_file) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(ids), self.dim))
+            for i in range(0, len(ids), rows):
+                out[i:i + rows] = raw[order[i:i + rows]]
+            out.flush()
+            del out, raw
+        with replacing(id_file) as tmp, open(tmp, "wb") as f:
+            np.save(f, ids[order])
 
 
 def build_shard(trained: bytes, ids: np.ndarray, vectors: np.ndarray, path: str | Path,
@@ -274,7 +260,6 @@ def reconstruct(shard, id_: int, rerank=None) -> np.ndarray | None:
         return None
 
 
-TOMBSTONES = "tombstones.parquet"
 
 
 def shard_entries(manifest: dict) -> list[dict]:

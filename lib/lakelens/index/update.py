@@ -1,5 +1,5 @@
-"""The Spark side of re-indexing by change: read the change feed, decide what the next version is, and
-build an incremental version (delta shards on the executors, tombstones, links to the live files)."""
+"""The Spark side of re-indexing by change: from the change feed (lakelens.ingest.changes), decide what the
+next version is, and build an incremental version (delta shards on the executors, tombstones, links to the live files)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -22,18 +20,15 @@ from lakelens import classic
 from lakelens.errors import IndexDirError
 from lakelens.index.build import META_COLUMNS, build_batches
 from lakelens.index.incremental import (
-    TRAINED,
     Decision,
-    delta_file,
-    delta_meta_file,
     index_kind,
     link_version,
     stored_rows,
     write_tombstones,
 )
+from lakelens.index.layout import TOMBSTONES, TRAINED, delta_file, delta_meta_file
 from lakelens.index.meta import ENTRY_COLUMNS
 from lakelens.index.shards import (
-    TOMBSTONES,
     dead_ids,
     exact_topk,
     merge_topk,
@@ -44,85 +39,10 @@ from lakelens.index.shards import (
     shared_quantizer,
 )
 from lakelens.index.versions import publish, staging_dir
+from lakelens.ingest.changes import Changes
 
 ROWS_PER_AUTO_SHARD = 250_000
 DRIFT_QUERIES = 100
-
-
-@dataclass
-class Changes:
-    """What the change feed shows between two table versions, all computed from the feed alone."""
-
-    replaced: DataFrame  # ids that were embedded rows before the range (so in the live index)
-    rows: DataFrame  # each touched id's row at the end, when live and embedded (from a checkpoint)
-    count: int  # ids the feed touched
-    live_before: int  # index entries (images and their regions) of touched ids before the range
-    live_after: int  # index entries of touched ids at its end (the delta's entries)
-    models: list  # model keys among the rows at the end
-    start: int = 0  # the first table version read
-    end: int = 0  # the last
-    rows_after: int = 0  # index entries at `end` (the live count, worked out by the job)
-    tombstones: DataFrame | None = None  # the live index's entries of the replaced ids: images and regions
-    images: int = 0  # images after the range minus images before it (the rest of the entries are regions)
-    per_image: int = 1  # the most entries (the image and its regions) a touched image has at the end
-
-
-# order of a feed's rows for one id: by commit, and within a commit the old image before the new one
-_CHANGE_ORDER = {"update_preimage": 0, "delete": 1, "insert": 2, "update_postimage": 3}
-
-
-def read_changes(spark, location: str, start: int, end: int) -> Changes:
-    """The change feed between Delta versions start..end, reduced per id to its first and last image in
-    one grouped pass, never a scan of the whole table. LookupError when the feed does not cover the
-    range (vacuumed, turned off, or the table re-created)."""
-    rank = F.lit(None).cast("int")
-    for kind, r in _CHANGE_ORDER.items():
-        rank = F.when(F.col("_change_type") == kind, F.lit(r)).otherwise(rank)
-    order = F.col("_commit_version").cast("long") * 4 + rank
-    ok = F.col("error").isNull() & F.col("embedding").isNotNull()
-    last_cols = [c for c in META_COLUMNS if c != "id"] + ["embedding", "model"]
-    try:
-        feed = (spark.read.format("delta").option("readChangeFeed", "true").option("startingVersion", start)
-                .option("endingVersion", end).load(location))
-        with_regions = "regions" in feed.columns
-        if with_regions:
-            last_cols.append("regions")
-        n_regions = region_count(feed) if with_regions else F.lit(0)
-        per_id = (feed.groupBy("id").agg(
-            F.min_by(F.struct(F.col("_change_type").alias("kind"), ok.alias("ok"), n_regions.alias("regions")),
-                     order).alias("first"),
-            F.max_by(F.struct(*last_cols, F.col("_change_type").alias("kind"), ok.alias("ok")), order).alias("last"))
-            .withColumn("was_live", F.col("first.kind").isin("update_preimage", "delete") & F.col("first.ok"))
-            .withColumn("is_live", F.col("last.kind").isin("insert", "update_postimage") & F.col("last.ok"))
-            .localCheckpoint())  # the feed is read once, here
-    except AnalysisException as e:
-        raise LookupError(str(e).strip().splitlines()[0][:300]) from None
-    after = F.lit(1) + (region_count(F.col("last")) if with_regions else F.lit(0))
-    counts = per_id.agg(F.count(F.lit(1)).alias("n"),
-                        F.sum(F.when(F.col("was_live"), F.lit(1) + F.col("first.regions"))).alias("before"),
-                        F.sum(F.when(F.col("is_live"), after)).alias("after"),
-                        F.max(F.when(F.col("is_live"), after)).alias("per_image"),
-                        F.sum(F.col("was_live").cast("long")).alias("images_before"),
-                        F.sum(F.col("is_live").cast("long")).alias("images_after"),
-                        F.collect_set(F.when(F.col("is_live"), F.col("last.model"))).alias("models")).first()
-    rows = per_id.where("is_live").select("id", *[F.col(f"last.{c}").alias(c) for c in last_cols])
-    replaced = per_id.where("was_live")
-    # the live index holds the replaced images and the regions they had: region r of image i is entry
-    # xxhash64(i, r), as `entries` wrote it
-    tombstones = replaced.select("id").unionByName(
-        replaced.where(F.col("first.regions") > 0)
-        .select("id", F.explode(F.sequence(F.lit(1), F.col("first.regions"))).alias("r"))
-        .select(F.xxhash64("id", "r").alias("id")))
-    return Changes(replaced.select("id"), rows, int(counts["n"]), int(counts["before"] or 0),
-                   int(counts["after"] or 0), sorted(counts["models"])[:3], start, end, tombstones=tombstones,
-                   images=int(counts["images_after"] or 0) - int(counts["images_before"] or 0),
-                   per_image=int(counts["per_image"] or 1))
-
-
-def region_count(row=None):
-    """Regions a row holds (0 for null: regions off or an error), from its `regions` column."""
-    col = F.col("regions") if row is None else row["regions"]
-    return F.when(col.isNull(), F.lit(0)).otherwise(F.size(col))
 
 
 def entries(rows: DataFrame) -> DataFrame:
@@ -135,7 +55,7 @@ def entries(rows: DataFrame) -> DataFrame:
         return whole
     crops = (rows.where(F.col("regions").isNotNull())
              .select(*META_COLUMNS, F.posexplode("regions").alias("r", "region"))
-             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height",
+             .select(F.xxhash64("id", F.col("r") + 1).alias("id"), "path", "width", "height", "caption", "locator",
                      F.col("id").alias("image"), F.col("region.box").alias("box"),
                      F.col("region.embedding").alias("embedding")))
     return whole.unionByName(crops)

@@ -5,26 +5,22 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import time
 import uuid
 from pathlib import Path
 
 from lakelens.errors import ConfigError, IndexDirError
+from lakelens.files import write_text
+from lakelens.index.layout import CURRENT, LOCK, MANIFEST, STAGING_PREFIX, VERSION_RE, version_name
 from lakelens.locks import RunLock
-
-CURRENT = "CURRENT"
-MANIFEST = "manifest.json"
-META = "meta.parquet"
-_VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
 def versions(index_dir: str | Path) -> list[str]:
     d = Path(index_dir)
     if not d.is_dir():
         return []
-    return sorted((p.name for p in d.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()),
+    return sorted((p.name for p in d.iterdir() if VERSION_RE.match(p.name) and (p / MANIFEST).is_file()),
                   key=lambda n: int(n[1:]))
 
 
@@ -46,18 +42,6 @@ def read_manifest(index_dir: str | Path, version: str | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-LOCK = ".lock"
-STAGING_PREFIX = ".building-"
-
-
 def index_lock(index_dir: str | Path, wait: float = 0.0) -> RunLock:
     """The folder's run lock: one build (and prune) at a time; readers never take it."""
     return RunLock(Path(index_dir) / LOCK, f"index folder {index_dir}", wait)
@@ -77,10 +61,10 @@ def publish(index_dir: str | Path, staged: Path, manifest: dict) -> str:
     atomic rename: readers see either the old version or the complete new one. rename() onto a
     folder that exists fails, so two publishers can never take the same number: the loser tries the next."""
     d = Path(index_dir)
-    existing = [int(p.name[1:]) for p in d.iterdir() if _VERSION_RE.match(p.name)]
+    existing = [int(p.name[1:]) for p in d.iterdir() if VERSION_RE.match(p.name)]
     number = max(existing) + 1 if existing else 1
     for _ in range(1000):
-        name = f"v{number:04d}"
+        name = version_name(number)
         (staged / MANIFEST).write_text(json.dumps({**manifest, "version": name, "published_at": time.time()},
                                                   indent=2) + "\n")
         for f in staged.rglob("*"):  # the keyword index is a folder of its own
@@ -95,13 +79,8 @@ def publish(index_dir: str | Path, staged: Path, manifest: dict) -> str:
                 raise
             number += 1
     else:
-        raise IndexDirError(f"{index_dir}: no free version number after v{number:04d}")
-    tmp = d / f".{CURRENT}.{uuid.uuid4().hex[:6]}"
-    tmp.write_text(name + "\n")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, d / CURRENT)
-    _fsync_dir(d)
+        raise IndexDirError(f"{index_dir}: no free version number after {version_name(number)}")
+    write_text(d / CURRENT, name + "\n")
     return name
 
 

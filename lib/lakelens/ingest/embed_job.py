@@ -13,13 +13,14 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 from pyspark.sql import functions as F
 
-from lakelens import classic
+from lakelens import classic, delta_sql
 from lakelens.config import EmbedConfig, check_utf8
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.embedder import cached_embedder
-from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_paths, millis_to_times, read_files
-from lakelens.ingest.paths import is_local, root_of, to_local, to_stored
+from lakelens.ingest.listing import file_splits, hadoop_millis, list_files, local_folder, local_paths, millis_to_times, read_files
+from lakelens.ingest.paths import glob_escape, is_local, root_of, to_local, to_stored
 from lakelens.ingest.regions import MAX_GRID
+from lakelens.ingest.shard_job import run_containers, shard_source
 from lakelens.ingest.table import (
     COMMIT_NOTE,
     REGIONS_TYPE,
@@ -30,6 +31,7 @@ from lakelens.ingest.table import (
     path_id_col,
     with_retries,
 )
+from lakelens.ingest.table_source import image_column, read_source, table_source
 from lakelens.locks import RunLock, table_lock_file
 from lakelens.models import engines
 from lakelens.models.registry import ModelSpec
@@ -112,6 +114,16 @@ def partition_embedder(spec: ModelSpec, conf: EmbedConfig, local: bool = False):
     return embed_batches
 
 
+def _extensions(folder: str, depth: int = 1) -> set[str]:
+    """The extensions of the files at the top of a local folder; for a folder of only folders, theirs."""
+    with os.scandir(folder) as entries:
+        found = [(e.name, e.is_file(), e.path) for e in entries if not e.name.startswith(("_", "."))]
+    files = {name.rsplit(".", 1)[-1] for name, is_file, _ in found if is_file}
+    if files or depth == 0:
+        return files
+    return set().union(*(_extensions(path, depth - 1) for _, is_file, path in found if not is_file))
+
+
 class Warmup:
     """The Python workers started, each with its model loaded, while the driver lists and plans: a job of
     one task per core that builds the embedder the chunks' tasks then find in their reused workers. It
@@ -145,7 +157,7 @@ class Warmup:
         self.thread.start()
 
     def finish(self, cancel: bool = False) -> None:
-        if cancel:
+        if cancel and self.thread.is_alive():
             self.spark.interruptTag(self.tag)
         self.thread.join()
 
@@ -236,12 +248,73 @@ class EmbedJob(Job):
         with (RunLock(table_lock_file(to_stored(c.table)), f"embeddings table {c.table}", c.lock_wait),
               session_settings(self.spark, {ARROW_BATCH: str(c.batch_size), COMMIT_NOTE: "lakelens"})):
             dropped = sum(self._drop(root_of(root)) for root in self.drop_roots)
-            if spec is not None:
+            source = self.source() if spec is not None else "files"
+            if source in ("webdataset", "table"):
+                # the workers start, their model loaded, while the driver lists and plans
+                warmup = Warmup(self.spark, spec, c)
+                try:
+                    make = shard_source if source == "webdataset" else table_source
+                    stats = run_containers(self, spec, make(self, worker_embedder(spec, c)), EmbedStats(), self.log,
+                                           ready=lambda todo: warmup.finish(cancel=not todo))
+                finally:
+                    warmup.finish(cancel=True)
+            elif spec is not None:
                 stats = self._run(spec)
             else:  # only roots dropped: the version they left the table at, as any run reports
                 stats = EmbedStats(table_version=EmbeddingsTable(self.spark, c.table, c.format).version())
             stats.deleted += dropped
             return stats
+
+    def source(self) -> str:
+        """embed.source, with `auto` decided: webdataset when the images' folder holds .tar files at its top
+        (img2dataset's output: shards beside their Parquet and JSON files), table for a Delta table or a
+        folder whose top holds .parquet files (and no shards), else files."""
+        c = self.conf.embed
+        if c.source != "auto":
+            return c.source
+        images = c.images.rstrip("/")
+        if any(ch in images for ch in "*?[{"):
+            return "files"
+        if images.endswith(".tar"):
+            return "webdataset"
+        if delta_sql.is_delta(self.spark, images):
+            return "table"
+        folder = local_folder(images) if classic.is_classic(self.spark) else None
+        if folder is not None:  # the driver sees the folder: a look at its top (and below, when it holds only folders:
+            tops = _extensions(folder)  # a Hugging Face dataset's data/)
+        else:
+            tops = self._spark_extensions(glob_escape(to_stored(images)))
+            if tops is None:  # nothing there: the files listing says so
+                return "files"
+            if not tops:  # only folders at the top: what they hold
+                tops = self._spark_extensions(glob_escape(to_stored(images)) + "/*") or set()
+        if "tar" in tops:
+            return "webdataset"
+        # img2dataset's Parquet output keeps NNNNN_stats.json files beside the Parquet files
+        if not ("parquet" in tops and tops <= {"parquet", "json"}):
+            return "files"
+        # its WebDataset output leaves the same files beside the shards, without image bytes: once every
+        # shard is gone they are what is left, and the run must drop the shards' rows, not fail on them
+        if "json" in tops and not self._has_image_bytes(images):
+            return "webdataset"
+        return "table"
+
+    def _has_image_bytes(self, images: str) -> bool:
+        try:
+            image_column(read_source(self.spark, images)[0].schema, self.conf.embed.image_column)
+        except ConfigError:
+            return False
+        return True
+
+    def _spark_extensions(self, pattern: str, sample: int = 1000) -> set[str] | None:
+        """The extensions of (up to `sample` of) the files Spark lists at `pattern`, not below it; None when
+        nothing is there."""
+        try:
+            paths = (self.spark.read.format("binaryFile").load(pattern).select("path").limit(sample).collect())
+        except Exception:  # nothing there, or folders Spark's partition discovery refuses: files, then
+            return None
+        names = [r["path"].rsplit("/", 1)[-1] for r in paths]
+        return {n.rsplit(".", 1)[-1] for n in names if not n.startswith(("_", "."))}
 
     def _drop(self, root: str) -> int:
         c = self.conf.embed
@@ -315,7 +388,7 @@ class EmbedJob(Job):
                     with session_settings(spark, {ARROW_BATCH: str(max(c.batch_size, LOCAL_ARROW_BATCH))}):
                         rows = self._rows(files, spec, local=True).localCheckpoint(eager=True)
                 else:
-                    with file_splits(spark, len(paths), self.partitions(len(paths))):  # planned by the action
+                    with file_splits(spark, len(paths), self.partitions(len(paths)), paths):  # planned by the action
                         rows = self._rows(read_files(spark, paths), spec).localCheckpoint(eager=True)
                 ok = rows.where(F.col("error").isNull()).count()
             stats.embedded += ok

@@ -110,7 +110,7 @@ def list_files(spark: SparkSession, images: str, path_glob: str = "") -> Listing
             if listing is not None:
                 return listing
         return list_with_spark(spark, images, path_glob)
-    folder = _local_folder(images)
+    folder = local_folder(images)
     if folder is not None:
         local = walk_local(folder, keep)
         return Listing(spark.createDataFrame(local, LOCAL_LISTING_SCHEMA), len(local), local)
@@ -170,7 +170,7 @@ def _executor_sees_folder(spark: SparkSession, folder: str) -> bool:
     return bool(spark.range(0, 1, 1, 1).mapInPandas(check, "folder boolean").first()["folder"])
 
 
-def _local_folder(images: str) -> str | None:
+def local_folder(images: str) -> str | None:
     """The local folder `images` names, when it names one without glob characters; else None."""
     if is_remote(images):
         return None
@@ -277,15 +277,18 @@ def _index_uris(spark: SparkSession, files: DataFrame) -> tuple[int, DataFrame]:
 
 
 def read_files(spark: SparkSession, paths: list[str]) -> DataFrame:
-    """binaryFile rows (path, modificationTime, length, content) for exactly these file paths.
-    Spark stats explicit paths with one task each beyond a threshold; local files are stat'ed on the
+    """binaryFile rows (path, modificationTime, length, content) for exactly these file paths; read them
+    inside `file_splits(..., paths=paths)`, which says how Spark looks them up."""
+    return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
+
+
+def lookup_settings(spark: SparkSession, paths: list[str]) -> dict[str, str]:
+    """Spark stats explicit paths with one task each beyond a threshold; local files are stat'ed on the
     driver instead (microseconds each), remote ones by at most 2 x default parallelism tasks."""
     key = "spark.sql.sources.parallelPartitionDiscovery"
     if all(is_local(p) for p in paths):
-        spark.conf.set(f"{key}.threshold", str(len(paths) + 1))
-    else:
-        spark.conf.set(f"{key}.parallelism", str(2 * parallelism(spark)))
-    return spark.read.format("binaryFile").load([glob_escape(p) for p in paths])
+        return {f"{key}.threshold": str(len(paths) + 1)}
+    return {f"{key}.parallelism": str(2 * parallelism(spark))}
 
 
 def local_paths(spark: SparkSession, paths: list[str], partitions: int) -> DataFrame:
@@ -304,18 +307,20 @@ def local_paths(spark: SparkSession, paths: list[str], partitions: int) -> DataF
 
 
 @contextmanager
-def file_splits(spark: SparkSession, files: int, partitions: int):
+def file_splits(spark: SparkSession, files: int, partitions: int, paths: list[str] | None = None):
     """Inside this block a scan of `files` files packs them into `partitions` splits of ceil(files /
     partitions) files each (the last holds the rest), so files reach every core without a shuffle of
     their contents. Spark packs a split until (file sizes + open cost per file) would pass
     maxPartitionBytes; an open cost of 1 TiB makes that a count of files (an image costs about the same
     to embed whatever its size in bytes). The scan is planned when an action runs, so the action
-    belongs inside too; the session's settings come back after."""
+    belongs inside too; the session's settings come back after. `paths`: the files `read_files` reads
+    in the block, looked up as `lookup_settings` says."""
     per_split = -(-max(1, files) // max(1, partitions))
     with session_settings(spark, {"spark.sql.files.openCostInBytes": str(1 << 40),
                                   "spark.sql.files.maxPartitionBytes": str(per_split << 40),
                                   # so that maxPartitionBytes alone sets the split size
-                                  "spark.sql.files.minPartitionNum": "1"}):
+                                  "spark.sql.files.minPartitionNum": "1",
+                                  **(lookup_settings(spark, paths) if paths else {})}):
         yield
 
 

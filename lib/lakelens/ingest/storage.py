@@ -8,6 +8,7 @@ pyarrow's S3 client, configured from the same `spark.hadoop.fs.s3a.*` keys the S
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -131,6 +132,32 @@ class S3Settings:
                     object.__setattr__(self, "_fs", fs)
         return fs
 
+    def _split(self, path: str) -> tuple[str, str]:
+        scheme = next((s for s in REMOTE_SCHEMES if path.startswith(s)), None)
+        bucket, _, key = path[len(scheme):].partition("/") if scheme else ("", "", "")
+        if not bucket or not key or key.endswith("/"):
+            raise StorageError(404, "not an object storage path")
+        return bucket, key
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of the object at stored `path`: one ranged GET."""
+        bucket, key = self._split(path)
+        try:
+            with self.filesystem().open_input_file(f"{bucket}/{key}") as f:
+                if offset + length > f.size():
+                    raise StorageError(404, "image shard changed since it was indexed")
+                data = f.read_at(length, offset)
+        except StorageError:
+            raise
+        except FileNotFoundError:
+            raise StorageError(404, "image shard is gone") from None
+        except (OSError, ValueError) as e:
+            log.warning("reading %s from object storage failed: %s", path, e)
+            raise StorageError(404, "image could not be read from object storage") from None
+        if len(data) != length:
+            raise StorageError(404, "image shard changed while it was read")
+        return data
+
     def read(self, path: str, max_bytes: int) -> bytes:
         """The bytes of the object at stored `path` (`s3a://bucket/key`, the key as Hadoop spells it: never
         percent-encoded). StorageError 404 when it is missing or cannot be read, 413 when it is larger than
@@ -156,3 +183,104 @@ class S3Settings:
             raise StorageError(404, "image file changed while it was read")
         return data
 
+
+
+def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str] | None = None, s3=None) -> bytes:
+    """The bytes of an indexed image: a file at stored `path`, or (with `locator`, the JSON that
+    ingest.table.with_source_columns writes) a member of a tar shard, read by its offset and length alone
+    (a ranged read on object storage, never the whole shard). The same limits as read_bounded: the shard
+    must lie under `roots`, a regular file, and the image no larger than `max_bytes`."""
+    if not locator:
+        return read_bounded(path, max_bytes, roots, s3)
+    try:
+        where = json.loads(locator)
+        shard, length = str(where["path"]), int(where["length"])
+        offset = int(where["offset"]) if where.get("offset") is not None else -1
+    except (ValueError, KeyError, TypeError):
+        raise StorageError(404, "image location is unreadable") from None
+    if roots is not None and not under(shard, roots):
+        raise StorageError(404, "image is outside the image folders of the index")
+    if length > max_bytes:
+        raise StorageError(413, f"image file is larger than {max_bytes} bytes")
+    if where.get("column"):
+        return read_table_row(shard, where, s3)
+    if offset < 0 or length < 0:
+        raise StorageError(404, "image location is unreadable")
+    if is_remote(shard):
+        if s3 is None:
+            raise StorageError(404, "image is on object storage and no S3 settings were given (--conf)")
+        return s3.read_range(shard, offset, length)
+    try:
+        fd = os.open(to_local(shard), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, DataError):
+        raise StorageError(404, "image shard is gone") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StorageError(404, "image shard is not a regular file")
+        if offset + length > st.st_size:
+            raise StorageError(404, "image shard changed since it was indexed")
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise StorageError(404, "image shard changed while it was read")
+    return data
+
+
+# A row group larger than this is not read for one image (its image column chunk, compressed).
+MAX_ROW_GROUP_BYTES = 512 * 1024 * 1024
+
+
+def read_table_row(file: str, where: dict, s3=None) -> bytes:
+    """One image from a table's Parquet data file, found through the file's footer: by its row index
+    (`offset`), or by its key in `key_column` (Delta rows), reading only that row group's key and image
+    column chunks, never the whole file."""
+    import pyarrow.parquet as pq
+
+    column, key_column, key = where["column"], where.get("key_column"), where.get("key")
+    top = column.split(".", 1)[0]
+    try:
+        if is_remote(file):
+            if s3 is None:
+                raise StorageError(404, "image is on object storage and no S3 settings were given (--conf)")
+            scheme, _, rest = file.partition("://")
+            source = s3.filesystem().open_input_file(rest)
+        else:
+            source = str(to_local(file))
+        with pq.ParquetFile(source) as pf:
+            meta, start = pf.metadata, 0
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                n = group.num_rows
+                if where.get("offset") is not None and key_column is None:
+                    if not start <= int(where["offset"]) < start + n:
+                        start += n
+                        continue
+                    i = int(where["offset"]) - start
+                else:
+                    keys = pf.read_row_group(g, columns=[key_column.split(".", 1)[0]]).column(0)
+                    if "." in key_column:
+                        keys = keys.combine_chunks().field(key_column.split(".", 1)[1])
+                    found = [j for j, k in enumerate(keys.to_pylist()) if k is not None and str(k) == key]
+                    if not found:
+                        start += n
+                        continue
+                    i = found[0]
+                size = sum(group.column(c).total_compressed_size for c in range(group.num_columns)
+                           if group.column(c).path_in_schema.split(".", 1)[0] == top)
+                if size > MAX_ROW_GROUP_BYTES:
+                    raise StorageError(413, "the image's row group is too large to read for one image")
+                value = pf.read_row_group(g, columns=[top]).column(0)[i].as_py()
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if not data:
+                    raise StorageError(404, "the table's row has no image")
+                return bytes(data)
+    except StorageError:
+        raise
+    except FileNotFoundError:
+        raise StorageError(404, "the table's data file is gone") from None
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("reading %s from %s failed: %s", column, file, e)
+        raise StorageError(404, "image could not be read from its table") from None
+    raise StorageError(404, "the table's row is gone")

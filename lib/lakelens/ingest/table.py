@@ -22,6 +22,7 @@ from lakelens import classic, delta_sql
 from lakelens.delta_sql import sql_string
 from lakelens.errors import ConfigError, DataError, IdCollisionError
 from lakelens.ingest.paths import path_id
+from lakelens.spark import session_settings
 
 FORMATS = ("delta", "parquet")
 ROOTS_PROPERTY = "lakelens.image_roots"
@@ -49,6 +50,26 @@ UDF_SCHEMA = T.StructType([
     T.StructField("regions", REGIONS_TYPE, True),
 ])
 
+# Where an image inside a shard or a table lives (null for a plain file): the shard or data file (`path`,
+# with its size and modification time when embedded, which tell a changed container), the image's place in
+# it (a tar member's data offset; a Parquet row's index in its data file, or the key column and the row's
+# key there, by which a Delta table's row is found), the image column of a table row (`image.bytes` for a
+# Hugging Face Image struct), and the container's live rows when embedded (a Delta delete can leave a data
+# file's bytes as they were).
+CONTAINER_TYPE = T.StructType([
+    T.StructField("path", T.StringType(), True),
+    T.StructField("size_bytes", T.LongType(), True),
+    T.StructField("modified", T.TimestampType(), True),
+    T.StructField("offset", T.LongType(), True),
+    T.StructField("column", T.StringType(), True),
+    T.StructField("key_column", T.StringType(), True),
+    T.StructField("key", T.StringType(), True),
+    T.StructField("rows", T.LongType(), True),
+])
+# The columns an image from a shard or a table adds to the UDF's: its source's caption and its container.
+SOURCE_FIELDS = [T.StructField("caption", T.StringType(), True), T.StructField("container", CONTAINER_TYPE, True)]
+SOURCE_UDF_SCHEMA = T.StructType([*UDF_SCHEMA.fields, *SOURCE_FIELDS])
+
 # The table: the UDF's columns with the id first, the model before the vector, the time last.
 _UDF = {f.name: f for f in UDF_SCHEMA.fields}
 SCHEMA = T.StructType([
@@ -59,17 +80,33 @@ SCHEMA = T.StructType([
     T.StructField("embedded_at", T.TimestampType(), False),
     _UDF["regions"],
 ])
-COLUMNS = [f.name for f in SCHEMA.fields]
+# What a new table is made with: every row's columns, then the source's caption and the image's container
+# (null for plain files).
+TABLE_SCHEMA = T.StructType([*SCHEMA.fields, *SOURCE_FIELDS])
+COLUMNS = [f.name for f in TABLE_SCHEMA.fields]
+# Columns later versions added: a table made before them lacks them until a run needs them.
+ADDED_COLUMNS = {"regions": REGIONS_TYPE, "caption": T.StringType(), "container": CONTAINER_TYPE}
 
 
-def read_pairs(spark: SparkSession, path: str, version: int = -1):
-    """A Delta table of (path, caption[, label][, split][, lang]) pairs, as pandas, at `version` (-1: latest)."""
-    reader = spark.read.format("delta")
-    if version >= 0:
-        reader = reader.option("versionAsOf", version)
-    df = reader.load(path)
-    keep = [c for c in ("path", "caption", "label", "split", "lang") if c in df.columns]
-    return df.select(*keep).toPandas()
+def with_columns_of(df: DataFrame, columns=COLUMNS) -> DataFrame:
+    """`df` with every one of `columns` of the table's schema, the added ones it lacks as nulls."""
+    types = {f.name: f.dataType for f in TABLE_SCHEMA.fields}
+    have = set(df.columns)
+    return df.select([F.col(c) if c in have else F.lit(None).cast(types[c]).alias(c) for c in columns])
+
+
+def with_source_columns(df: DataFrame) -> DataFrame:
+    """Rows of the table (or its change feed) with `caption` (null where the table has none) and `locator`:
+    where the query side reads an image inside a shard or a table (JSON of its container, its place there
+    and its length), null for a plain file."""
+    if "caption" not in df.columns:
+        df = df.withColumn("caption", F.lit(None).cast("string"))
+    if "container" not in df.columns:
+        return df.withColumn("locator", F.lit(None).cast("string"))
+    return df.withColumn("locator", F.when(F.col("container").isNull(), F.lit(None).cast("string")).otherwise(
+        F.to_json(F.struct(F.col("container.path").alias("path"), F.col("container.offset").alias("offset"),
+                           F.col("size_bytes").alias("length"), F.col("container.column").alias("column"),
+                           F.col("container.key_column").alias("key_column"), F.col("container.key").alias("key")))))
 
 
 def path_id_col(col: str = "path"):
@@ -232,7 +269,7 @@ class EmbeddingsTable:
         if self.format != "delta" or self.exists():
             return False
         try:
-            delta_sql.create(self.spark, self.location, SCHEMA, {
+            delta_sql.create(self.spark, self.location, TABLE_SCHEMA, {
                 "delta.enableChangeDataFeed": "true", ROOTS_PROPERTY: json.dumps(sorted(set(image_roots)))})
         except AnalysisException:
             if self.exists():  # another writer made it since: its roots may lack ours
@@ -318,29 +355,50 @@ class EmbeddingsTable:
         _raise_collisions([(r["id"], r["paths"]) for r in clash])
 
     # --- writing -------------------------------------------------------------------------------
-    def add_regions_column(self) -> None:
-        """Tables made before regions existed get the (nullable) column, in one metadata-only commit."""
-        if self.format == "delta" and self.exists() and "regions" not in self.read().columns:
-            self.spark.sql(f"ALTER TABLE {delta_sql.table_ref(self.location)} ADD COLUMNS "
-                           f"(regions {REGIONS_TYPE.simpleString()})")
+    def add_columns(self, names) -> None:
+        """A table made before some of ADDED_COLUMNS gets those of `names` it lacks (nullable), in one
+        metadata-only commit."""
+        if self.format != "delta" or not self.exists():
+            return
+        have = set(self.read().columns)
+        missing = [n for n in names if n not in have]
+        if missing:
+            spec = ", ".join(f"{n} {ADDED_COLUMNS[n].simpleString()}" for n in missing)
+            self.spark.sql(f"ALTER TABLE {delta_sql.table_ref(self.location)} ADD COLUMNS ({spec})")
 
-    def upsert(self, rows: DataFrame, note: str = "", new_only: bool = False) -> None:
+    def add_regions_column(self) -> None:
+        """Tables made before regions existed get the (nullable) column."""
+        self.add_columns(["regions"])
+
+    def upsert(self, rows: DataFrame, note: str = "", new_only: bool = False, containers=()) -> None:
         """Insert or replace rows by path in one Delta commit. A table without a `regions` column (made
         before regions existed, and regions are off) keeps its columns. `new_only`: the rows' paths were not
         in the table when the run planned, so the MERGE only inserts (Delta then reads the table's paths
-        alone, no full join); a path another writer added since keeps that writer's row."""
-        self._set_commit_note(note)
+        alone, no full join); a path another writer added since keeps that writer's row. `containers`:
+        shards or data files read again whole: their rows that `rows` do not hold go in the same commit."""
         have = set(self.read().columns)
         clauses = ("" if new_only else "WHEN MATCHED THEN UPDATE SET * ") + "WHEN NOT MATCHED THEN INSERT *"
-        delta_sql.merge(self.spark, self.location, rows.select([c for c in COLUMNS if c in have]),
-                        "t.path = s.path", clauses)
+        if containers:
+            listed = ", ".join(sql_string(c) for c in sorted(containers))
+            clauses += f" WHEN NOT MATCHED BY SOURCE AND t.container.path IN ({listed}) THEN DELETE"
+        with self._commit_note(note):
+            delta_sql.merge(self.spark, self.location, with_columns_of(rows, [c for c in COLUMNS if c in have]),
+                            "t.path = s.path", clauses)
 
     def delete_missing(self, listing: DataFrame, root: str, note: str = "") -> None:
         """Delete the rows of image root `root` whose path is not in `listing`, in one Delta commit (MERGE
         ... NOT MATCHED BY SOURCE AND the row is under the root); other roots' rows stay."""
-        self._set_commit_note(note)
-        delta_sql.merge(self.spark, self.location, listing.select("path").hint("merge"), "t.path = s.path",
-                        f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
+        with self._commit_note(note):
+            delta_sql.merge(self.spark, self.location, listing.select("path").hint("merge"), "t.path = s.path",
+                            f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
+
+    def delete_missing_containers(self, containers: DataFrame, root: str, note: str = "") -> None:
+        """Delete the rows of image root `root` whose container is not among `containers` (column path):
+        images of shards or data files gone, and plain files' rows of that root, in one Delta commit."""
+        with self._commit_note(note):
+            delta_sql.merge(self.spark, self.location, containers.select("path").distinct().hint("merge"),
+                            "t.container.path = s.path",
+                            f"WHEN NOT MATCHED BY SOURCE AND ({root_condition(root, 't.path')}) THEN DELETE")
 
     def drop_root(self, root: str, note: str = "") -> int:
         """Delete every row of image root `root` and forget the root (Delta: one commit each, the rows
@@ -359,8 +417,8 @@ class EmbeddingsTable:
                 self._swap_parquet(current.where(~under_root(root)))
             return rows
         if rows:
-            self._set_commit_note(note)
-            self.spark.sql(f"DELETE FROM {delta_sql.table_ref(self.location)} WHERE {root_condition(root)}")
+            with self._commit_note(note):
+                self.spark.sql(f"DELETE FROM {delta_sql.table_ref(self.location)} WHERE {root_condition(root)}")
         if root in roots:
             self._set_roots([r for r in roots if r != root])
         return rows
@@ -395,25 +453,23 @@ class EmbeddingsTable:
         self.spark.sql(f"ALTER TABLE {delta_sql.table_ref(self.location)} SET TBLPROPERTIES "
                        f"('{ROOTS_PROPERTY}' = {value})")
 
-    def _set_commit_note(self, note: str) -> None:
-        self.spark.conf.set(COMMIT_NOTE, note or "lakelens")
+    def _commit_note(self, note: str):
+        """The block's Delta commits carry `note` as their userMetadata; the session's own comes back after."""
+        return session_settings(self.spark, {COMMIT_NOTE: note or "lakelens"})
 
     def write_parquet_snapshot(self, listing: DataFrame, new_rows: DataFrame | None, root: str) -> None:
         """Parquet has no MERGE: write kept + new rows to a sibling folder, then swap it in by rename. Kept:
         the listed files' rows of image root `root` and every row of other roots."""
         keep = None
         if self.exists():
-            current = self.read()
-            if "regions" not in current.columns:  # a snapshot written before regions existed
-                current = current.withColumn("regions", F.lit(None).cast(REGIONS_TYPE))
-            current = current.select(COLUMNS)
+            current = with_columns_of(self.read())  # a snapshot written before later columns has them null
             replaced = new_rows.select("path") if new_rows is not None else None
             listed = listing.select("path", F.lit(True).alias("listed"))
             keep = (current.join(listed, "path", "left").where(F.col("listed").isNotNull() | ~under_root(root))
                     .select(COLUMNS))
             if replaced is not None:
                 keep = keep.join(replaced, "path", "left_anti")
-        parts = [df for df in (keep, new_rows.select(COLUMNS) if new_rows is not None else None) if df is not None]
+        parts = [df for df in (keep, with_columns_of(new_rows) if new_rows is not None else None) if df is not None]
         if not parts:
             return
         self._swap_parquet(parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1]))

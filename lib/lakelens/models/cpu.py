@@ -47,7 +47,7 @@ def int8_weight_bits(flags: frozenset | set | None) -> tuple[int, str]:
     return 7, "the CPU has no VNNI (avx512_vnni, avx_vnni, amx_int8): 8-bit weights would saturate VPMADDUBSW"
 
 
-@functools.lru_cache(maxsize=1)
-def machine_int8_weight_bits() -> tuple[int, str]:
-    """int8_weight_bits for this machine's own flags."""
-    return int8_weight_bits(cpu_flags())
+@functools.lru_cache(maxsize=4)
+def machine_int8_weight_bits(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[int, str]:
+    """int8_weight_bits for this machine's own flags (those `cpuinfo` lists)."""
+    return int8_weight_bits(cpu_flags(cpuinfo))

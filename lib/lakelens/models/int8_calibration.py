@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from lakelens.models import registry as models
+from lakelens.models import shapes as synth
 from lakelens.models.onnx_export import ONNX_OPSET, feed, open_session, towers
-from lakelens.train import synth
 
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
 # (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph

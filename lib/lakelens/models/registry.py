@@ -14,6 +14,7 @@ from typing import Any
 
 from lakelens.config import ModelConfig
 from lakelens.errors import ConfigError, IndexMismatchError, ModelLoadError
+from lakelens.files import write_text
 from lakelens.ingest.images import Transform
 from lakelens.models import local_dir
 
@@ -83,9 +84,7 @@ def _file_digest(path: str, version: tuple) -> str:
     digest = h.hexdigest()[:DIGEST_CHARS]
     try:  # a cache that cannot be written costs a hash per process, nothing else
         entry.parent.mkdir(parents=True, exist_ok=True)
-        part = entry.with_name(f".{key}.{os.getpid()}")
-        part.write_text(digest)
-        os.replace(part, entry)
+        write_text(entry, digest)
     except OSError:
         pass
     return digest
@@ -190,6 +189,14 @@ class ModelSpec:
         if self.pretrained not in tags:
             raise ConfigError(f"model.pretrained: {self.pretrained!r} is not a pretrained tag of {self.name}; "
                               f"allowed: {', '.join(tags) or '(none)'}, a checkpoint path, or none")
+
+
+def architecture_config(name: str) -> dict | None:
+    """open_clip's config of architecture `name` (this project's small ones included); None for a Hugging
+    Face hub or local-dir model, whose config lives with its weights, and for a name open_clip does not know."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    return _open_clip().get_model_config(name)
 
 
 def is_coca(model) -> bool:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from lakelens import index as ix
 from lakelens.errors import DataError, QueryError
+from lakelens.ingest.small_tables import check_columns, spark_table, table_format
 from lakelens.search.query import ParsedQuery, parse_query
 
 RESULT_SCHEMA = "query_id long, query string, rank int, id long, path string, score float, error string"
@@ -55,21 +56,17 @@ def read_queries(spark, path: str):
     from pyspark.sql import functions as F
 
     check_queries_file(path)
-    name = str(path).lower()
+    fmt = table_format(str(path), lines=True)
     try:
-        if name.endswith(".csv"):
-            df = spark.read.option("header", True).csv(str(path))
-        elif name.endswith(".parquet"):
-            df = spark.read.parquet(str(path))
-        else:
-            df = spark.read.text(str(path)).withColumnRenamed("value", "query")
+        df = spark_table(spark, str(path), fmt)
+        if fmt == "text":
+            df = df.withColumnRenamed("value", "query")
         columns = df.columns  # analysed here under Spark Connect too, so a missing file is found now
     except AnalysisException as e:
         if "PATH_NOT_FOUND" in str(e) or "Path does not exist" in str(e):
             raise DataError(f"queries: no file at {path}") from None
         raise
-    if "query" not in columns:
-        raise DataError(f"queries {path}: no 'query' column (columns: {', '.join(columns)})")
+    check_columns(columns, ["query"], path, "queries")
     given = F.col("query_id") if "query_id" in columns else F.lit(None).cast("string")
     # query files are small: in one partition, Spark's increasing ids are the rows' places in the file
     numbered = (df.coalesce(1).select(F.col("query").cast("string").alias("query"),
@@ -288,7 +285,7 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     from pyspark.sql import functions as F
 
     from lakelens import delta_sql
-    from lakelens.index.keyword import KEYWORD_DIR
+    from lakelens.index.layout import KEYWORD_DIR
     from lakelens.models.engines import DEFAULT_ENGINE, check_engine
     from lakelens.models.registry import ModelSpec
     from lakelens.search.searcher import MAX_K

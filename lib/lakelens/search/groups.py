@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 
 from lakelens.errors import QueryError
-
-GROUPS_FILE = "duplicates.arrow"  # written beside the index by `lakelens dedup --index` (lakelens.dedup.job)
+from lakelens.index.layout import GROUPS_FILE
 
 
 @dataclass

@@ -56,13 +56,18 @@ def browse(side: KeywordSide | None, q: ParsedQuery, allowed: np.ndarray) -> tup
     return np.zeros(len(allowed), np.float32), np.asarray(allowed, np.int64)
 
 
-def decorate(side: KeywordSide | None, frame: pd.DataFrame) -> pd.DataFrame:
-    """Result rows get their tags (direct ones, best first) and caption, when the version has them."""
-    if side is None:
-        return frame
+def decorate(side: KeywordSide | None, frame: pd.DataFrame, meta=None) -> pd.DataFrame:
+    """Result rows get their tags (direct ones, best first) and caption, when the version has them: the
+    keyword part's caption (lakelens caption), else the source's own (a shard's or a table's, from `meta`)."""
     ids = frame["id"].to_numpy(np.int64)
+    own = meta.captions(ids) if meta is not None and len(ids) else [None] * len(ids)
+    if side is None:
+        if any(c is not None for c in own):
+            frame["caption"] = own
+        return frame
     frame["tags"] = side.tags.tags_of(ids) if len(ids) else []
-    frame["caption"] = side.tags.captions_of(ids) if len(ids) else []
+    made = side.tags.captions_of(ids) if len(ids) else []
+    frame["caption"] = [m if m is not None else o for m, o in zip(made, own)]
     return frame
 
 

@@ -204,6 +204,10 @@ class Searcher:
     def path_of(self, id_: int) -> str | None:
         return self._state.meta.path_of(id_)
 
+    def locator_of(self, id_: int) -> str | None:
+        """Where an image inside a shard or a table is read (ingest.table.with_source_columns); None for a file."""
+        return self._state.meta.row(int(id_), ("locator",))["locator"]
+
     # --- embedding queries ---------------------------------------------------------------------
     @property
     def embedder(self) -> Embedder:
@@ -328,7 +332,7 @@ class Searcher:
             raise QueryError("mode keyword needs words to search for")
         if vec is not None and (mode == "vector" or not words):
             return decorate(st.keywords, self._vector_pages(st, vec[None, :], k, min_score, None, nprobe, ef_search,
-                                                            offset, collapse_duplicates, allowed)[0])
+                                                            offset, collapse_duplicates, allowed)[0], st.meta)
         side = need(st.keywords, st.version, f"mode {mode}") if words or q.not_phrases else st.keywords
         limited = allowed if (q.paths or q.not_paths or path_prefix) else None
 
@@ -358,7 +362,7 @@ class Searcher:
         frame = self._deepen(st, ranked, q, k + offset, collapse_duplicates)
         page = frame.iloc[offset:offset + k].reset_index(drop=True)
         page.attrs = {"notes": frame.attrs.get("notes", [])}
-        return decorate(st.keywords, page)
+        return decorate(st.keywords, page, st.meta)
 
     def _deepen(self, st: _Loaded, ranked, q: ParsedQuery, want: int, collapse_duplicates: bool) -> pd.DataFrame:
         """The first `want` rows of a list `ranked(n)` gives, less the images a subtracted phrase names and,
@@ -411,6 +415,8 @@ class Searcher:
         if st.keywords is not None:
             out["tags"] = st.keywords.tags.details(int(id_))
             out["caption"] = st.keywords.tags.captions_of([int(id_)])[0]
+        if out["caption"] is None:  # the source's own caption (a shard's or a table's)
+            out["caption"] = st.meta.captions([int(id_)])[0]
         return out
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
@@ -449,7 +455,8 @@ class Searcher:
         the version has them: what a result row shows, for ids a client already holds."""
         st = self._state
         ids = np.asarray(ids, np.int64)
-        return decorate(st.keywords, pd.DataFrame({"id": ids, "path": [st.meta.path_of(int(i)) for i in ids]}))
+        return decorate(st.keywords, pd.DataFrame({"id": ids, "path": [st.meta.path_of(int(i)) for i in ids]}),
+                        st.meta)
 
     @property
     def has_duplicate_groups(self) -> bool:
@@ -490,7 +497,7 @@ class Searcher:
     def _vectors(self, st: _Loaded, vectors, k: int = 10, min_score=None, path_prefix=None, nprobe=None,
                  ef_search=None, offset: int = 0, collapse_duplicates: bool = False, allowed=None) -> list[pd.DataFrame]:
         check_page(k, offset)
-        return [decorate(st.keywords, f) for f in self._vector_pages(st, vectors, k, min_score, path_prefix, nprobe,
+        return [decorate(st.keywords, f, st.meta) for f in self._vector_pages(st, vectors, k, min_score, path_prefix, nprobe,
                                                                      ef_search, offset, collapse_duplicates, allowed)]
 
     def _vector_pages(self, st: _Loaded, vectors, k, min_score, path_prefix, nprobe, ef_search, offset,

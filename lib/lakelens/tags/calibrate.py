@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lakelens.errors import ConfigError
+from lakelens.files import write_text
 from lakelens.tags.vocab import is_builtin
 
 THRESHOLDS_FORMAT = 1
@@ -172,9 +173,7 @@ def write_thresholds(vocab, thresholds: np.ndarray, status: dict, model: str, te
            # exact float32 values: a threshold rounded up would drop the image it was chosen at
            "thresholds": {t: float(np.float32(v)) for t, v in zip(vocab.tags, thresholds)}, "status": status}
     target_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(target_path)
+    write_text(target_path, json.dumps(doc, indent=2) + "\n")
     return target_path
 
 

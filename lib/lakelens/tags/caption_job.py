@@ -27,16 +27,19 @@ from pyspark.sql import functions as F
 from lakelens.config import CaptionConfig, ModelConfig
 from lakelens.errors import ConfigError, DataError
 from lakelens.ingest.listing import file_splits, read_files
+from lakelens.ingest.located import located_contents
 from lakelens.ingest.paths import is_local, to_local, to_stored
-from lakelens.ingest.table import EmbeddingsTable, path_id_col
+from lakelens.ingest.storage import S3Settings
+from lakelens.ingest.table import EmbeddingsTable, path_id_col, with_source_columns
 from lakelens.models import engines
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec
-from lakelens.spark import Job, parallelism
+from lakelens.spark import Job, parallelism, session_settings
 from lakelens.tags import table as tags_table
 
 SOURCE = "caption"
 UDF_SCHEMA = "path string, tag string, score float, error string"
+MAX_IMAGE_BYTES = 256 * 1024 * 1024  # an image inside a shard or a table larger than this is not read
 STATE_KEYS = ("table", "table_id", "model", "max_tokens", "beams", "images")
 
 
@@ -67,7 +70,7 @@ def check_coca(spec: ModelSpec, max_tokens: int) -> None:
     """ConfigError on the driver, before any task starts, for an architecture without a text decoder or
     captions longer than its text context (the Captioner checks again where the config is not known)."""
     spec.validate()
-    cfg = models._open_clip().get_model_config(spec.name) if not spec.name.startswith(("hf-hub:", "local-dir:")) else None
+    cfg = models.architecture_config(spec.name)
     if cfg is None:
         return
     if "multimodal_cfg" not in cfg:
@@ -133,15 +136,17 @@ class CaptionJob(Job):
             return CaptionResult(version, "none", reason, spec.key, 0, 0, 0, 0, round(time.time() - t0, 1))
         ok = F.col("error").isNull() & F.col("embedding").isNotNull()
         in_scope = F.col("path").startswith(scope) if scope else F.lit(True)
-        todo, touched = table.read(version).where(ok & in_scope).select("id", "path"), None
+        todo, touched = with_source_columns(table.read(version)).where(ok & in_scope).select("id", "path", "locator"), None
         if mode == "incremental":
             changes, why = tags_table.changes_since(spark, table.location, previous, version)
             if changes is None:
                 mode, reason = "full", why
             else:
-                todo = changes.rows.where(in_scope).select("id", "path")
+                todo = changes.rows.where(in_scope).select("id", "path", "locator")
                 touched = changes.replaced.select("id").unionByName(todo.select("id")).distinct().localCheckpoint()
-        paths = [r["path"] for r in todo.select("path").distinct().collect()]
+        # images inside shards or tables are read by their locator, plain files by Spark
+        where = {r["path"]: r["locator"] for r in todo.select("path", "locator").distinct().collect()}
+        paths = list(where)
         if scope and mode == "full":
             if not paths and not table.read(version).where(in_scope).limit(1).count():
                 raise DataError(f"caption.images: the table {c.table} holds no image under {scope}")
@@ -153,10 +158,10 @@ class CaptionJob(Job):
                 self.log(f"lakelens caption: captions of other folders checked against {how}")
                 touched = (captioned.where(in_scope).select("id").unionByName(todo.select("id"))
                            .unionByName(stale).distinct().localCheckpoint())
-        present = [p for p in paths if not is_local(p) or os.path.isfile(to_local(p))]
+        present = [p for p in paths if where[p] or not is_local(p) or os.path.isfile(to_local(p))]
         self.log(f"lakelens caption: {mode} ({reason}): captioning {len(present)} images with {spec.key}"
                  + (f"; {len(paths) - len(present)} files are gone" if len(present) < len(paths) else ""))
-        rows = self._caption(present, spec)
+        rows = self._caption([p for p in present if not where[p]], [(p, where[p]) for p in present if where[p]], spec)
         counts = rows.agg(F.count("tag").alias("ok"), F.count("error").alias("failed")).first()
         captions = (rows.where(F.col("error").isNull())
                     .select(path_id_col().alias("id"), "path", "tag", "score", F.lit(SOURCE).alias("source"),
@@ -201,13 +206,23 @@ class CaptionJob(Job):
             stale = stale.unionByName(captioned.join(newer, "id", "left_semi"))
         return stale, "the table's rows now (no change feed reaches back to the last caption run)"
 
-    def _caption(self, paths: list[str], spec: ModelSpec) -> DataFrame:
+    def _caption(self, paths: list[str], located: list[tuple[str, str]], spec: ModelSpec) -> DataFrame:
+        """Captions of plain files (`paths`, read by Spark's binaryFile) and of images inside shards or tables
+        (`located`: (path, locator), read on the executors)."""
         spark = self.spark
-        if not paths:
+        if not paths and not located:
             return spark.createDataFrame([], UDF_SCHEMA)
         c = self.conf.caption
-        splits = max(1, min(len(paths), c.partitions or 2 * parallelism(spark)))
-        spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(c.batch_size))  # image bytes: small batches
-        with file_splits(spark, len(paths), splits):  # the scan is planned by the action, so it runs inside
-            files = read_files(spark, paths).select("path", "content")
+        n = len(paths) + len(located)
+        splits = max(1, min(n, c.partitions or 2 * parallelism(spark)))
+        # image bytes: small Arrow batches; the scan is planned by the action, so it runs inside
+        with (session_settings(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(c.batch_size)}),
+              file_splits(spark, len(paths), splits, paths)):
+            parts = []
+            if paths:
+                parts.append(read_files(spark, paths).select("path", "content"))
+            if located:
+                parts.append(located_contents(spark, located, splits, MAX_IMAGE_BYTES,
+                                              S3Settings.from_config(self.conf)))
+            files = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
             return files.mapInPandas(partition_captioner(spec, c), UDF_SCHEMA).localCheckpoint(eager=True)

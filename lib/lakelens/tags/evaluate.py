@@ -7,36 +7,19 @@ ancestors count as labelled too (a "dog" image is an "animal" image)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from lakelens.errors import DataError
 from lakelens.ingest.paths import to_stored
+from lakelens.ingest.small_tables import read_small_table
 from lakelens.tags import calibrate as cal
-from lakelens.train.eval_run import _is_delta
 
 
 def read_labels(path: str, spark_conf=None, spark=None) -> pd.DataFrame:
     """(path as stored in the tables, tags as a list of words) per labelled image."""
-    if _is_delta(path):
-        from lakelens.spark import get_session
-
-        session, owned = (spark, False) if spark is not None else get_session(spark_conf)
-        try:
-            df = session.read.format("delta").load(path).toPandas()
-        finally:
-            if owned:
-                session.stop()
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"labels table not found: {path}")
-        df = pd.read_csv(p, dtype={"path": str, "tags": str}) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
-    missing = {"path", "tags"} - set(df.columns)
-    if missing:
-        raise DataError(f"labels table {path} lacks column(s) {', '.join(sorted(missing))} (needs path, tags)")
+    df = read_small_table(path, ("path", "tags"), what="labels table", spark=spark, spark_conf=spark_conf,
+                          csv_dtype={"path": str, "tags": str})
     return pd.DataFrame({"path": df["path"].map(to_stored), "tags": df["tags"].map(cal.split_labels)})
 
 

@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from lakelens import delta_sql
-from lakelens.index.update import read_changes
+from lakelens.ingest.changes import read_changes
 from lakelens.spark import session_settings
 
 SOURCES = ("zero-shot", "caption", "region", "manual")

@@ -8,50 +8,31 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
+from pyspark.sql import functions as F
 
-from lakelens.errors import DataError
 from lakelens.index.meta import MetaStore
 from lakelens.index.shards import dead_ids, merge_topk, open_version, prepare_direct_map, read_tombstones, shard_entries, top_rows
-from lakelens.ingest.paths import to_local, to_stored
+from lakelens.ingest.paths import to_stored
+from lakelens.ingest.small_tables import read_small_table, spark_table, table_format
+from lakelens.ingest.table import with_source_columns
 from lakelens.search import Searcher
+from lakelens.spark import owned_session
 from lakelens.train import metrics as ev
-
-
-class PairsTableError(DataError):
-    """A captions / pairs table lacks a required column."""
-
-
-def _is_delta(path: str) -> bool:
-    """A local folder with a _delta_log, or a remote URI (s3a://, abfss://, ...) that names no CSV or
-    Parquet file: only Spark reads those."""
-    if "://" in path and not path.startswith("file:"):
-        return not path.lower().endswith((".csv", ".parquet"))
-    return (to_local(to_stored(path)) / "_delta_log").is_dir()
 
 
 def read_captions(path: str, spark_conf=None) -> pd.DataFrame:
     """A Delta table (read with Spark), or a CSV or Parquet file/folder, with columns path, caption and
-    optionally label, split and lang (the caption's language, e.g. en, pt)."""
-    if _is_delta(path):
-        # Spark only for Delta captions tables: CSV and Parquet evaluations never start a JVM
-        from lakelens.ingest.table import read_pairs
-        from lakelens.spark import get_session
-
-        spark, owned = get_session(spark_conf)
-        try:
-            df = read_pairs(spark, path)
-        finally:
-            if owned:
-                spark.stop()
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"captions table not found: {path}")
-        df = pd.read_csv(p) if p.suffix.lower() == ".csv" else pd.read_parquet(p)
-    missing = {"path", "caption"} - set(df.columns)
-    if missing:
-        raise PairsTableError(f"captions table {path} lacks column(s) {', '.join(sorted(missing))}")
-    return df
+    optionally label, split and lang (the caption's language, e.g. en, pt). An embeddings table whose images
+    came from shards or tables is a captions table too: its embedded rows with a caption, each with where
+    its image lives (`locator`, for fine-tuning)."""
+    if table_format(path) == "delta":
+        with owned_session(spark_conf) as spark:
+            df = spark_table(spark, path, "delta")
+            if {"container", "caption", "embedding", "error"} <= set(df.columns):
+                return (with_source_columns(df).where(F.col("caption").isNotNull() & F.col("error").isNull())
+                        .select("path", "caption", "locator").toPandas())
+    return read_small_table(path, ("path", "caption"), ("label", "split", "lang"), what="captions table",
+                            spark_conf=spark_conf)
 
 
 def _stored_vectors(shard, raw, rows: int = 16_384):

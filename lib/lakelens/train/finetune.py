@@ -8,7 +8,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -19,9 +18,11 @@ import pandas as pd
 
 from lakelens.config import FinetuneConfig
 from lakelens.errors import DataError, FinetuneError
+from lakelens.files import replacing
 from lakelens.ingest import images
 from lakelens.ingest.embedder import prepare
 from lakelens.ingest.paths import to_local, to_stored
+from lakelens.ingest.storage import read_located
 from lakelens.models import registry as models
 from lakelens.models.registry import ModelSpec, is_coca
 from lakelens.train import metrics as ev
@@ -64,16 +65,25 @@ def split_pairs(pairs: pd.DataFrame, val_fraction: float) -> tuple[pd.DataFrame,
     return pairs[~held_out], pairs[held_out]
 
 
-def load_images(paths: list[str], loaded: models.LoadedModel, progress: bool = True):
+# An image inside a shard or a table larger than this is not read for training.
+MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
+
+def load_images(paths: list[str], loaded: models.LoadedModel, progress: bool = True, locators=None):
     """Decode and preprocess every image once (float16 keeps a few thousand small images in memory);
-    returns the stacked tensor and, per path, an error or None."""
+    returns the stacked tensor and, per path, an error or None. `locators`: per path, where an image inside a
+    shard or a table lives (an embeddings table's pairs, `read_captions`), None for a file."""
     import torch
     from tqdm.auto import tqdm
 
     tensors, errors = [], []
-    for p in tqdm(paths, desc="loading images", unit="img", disable=not progress, mininterval=2):
+    locators = locators if locators is not None else [None] * len(paths)
+    for p, where in tqdm(zip(paths, locators), total=len(paths), desc="loading images", unit="img",
+                         disable=not progress, mininterval=2):
         try:
-            tensor, decoded = prepare(loaded.preprocess, loaded.image_size, to_local(to_stored(p)).read_bytes())
+            data = (read_located(p, where, MAX_IMAGE_BYTES) if isinstance(where, str)
+                    else to_local(to_stored(p)).read_bytes())
+            tensor, decoded = prepare(loaded.preprocess, loaded.image_size, data)
         except (OSError, DataError) as e:
             tensor, decoded = None, images.Decoded(None, None, None, f"unreadable: {type(e).__name__}")
         if tensor is None:
@@ -111,7 +121,8 @@ class FinetuneResult:
 
 
 def _prepare(df: pd.DataFrame, loaded, progress: bool) -> tuple[Split, int]:
-    imgs, errors = load_images(df["path"].tolist(), loaded, progress)
+    imgs, errors = load_images(df["path"].tolist(), loaded, progress,
+                               df["locator"].tolist() if "locator" in df.columns else None)
     ok = [e is None for e in errors]
     kept = df[ok]
     tokens = loaded.tokenizer(kept["caption"].astype(str).tolist())
@@ -177,9 +188,8 @@ def evaluate_split(model, split: Split, batch_size: int, ks=(1, 5, 10)) -> dict:
 def _atomic_save(obj, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def latest_checkpoint(out: Path) -> Path | None:

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from lakelens.index.versions import CURRENT
+from lakelens.index.layout import CURRENT
 from lakelens.search import Searcher
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from collections import OrderedDict
 
 from lakelens.errors import LakelensError
 from lakelens.ingest.images import decode
-from lakelens.ingest.storage import StorageError, read_bounded
+from lakelens.ingest.storage import StorageError, read_located
 
 ID_RE = re.compile(r"^-?[0-9]{1,20}$")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -75,7 +75,7 @@ class ThumbCache:
             raise ThumbError(404, f"id {id_} is not in index {version}")
         roots = searcher.manifest.get("source", {}).get("image_roots")
         try:
-            data = read_bounded(uri, self.max_file_bytes, roots, self.s3)
+            data = read_located(uri, searcher.locator_of(id_), self.max_file_bytes, roots, self.s3)
         except StorageError as e:
             raise ThumbError(404, e.reason) from None
         data = render(data, self.max_side, self.max_pixels)  # outside the lock: decoding takes milliseconds

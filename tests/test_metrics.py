@@ -1,3 +1,5 @@
+"""train/metrics.py: ranks of targets (ties counted against them), Recall@K, precision@K, ANN recall, the plot."""
+
 import numpy as np
 import pytest
 
