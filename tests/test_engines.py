@@ -1,6 +1,6 @@
 """Inference engines against the torch model, the ONNX cache, device choice and engine config checks
-(lakelens.models.engines and the modules it is made of: devices, cpu, torch_engine, onnx_export,
-int8_calibration, onnx_engine)."""
+(lakelens.models.engines and the modules it is made of: devices, cpu, torch_engine, onnx_graph,
+onnx_export, int8_calibration, onnx_engine)."""
 
 import json
 import os

@@ -6,7 +6,8 @@ The parts live beside it, and their names are importable from here too:
 - models.devices: the CPU or which GPU, the Spark task's cores;
 - models.cpu: what the CPU's flags decide (int8 weight bits, native bf16);
 - models.torch_engine: TorchEngine and its bf16 copy and probe;
-- models.onnx_export: the ONNX graphs' export, cache keys and publishing, sessions and input feeds;
+- models.onnx_graph: what the ONNX graphs share (opset, traced towers, sessions, input feeds);
+- models.onnx_export: the graphs' export, on-disk cache and its keys, publishing;
 - models.int8_calibration: the int8 image tower's quantisation, calibration and probe check;
 - models.onnx_engine: OnnxEngine.
 """

@@ -1,7 +1,7 @@
 """The int8 image tower (engine onnx-int8): the fp32 tower traced again with int8-friendly rewrites
 (models.int8_source), quantised with the CPU's weight bits, its activation scales calibrated on probe
-images and fixed, then checked against the fp32 graph on other probe images. Called by
-onnx_export.onnx_graphs when it makes an int8 folder; the result goes into the folder's meta.json."""
+images and fixed, then checked against the fp32 graph on other probe images. onnx_export.onnx_graphs calls
+it when it makes an int8 folder; the result goes into the folder's meta.json."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 
 from lakelens.models import registry as models
 from lakelens.models import shapes as synth
-from lakelens.models.onnx_export import ONNX_OPSET, feed, open_session, towers
+from lakelens.models.onnx_graph import ONNX_OPSET, feed, open_session, towers
 
 # int8 image tower: ONNX Runtime's dynamic quantisation of the matrix products and fused self-attention
 # (weights int8 per output channel, activations uint8 per tensor, quantised on the fly), over a graph

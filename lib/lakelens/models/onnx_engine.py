@@ -13,7 +13,8 @@ import numpy as np
 
 from lakelens.ingest.images import Transform
 from lakelens.models import cpu, int8_calibration
-from lakelens.models.onnx_export import feed, onnx_graphs, open_session, takes_pixels
+from lakelens.models.onnx_export import onnx_graphs
+from lakelens.models.onnx_graph import feed, open_session, takes_pixels
 from lakelens.models.registry import ModelSpec
 
 log = logging.getLogger("lakelens.models.engines")  # the engines' one logger, as before they were split

@@ -1,6 +1,6 @@
 """A model's towers as ONNX graphs: exported once (fp32; the int8 image tower through
-models.int8_calibration) into an on-disk cache keyed by the weights and the releases that made them,
-published by rename so concurrent workers never see half a graph, and opened (sessions, input feeds)."""
+models.int8_calibration) into an on-disk cache keyed by the weights and the releases that made them, and
+published by rename, so concurrent workers never see half a graph."""
 
 from __future__ import annotations
 
@@ -14,14 +14,11 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-
-from lakelens.ingest.images import Transform
-from lakelens.models import cpu, local_dir
+from lakelens.models import cpu, int8_calibration, local_dir
 from lakelens.models import registry as models
+from lakelens.models.onnx_graph import ONNX_OPSET, towers
 from lakelens.models.registry import ModelSpec
 
-ONNX_OPSET = 17
 EXPORT_FORMAT = 9  # bump when the exported graphs change, so old caches are not reused
 EXPORTS: Counter = Counter()  # (cache folder, variant) -> exports done by this process; tests read it
 
@@ -52,23 +49,6 @@ def cache_key(spec: ModelSpec) -> str:
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.name)[:40]
     return f"{safe}-{digest}"
-
-
-def towers(model):
-    import torch
-    import torch.nn.functional as F
-
-    class Tower(torch.nn.Module):
-        """One encoder of the model (encode_image or encode_text) with its output normalised."""
-
-        def __init__(self, encode: str):
-            super().__init__()
-            self.m, self.encode = model, encode
-
-        def forward(self, x):
-            return F.normalize(getattr(self.m, self.encode)(x), dim=-1)
-
-    return Tower("encode_image").eval(), Tower("encode_text").eval()
 
 
 def _export_fp32(loaded: models.LoadedModel, folder: Path) -> None:
@@ -146,41 +126,9 @@ def onnx_graphs(spec: ModelSpec, quantized: bool = False, cache_dir: str | Path 
     fp32 = _publish(root, "fp32", lambda tmp: _export_fp32(loaded, tmp), {**meta, "precision": "fp32"})
     if not quantized:
         return fp32
-    from lakelens.models import int8_calibration  # which imports this module
-
     flags = cpu.cpu_flags()
     return _publish(root, variant, lambda tmp: int8_calibration.export_int8(loaded, fp32, tmp, weight_bits),
                     {**meta, "precision": "int8", **int8_calibration.INT8_OPTIONS, "weight_bits": weight_bits,
                      "reduce_range": weight_bits == 7, "weight_bits_why": why,
                      # the probe check ran on this machine's kernels: say which
                      "checked_on_vnni": None if flags is None else [f for f in cpu.VNNI_FLAGS if f in flags]})
-
-
-def takes_pixels(session) -> bool:
-    """True for a graph whose input is the image's 8-bit pixels (the int8 tower), False for a float one."""
-    return session.get_inputs()[0].type == "tensor(uint8)"
-
-
-def feed(session, x: np.ndarray, transform: Transform | None) -> dict:
-    """The input feed of an image graph for a batch `x` of preprocessed images, float32 model input or
-    uint8 pixels (Transform.pixels), converted to what the graph takes with `transform`."""
-    x, graph_input = np.asarray(x), session.get_inputs()[0]
-    if graph_input.type == "tensor(uint8)":  # takes_pixels
-        x = x if x.dtype == np.uint8 else transform.to_pixels(x)
-    elif x.dtype == np.uint8:
-        x = transform.normalize(x)
-    else:
-        x = x.astype(np.float32, copy=False)
-    return {graph_input.name: np.ascontiguousarray(x)}
-
-
-def open_session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads  # the task's cores; Spark runs other tasks beside it
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle ORT threads would spin on cores the decode threads need.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
