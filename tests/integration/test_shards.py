@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -17,7 +18,7 @@ from webdataset import member_bytes, sample_image, write_shard
 from lakelens import EmbedJob, IndexJob, Searcher, path_id
 from lakelens.ingest.shards import TRUNCATED_SHARD, read_members
 from lakelens.ingest.storage import StorageError, read_located
-from lakelens.web.thumbs import ThumbCache, render
+from lakelens.web.thumbs import ThumbCache, ThumbError, render
 
 BIG = encode(noise_image(99, size=(400, 300)), "PNG")  # over the run's embed.max_file_bytes
 
@@ -127,6 +128,15 @@ def test_thumbnails_read_exactly_the_member_and_results_carry_the_caption(spark,
     assert list(found["path"]) == [f"file:{shards}/00001.tar/000010001.jpg"]
     # "more like this" from a member: itself first
     assert searcher.search_id(path_id(f"file:{shards}/00002.tar/000020000.jpg"), k=1).iloc[0]["score"] > 0.999
+    # a shard rewritten since it was indexed (same size, another time) holds other bytes: a 404, not a wrong image
+    shard = shards / "00001.tar"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    try:
+        with pytest.raises(ThumbError, match="changed since it was indexed"):
+            cache.get(searcher, path_id(f"file:{shards}/00001.tar/000010001.jpg"))
+    finally:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
     # the member's place comes from the index, never from a request: a shard outside the roots is refused
     where = json.dumps({"path": f"file:{base}/elsewhere.tar", "offset": 0, "length": 10, "column": None})
     with pytest.raises(StorageError, match="outside"):

@@ -139,12 +139,13 @@ class S3Settings:
             raise StorageError(404, "not an object storage path")
         return bucket, key
 
-    def read_range(self, path: str, offset: int, length: int) -> bytes:
-        """`length` bytes at `offset` of the object at stored `path`: one ranged GET."""
+    def read_range(self, path: str, offset: int, length: int, where: dict | None = None) -> bytes:
+        """`length` bytes at `offset` of the object at stored `path`: one ranged GET. `where`: the locator,
+        whose container size the object must still have."""
         bucket, key = self._split(path)
         try:
             with self.filesystem().open_input_file(f"{bucket}/{key}") as f:
-                if offset + length > f.size():
+                if offset + length > f.size() or not _as_indexed(where or {}, f.size(), None):
                     raise StorageError(404, "image shard changed since it was indexed")
                 data = f.read_at(length, offset)
         except StorageError:
@@ -185,6 +186,14 @@ class S3Settings:
 
 
 
+def _as_indexed(where: dict, size: int, millis: int | None) -> bool:
+    """Whether a container still has the size (and, where known, the modification time) it had when its
+    images were embedded: a shard rewritten since holds other bytes at the same offsets."""
+    if where.get("container_size") is not None and int(where["container_size"]) != size:
+        return False
+    return millis is None or where.get("container_millis") is None or int(where["container_millis"]) == millis
+
+
 def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str] | None = None, s3=None) -> bytes:
     """The bytes of an indexed image: a file at stored `path`, or (with `locator`, the JSON that
     ingest.table.with_source_columns writes) a member of a tar shard, read by its offset and length alone
@@ -209,7 +218,7 @@ def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str
     if is_remote(shard):
         if s3 is None:
             raise StorageError(404, "image is on object storage and no S3 settings were given (--conf)")
-        return s3.read_range(shard, offset, length)
+        return s3.read_range(shard, offset, length, where)
     try:
         fd = os.open(to_local(shard), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except (OSError, DataError):
@@ -218,7 +227,7 @@ def read_located(path: str, locator: str | None, max_bytes: int, roots: list[str
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StorageError(404, "image shard is not a regular file")
-        if offset + length > st.st_size:
+        if offset + length > st.st_size or not _as_indexed(where, st.st_size, st.st_mtime_ns // 1_000_000):
             raise StorageError(404, "image shard changed since it was indexed")
         data = os.pread(fd, length, offset)
     finally:

@@ -106,7 +106,9 @@ def with_source_columns(df: DataFrame) -> DataFrame:
     return df.withColumn("locator", F.when(F.col("container").isNull(), F.lit(None).cast("string")).otherwise(
         F.to_json(F.struct(F.col("container.path").alias("path"), F.col("container.offset").alias("offset"),
                            F.col("size_bytes").alias("length"), F.col("container.column").alias("column"),
-                           F.col("container.key_column").alias("key_column"), F.col("container.key").alias("key")))))
+                           F.col("container.key_column").alias("key_column"), F.col("container.key").alias("key"),
+                           F.col("container.size_bytes").alias("container_size"),
+                           F.unix_millis("container.modified").alias("container_millis")))))
 
 
 def path_id_col(col: str = "path"):
