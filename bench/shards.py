@@ -71,7 +71,7 @@ def clip_retrieval_wds(shards: list[Path], out: Path, ckpt: Path, model: str, n:
     pattern = str(shards[0].parent / f"{{00000..{last:05d}}}.tar") if last else str(shards[0])
     cmd = [str(exe), "inference", "--input_dataset", pattern, "--input_format", "webdataset",
            "--output_folder", str(out), "--clip_model", f"open_clip:{model}/{ckpt}", "--enable_text", "False",
-           "--enable_metadata", "True", "--caption_key", "txt", "--image_key", "jpg",
+           "--enable_metadata", "True", "--wds_caption_key", "txt", "--wds_image_key", "jpg",
            "--batch_size", "32", "--num_prepro_workers", "2", "--use_jit", "False"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     t0 = time.perf_counter()
