@@ -212,10 +212,11 @@ def ensure_clip_retrieval() -> Path:
     return CLIPRET_VENV / "bin" / "clip-retrieval"
 
 
-def clip_retrieval(folder: Path, out: Path, ckpt: Path, model_name: str, n: int) -> dict:
-    """`clip-retrieval inference` on the same files: open_clip:NAME/CHECKPOINT loads the same local weights."""
+def clip_retrieval(folder: Path | str, out: Path, ckpt: Path, model_name: str, n: int, extra: tuple = ()) -> dict:
+    """`clip-retrieval inference` on the same images (a folder, or with `extra` such as `--input_format
+    webdataset` a shard pattern): open_clip:NAME/CHECKPOINT loads the same local weights."""
     exe = ensure_clip_retrieval()
-    cmd = [str(exe), "inference", "--input_dataset", str(folder), "--output_folder", str(out),
+    cmd = [str(exe), "inference", "--input_dataset", str(folder), *extra, "--output_folder", str(out),
            "--clip_model", f"open_clip:{model_name}/{ckpt}", "--enable_text", "False",
            "--batch_size", "32", "--num_prepro_workers", "2", "--use_jit", "False"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}

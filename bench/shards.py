@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from embed import ensure_clip_retrieval, loadavg, make_images  # bench/ is on the path: this script's folder
+from embed import clip_retrieval, loadavg, make_images  # bench/ is on the path: this script's folder
 from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,22 +64,10 @@ def lakelens_embed(images: Path, table: Path, ckpt: Path, model: str, cache: Pat
 
 def clip_retrieval_wds(shards: list[Path], out: Path, ckpt: Path, model: str, n: int) -> dict:
     """clip-retrieval's own WebDataset inference over the same shards, the same weights."""
-    exe = ensure_clip_retrieval()
     last = len(shards) - 1
     pattern = str(shards[0].parent / f"{{00000..{last:05d}}}.tar") if last else str(shards[0])
-    cmd = [str(exe), "inference", "--input_dataset", pattern, "--input_format", "webdataset",
-           "--output_folder", str(out), "--clip_model", f"open_clip:{model}/{ckpt}", "--enable_text", "False",
-           "--enable_metadata", "True", "--wds_caption_key", "txt", "--wds_image_key", "jpg",
-           "--batch_size", "32", "--num_prepro_workers", "2", "--use_jit", "False"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - t0
-    if res.returncode:
-        return {"error": f"exit {res.returncode}: {res.stderr[-1500:]}", "command": " ".join(cmd)}
-    count = int(sum(np.load(e).shape[0] for e in sorted(out.glob("img_emb/*.npy"))))
-    return {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 3), "embeddings_written": count,
-            "command": " ".join(cmd)}
+    return clip_retrieval(pattern, out, ckpt, model, n, ("--input_format", "webdataset", "--enable_metadata", "True",
+                                                         "--wds_caption_key", "txt", "--wds_image_key", "jpg"))
 
 
 def main() -> int:
