@@ -143,25 +143,26 @@ def shard_tasks(spark: SparkSession, shards: pd.DataFrame, parallelism: int) -> 
 
 
 @dataclass
-class ShardPlan:
-    """Shards to read (new, then changed; sorted by path) and what the table holds of the rest."""
+class ContainerPlan:
+    """Containers (shards, or a table's data files) to read (new, then changed; sorted by path) and what the
+    table holds of the rest."""
 
-    listing: pd.DataFrame  # path, size_bytes, millis of every listed shard
+    listing: pd.DataFrame  # path, size_bytes, millis of every listed container
     to_read: pd.DataFrame
     new: int
     changed: int
     unchanged: int
-    deleted: int  # rows to delete: of shards gone, and of plain files under the root
+    deleted: int  # rows to delete: of containers gone, and of plain files under the root
     changed_paths: list
 
 
-def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key: str, regions: bool) -> ShardPlan:
-    """Each listed shard against the table's rows of image root `root`: new (no rows), changed (another
-    size, modification time or model, or regions wanted and missing), unchanged. Per shard a row of
-    facts comes to the driver (shards are few: thousands of images each)."""
+def plan_containers(table: EmbeddingsTable, listing: DataFrame, root: str, model_key: str, regions: bool) -> ContainerPlan:
+    """Each listed container against the table's rows of image root `root`: new (no rows), changed (another
+    size, modification time or model, or regions wanted and missing), unchanged. Per container a row of
+    facts comes to the driver (containers are few: thousands of images each)."""
     # times as epoch milliseconds computed by Spark: pandas would see them in the session's time zone
     rows_col = F.col("rows") if "rows" in listing.columns else F.lit(None).cast("long")
-    shards = (listing.select("path", "size_bytes", F.unix_millis("modified").alias("millis"), rows_col.alias("rows"))
+    listed = (listing.select("path", "size_bytes", F.unix_millis("modified").alias("millis"), rows_col.alias("rows"))
               .toPandas().sort_values("path", kind="stable").reset_index(drop=True))
     stored = pd.DataFrame(columns=["path", "size_bytes", "millis", "rows", "stale"])
     deleted = 0
@@ -185,18 +186,18 @@ def plan_shards(table: EmbeddingsTable, listing: DataFrame, root: str, model_key
             loose = mine.where(F.col("container").isNull()).count()
         else:
             loose = rows.where(under_root(root)).count()
-        listed = set(shards["path"])
-        gone = stored[~stored["path"].isin(listed)]
+        names = set(listed["path"])
+        gone = stored[~stored["path"].isin(names)]
         deleted = loose + (int(table.read().where(under_root(root) & F.col("container.path").isin(list(gone["path"])))
                                .count()) if len(gone) else 0)
-    both = shards.merge(stored, on="path", how="left", suffixes=("", "_old"))
+    both = listed.merge(stored, on="path", how="left", suffixes=("", "_old"))
     is_new = both["size_bytes_old"].isna()
     # a table's data file whose live rows changed (a Delta delete through a deletion vector) changed too
     fewer = both["rows"].notna() & both["rows_old"].notna() & (both["rows"] != both["rows_old"])
     changed = ~is_new & ((both["size_bytes"] != both["size_bytes_old"]) | (both["millis"] != both["millis_old"]) | fewer
                          | both["stale"].astype("boolean").fillna(False).astype(bool))
     to_read = both[is_new | changed][["path", "size_bytes", "millis"]].reset_index(drop=True)
-    return ShardPlan(shards[["path", "size_bytes", "millis"]], to_read, int(is_new.sum()), int(changed.sum()),
+    return ContainerPlan(listed[["path", "size_bytes", "millis"]], to_read, int(is_new.sum()), int(changed.sum()),
                      int((~is_new & ~changed).sum()), deleted, sorted(both.loc[changed, "path"]))
 
 
@@ -216,17 +217,17 @@ def check_member_ids(table: EmbeddingsTable, rows: DataFrame) -> None:
         raise IdCollisionError(f"64-bit path ids collide, nothing was written: {detail}")
 
 
-def shard_chunks(shards: pd.DataFrame, images: int) -> Iterator[pd.DataFrame]:
-    """Consecutive shards whose bytes add up to about `images` typical images (120 kB each), at least one."""
+def container_chunks(containers: pd.DataFrame, images: int) -> Iterator[pd.DataFrame]:
+    """Consecutive containers whose bytes add up to about `images` typical images (120 kB each), at least one."""
     budget = max(1, images) * 120_000
     start, total = 0, 0
-    for i, size in enumerate(shards["size_bytes"]):
+    for i, size in enumerate(containers["size_bytes"]):
         total += int(size)
         if total >= budget:
-            yield shards.iloc[start:i + 1]
+            yield containers.iloc[start:i + 1]
             start, total = i + 1, 0
-    if start < len(shards):
-        yield shards.iloc[start:]
+    if start < len(containers):
+        yield containers.iloc[start:]
 
 
 @dataclass
@@ -269,7 +270,7 @@ def run_containers(job, spec, source: ContainerSource, stats, log, ready: Callab
     root = source.root
     phases: dict = {"list": time.time() - t0}
     t = time.time()
-    plan = plan_shards(table, source.listing, root, spec.key, c.regions)
+    plan = plan_containers(table, source.listing, root, spec.key, c.regions)
     created = with_retries(lambda: table.create_if_missing([root]), c.commit_retries, "create the table", log)
     if not created:
         with_retries(lambda: table.add_columns(["caption", "container", *(["regions"] if c.regions else [])]),
@@ -286,7 +287,7 @@ def run_containers(job, spec, source: ContainerSource, stats, log, ready: Callab
     run_id = uuid.uuid4().hex[:8]
     changed = set(plan.changed_paths)
     done = 0
-    for i, chunk in enumerate(shard_chunks(plan.to_read, c.chunk_size)):
+    for i, chunk in enumerate(container_chunks(plan.to_read, c.chunk_size)):
         t = time.time()
         rows = (source.embed(chunk)
                 .select(path_id_col().alias("id"), "*", F.lit(spec.key).alias("model"),
