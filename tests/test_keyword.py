@@ -13,7 +13,8 @@ from lakelens import index as ix
 from lakelens.errors import QueryError
 from lakelens.index.keyword import KeywordIndex, TagRow, TagStore, build_keywords, path_words, split_word
 from lakelens.search import Searcher
-from lakelens.search.query import parse_query, rrf
+from lakelens.search.fusion import rrf
+from lakelens.search.query import parse_query
 
 
 def test_path_words_split_folders_separators_digits_and_camel_case():

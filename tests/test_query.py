@@ -14,7 +14,7 @@ import webindex
 
 from lakelens import QueryError, Searcher
 from lakelens.cli import main
-from lakelens.search.searcher import parse_terms
+from lakelens.search.query_vectors import parse_terms
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def write_groups(site, sizes=(1, 2, 3, 4)):
     cut into groups of 1, 2, 3, 4, 1, 2, ... images (a group's id is its first member's)."""
     import pyarrow as pa
 
-    from lakelens.search.searcher import GROUPS_FILE
+    from lakelens.index.layout import GROUPS_FILE
 
     order = np.random.default_rng(3).permutation(len(site.ids))
     rows, at, j = [], 0, 0

@@ -15,8 +15,8 @@ from conftest import ROOT
 from lakelens import IndexJob, Searcher, config, delta_sql, path_id
 from lakelens.cli import main
 from lakelens.dedup.job import DedupJob, label_components
+from lakelens.index.layout import GROUPS_FILE
 from lakelens.ingest.table import SCHEMA, EmbeddingsTable
-from lakelens.search.searcher import GROUPS_FILE
 
 DIM = 16
 NOW = datetime(2026, 1, 1)

@@ -258,7 +258,7 @@ def test_duplicates_api_page_and_collapsed_results(site):
     import pyarrow as pa
 
     from lakelens.dedup.job import write_groups_arrow
-    from lakelens.search.searcher import GROUPS_FILE
+    from lakelens.index.layout import GROUPS_FILE
 
     assert "lakelens dedup" in reason(get(site, "/api/duplicates"), 400)
     hostile = next(i for i, u in enumerate(site.uris) if "__xss=2" in u)  # a name with markup in it

@@ -150,7 +150,7 @@ def test_num_images_pages_and_metadata_fills_in_the_rest(site):
 
 def test_two_indices_deduplicate_and_groups(site):
     from lakelens.dedup.job import write_groups_arrow
-    from lakelens.search.searcher import GROUPS_FILE
+    from lakelens.index.layout import GROUPS_FILE
 
     dups = site.dups
     query = {"embedding_input": list(map(float, dups.vectors[0])), "num_images": 7, "indice_name": "dups"}

@@ -8,6 +8,7 @@ search/, dedup/, web/; docs/architecture.md "Index folder" says what each holds)
     INDEX/vNNNN/shard-NNNN.faiss, meta-NNNN.arrow, shard-NNNN.{vectors,ids}.npy
     INDEX/vNNNN/delta-GGGG-NNNN.{faiss,arrow}, tombstones.parquet, trained.faiss
     INDEX/vNNNN/keyword/, tags.arrow, captions.arrow
+    INDEX/vNNNN/meta.parquet               one metadata file for all shards (versions before per-shard files)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TOMBSTONES = "tombstones.parquet"
 KEYWORD_DIR = "keyword"
 TAGS_FILE = "tags.arrow"
 CAPTIONS_FILE = "captions.arrow"
+LEGACY_META = "meta.parquet"  # read, never written: versions published before per-shard metadata files
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 

@@ -96,7 +96,7 @@ def embed_fn(model_key: str, engine: str, onnx_cache: str, version: str, keyword
         from lakelens.ingest.embedder import cached_embedder
         from lakelens.models.registry import ModelSpec
         from lakelens.search.keyword_side import need
-        from lakelens.search.searcher import QUERY_MAX_PIXELS, query_vector
+        from lakelens.search.query_vectors import QUERY_MAX_PIXELS, query_vector
 
         embedder = None
 
@@ -288,7 +288,7 @@ def run_batch(spark, index_dir: str, queries: str, out: str, k: int = 10, engine
     from lakelens.index.layout import KEYWORD_DIR
     from lakelens.models.engines import DEFAULT_ENGINE, check_engine
     from lakelens.models.registry import ModelSpec
-    from lakelens.search.searcher import MAX_K
+    from lakelens.search.results import MAX_K
 
     t0 = time.time()
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:

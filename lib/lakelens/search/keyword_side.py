@@ -1,5 +1,5 @@
-"""What a query needs from a version's keyword part: the BM25 index, the tag and caption files, and the
-ids a query's filters allow (tags from the tag file, paths from the version's metadata)."""
+"""What a query needs from a version's keyword part: the BM25 index, the tag and caption files, the ids a
+query's filters allow (tags from the tag file, paths from the version's metadata) and images per tag."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pandas as pd
 from lakelens.errors import QueryError
 from lakelens.index.keyword import KeywordIndex, TagStore
 from lakelens.search.query import ParsedQuery
+from lakelens.search.results import MAX_K
 
 
 class KeywordSide:
@@ -80,3 +81,21 @@ def holding(side: KeywordSide, phrases: list, ids: np.ndarray) -> np.ndarray:
     for phrase in phrases if len(among) else ():
         found = np.union1d(found, side.index.search([], [phrase], [], [], len(among), among)[1])
     return np.isin(ids, found)
+
+
+def check_limit(limit) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_K:
+        raise QueryError(f"limit must be an integer between 1 and {MAX_K}, got {limit!r}")
+
+
+def tag_counts(side: KeywordSide, version: str, meta, q: ParsedQuery, found, limit: int) -> dict:
+    """Images per tag, most first: over the ids `found` (a query's results), else over the images the
+    query's filters allow (every image without a filter)."""
+    if found is not None:
+        ids = np.sort(np.asarray(found, np.int64))
+        scope = "results"
+    else:
+        ids = allowed_ids(side, version, meta, q, None)
+        scope = "all" if ids is None else "filtered"
+    total = len(meta) if ids is None else len(ids)
+    return {"version": version, "scope": scope, "images": int(total), "tags": side.tags.counts(ids, limit)}

@@ -1,19 +1,16 @@
 """Query syntax shared by every front end: free words, "quoted phrases", tag:dog, -tag:cat,
 tag:"traffic light", path:2024/ and -path:tmp/. What is left after the filters is the text the vector side
-embeds (with query arithmetic, "beach + sunset - people") and the keyword side scores."""
+embeds (with query arithmetic, "beach + sunset - people": query_vectors.py) and the keyword side scores."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from lakelens.errors import QueryError
 from lakelens.index.keyword import words
 
 MODES = ("vector", "keyword", "hybrid")
-RRF_K = 60
 _FIELDS = ("tag", "path")
 # -?field:"quoted value" | -?field:value | "phrase" | any other run of non-space characters
 _TOKEN = re.compile(r'(-?)(\w+):"([^"]*)"|(-?)(\w+):(\S*)|"([^"]*)"|(\S+)')
@@ -91,54 +88,3 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise QueryError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
-
-
-def rrf(ranked: list[np.ndarray], k: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
-    """Reciprocal rank fusion of id lists, each best first: score(id) = sum over lists of 1 / (k + rank),
-    ranks from 1. Returns (ids, scores) best first; ties keep the order of first appearance."""
-    lists = [np.asarray(ids, np.int64) for ids in ranked]
-    every = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-    if not len(every):
-        return every, np.zeros(0, np.float64)
-    part = np.concatenate([1.0 / (k + np.arange(1, len(ids) + 1)) for ids in lists])
-    ids, first, which = np.unique(every, return_index=True, return_inverse=True)
-    score = np.bincount(which, weights=part)  # summed in list order, as a loop over the lists would
-    order = np.lexsort((first, -score))
-    return ids[order], score[order]
-
-
-FUSED_BLOCK = 50  # hybrid: the first 50 results fused from lists 100 deep, the next 50 from 200, then doubling
-
-
-def fused_blocks(n: int, cap: int) -> list[tuple[int, int]]:
-    """(end, depth) of the blocks of fused positions that cover the first n: block ends 50, 100, 200, ...
-    (at most cap), each fused from lists twice as deep as its end (at least 100, at most cap)."""
-    out, end = [], FUSED_BLOCK
-    while True:
-        out.append((min(end, cap), min(cap, max(2 * end, 2 * FUSED_BLOCK))))
-        if end >= min(n, cap):
-            return out
-        end *= 2
-
-
-def fuse(vector_ids: np.ndarray, keyword_ids: np.ndarray, n: int, cap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first n ids of the hybrid list, with their scores and the depth each was fused at: RRF of the
-    two lists, each best first and at least as deep as the last block's depth (fused_blocks). RRF of
-    deeper lists reorders what shallower ones fused, so each block of positions is fused once, at its own
-    depth, from the lists' first `depth` ids, and holds the best ids that earlier blocks did not: a deeper
-    page never changes an earlier one, and pages of one query join up to what one query as long as them
-    returns."""
-    ids, scores, depths, placed = [], [], [], set()
-    for end, depth in fused_blocks(n, cap):
-        fused, fused_scores = rrf([vector_ids[:depth], keyword_ids[:depth]])
-        for i, score in zip(fused.tolist(), fused_scores.tolist()):
-            if len(ids) >= end:
-                break
-            if i not in placed:
-                placed.add(i)
-                ids.append(i)
-                scores.append(score)
-                depths.append(depth)
-        if len(ids) < end:  # both lists hold fewer ids than this depth: there are no more
-            break
-    return np.asarray(ids[:n], np.int64), np.asarray(scores[:n], np.float64), np.asarray(depths[:n], np.int64)
