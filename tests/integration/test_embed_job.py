@@ -406,6 +406,28 @@ def test_id_collision_among_new_files_is_detected_before_the_table_exists(spark,
     assert not table.exists()
 
 
+@pytest.mark.classic_only  # reads the splits through RDDs and the JVM's plan
+@pytest.mark.parametrize("listed_by", ["driver", "spark"])
+def test_id_collision_among_new_files_is_detected_when_the_table_exists(spark, tmp_path, local_conf, monkeypatch,
+                                                                        listed_by):
+    """New files that collide with each other (not with a kept row) are refused on a table that exists too,
+    and the table stays at its version."""
+    from pyspark.sql import functions as F
+
+    img, table = tmp_path / "img", tmp_path / "t"
+    write_images(img, 2)
+    run(spark, local_conf(img, table))
+    version = delta_version(spark, table)
+    write_images(img, 2, seed=3, start=10)  # im0010.jpg, im0011.jpg: names of one length
+    # the kept rows keep their sha256 ids; every new name of one length shares an id
+    monkeypatch.setattr(tables, "path_id_col", lambda col="path": F.length(F.col(col)).cast("long"))
+    monkeypatch.setattr(tables, "path_id", len)
+    images = img if listed_by == "driver" else img / "im*"
+    with pytest.raises(IdCollisionError, match=r"im0010\.jpg.*im0011\.jpg"):
+        run(spark, local_conf(images, table))
+    assert delta_version(spark, table) == version
+
+
 def test_local_files_read_by_the_workers_keep_what_changed_after_the_listing(tmp_path):
     """Chunks of local files are read by the Python workers themselves (read_local): a file gone since the
     listing is an `unreadable` row, one grown past embed.max_file_bytes is `too large` without its bytes

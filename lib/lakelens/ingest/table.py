@@ -339,22 +339,23 @@ class EmbeddingsTable:
                     changed=0, paths=todo.loc[todo["error"].isna(), "path"].tolist())
 
     def check_ids(self, listing: DataFrame, local: pd.DataFrame | None = None) -> None:
-        """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id;
-        computed on the executors, at most three clashes come back. A listing held on the driver too
-        (`local`) for a table not made yet is checked there."""
-        exists = self.exists()
-        if local is not None and not exists:
+        """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id; at
+        most three clashes come back. Listed paths against each other: on the driver for a listing held
+        there (`local`), else on the executors. Against the kept rows: a join on id, so the table is read
+        once and never grouped (its own ids were checked when they were written)."""
+        if local is not None:
             ids = pd.DataFrame({"id": [path_id(p) for p in local["path"]], "path": local["path"]})
             dup = ids[ids["id"].duplicated(keep=False)].groupby("id")["path"].agg(sorted)
             _raise_collisions(list(dup.items())[:3])
-            return
-        ids = listing.select("path").withColumn("id", path_id_col())
-        if exists:
-            ids = ids.unionByName(self.read().select("path", "id"))
-        clash = (ids.distinct().groupBy("id").agg(F.countDistinct("path").alias("n"),
-                                                  F.collect_set("path").alias("paths"))
-                 .where("n > 1").limit(3).collect())
-        _raise_collisions([(r["id"], r["paths"]) for r in clash])
+        listed = listing.select("path").withColumn("id", path_id_col())
+        if local is None:
+            clash = (listed.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths"))
+                     .where("n > 1").limit(3).collect())
+            _raise_collisions([(r["id"], r["paths"]) for r in clash])
+        if self.exists():
+            kept = self.read().select("id", F.col("path").alias("kept"))
+            clash = listed.join(kept, "id").where(F.col("path") != F.col("kept")).limit(3).collect()
+            _raise_collisions([(r["id"], [r["path"], r["kept"]]) for r in clash])
 
     # --- writing -------------------------------------------------------------------------------
     def add_columns(self, names) -> None:
