@@ -277,3 +277,19 @@ def test_a_version_with_a_missing_file_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert name in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         (first.index / ix.CURRENT).write_text(first.version)
+
+
+def test_duplicate_groups_pages_refuse_a_negative_offset_or_a_limit_below_one(site):
+    """The listing's page arguments are checked as a search's are: a bad one is a QueryError, not an empty
+    page that reads as "no more groups"."""
+    write_groups(site, sizes=(2, 3))
+    try:
+        s = Searcher.open(site.index)
+        whole = s.duplicate_groups(0, 100)
+        pages = [s.duplicate_groups(o, 4)["groups"] for o in range(0, whole["total"] + 4, 4)]
+        assert sum(pages, []) == whole["groups"] and not pages[-1]  # past the end: an empty page
+        for offset, limit in [(-1, 5), (0, 0), (5, -1), (1.5, 5), (0, True)]:
+            with pytest.raises(QueryError, match="offset|limit"):
+                s.duplicate_groups(offset, limit)
+    finally:
+        (site.index / "duplicates.arrow").unlink()

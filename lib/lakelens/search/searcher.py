@@ -265,7 +265,10 @@ class Searcher:
     def duplicate_groups(self, offset: int = 0, limit: int = 20) -> dict:
         """Groups of near copies, largest first: {"total", "groups": [{"group", "size", "members": [...]}],
         "index_version", "notes"}; members are (id, path, similarity, representative), representative first."""
-        return self._groups.read().listing(offset, limit, self.version)
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+            raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
+        check_limit(limit)
+        return self._groups.read().listing(int(offset), int(limit), self.version)
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
         st = self._state
