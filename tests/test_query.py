@@ -228,3 +228,68 @@ def test_path_prefixes_keep_only_their_ids_within_the_cache_byte_bound(site):
     rare = small.search_text("a red circle", k=3, path_prefix=site.uris[7])  # one image: filtered inside FAISS's scan
     assert list(rare["id"]) == [site.ids[7]] and small._prefix_cache.nbytes <= 1000
     assert any(isinstance(part, faiss.IDSelector) for part in small._prefix_cache.values())  # the one it used
+
+
+def test_numpy_integers_for_k_and_offset_page_like_python_ints(site):
+    """k and offset taken from numpy (a DataFrame's column, np.arange) give the same page as Python ints, on
+    every kind of query, not a FAISS TypeError."""
+    s = Searcher.open(site.index)
+    image = open(site.paths[5], "rb").read()
+    queries = [lambda **kw: s.search_text("a red circle", **kw), lambda **kw: s.search_id(int(site.ids[3]), **kw),
+               lambda **kw: s.search_vector(site.vectors[3], **kw), lambda **kw: s.search_image(image, **kw)]
+    for query in queries:
+        want = list(query(k=5, offset=2)["id"])
+        assert list(query(k=np.int64(5), offset=np.int32(2))["id"]) == want
+        assert list(query(k=np.int64(7))["id"])[2:] == want
+    assert s.search_text("a red circle", k=np.uint8(3), collapse_duplicates=False)["rank"].tolist() == [1, 2, 3]
+
+
+def test_malformed_arguments_of_the_python_api_are_query_errors(site):
+    s = Searcher.open(site.index)
+    with pytest.raises(QueryError, match="query text must be a string"):
+        s.search(text=123)
+    with pytest.raises(QueryError, match="query text must be a string"):
+        s.search_text(["a red circle"])
+    with pytest.raises(QueryError, match="id must be an integer"):
+        s.details("abc")
+    assert s.details(np.int64(site.ids[2]))["id"] == site.ids[2]
+
+
+def test_a_version_with_a_missing_file_is_refused_in_one_line(tmp_path, capsys):
+    """A published version whose shard or metadata file is gone: opening it, reloading to it and the search
+    command name the version and the file (IndexDirError, one line), and a Searcher that reloads keeps
+    answering on the version it had."""
+    from lakelens import index as ix
+    from lakelens.errors import IndexDirError
+
+    first = webindex.build(tmp_path / "a", n=6)
+    s = Searcher.open(first.index)
+    want = list(s.search_text("a red circle", k=3)["id"])
+    for name in ("shard-0001.faiss", "meta-0000.arrow"):
+        second = webindex.publish(first.index, webindex.make_images(tmp_path / name, 6, seed=12))
+        (first.index / second.version / name).unlink()
+        with pytest.raises(IndexDirError, match=f"{second.version}.*{name}"):
+            s.reload()
+        assert s.version == first.version and list(s.search_text("a red circle", k=3)["id"]) == want
+        with pytest.raises(IndexDirError, match=name):
+            Searcher.open(first.index)
+        assert main(["search", "--index", str(first.index), "a red circle"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        (first.index / ix.CURRENT).write_text(first.version)
+
+
+def test_duplicate_groups_pages_refuse_a_negative_offset_or_a_limit_below_one(site):
+    """The listing's page arguments are checked as a search's are: a bad one is a QueryError, not an empty
+    page that reads as "no more groups"."""
+    write_groups(site, sizes=(2, 3))
+    try:
+        s = Searcher.open(site.index)
+        whole = s.duplicate_groups(0, 100)
+        pages = [s.duplicate_groups(o, 4)["groups"] for o in range(0, whole["total"] + 4, 4)]
+        assert sum(pages, []) == whole["groups"] and not pages[-1]  # past the end: an empty page
+        for offset, limit in [(-1, 5), (0, 0), (5, -1), (1.5, 5), (0, True)]:
+            with pytest.raises(QueryError, match="offset|limit"):
+                s.duplicate_groups(offset, limit)
+    finally:
+        (site.index / "duplicates.arrow").unlink()

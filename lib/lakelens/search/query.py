@@ -44,6 +44,8 @@ class ParsedQuery:
 def parse_query(text: str | None, tags=(), not_tags=()) -> ParsedQuery:
     """Split a query into its text and its filters; `tags` / `not_tags` add filters given apart (the
     API's and CLI's --tag). An unknown field (foo:bar) stays text: file names hold colons too."""
+    if text is not None and not isinstance(text, str):
+        raise QueryError(f"query text must be a string, not {type(text).__name__}")
     text = text or ""
     if text.count('"') % 2:
         raise QueryError(f'unbalanced quote in query {text!r}: close the phrase with "')

@@ -12,12 +12,14 @@ MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
 
 
-def check_page(k, offset) -> None:
+def check_page(k, offset) -> tuple[int, int]:
+    """k and offset as Python ints (numpy's fail inside FAISS), or a QueryError."""
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
         raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k + offset > MAX_K:
         raise QueryError(f"k must be an integer between 1 and {MAX_K} (k + offset at most {MAX_K}), "
                          f"got k={k!r}, offset={offset!r}")
+    return int(k), int(offset)
 
 
 def hits_frame(meta, scores, ids, k, min_score=None, allowed=None) -> pd.DataFrame:

@@ -114,6 +114,10 @@ class Searcher:
     def details(self, id_: int) -> dict:
         """One indexed image: path, size, its tags with scores and its caption (the page's large view)."""
         st = self._state
+        try:
+            id_ = int(id_)
+        except (TypeError, ValueError):
+            raise QueryError(f"id must be an integer, got {id_!r}") from None
         out = image_details(st, id_)
         if out is None:
             raise QueryError(f"id {id_} is not in index {st.version}")
@@ -217,7 +221,7 @@ class Searcher:
     def _query(self, st: LoadedVersion, q: ParsedQuery, vec, mode: str, k: int = 10, min_score: float | None = None,
                path_prefix: str | None = None, nprobe: int | None = None, ef_search: int | None = None,
                offset: int = 0, collapse_duplicates: bool = False) -> pd.DataFrame:
-        check_page(k, offset)
+        k, offset = check_page(k, offset)
         prefix = prefix_ids(self._prefix_cache, st, path_prefix) if path_prefix else None
         allowed = allowed_ids(st.keywords, st.version, st.meta, q, prefix)
         words = bool(q.free or q.phrases)
@@ -261,7 +265,10 @@ class Searcher:
     def duplicate_groups(self, offset: int = 0, limit: int = 20) -> dict:
         """Groups of near copies, largest first: {"total", "groups": [{"group", "size", "members": [...]}],
         "index_version", "notes"}; members are (id, path, similarity, representative), representative first."""
-        return self._groups.read().listing(offset, limit, self.version)
+        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
+            raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
+        check_limit(limit)
+        return self._groups.read().listing(int(offset), int(limit), self.version)
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
         st = self._state
@@ -296,7 +303,7 @@ class Searcher:
     def _vectors(self, st: LoadedVersion, vectors, k: int = 10, min_score=None, path_prefix=None, nprobe=None,
                  ef_search=None, offset: int = 0, collapse_duplicates: bool = False, allowed=None) -> list[pd.DataFrame]:
         """Pages of result rows for query vectors: what the vector-only queries and a query's vector mode share."""
-        check_page(k, offset)
+        k, offset = check_page(k, offset)
         if path_prefix:
             prefixed = prefix_ids(self._prefix_cache, st, path_prefix)
             allowed = prefixed if allowed is None else np.intersect1d(allowed, prefixed, assume_unique=True)

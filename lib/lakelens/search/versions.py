@@ -43,9 +43,18 @@ def load_version(index_dir: Path, version: str | None, mmap: bool = True,
                                  f"{manifest['model']['key']}, not {expect_model}")
     folder = index_dir / version
     entries = shard_entries(manifest)
-    tomb = read_tombstones(folder, manifest)  # read once: for the shards' exclusions and the live ids
-    shards, rerank, excluded, keep = open_version(folder, manifest, mmap, tomb)
-    meta = MetaStore(folder, entries, tomb, legacy=LEGACY_META)
+    # a file gone from a published version (deleted, a partial copy) is a broken index, not a bug: named
+    # in one line rather than as FAISS's or Arrow's own error
+    missing = [e[key] for e in entries for key in ("file", "meta") if key in e and not (folder / e[key]).is_file()]
+    if missing:
+        raise IndexDirError(f"index {index_dir}: version {version} is missing {', '.join(missing)} "
+                            "(named in its manifest); publish it again or point CURRENT at another version")
+    try:
+        tomb = read_tombstones(folder, manifest)  # read once: for the shards' exclusions and the live ids
+        shards, rerank, excluded, keep = open_version(folder, manifest, mmap, tomb)
+        meta = MetaStore(folder, entries, tomb, legacy=LEGACY_META)
+    except FileNotFoundError as e:
+        raise IndexDirError(f"index {index_dir}: version {version} is missing a file: {e}") from None
     keywords = KeywordSide(folder) if manifest.get("keywords") and (folder / KEYWORD_DIR).is_dir() else None
     return LoadedVersion(version, manifest, shards, rerank, meta, excluded, keep, shared_quantizer(shards), keywords)
 
