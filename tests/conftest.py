@@ -82,6 +82,20 @@ def lane_markers(item) -> list[str]:
     return lanes or ["unit"]
 
 
+def check_connect_cover(items, kept) -> None:
+    """`connect_covered("module.py::test[param]")`: the test that runs the same Spark path through Connect
+    must be one the Connect half runs (checked when its module is collected, so a claim cannot go stale)."""
+    collected = {i.path.name for i in items}
+    running = {f"{i.path.name}::{i.name}" for i in kept}
+    for item in items:
+        mark = item.get_closest_marker("connect_covered")
+        if mark is None:
+            continue
+        (by,) = mark.args
+        if by.split("::")[0] in collected and by not in running:
+            raise pytest.UsageError(f"{item.nodeid}: connect_covered names {by}, which the Connect half does not run")
+
+
 @pytest.hookimpl(tryfirst=True)  # the markers first: -m selects on them after this
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -93,7 +107,9 @@ def pytest_collection_modifyitems(config, items):
     elif SPARK_MODE != "connect":
         keep = [i for i in items if "connect_only" not in i.keywords]
     else:
-        keep = [i for i in items if i.path.name in CONNECT_MODULES and "classic_only" not in i.keywords]
+        keep = [i for i in items if i.path.name in CONNECT_MODULES and "classic_only" not in i.keywords
+                and not i.get_closest_marker("connect_covered")]
+        check_connect_cover(items, keep)
     dropped = [i for i in items if i not in keep]
     if dropped:
         config.hook.pytest_deselected(items=dropped)

@@ -63,6 +63,7 @@ def test_caption_job_writes_captions_and_is_incremental(spark, tmp_path, local_c
                                                                                   .read_bytes()])[0].text
 
 
+@pytest.mark.connect_covered("test_caption_job.py::test_caption_run_on_one_folder_drops_stale_captions_of_other_folders[delta]")
 def test_caption_images_scope_captions_only_that_folder_and_keeps_the_rest(spark, tmp_path, local_conf):
     """caption.images (`--images`): a run captions only the table's images under that folder; a run over
     another folder adds its captions beside the first folder's; a run without it takes the whole table."""
@@ -97,7 +98,8 @@ def test_caption_images_scope_captions_only_that_folder_and_keeps_the_rest(spark
         run(f"caption.images={tmp_path / 'elsewhere'}")
 
 
-@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+@pytest.mark.parametrize("fmt", ["delta", pytest.param("parquet", marks=pytest.mark.connect_covered(
+    "test_caption_job.py::test_caption_run_on_one_folder_drops_stale_captions_of_other_folders[delta]"))])
 def test_caption_run_on_one_folder_drops_stale_captions_of_other_folders(spark, tmp_path, local_conf, fmt):
     """A caption run over folder b after images of folder a changed or went: a's deleted image and a's
     changed image lose their captions (they were made from pictures that are gone), a's unchanged image

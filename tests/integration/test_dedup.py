@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.ipc as ipc
+import pytest
 from conftest import ROOT
 
 from lakelens import IndexJob, Searcher, config, delta_sql, path_id
@@ -129,6 +130,7 @@ def test_dedup_groups_guard_incremental_and_index(spark, tmp_path, capsys):
     assert list(collapsed["rank"]) == [1, 2, 3]
 
 
+@pytest.mark.connect_covered("test_dedup.py::test_dedup_groups_guard_incremental_and_index")
 def test_a_run_that_finds_no_duplicates_is_remembered(spark, tmp_path):
     """Far-apart images give no pairs and no groups: the run's empty overwrite of the groups table is still
     its commit (Delta skips empty ones), so the next run on an unchanged table does nothing instead of

@@ -60,7 +60,13 @@ def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
         assert r["size_bytes"] == os.path.getsize(local) and r["width"] == Image.open(local).width
 
 
-@pytest.mark.parametrize("engine", ["torch", "onnx"])
+# the Connect half leaves these out: the named test runs the same Spark path through Connect
+# (the torch engine and the engines test: every engine runs inside the same pandas UDF)
+BY_PARITY = pytest.mark.connect_covered("test_embed_job.py::test_parity_with_a_plain_open_clip_loop[onnx]")
+BY_PARQUET = pytest.mark.connect_covered("test_embed_job.py::test_parquet_format_is_incremental_too")
+
+
+@pytest.mark.parametrize("engine", [pytest.param("torch", marks=BY_PARITY), "onnx"])
 def test_parity_with_a_plain_open_clip_loop(spark, tmp_path, local_conf, engine):
     """The job's plumbing (files, decoding, preprocessing, rows) against open_clip itself; the fp32
     engines hold the 1e-5 bar, the default int8 engine its own (test_engines_write_the_torch_engines_vectors)."""
@@ -195,7 +201,7 @@ def test_parquet_format_is_incremental_too(spark, tmp_path, local_conf):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]  # swap left nothing behind
 
 
-@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+@pytest.mark.parametrize("fmt", ["delta", pytest.param("parquet", marks=BY_PARQUET)])
 def test_each_run_reconciles_only_the_rows_of_the_folder_it_lists(spark, tmp_path, local_conf, fmt):
     """Folders embedded one at a time into one table: a run plans new, changed and deleted files under the
     folder it lists and leaves the other folders' rows alone, also those of a folder whose name only
@@ -226,7 +232,7 @@ def test_each_run_reconciles_only_the_rows_of_the_folder_it_lists(spark, tmp_pat
     assert set(rows_by_path(spark, table, fmt)) == paths - {f"file:{f}" for f in gone}
 
 
-@pytest.mark.parametrize("fmt", ["delta", "parquet"])
+@pytest.mark.parametrize("fmt", ["delta", pytest.param("parquet", marks=BY_PARQUET)])
 def test_drop_root_deletes_that_folders_rows_and_forgets_it(spark, tmp_path, local_conf, fmt, capsys):
     data, table = tmp_path / "data", tmp_path / "t"
     folders = {name: write_images(data / name, 2, seed=i) for i, name in enumerate(("A", "AB", "it's 50%_"))}
@@ -369,6 +375,7 @@ def test_relative_paths_from_the_working_folder_as_a_real_process(tmp_path):
     assert (tmp_path / "tags" / "_delta_log").is_dir()
 
 
+@BY_PARITY
 def test_engines_write_the_torch_engines_vectors(spark, tmp_path, local_conf):
     write_images(tmp_path / "img", 10)
     cache = f"embed.onnx_cache={tmp_path / 'onnx'}"

@@ -11,6 +11,7 @@ from datetime import datetime
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from conftest import ROOT, write_images
 
 from lakelens import config, delta_sql, path_id
@@ -141,6 +142,7 @@ def test_incremental_tagging_by_the_change_feed(spark, tmp_path, capsys):
     assert cal.thresholds_for(load_vocab(vocab_file), "lakelens-tiny@none", "simple", 1.0)[1].startswith("calibrated")
 
 
+@pytest.mark.connect_covered("test_tags_job.py::test_incremental_tagging_by_the_change_feed")
 def test_a_run_that_keeps_no_tag_is_remembered(spark, tmp_path):
     """A threshold no image reaches (cosine 1; the images are the tags' opposites) writes no tag row: the
     run is still the last run, so the next one on the unchanged table does nothing and a later one scores
