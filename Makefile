@@ -8,10 +8,11 @@ setup:
 demo: setup
 	$(PY) -m lakelens.cli demo --conf conf/local.yaml
 
-# the whole suite on a classic session, then the job tests again through a Spark Connect server
+# the whole suite on a classic session, then the job tests again through a Spark Connect server; each half
+# ends with its 25 slowest steps, to see where the suite's time goes
 test: setup
-	$(PY) -m pytest -q tests
-	LAKELENS_TEST_SPARK=connect $(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+	LAKELENS_TEST_SPARK=connect $(PY) -m pytest -q --durations=25 tests
 
 # the quick lane (pyproject.toml's markers): every test that starts no JVM (no Spark session, no Spark
 # process) and no browser, less the few marked slow
