@@ -15,7 +15,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from lakelens.errors import ConfigError, IdCollisionError
+from lakelens.errors import ConfigError
 from lakelens.ingest.listing import list_files, millis_to_times
 from lakelens.ingest.paths import is_remote, root_of, to_local
 from lakelens.ingest.shards import ShardError, member_path, read_members
@@ -198,23 +198,7 @@ def plan_containers(table: EmbeddingsTable, listing: DataFrame, root: str, model
                          | both["stale"].astype("boolean").fillna(False).astype(bool))
     to_read = both[is_new | changed][["path", "size_bytes", "millis"]].reset_index(drop=True)
     return ContainerPlan(listed[["path", "size_bytes", "millis"]], to_read, int(is_new.sum()), int(changed.sum()),
-                     int((~is_new & ~changed).sum()), deleted, sorted(both.loc[changed, "path"]))
-
-
-def check_member_ids(table: EmbeddingsTable, rows: DataFrame) -> None:
-    """Raise IdCollisionError when two of the chunk's paths, or one of them and a kept row's path, share an
-    id (64-bit: members are known only once their shards are read)."""
-    ids = rows.select("id", "path")
-    clash = ids.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths")) \
-        .where("n > 1").limit(3).collect()
-    found = [(r["id"], r["paths"]) for r in clash]
-    if not found and table.exists():
-        kept = table.read().select("id", F.col("path").alias("other"))
-        found = [(r["id"], [r["path"], r["other"]]) for r in
-                 ids.join(kept, "id").where(F.col("path") != F.col("other")).limit(3).collect()]
-    if found:
-        detail = "; ".join(f"id {i}: {sorted(ps)}" for i, ps in found[:3])
-        raise IdCollisionError(f"64-bit path ids collide, nothing was written: {detail}")
+                         int((~is_new & ~changed).sum()), deleted, sorted(both.loc[changed, "path"]))
 
 
 def container_chunks(containers: pd.DataFrame, images: int) -> Iterator[pd.DataFrame]:
@@ -294,7 +278,7 @@ def run_containers(job, spec, source: ContainerSource, stats, log, ready: Callab
                         F.current_timestamp().alias("embedded_at"))
                 .localCheckpoint(eager=True))
         counts = rows.agg(F.count(F.lit(1)).alias("n"), F.count(F.col("embedding")).alias("ok")).first()
-        check_member_ids(table, rows)
+        table.check_ids(rows)  # members' ids are known only once their shards are read
         embed_s = time.time() - t
         phases["embed"] = phases.get("embed", 0.0) + embed_s
         again = [p for p in chunk["path"] if p in changed]
