@@ -11,7 +11,6 @@ import pandas as pd
 from lakelens.errors import QueryError
 from lakelens.index.keyword import KeywordIndex, TagStore
 from lakelens.search.query import ParsedQuery
-from lakelens.search.results import MAX_K
 
 
 class KeywordSide:
@@ -81,11 +80,6 @@ def holding(side: KeywordSide, phrases: list, ids: np.ndarray) -> np.ndarray:
     for phrase in phrases if len(among) else ():
         found = np.union1d(found, side.index.search([], [phrase], [], [], len(among), among)[1])
     return np.isin(ids, found)
-
-
-def check_limit(limit) -> None:
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_K:
-        raise QueryError(f"limit must be an integer between 1 and {MAX_K}, got {limit!r}")
 
 
 def tag_counts(side: KeywordSide, version: str, meta, q: ParsedQuery, found, limit: int) -> dict:

@@ -12,10 +12,22 @@ MAX_K = 10_000
 RESULT_COLUMNS = ["rank", "score", "id", "path"]
 
 
-def check_page(k, offset) -> tuple[int, int]:
-    """k and offset as Python ints (numpy's fail inside FAISS), or a QueryError."""
+def check_offset(offset) -> int:
+    """A page's offset as a Python int, or a QueryError."""
     if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
         raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
+    return int(offset)
+
+
+def check_limit(limit) -> None:
+    """A listing's page size (tag counts, duplicate groups): 1 to MAX_K, or a QueryError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_K:
+        raise QueryError(f"limit must be an integer between 1 and {MAX_K}, got {limit!r}")
+
+
+def check_page(k, offset) -> tuple[int, int]:
+    """k and offset as Python ints (numpy's fail inside FAISS), or a QueryError."""
+    check_offset(offset)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k + offset > MAX_K:
         raise QueryError(f"k must be an integer between 1 and {MAX_K} (k + offset at most {MAX_K}), "
                          f"got k={k!r}, offset={offset!r}")

@@ -24,10 +24,10 @@ from lakelens.search import query_vectors
 from lakelens.search.fusion import fused_blocks, hybrid_frame
 from lakelens.search.groups import GroupsFile
 from lakelens.search.idcache import ID_CACHE_BYTES, IdCache
-from lakelens.search.keyword_side import allowed_ids, browse, check_limit, decorate, holding, need, tag_counts
+from lakelens.search.keyword_side import allowed_ids, browse, decorate, holding, need, tag_counts
 from lakelens.search.query import ParsedQuery, check_mode, parse_query
 from lakelens.search.query_vectors import QUERY_MAX_PIXELS, combine, query_vector
-from lakelens.search.results import MAX_K, check_page, first_rows, hits_frame, skip
+from lakelens.search.results import MAX_K, check_limit, check_offset, check_page, first_rows, hits_frame, skip
 from lakelens.search.selectors import prefix_ids, search_vectors
 from lakelens.search.versions import LoadedVersion, image_details, load_version, stored_vector, stored_vectors
 
@@ -265,10 +265,9 @@ class Searcher:
     def duplicate_groups(self, offset: int = 0, limit: int = 20) -> dict:
         """Groups of near copies, largest first: {"total", "groups": [{"group", "size", "members": [...]}],
         "index_version", "notes"}; members are (id, path, similarity, representative), representative first."""
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-            raise QueryError(f"offset must be an integer >= 0, got {offset!r}")
+        offset = check_offset(offset)
         check_limit(limit)
-        return self._groups.read().listing(int(offset), int(limit), self.version)
+        return self._groups.read().listing(offset, limit, self.version)
 
     def search_image(self, image: str | Path | bytes, k: int = 10, **kw) -> pd.DataFrame:
         st = self._state
