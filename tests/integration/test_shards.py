@@ -15,7 +15,7 @@ from conftest import encode, noise_image
 from PIL import Image
 from webdataset import member_bytes, sample_image, write_shard
 
-from lakelens import EmbedJob, IndexJob, Searcher, path_id
+from lakelens import EmbedJob, IdCollisionError, IndexJob, Searcher, path_id
 from lakelens.ingest.shards import TRUNCATED_SHARD, read_members
 from lakelens.ingest.storage import StorageError, read_located
 from lakelens.web.thumbs import ThumbCache, ThumbError, render
@@ -262,8 +262,6 @@ def test_a_member_whose_id_a_kept_row_holds_stops_the_run_and_nothing_is_written
     """A new shard's member whose 64-bit id a kept row of another path already has (what a hash collision
     looks like; forged here) is refused before its chunk is committed."""
     from conftest import local_config
-
-    from lakelens import IdCollisionError
 
     shards, table = tmp_path / "shards", tmp_path / "t"
     write_shard(shards, 0, [0, 1])

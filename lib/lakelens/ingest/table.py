@@ -342,12 +342,14 @@ class EmbeddingsTable:
         """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id; at
         most three clashes come back. Listed paths against each other: on the driver for a listing held
         there (`local`), else on the executors. Against the kept rows: a join on id, so the table is read
-        once and never grouped (its own ids were checked when they were written)."""
+        once and never grouped (its own ids were checked when they were written). Rows that carry their
+        `id` already (a chunk about to be written) are checked by it, not by computing it again."""
         if local is not None:
             ids = pd.DataFrame({"id": [path_id(p) for p in local["path"]], "path": local["path"]})
             dup = ids[ids["id"].duplicated(keep=False)].groupby("id")["path"].agg(sorted)
             _raise_collisions(list(dup.items())[:3])
-        listed = listing.select("path").withColumn("id", path_id_col())
+        listed = (listing.select("path", "id") if "id" in listing.columns
+                  else listing.select("path").withColumn("id", path_id_col()))
         if local is None:
             clash = (listed.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths"))
                      .where("n > 1").limit(3).collect())
