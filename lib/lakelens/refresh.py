@@ -35,7 +35,7 @@ class RefreshResult:
             "status": "ok", "changed": bool(e.get("embedded") or e.get("failed") or e.get("deleted") or i.get("built")),
             "embed": {k: e.get(k) for k in ("new", "changed", "deleted", "unchanged", "embedded", "failed")},
             "table_version": e.get("table_version"),
-            "tag": {k: self.tag.get(k) for k in ("mode", "scored", "removed", "tag_rows")} if self.tag else None,
+            "tag": {k: self.tag.get(k) for k in ("mode", "scored", "removed", "tag_rows", "tags")} if self.tag else None,
             "index": {k: i.get(k) for k in ("version", "built", "build", "build_reason", "rows", "factory", "deltas",
                                              "tombstones")},
             "seconds": {k: round(v, 2) for k, v in self.seconds.items()},

@@ -1,13 +1,18 @@
 """The package as a user gets it: the wheel built from this checkout, `pip install`ed with its declared
-dependencies (no extras) into a fresh venv, runs embed -> tag -> index -> search from a folder outside the
-checkout, with the built-in vocabulary and the defaults that ship inside the wheel.
+dependencies (no extras) into a venv, runs embed -> tag -> index (one `lakelens refresh`) and search from a
+folder outside the checkout, with the built-in vocabulary and the defaults that ship inside the wheel.
 
 The dependencies come from a wheelhouse, not from the network at install time: `pip wheel` fills it once per
 set of declared dependencies and pins (about 3.4 GB, torch's CUDA build with its nvidia packages; a few
 minutes), in $LAKELENS_WHEELHOUSE or ~/.cache/lakelens/wheelhouse, so that each run does not fetch it again.
 pip still resolves the wheel's own Requires-Dist against it (--no-index, requirements.txt's pins as
 constraints): a dependency the wheel forgets to declare is not installed, and the commands fail.
-`--no-compile` skips byte-compiling torch's files, the bulk of an install's time here."""
+`--no-compile` skips byte-compiling torch's files, the bulk of an install's time here.
+
+The venv is kept too, beside the wheelhouse it was filled from: made once per set of declared dependencies,
+pins and interpreter, it holds those dependencies and nothing else (about 6 GB; installing them takes about a
+minute). Each run installs the wheel into it afresh, pip again resolving the wheel's declared dependencies
+against what is there, and uninstalls it afterwards."""
 
 from __future__ import annotations
 
@@ -98,16 +103,25 @@ def run(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
     return res
 
 
-@pytest.fixture
-def venv(tmp_path):
-    """A fresh venv, removed afterwards: torch's CUDA build makes it 6 GB."""
-    folder = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", folder], timeout=300)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+def deps_venv(house: Path, pins: Path, wheel: Path) -> Path:
+    """A venv holding the dependencies `wheel` declares (resolved under `pins` from `house`) and nothing else;
+    made once per wheelhouse and interpreter (a venv cannot move: it is made where it stays), `complete`
+    marks it whole. Returned without lakelens in it."""
+    tag = hashlib.sha256(f"{sys.version}\n{os.path.realpath(sys.executable)}".encode()).hexdigest()[:12]
+    folder = house / f"venv-{tag}"
+    py = folder / "bin" / "python"
+    if not (folder / "complete").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        run([sys.executable, "-m", "venv", folder], timeout=300)
+        run([py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house, "-c", pins,
+             wheel], timeout=1800)
+        (folder / "complete").write_text(f"{sys.version}\n")
+    # a run stopped before its clean-up leaves lakelens behind: this run installs its own wheel
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "lakelens"], capture_output=True, timeout=300)
+    return folder
 
 
-def test_the_wheel_installs_with_its_dependencies_and_runs_embed_index_search_and_tag(tmp_path, venv):
+def test_the_wheel_installs_with_its_dependencies_and_runs_embed_index_search_and_tag(tmp_path):
     jars = jars_folder()
     if jars is None:
         pytest.fail("no Delta jars (make setup fetches them into build/jars)")
@@ -116,8 +130,17 @@ def test_the_wheel_installs_with_its_dependencies_and_runs_embed_index_search_an
     assert wheel.name == f"lakelens-{version}-py3-none-any.whl"
     pins = constraints(tmp_path / "build")
     house = wheelhouse(wheel, pins)
+    venv = deps_venv(house, pins, wheel)
+    try:
+        installed_and_run(tmp_path, venv, house, pins, wheel, version, jars)
+    finally:
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", "lakelens"],
+                       capture_output=True, timeout=300)
 
+
+def installed_and_run(tmp_path: Path, venv: Path, house: Path, pins: Path, wheel: Path, version: str, jars: str):
     py, lakelens = venv / "bin" / "python", venv / "bin" / "lakelens"
+    assert not lakelens.exists()
     run([py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house, "-c", pins, wheel],
         timeout=1800)
     installed = {re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
@@ -151,14 +174,13 @@ def test_the_wheel_installs_with_its_dependencies_and_runs_embed_index_search_an
     images = write_images(work / "images", 6)
     (work / "conf.yaml").write_text(CONF)
     common = ["--conf", "conf.yaml"]
-    embedded = json.loads(cli("embed", "--images", "images", "--table", "emb", "--model", "lakelens-tiny",
-                              "--pretrained", "none", "--json", *common).splitlines()[-1])
+    # embed -> tag -> index as a scheduled refresh runs them: every job from the wheel, in one JVM
+    line = json.loads(cli("refresh", "--images", "images", "--table", "emb", "--index", "idx", "--tags", "tags",
+                          "--vocab", "shapes", "--model", "lakelens-tiny", "--pretrained", "none",
+                          "--set", "tag.threshold=-1", "--set", "tag.max_tags=2", *common).splitlines()[-1])
+    embedded, tagged, indexed = line["embed"], line["tag"], line["index"]
     assert embedded["embedded"] == 6 and embedded["failed"] == 0
-    tagged = json.loads(cli("tag", "--table", "emb", "--tags", "tags", "--vocab", "shapes", "--threshold", "-1",
-                            "--max-tags", "2", *common).splitlines()[-1])
     assert (tagged["scored"], tagged["tag_rows"], tagged["tags"]) == (6, 12, 15)
-    indexed = json.loads(cli("index", "--table", "emb", "--index", "idx", "--tags", "tags", "--vocab", "shapes",
-                             "--json", *common).splitlines()[-1])
     assert indexed["built"] and indexed["rows"] == 6
     found = json.loads(cli("search", "--index", "idx", "a large red circle", "-k", "3", "--mode", "hybrid", "--json"))
     shapes = set(load_vocab("shapes").tags)
