@@ -12,10 +12,12 @@ constraints): a dependency the wheel forgets to declare is not installed, and th
 The venv is kept too, beside the wheelhouse it was filled from: made once per set of declared dependencies,
 pins and interpreter, it holds those dependencies and nothing else (about 6 GB; installing them takes about a
 minute). Each run installs the wheel into it afresh, pip again resolving the wheel's declared dependencies
-against what is there, and uninstalls it afterwards."""
+against what is there, and uninstalls it afterwards; a lock beside it makes a second test run on the machine
+wait for the first."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -130,12 +132,14 @@ def test_the_wheel_installs_with_its_dependencies_and_runs_embed_index_search_an
     assert wheel.name == f"lakelens-{version}-py3-none-any.whl"
     pins = constraints(tmp_path / "build")
     house = wheelhouse(wheel, pins)
-    venv = deps_venv(house, pins, wheel)
-    try:
-        installed_and_run(tmp_path, venv, house, pins, wheel, version, jars)
-    finally:
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", "lakelens"],
-                       capture_output=True, timeout=300)
+    with open(house / "venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one run at a time in the kept venv: a second test run here waits
+        venv = deps_venv(house, pins, wheel)
+        try:
+            installed_and_run(tmp_path, venv, house, pins, wheel, version, jars)
+        finally:
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", "lakelens"],
+                           capture_output=True, timeout=300)
 
 
 def installed_and_run(tmp_path: Path, venv: Path, house: Path, pins: Path, wheel: Path, version: str, jars: str):
