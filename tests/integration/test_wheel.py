@@ -105,6 +105,17 @@ def run(cmd: list, timeout: float, **kw) -> subprocess.CompletedProcess:
     return res
 
 
+def pip_install(py: Path, house: Path, pins: Path, wheel: Path) -> None:
+    """`wheel` and the dependencies it declares, from the wheelhouse alone, under the pins."""
+    run([py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house, "-c", pins, wheel],
+        timeout=1800)
+
+
+def uninstall_lakelens(py: Path) -> None:
+    """lakelens out of the kept venv (nothing to do when it is not there)."""
+    subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "lakelens"], capture_output=True, timeout=300)
+
+
 def deps_venv(house: Path, pins: Path, wheel: Path) -> Path:
     """A venv holding the dependencies `wheel` declares (resolved under `pins` from `house`) and nothing else;
     made once per wheelhouse and interpreter (a venv cannot move: it is made where it stays), `complete`
@@ -115,11 +126,10 @@ def deps_venv(house: Path, pins: Path, wheel: Path) -> Path:
     if not (folder / "complete").is_file():
         shutil.rmtree(folder, ignore_errors=True)
         run([sys.executable, "-m", "venv", folder], timeout=300)
-        run([py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house, "-c", pins,
-             wheel], timeout=1800)
+        pip_install(py, house, pins, wheel)
         (folder / "complete").write_text(f"{sys.version}\n")
     # a run stopped before its clean-up leaves lakelens behind: this run installs its own wheel
-    subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "lakelens"], capture_output=True, timeout=300)
+    uninstall_lakelens(py)
     return folder
 
 
@@ -138,15 +148,13 @@ def test_the_wheel_installs_with_its_dependencies_and_runs_embed_index_search_an
         try:
             installed_and_run(tmp_path, venv, house, pins, wheel, version, jars)
         finally:
-            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", "lakelens"],
-                           capture_output=True, timeout=300)
+            uninstall_lakelens(venv / "bin" / "python")
 
 
 def installed_and_run(tmp_path: Path, venv: Path, house: Path, pins: Path, wheel: Path, version: str, jars: str):
     py, lakelens = venv / "bin" / "python", venv / "bin" / "lakelens"
     assert not lakelens.exists()
-    run([py, "-m", "pip", "install", "-q", "--no-compile", "--no-index", "--find-links", house, "-c", pins, wheel],
-        timeout=1800)
+    pip_install(py, house, pins, wheel)
     installed = {re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
                  for line in run([py, "-m", "pip", "list", "--format=freeze"], timeout=120).stdout.split()}
     assert {"lakelens", "torch", "pyspark", "delta-spark", "onnxruntime"} <= installed
