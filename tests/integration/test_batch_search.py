@@ -84,6 +84,7 @@ def single_is_empty(site, text):
     return Searcher.open(site.index).search_text(text, k=5).empty
 
 
+@pytest.mark.connect_covered("test_batch_search.py::test_batch_queries_equal_single_queries")
 def test_batch_query_ids_missing_or_repeated(spark, site, tmp_path):
     """Each query is searched on its own: a missing query_id is the query's row number in the file (from 0),
     a query_id given twice is an error row for each of them, one that is not an integer an error row."""

@@ -129,6 +129,7 @@ def test_a_table_made_before_nullable_elements_reads_after_the_documented_rewrit
 
 
 
+@pytest.mark.connect_covered("test_delta_readers.py::test_delta_rs_reads_every_table_and_the_change_feeds_as_spark_does")
 def test_delta_rs_reads_the_embeddings_table_after_drop_root(spark, tmp_path, local_conf):
     """`lakelens embed --drop-root`: a DELETE and a table property change; delta-rs reads the rows and the
     feed as Spark does."""

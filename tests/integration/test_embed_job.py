@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -32,6 +30,17 @@ def delta_version(spark, table):
     return tables.EmbeddingsTable(spark, str(table)).version()
 
 
+# the Connect half leaves these out: the named test runs the same Spark path through Connect
+# (the torch engine and the engines test: every engine runs inside the same pandas UDF)
+BY_PARITY = pytest.mark.connect_covered("test_embed_job.py::test_parity_with_a_plain_open_clip_loop[onnx]")
+BY_PARQUET = pytest.mark.connect_covered("test_embed_job.py::test_parquet_format_is_incremental_too")
+# runs whose client-side lines (coverage.py, per test) another job test of the Connect half runs too, on
+# data the server treats alike (docs/decisions/test-suite-time.md)
+BY_RESUME = pytest.mark.connect_covered("test_embed_job.py::test_resume_after_a_crashed_run")
+BY_DROP_ROOT = pytest.mark.connect_covered("test_embed_job.py::test_drop_root_deletes_that_folders_rows_and_forgets_it[delta]")
+
+
+@BY_RESUME
 def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
     write_images(tmp_path / "img", 6)
     run(spark, local_conf(tmp_path / "img", tmp_path / "t"))
@@ -60,12 +69,6 @@ def test_schema_ids_and_change_data_feed(spark, tmp_path, local_conf):
         assert r["size_bytes"] == os.path.getsize(local) and r["width"] == Image.open(local).width
 
 
-# the Connect half leaves these out: the named test runs the same Spark path through Connect
-# (the torch engine and the engines test: every engine runs inside the same pandas UDF)
-BY_PARITY = pytest.mark.connect_covered("test_embed_job.py::test_parity_with_a_plain_open_clip_loop[onnx]")
-BY_PARQUET = pytest.mark.connect_covered("test_embed_job.py::test_parquet_format_is_incremental_too")
-
-
 @pytest.mark.parametrize("engine", [pytest.param("torch", marks=BY_PARITY), "onnx"])
 def test_parity_with_a_plain_open_clip_loop(spark, tmp_path, local_conf, engine):
     """The job's plumbing (files, decoding, preprocessing, rows) against open_clip itself; the fp32
@@ -88,6 +91,7 @@ def test_parity_with_a_plain_open_clip_loop(spark, tmp_path, local_conf, engine)
     assert worst < 1e-5
 
 
+@BY_RESUME
 def test_incremental_add_change_delete_and_idempotent_rerun(spark, tmp_path, local_conf):
     img, table = tmp_path / "img", tmp_path / "t"
     files = write_images(img, 8)
@@ -201,7 +205,7 @@ def test_parquet_format_is_incremental_too(spark, tmp_path, local_conf):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]  # swap left nothing behind
 
 
-@pytest.mark.parametrize("fmt", ["delta", pytest.param("parquet", marks=BY_PARQUET)])
+@pytest.mark.parametrize("fmt", [pytest.param("delta", marks=BY_DROP_ROOT), pytest.param("parquet", marks=BY_PARQUET)])
 def test_each_run_reconciles_only_the_rows_of_the_folder_it_lists(spark, tmp_path, local_conf, fmt):
     """Folders embedded one at a time into one table: a run plans new, changed and deleted files under the
     folder it lists and leaves the other folders' rows alone, also those of a folder whose name only
@@ -221,14 +225,15 @@ def test_each_run_reconciles_only_the_rows_of_the_folder_it_lists(spark, tmp_pat
     if fmt == "delta":
         assert tables.EmbeddingsTable(spark, str(table)).image_roots() == sorted(f"file:{data / n}/" for n in folders)
 
-    again = embed("A")  # the first folder again, after the others: theirs stay
-    assert (again.new, again.changed, again.deleted, again.unchanged) == (0, 0, 0, 3)
-    assert set(rows_by_path(spark, table, fmt)) == paths
-
+    # a file gone from A and one from x_y: each folder's run again, after the others, deletes its own and
+    # counts only its own as unchanged; AB's and xzy's rows stay
     gone = [folders["A"][0], folders["x_y"][0]]
     for f in gone:
         f.unlink()
-    assert [embed(name).deleted for name in ("A", "x_y", "xzy", "AB", "50%")] == [1, 1, 0, 0, 0]
+    again = embed("A")
+    assert (again.new, again.changed, again.deleted, again.unchanged) == (0, 0, 1, 2)
+    again = embed("x_y")
+    assert (again.new, again.changed, again.deleted, again.unchanged) == (0, 0, 1, 1)
     assert set(rows_by_path(spark, table, fmt)) == paths - {f"file:{f}" for f in gone}
 
 
@@ -287,6 +292,7 @@ def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk
         assert len(rows_by_path(spark, table)) == 4  # nothing half-written
 
 
+@BY_RESUME
 def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
     img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 3)
@@ -350,29 +356,28 @@ def test_cli_embed_json_and_bad_config(spark, tmp_path, capsys):
     assert "embed.images" in capsys.readouterr().err
 
 
-def test_relative_paths_from_the_working_folder_as_a_real_process(tmp_path):
+def test_relative_paths_are_read_against_the_working_folder(spark, tmp_path, monkeypatch, capsys):
     """`lakelens embed --images A --table T`, then `lakelens refresh --images B --table T --index I ...` from
     the folder holding them, as a user types it: every relative path is read against the working folder,
-    the second run into the table included (Delta's SQL names a table by an absolute path only)."""
+    the second run into the table included (Delta's SQL names a table by an absolute path only). The
+    commands run in this process, whose working folder is not the Spark JVM's (nor the Connect server's):
+    a relative path that reached Spark would be read against the wrong folder."""
     write_images(tmp_path / "A", 2)
     write_images(tmp_path / "B", 2, seed=1)
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "LAKELENS_LOCK_DIR": str(tmp_path / "locks")}
-
-    def cli(*argv):
-        return subprocess.run([str(ROOT / ".venv" / "bin" / "lakelens"), *argv, "--conf", str(ROOT / "conf" / "local.yaml")],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-
-    first = cli("embed", "--images", "A", "--table", "T")
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = cli("refresh", "--images", "B", "--table", "T", "--index", "I", "--tags", "tags",
-                 "--vocab", "shapes", "--set", "tag.threshold=-1")
-    assert second.returncode == 0, second.stderr[-3000:]
-    line = json.loads(second.stdout.strip().splitlines()[-1])
+    monkeypatch.setenv("LAKELENS_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.chdir(tmp_path)
+    conf = ["--conf", str(ROOT / "conf" / "local.yaml")]
+    assert main(["embed", "--images", "A", "--table", "T", *conf]) == 0
+    assert main(["refresh", "--images", "B", "--table", "T", "--index", "I", "--tags", "tags",
+                 "--vocab", "shapes", "--set", "tag.threshold=-1", *conf]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["embed"]["new"] == 2 and line["embed"]["deleted"] == 0 and line["index"]["rows"] == 4
     manifest = json.loads((tmp_path / "I" / line["index"]["version"] / "manifest.json").read_text())
     assert manifest["source"]["table"] == str(tmp_path / "T")
     assert manifest["source"]["image_roots"] == [f"file:{tmp_path / 'A'}/", f"file:{tmp_path / 'B'}/"]
     assert (tmp_path / "tags" / "_delta_log").is_dir()
+    assert {r["path"] for r in spark.read.format("delta").load(str(tmp_path / "T")).collect()} == {
+        f"file:{f}" for f in sorted((tmp_path / "A").iterdir()) + sorted((tmp_path / "B").iterdir())}
 
 
 @BY_PARITY

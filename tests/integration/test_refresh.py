@@ -1,5 +1,6 @@
 """`scripts/refresh.sh`, the exact command of the cron line and the Airflow DAG (docs/scheduling.md):
-its JSON line, exit codes and lock, run as a scheduler runs it (a fresh process each time)."""
+its JSON line, exit codes and lock, run as a scheduler runs it (a fresh process); the runs after the first
+go through the same command in this process (`lakelens refresh` on the shared session), one JVM less each."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 
 from conftest import ROOT, write_images
 
+from lakelens.cli import main
 from lakelens.refresh import refresh_lock
 
 SCRIPT = ROOT / "scripts" / "refresh.sh"
@@ -23,7 +25,14 @@ def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_refresh_script_json_line_exit_codes_and_lock(tmp_path, monkeypatch):
+def in_process(capsys, img, table, index, *flags) -> dict:
+    """What the script runs, `lakelens refresh --conf ... --images --table --index ...`, in this process."""
+    assert main(["refresh", "--conf", str(ROOT / "conf" / "local.yaml"), "--images", str(img), "--table", str(table),
+                 "--index", str(index), *map(str, flags)]) == 0
+    return last_json(capsys.readouterr().out)
+
+
+def test_refresh_script_json_line_exit_codes_and_lock(spark, tmp_path, monkeypatch, capsys):
     img, table, index = tmp_path / "img", tmp_path / "table", tmp_path / "index"
     write_images(img, 6)
     first = run(tmp_path, img, table, index)
@@ -33,15 +42,15 @@ def test_refresh_script_json_line_exit_codes_and_lock(tmp_path, monkeypatch):
     assert line["embed"]["embedded"] == 6 and line["index"]["build"] == "full" and line["index"]["rows"] == 6
     assert set(line["seconds"]) == {"embed", "index", "total"} and line["table_version"] >= 1
 
-    again = run(tmp_path, img, table, index)
-    assert again.returncode == 0 and last_json(again.stdout)["changed"] is False
-    assert last_json(again.stdout)["index"]["build"] == "none"
+    monkeypatch.setenv("LAKELENS_LOCK_DIR", str(tmp_path / "locks"))
+    again = in_process(capsys, img, table, index)
+    assert again["changed"] is False and again["index"]["build"] == "none"
 
     write_images(img, 1, seed=5, start=100)
     # with a vocabulary, the refresh tags between embedding and indexing and the version gets a keyword index
     tags = tmp_path / "tags"
-    third = last_json(run(tmp_path, img, table, index, "--vocab", "shapes",
-                          "--tags", tags, "--set", "tag.threshold=-1", "--set", "tag.max_tags=2").stdout)
+    third = in_process(capsys, img, table, index, "--vocab", "shapes", "--tags", tags, "--set", "tag.threshold=-1",
+                       "--set", "tag.max_tags=2")
     assert third["embed"]["embedded"] == 1 and third["index"]["build"] == "incremental"
     assert third["index"]["rows"] == 7 and third["index"]["version"] == "v0002"
     assert third["tag"]["scored"] == 7 and third["tag"]["tag_rows"] == 14 and "tag" in third["seconds"]
@@ -49,7 +58,6 @@ def test_refresh_script_json_line_exit_codes_and_lock(tmp_path, monkeypatch):
     assert manifest["keywords"]["documents"] == 7 and manifest["keywords"]["tag_rows"] >= 14
 
     # a second scheduled run while one is running exits at once, non-zero, with one clear line
-    monkeypatch.setenv("LAKELENS_LOCK_DIR", str(tmp_path / "locks"))
     with refresh_lock(str(index)):
         busy = run(tmp_path, img, table, index)
     assert busy.returncode == 2 and "is in use by pid" in busy.stderr and "Traceback" not in busy.stderr

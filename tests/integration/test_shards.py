@@ -258,6 +258,8 @@ def test_deleting_every_shard_drops_their_rows_though_img2dataset_metadata_stays
     assert gone.deleted == 2 and rows_by_path(spark, tmp_path / "t") == {}
 
 
+@pytest.mark.connect_covered(
+    "test_shards.py::test_deleting_every_shard_drops_their_rows_though_img2dataset_metadata_stays")
 def test_a_member_whose_id_a_kept_row_holds_stops_the_run_and_nothing_is_written(spark, tmp_path):
     """A new shard's member whose 64-bit id a kept row of another path already has (what a hash collision
     looks like; forged here) is refused before its chunk is committed."""
