@@ -134,12 +134,24 @@ def connect_server(jvm_start):
         os.environ["SPARK_REMOTE"] = before
 
 
+def suite_jit(conf) -> None:
+    """The shared session lives for the whole run: it gets the JVM's full JIT (C1 and C2), as the Connect
+    server does, not conf/local.yaml's C1 alone, which suits short runs (the demo, one job). Job and
+    caption tests (31), two rounds on the 2-core EPYC: 345 and 372 s with C1 alone, 289 and 321 s with both
+    (docs/decisions/test-suite-time.md)."""
+    key = "spark.driver.extraJavaOptions"
+    if key in conf.spark.extra:
+        conf.spark.extra[key] = " ".join(o for o in conf.spark.extra[key].split()
+                                         if not o.startswith("-XX:TieredStopAtLevel="))
+
+
 @pytest.fixture(scope="session")
 def spark(jvm_start, request):
     from lakelens import config
     from lakelens.spark import find_s3_jars, get_session, is_connect
 
     conf = config.load(ROOT / "conf" / "local.yaml")
+    suite_jit(conf)
     if SPARK_MODE == "connect":
         request.getfixturevalue("connect_server")
         session, owned = get_session(conf.spark)

@@ -292,7 +292,6 @@ def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk
         assert len(rows_by_path(spark, table)) == 4  # nothing half-written
 
 
-@BY_RESUME
 def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
     img, table = tmp_path / "img", tmp_path / "t"
     write_images(img, 3)

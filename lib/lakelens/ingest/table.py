@@ -174,6 +174,9 @@ class Plan:
 
 # Chunks sized by time grow to at most this many times embed.chunk_size.
 MAX_CHUNK_GROWTH = 10
+# A listing held on the driver of at most this many files is checked against the kept ids as literals
+# (EmbeddingsTable.check_ids): one filtered scan instead of a join, half the time of a small run's check.
+SMALL_LISTING = 1000
 
 
 @dataclass
@@ -344,6 +347,7 @@ class EmbeddingsTable:
         there (`local`), else on the executors. Against the kept rows: a join on id, so the table is read
         once and never grouped (its own ids were checked when they were written). Rows that carry their
         `id` already (a chunk about to be written) are checked by it, not by computing it again."""
+        ids = None
         if local is not None:
             ids = pd.DataFrame({"id": [path_id(p) for p in local["path"]], "path": local["path"]})
             dup = ids[ids["id"].duplicated(keep=False)].groupby("id")["path"].agg(sorted)
@@ -354,10 +358,19 @@ class EmbeddingsTable:
             clash = (listed.groupBy("id").agg(F.countDistinct("path").alias("n"), F.collect_set("path").alias("paths"))
                      .where("n > 1").limit(3).collect())
             _raise_collisions([(r["id"], r["paths"]) for r in clash])
-        if self.exists():
-            kept = self.read().select("id", F.col("path").alias("kept"))
-            clash = listed.join(kept, "id").where(F.col("path") != F.col("kept")).limit(3).collect()
-            _raise_collisions([(r["id"], [r["path"], r["kept"]]) for r in clash])
+        if not self.exists():
+            return
+        kept = self.read().select("id", F.col("path").alias("kept"))
+        if ids is not None and len(ids) <= SMALL_LISTING:
+            # a small listing on the driver (a scheduled run's few new files): its ids and paths as literals, one
+            # filtered scan and no join. A kept row with a listed id and a path not listed is a clash (two listed
+            # paths of one id were refused above); the table's ids are unique, so at most len(ids) rows return.
+            by_id = dict(zip(ids["id"].tolist(), ids["path"].tolist()))
+            clash = kept.where(F.col("id").isin(list(by_id)) & ~F.col("kept").isin(list(by_id.values()))).collect()
+            _raise_collisions([(r["id"], [by_id[r["id"]], r["kept"]]) for r in clash][:3])
+            return
+        clash = listed.join(kept, "id").where(F.col("path") != F.col("kept")).limit(3).collect()
+        _raise_collisions([(r["id"], [r["path"], r["kept"]]) for r in clash])
 
     # --- writing -------------------------------------------------------------------------------
     def add_columns(self, names) -> None:
