@@ -292,19 +292,26 @@ def test_the_session_gets_its_settings_back_after_a_run_and_after_a_failed_chunk
         assert len(rows_by_path(spark, table)) == 4  # nothing half-written
 
 
-def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf):
+def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_conf, monkeypatch):
     img, table = tmp_path / "img", tmp_path / "t"
-    write_images(img, 3)
+    first = write_images(img, 3)[0]
     conf = local_conf(img, table)
     run(spark, conf)
     newcomer = write_images(img, 1, seed=4, start=20)[0]
-    # forge a row elsewhere whose id equals the newcomer's id: what a 64-bit hash collision looks like
-    ghost = spark.read.format("delta").load(str(table)).limit(1).drop("id", "path").selectExpr(
-        f"{path_id('file:' + str(newcomer))} as id", "'file:/elsewhere/ghost.png' as path", "*")
-    ghost.select(tables.COLUMNS).write.format("delta").mode("append").save(str(table))
+    # forge rows whose id equals the newcomer's id: one elsewhere, what a 64-bit hash collision looks like,
+    # and one at a listed file's path (a row whose id is not its path's)
+    ghosts = spark.read.format("delta").load(str(table)).limit(1).drop("id", "path").crossJoin(
+        spark.createDataFrame([("file:/elsewhere/ghost.png",), (f"file:{first}",)], "path string")).selectExpr(
+        f"{path_id('file:' + str(newcomer))} as id", "*")
+    ghosts.select(tables.COLUMNS).write.format("delta").mode("append").save(str(table))
     version = delta_version(spark, table)
-    with pytest.raises(IdCollisionError, match="ghost.png"):
-        run(spark, conf)
+    # a listing held on the driver is checked one way up to SMALL_LISTING files and another above: both
+    for small in (tables.SMALL_LISTING, 0):
+        monkeypatch.setattr(tables, "SMALL_LISTING", small)
+        with pytest.raises(IdCollisionError) as clash:
+            run(spark, conf)
+        assert "ghost.png" in str(clash.value) and f"{first.name}'" in str(clash.value), small
+        assert str(newcomer) in str(clash.value)
     assert delta_version(spark, table) == version
 
 

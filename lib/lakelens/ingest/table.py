@@ -345,7 +345,8 @@ class EmbeddingsTable:
         """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id; at
         most three clashes come back. Listed paths against each other: on the driver for a listing held
         there (`local`), else on the executors. Against the kept rows: a join on id, so the table is read
-        once and never grouped (its own ids were checked when they were written). Rows that carry their
+        once and never grouped (its own ids were checked when they were written); a listing held on the
+        driver of at most SMALL_LISTING files as literals in one filtered scan, which finds the same rows. Rows that carry their
         `id` already (a chunk about to be written) are checked by it, not by computing it again."""
         ids = None
         if local is not None:
@@ -363,10 +364,12 @@ class EmbeddingsTable:
         kept = self.read().select("id", F.col("path").alias("kept"))
         if ids is not None and len(ids) <= SMALL_LISTING:
             # a small listing on the driver (a scheduled run's few new files): its ids and paths as literals, one
-            # filtered scan and no join. A kept row with a listed id and a path not listed is a clash (two listed
-            # paths of one id were refused above); the table's ids are unique, so at most len(ids) rows return.
+            # filtered scan and no join. A kept row with a listed id is a clash unless it is that id's listed
+            # file: a path not listed, or a listed path whose id is not the row's (a row the join would flag
+            # too; two listed paths of one id were refused above). At most len(ids) rows of a sound table return.
             by_id = dict(zip(ids["id"].tolist(), ids["path"].tolist()))
-            clash = kept.where(F.col("id").isin(list(by_id)) & ~F.col("kept").isin(list(by_id.values()))).collect()
+            other = ~F.col("kept").isin(list(by_id.values())) | (path_id_col("kept") != F.col("id"))
+            clash = kept.where(F.col("id").isin(list(by_id)) & other).collect()
             _raise_collisions([(r["id"], [by_id[r["id"]], r["kept"]]) for r in clash][:3])
             return
         clash = listed.join(kept, "id").where(F.col("path") != F.col("kept")).limit(3).collect()
