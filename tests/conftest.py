@@ -180,6 +180,16 @@ def local_conf():
     return local_config
 
 
+def forge_kept_rows(spark, table, row_id: int, paths: list[str]) -> None:
+    """Append to the embeddings table at `table` copies of one of its rows, each with id `row_id` and one of
+    `paths`: what a 64-bit hash collision (or a row whose id is not its path's) looks like to the id check."""
+    from lakelens.ingest.table import COLUMNS
+
+    kept = spark.read.format("delta").load(str(table)).limit(1).drop("id", "path")
+    forged = kept.crossJoin(spark.createDataFrame([(p,) for p in paths], "path string"))
+    forged.selectExpr(f"{row_id} as id", "*").select(COLUMNS).write.format("delta").mode("append").save(str(table))
+
+
 def noise_image(seed: int, size=(80, 60), mode="RGB") -> Image.Image:
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, encode, noise_image, write_images
+from conftest import ROOT, encode, forge_kept_rows, noise_image, write_images
 from PIL import Image
 
 from lakelens import EmbedJob, IdCollisionError, path_id
@@ -300,10 +300,7 @@ def test_id_collision_is_detected_and_nothing_written(spark, tmp_path, local_con
     newcomer = write_images(img, 1, seed=4, start=20)[0]
     # forge rows whose id equals the newcomer's id: one elsewhere, what a 64-bit hash collision looks like,
     # and one at a listed file's path (a row whose id is not its path's)
-    ghosts = spark.read.format("delta").load(str(table)).limit(1).drop("id", "path").crossJoin(
-        spark.createDataFrame([("file:/elsewhere/ghost.png",), (f"file:{first}",)], "path string")).selectExpr(
-        f"{path_id('file:' + str(newcomer))} as id", "*")
-    ghosts.select(tables.COLUMNS).write.format("delta").mode("append").save(str(table))
+    forge_kept_rows(spark, table, path_id(f"file:{newcomer}"), ["file:/elsewhere/ghost.png", f"file:{first}"])
     version = delta_version(spark, table)
     # a listing held on the driver is checked one way up to SMALL_LISTING files and another above: both
     for small in (tables.SMALL_LISTING, 0):

@@ -263,7 +263,7 @@ def test_deleting_every_shard_drops_their_rows_though_img2dataset_metadata_stays
 def test_a_member_whose_id_a_kept_row_holds_stops_the_run_and_nothing_is_written(spark, tmp_path):
     """A new shard's member whose 64-bit id a kept row of another path already has (what a hash collision
     looks like; forged here) is refused before its chunk is committed."""
-    from conftest import local_config
+    from conftest import forge_kept_rows, local_config
 
     shards, table = tmp_path / "shards", tmp_path / "t"
     write_shard(shards, 0, [0, 1])
@@ -271,9 +271,7 @@ def test_a_member_whose_id_a_kept_row_holds_stops_the_run_and_nothing_is_written
     run(spark, conf)
     write_shard(shards, 1, [10000])
     newcomer = f"file:{shards}/00001.tar/000010000.jpg"
-    ghost = spark.read.format("delta").load(str(table)).limit(1).drop("id", "path").selectExpr(
-        f"{path_id(newcomer)} as id", "'file:/elsewhere/ghost.jpg' as path", "*")
-    ghost.write.format("delta").mode("append").save(str(table))
+    forge_kept_rows(spark, table, path_id(newcomer), ["file:/elsewhere/ghost.jpg"])
     version = spark.sql(f"DESCRIBE HISTORY delta.`{table}`").first()["version"]
     with pytest.raises(IdCollisionError, match="ghost.jpg"):
         run(spark, conf)
