@@ -465,3 +465,52 @@ def test_local_files_read_by_the_workers_keep_what_changed_after_the_listing(tmp
         assert meta["modificationTime"][i] == pd.Timestamp(p.stat().st_mtime_ns // 1_000_000, unit="ms", tz="UTC")
     assert errors[3] == "unreadable" and contents[3] == b"" and meta["length"][3] == 0
     assert pd.isna(meta["modificationTime"][3])
+
+
+@pytest.mark.classic_only  # a listing held on the driver: a classic session walks a local folder there
+def test_a_small_listing_is_planned_on_the_driver_as_spark_plans_it(spark, tmp_path, local_conf, monkeypatch):
+    """`plan_small` (a listing held on the driver, the table's rows brought to it in one query) classifies
+    every file as `plan` does on the executors: new, changed by size, time, model or missing regions,
+    deleted, unchanged, unread (empty, too large), with the same rows to write and the same paths to embed,
+    and leaves another folder's rows alone. Beyond its bounds it plans nothing."""
+    from lakelens.ingest.paths import root_of
+
+    images, table = tmp_path / "images", tmp_path / "t"
+    a, b = images / "a", images / "b"
+    write_images(a, 5)
+    (a / "broken.jpg").write_bytes(b"\xff\xd8\xff not an image")  # an error row: never short of regions
+    write_images(b, 2, seed=2)
+    for folder in (a, b):
+        run(spark, local_conf(folder, table))
+    (a / "im0000.png").unlink()  # deleted
+    (a / "im0001.jpg").write_bytes(encode(noise_image(99, size=(90, 70)), "JPEG"))  # changed
+    os.utime(a / "im0002.jpg", ns=(10**18, 10**18))  # touched: same size, another time
+    write_images(a, 1, seed=5, start=10)  # new
+    (a / "empty.jpg").write_bytes(b"")  # new, not read
+    (a / "large.png").write_bytes(encode(noise_image(7, size=(300, 300)), "PNG"))  # new, too large below
+    t = tables.EmbeddingsTable(spark, str(table))
+    listed = listing.list_files(spark, str(a))
+    key, root = models.ModelSpec.from_config(local_conf(a, table).model).key, root_of(str(a))
+    cases, found = [(key, False, 10**9), (key, True, 10**9), ("another-model", False, 100_000)], []
+    for model_key, regions, max_bytes in cases:
+        spark_plan = t.plan(listed.df, listed.count, model_key, max_bytes, regions, None, root=root)
+        driver_plan = t.plan_small(listed.local, model_key, max_bytes, regions, root=root)
+        counts = [(p.to_embed, p.unread, p.deleted, p.unchanged, p.new, p.changed)
+                  for p in (spark_plan, driver_plan)]
+        assert counts[0] == counts[1], (model_key, regions)
+        todo = [sorted(tuple(r) for r in p.todo.select("path", "size_bytes", "modified", "status", "error").collect())
+                for p in (spark_plan, driver_plan)]
+        assert todo[0] == todo[1], (model_key, regions)
+        assert [p for chunk in spark_plan.chunks(1000) for p in chunk] == driver_plan.paths
+        found.append({r[0].rsplit("/", 1)[1]: (r[3], r[4]) for r in todo[1]})
+    assert found[0] == {"im0000.png": ("deleted", None), "im0001.jpg": ("changed", None),
+                        "im0002.jpg": ("changed", None), "im0010.jpg": ("new", None),
+                        "empty.jpg": ("new", "empty file"), "large.png": ("new", None)}
+    # regions wanted: the embedded rows lack them, the error row does not
+    assert {n: s for n, s in found[1].items() if n not in found[0]} == {n: ("changed", None) for n in
+                                                                        ("im0003.png", "im0004.jpg")}
+    assert found[2]["large.png"] == ("new", "too large") and found[2]["broken.jpg"] == ("changed", None)
+    monkeypatch.setattr(tables, "SMALL_PLAN_ROWS", 3)  # more of the table's rows than it brings back
+    assert t.plan_small(listed.local, key, 10**9, root=root) is None
+    monkeypatch.setattr(tables, "SMALL_LISTING", 3)  # a larger listing
+    assert t.plan_small(listed.local, key, 10**9, root=root) is None

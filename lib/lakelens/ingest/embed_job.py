@@ -343,9 +343,12 @@ class EmbedJob(Job):
             with phase("list"):
                 listing = list_files(spark, c.images, c.path_glob)
             with phase("plan"):
-                table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
-                plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions, listing.local,
-                                  root=root)
+                if listing.local is not None:  # a small listing on the driver: ids and plan in one query
+                    plan = table.plan_small(listing.local, spec.key, c.max_file_bytes, c.regions, root=root)
+                if plan is None:
+                    table.check_ids(listing.df, listing.local)  # listed paths against each other and the rows kept
+                    plan = table.plan(listing.df, listing.count, spec.key, c.max_file_bytes, c.regions,
+                                      listing.local, root=root)
                 if c.format == "delta":
                     if c.regions:
                         with_retries(table.add_regions_column, c.commit_retries, "add the regions column", self.log)

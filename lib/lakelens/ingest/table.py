@@ -177,6 +177,8 @@ MAX_CHUNK_GROWTH = 10
 # A listing held on the driver of at most this many files is checked against the kept ids as literals
 # (EmbeddingsTable.check_ids): one filtered scan instead of a join, about a quarter less time for a small run's check.
 SMALL_LISTING = 1000
+# EmbeddingsTable.plan_small brings at most this many of the table's rows to the driver.
+SMALL_PLAN_ROWS = 4 * SMALL_LISTING
 
 
 @dataclass
@@ -327,6 +329,72 @@ class EmbeddingsTable:
         return Plan(todo=todo, to_embed=by_status[NEW] + by_status[CHANGED] - unread, unread=unread,
                     deleted=by_status[DELETED], unchanged=listed - by_status[NEW] - by_status[CHANGED],
                     new=by_status[NEW], changed=by_status[CHANGED])
+
+    def plan_small(self, local: pd.DataFrame, model_key: str, max_file_bytes: int, regions: bool = False, *,
+                   root: str) -> Plan | None:
+        """`check_ids` and `plan` of a listing held on the driver (`local`, sorted by path) of at most
+        SMALL_LISTING files, in one Spark query: the table's rows of image root `root` and its rows of a
+        listed id come to the driver (at most SMALL_PLAN_ROWS of them), which checks the ids and classifies
+        the files as `plan` does. None (nothing checked, nothing planned) for a larger listing, a table not
+        made yet, or more rows than that (a folder that lost many files): `check_ids` and `plan` then."""
+        if len(local) > SMALL_LISTING or not self.exists():
+            return None
+        ids = [path_id(p) for p in local["path"]]
+        by_id = dict(zip(ids, local["path"]))
+        if len(by_id) < len(ids):  # two listed paths of one id: check_ids names them
+            return None
+        stored = self.read()
+        lacks = ((F.col("regions").isNull() & F.col("error").isNull() if "regions" in stored.columns
+                  else F.col("error").isNull()) if regions else F.lit(False))
+        rows = (stored.where(under_root(root) | F.col("id").isin(ids))
+                .select("id", "path", "size_bytes", F.unix_micros("modified").alias("micros"), "model",
+                        lacks.alias("lacks"), under_root(root).alias("in_root"))
+                .limit(SMALL_PLAN_ROWS + 1).collect())
+        if len(rows) > SMALL_PLAN_ROWS:
+            return None
+        # a kept row with a listed id is a clash unless it is that id's listed file (check_ids' small scan)
+        clash = [(r["id"], [by_id[r["id"]], r["path"]]) for r in rows
+                 if r["id"] in by_id and (r["path"] != by_id[r["id"]] or path_id(r["path"]) != r["id"])]
+        _raise_collisions(clash[:3])
+        kept: dict[str, list] = {}
+        for r in rows:
+            if r["in_root"]:
+                kept.setdefault(r["path"], []).append(r)
+        # microseconds as Arrow casts the listing's nanoseconds for Spark (towards zero)
+        micros = [None if pd.isna(t) else int(np.sign(t.value)) * (abs(t.value) // 1000) for t in local["modified"]]
+        listed_error = local["error"] if "error" in local.columns else pd.Series(None, index=local.index)
+        todo, counts = [], Counter()
+
+        def add(path, size, when, status, listed):
+            counts[status] += 1
+            if status == UNCHANGED:
+                return
+            error = (None if status == DELETED else listed if listed is not None else "empty file" if size == 0
+                     else "too large" if size > max_file_bytes else None)
+            todo.append((path, size, when, status, error))
+
+        for path, size, when, listed in zip(local["path"], local["size_bytes"].tolist(), micros, listed_error):
+            listed = None if pd.isna(listed) else listed
+            for old in kept.pop(path, [None]):  # a full outer join: one row per kept row of the path
+                if old is None or old["size_bytes"] is None:
+                    status = NEW
+                elif (size != old["size_bytes"] or when != old["micros"] or old["model"] != model_key
+                      or old["lacks"]):
+                    status = CHANGED
+                else:
+                    status = UNCHANGED
+                add(path, size, when, status, listed)
+        for path, olds in kept.items():  # kept rows of the root whose file is not listed
+            for _ in olds:
+                add(path, None, None, DELETED, None)
+        df = (self.spark.createDataFrame(todo, "path string, size_bytes long, micros long, status string, "
+                                               "error string")
+              .select("path", "size_bytes", F.timestamp_micros("micros").alias("modified"), "status", "error"))
+        unread = sum(1 for t in todo if t[3] in (NEW, CHANGED) and t[4] is not None)
+        return Plan(todo=df, to_embed=counts[NEW] + counts[CHANGED] - unread, unread=unread,
+                    deleted=counts[DELETED], unchanged=len(local) - counts[NEW] - counts[CHANGED],
+                    new=counts[NEW], changed=counts[CHANGED],
+                    paths=[t[0] for t in todo if t[3] in (NEW, CHANGED) and t[4] is None])
 
     def _plan_new(self, local: pd.DataFrame, max_file_bytes: int) -> Plan:
         sizes = local["size_bytes"]
