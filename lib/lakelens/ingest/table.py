@@ -174,10 +174,9 @@ class Plan:
 
 # Chunks sized by time grow to at most this many times embed.chunk_size.
 MAX_CHUNK_GROWTH = 10
-# A listing held on the driver of at most this many files is checked against the kept ids as literals
-# (EmbeddingsTable.check_ids): one filtered scan instead of a join, about a quarter less time for a small run's check.
+# A listing held on the driver of at most this many files has its ids checked and its plan made in one
+# query whose rows (at most SMALL_PLAN_ROWS) come to the driver (EmbeddingsTable.plan_small).
 SMALL_LISTING = 1000
-# EmbeddingsTable.plan_small brings at most this many of the table's rows to the driver.
 SMALL_PLAN_ROWS = 4 * SMALL_LISTING
 
 
@@ -352,7 +351,8 @@ class EmbeddingsTable:
                 .limit(SMALL_PLAN_ROWS + 1).collect())
         if len(rows) > SMALL_PLAN_ROWS:
             return None
-        # a kept row with a listed id is a clash unless it is that id's listed file (check_ids' small scan)
+        # a kept row with a listed id is a clash unless it is that id's listed file: a path not listed, or a
+        # listed path whose id is not the row's (rows check_ids' join finds too)
         clash = [(r["id"], [by_id[r["id"]], r["path"]]) for r in rows
                  if r["id"] in by_id and (r["path"] != by_id[r["id"]] or path_id(r["path"]) != r["id"])]
         _raise_collisions(clash[:3])
@@ -413,11 +413,9 @@ class EmbeddingsTable:
         """Raise IdCollisionError if two listed paths, or a listed path and a kept row, share an id; at
         most three clashes come back. Listed paths against each other: on the driver for a listing held
         there (`local`), else on the executors. Against the kept rows: a join on id, so the table is read
-        once and never grouped (its own ids were checked when they were written); a listing held on the
-        driver of at most SMALL_LISTING files as literals in one filtered scan, which finds the same rows.
-        Rows that carry their `id` already (a chunk about to be written) are checked by it, not by computing
-        it again."""
-        ids = None
+        once and never grouped (its own ids were checked when they were written). Rows that carry their
+        `id` already (a chunk about to be written) are checked by it, not by computing it again. A small
+        listing held on the driver is checked by `plan_small` instead, together with its plan."""
         if local is not None:
             ids = pd.DataFrame({"id": [path_id(p) for p in local["path"]], "path": local["path"]})
             dup = ids[ids["id"].duplicated(keep=False)].groupby("id")["path"].agg(sorted)
@@ -431,16 +429,6 @@ class EmbeddingsTable:
         if not self.exists():
             return
         kept = self.read().select("id", F.col("path").alias("kept"))
-        if ids is not None and len(ids) <= SMALL_LISTING:
-            # a small listing on the driver (a scheduled run's few new files): its ids and paths as literals, one
-            # filtered scan and no join. A kept row with a listed id is a clash unless it is that id's listed
-            # file: a path not listed, or a listed path whose id is not the row's (a row the join would flag
-            # too; two listed paths of one id were refused above). At most len(ids) rows of a sound table return.
-            by_id = dict(zip(ids["id"].tolist(), ids["path"].tolist()))
-            other = ~F.col("kept").isin(list(by_id.values())) | (path_id_col("kept") != F.col("id"))
-            clash = kept.where(F.col("id").isin(list(by_id)) & other).collect()
-            _raise_collisions([(r["id"], [by_id[r["id"]], r["kept"]]) for r in clash][:3])
-            return
         clash = listed.join(kept, "id").where(F.col("path") != F.col("kept")).limit(3).collect()
         _raise_collisions([(r["id"], [r["path"], r["kept"]]) for r in clash])
 
